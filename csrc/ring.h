@@ -1,0 +1,52 @@
+/* ring.h — internal to the C helper: one AF_PACKET socket and its RX ring. */
+#ifndef TPB_RING_H
+#define TPB_RING_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <linux/if_packet.h>
+
+struct tpb_ring {
+    int fd;
+    int ifindex;
+    uint8_t *map;
+    size_t map_len;
+    uint32_t frame_size;
+    uint32_t frame_nr;
+    uint32_t head;          /* next slot the kernel will hand us */
+};
+
+int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
+                  char *err, size_t errlen);
+void tpb_ring_close(struct tpb_ring *r);
+
+static inline struct tpacket2_hdr *tpb_ring_slot(const struct tpb_ring *r,
+                                                 uint32_t i)
+{
+    return (struct tpacket2_hdr *)(r->map + (size_t)i * r->frame_size);
+}
+
+/* The slot at head if the kernel has filled it, else NULL.  The acquire
+ * load pairs with the kernel's smp_wmb() before it flips tp_status. */
+static inline struct tpacket2_hdr *tpb_ring_peek(const struct tpb_ring *r,
+                                                 uint32_t i, uint32_t *status)
+{
+    struct tpacket2_hdr *h = tpb_ring_slot(r, i);
+    uint32_t st = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+    if (!(st & TP_STATUS_USER))
+        return NULL;
+    *status = st;
+    return h;
+}
+
+static inline void tpb_ring_release(struct tpacket2_hdr *h)
+{
+    __atomic_store_n(&h->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+}
+
+static inline uint32_t tpb_ring_next(const struct tpb_ring *r, uint32_t i)
+{
+    return i + 1 == r->frame_nr ? 0 : i + 1;
+}
+
+#endif

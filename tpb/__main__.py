@@ -1,0 +1,5 @@
+import sys
+
+from tpb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""cffi build script (out-of-line API mode), wired into pyproject.toml.
+
+The cdef is csrc/tpb.h itself, less its preprocessor lines, so the header
+is the single contract between C and Python.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCES = ["ring.c", "bridge.c"]
+_DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*$")
+
+
+def cdef_text(header: Path) -> str:
+    """The header with every '#' line dropped but integer #defines."""
+    keep = []
+    for line in header.read_text().splitlines():
+        if line.lstrip().startswith("#") and not _DEFINE.match(line.strip()):
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text(CSRC / "tpb.h"))
+ffibuilder.set_source(
+    "tpb._tpb_c",
+    '#include <stdint.h>\n#include <stddef.h>\n#include "tpb.h"\n',
+    sources=[str((CSRC / s).relative_to(ROOT)) for s in SOURCES],
+    include_dirs=[str(CSRC.relative_to(ROOT))],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

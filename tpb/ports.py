@@ -1,0 +1,78 @@
+"""The two Ethernet ports: checked before TPB touches anything.
+
+TPB changes nothing on a port through the interface flags: promiscuous
+mode is a membership of its own packet sockets (the kernel counts it and
+takes it back when the sockets close, even on a crash), and the offloads
+stay as the operator set them, since super-packets and partial checksums
+travel intact in the vnet header.  So a port is restored simply by
+closing the sockets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from tpb.errors import TpbError
+
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    ifindex: int
+    mtu: int
+    mac: str
+
+
+def require_privileges() -> None:
+    """AF_PACKET needs CAP_NET_RAW; nftables and links need CAP_NET_ADMIN."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("CapEff:"))
+        caps = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        caps = 0 if os.geteuid() else ~0
+    missing = [n for n, b in (("CAP_NET_RAW", CAP_NET_RAW), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+               if not caps >> b & 1]
+    if missing:
+        raise TpbError(f"needs root ({' and '.join(missing)} missing)")
+
+
+def lookup(names: dict[str, str]) -> dict[str, Port]:
+    """Resolve role -> interface name into Ports, refusing what cannot be
+    a bridge port: missing, repeated, loopback or administratively down.
+
+    A port that is down was put down by someone: TPB does not override
+    that.  A port that is up without carrier is fine (a cable can come).
+    """
+    from pyroute2 import IPRoute  # slow to import: only when needed
+
+    seen: dict[str, str] = {}
+    for role, name in names.items():
+        if name in seen:
+            raise TpbError(f"--{role} {name}: the same interface as --{seen[name]}")
+        seen[name] = role
+    ports: dict[str, Port] = {}
+    with IPRoute() as ipr:
+        for role, name in names.items():
+            idx = ipr.link_lookup(ifname=name)
+            if not idx:
+                raise TpbError(f"--{role} {name}: no such interface")
+            link = ipr.get_links(idx[0])[0]
+            flags = link["flags"]
+            if flags & IFF_LOOPBACK:
+                raise TpbError(f"--{role} {name}: a loopback interface cannot be a bridge port")
+            if not flags & IFF_UP:
+                raise TpbError(f"--{role} {name}: interface is down (ip link set {name} up)")
+            ports[role] = Port(
+                name=name,
+                ifindex=idx[0],
+                mtu=link.get_attr("IFLA_MTU"),
+                mac=link.get_attr("IFLA_ADDRESS"),
+            )
+    return ports
