@@ -6,11 +6,12 @@ releases the GIL and returns only when asked to stop.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from tpb.errors import TpbError
 from tpb.native import PORT_IN, PORT_NAMES, PORT_OUT, NativeBridge, PortCounters
@@ -25,6 +26,7 @@ class RunOptions:
     ring_frames: int = 1024
     batch: int = 64
     spin_us: int = 50
+    counters_file: str | None = None
 
 
 def summary(counters: dict[int, PortCounters]) -> str:
@@ -37,6 +39,16 @@ def summary(counters: dict[int, PortCounters]) -> str:
             f"tx {c.tx_frames} frames {c.tx_bytes} B, drops {drops}"
         )
     return "tpb: " + "; ".join(parts)
+
+
+def write_counters(path: str, counters: dict[int, PortCounters]) -> None:
+    """The exit counters as JSON, {"in": {...}, "out": {...}}, for scripts."""
+    data = {PORT_NAMES[p]: asdict(c) for p, c in counters.items()}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+    except OSError as e:
+        print(f"tpb: --counters {path}: {e.strerror}", file=sys.stderr)
 
 
 def run(opts: RunOptions) -> int:
@@ -87,6 +99,8 @@ def run(opts: RunOptions) -> int:
         counters = {p: bridge.counters(p) for p in (PORT_IN, PORT_OUT)}
         bridge.close()
         print(summary(counters), flush=True)
+        if opts.counters_file:
+            write_counters(opts.counters_file, counters)
     if failure:
         raise failure[0]
     return 0

@@ -32,17 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="bridge two ports")
-    r.add_argument("--in", dest="in_if", required=True, metavar="IF",
-                   help="port facing the enterprise gateway")
-    r.add_argument("--out", dest="out_if", required=True, metavar="IF",
-                   help="port facing the ISP")
+    r.add_argument(
+        "--in", dest="in_if", required=True, metavar="IF", help="port facing the enterprise gateway"
+    )
+    r.add_argument("--out", dest="out_if", required=True, metavar="IF", help="port facing the ISP")
     r.add_argument("--cpu", type=_nonneg, help="pin the data path to this CPU")
-    r.add_argument("--ring-frames", type=_nonneg, default=1024,
-                   help="RX ring slots per port (default 1024)")
-    r.add_argument("--batch", type=_nonneg, default=64,
-                   help="frames per sendmmsg (default 64, at most 256)")
-    r.add_argument("--spin-us", type=_nonneg, default=50,
-                   help="busy-poll this long before sleeping (default 50)")
+    r.add_argument(
+        "--ring-frames", type=_nonneg, default=1024, help="RX ring slots per port (default 1024)"
+    )
+    r.add_argument(
+        "--batch", type=_nonneg, default=64, help="frames per sendmmsg (default 64, at most 256)"
+    )
+    r.add_argument(
+        "--spin-us",
+        type=_nonneg,
+        default=50,
+        help="busy-poll this long before sleeping (default 50)",
+    )
+    r.add_argument(
+        "--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON"
+    )
 
     sub.add_parser("demo", help="run TPB on the built-in lab topology")
     return p
@@ -54,8 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "run":
             from tpb.bridge import RunOptions, run
 
-            return run(RunOptions(args.in_if, args.out_if, args.cpu,
-                                  args.ring_frames, args.batch, args.spin_us))
+            return run(
+                RunOptions(
+                    args.in_if,
+                    args.out_if,
+                    args.cpu,
+                    args.ring_frames,
+                    args.batch,
+                    args.spin_us,
+                    args.counters,
+                )
+            )
         if args.cmd == "demo":
             from tpb.demo import demo
 

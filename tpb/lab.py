@@ -70,13 +70,9 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         if isinstance(argv, str):
             argv = shlex.split(argv)
-        res = subprocess.run(
-            self.cmd(node, argv), capture_output=True, text=True, timeout=timeout
-        )
+        res = subprocess.run(self.cmd(node, argv), capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
-            raise TpbError(
-                f"{node}: {' '.join(argv)}: {(res.stderr or res.stdout).strip()}"
-            )
+            raise TpbError(f"{node}: {' '.join(argv)}: {(res.stderr or res.stdout).strip()}")
         return res
 
     def spawn(self, node: str, argv: Sequence[str], **kw: object) -> subprocess.Popen:
@@ -99,8 +95,9 @@ class Lab:
                 # br_netfilter is on by default in new namespaces; it has no
                 # business in a lab and costs the kernel bridge 20-30 %.
                 for fam in ("iptables", "ip6tables", "arptables"):
-                    self.run(n.name, ["sysctl", "-qw", f"net.bridge.bridge-nf-call-{fam}=0"],
-                             check=False)
+                    self.run(
+                        n.name, ["sysctl", "-qw", f"net.bridge.bridge-nf-call-{fam}=0"], check=False
+                    )
                 if n.forwarding:
                     self.sysctl(n.name, "net.ipv4.ip_forward", "1")
                     self.sysctl(n.name, "net.ipv6.conf.all.forwarding", "1")
@@ -109,12 +106,28 @@ class Lab:
                 _ip("link", "add", t0, "type", "veth", "peer", "name", t1)
                 for tmp, end in ((t0, a), (t1, b)):
                     _ip("link", "set", tmp, "netns", self.ns(end.node))
-                    self.run(end.node, ["ip", "link", "set", tmp, "name", end.name,
-                                        "address", end.mac, "mtu", str(self.mtu)])
+                    self.run(
+                        end.node,
+                        [
+                            "ip",
+                            "link",
+                            "set",
+                            tmp,
+                            "name",
+                            end.name,
+                            "address",
+                            end.mac,
+                            "mtu",
+                            str(self.mtu),
+                        ],
+                    )
                     self.sysctl(end.node, f"net.ipv6.conf.{end.name}.accept_dad", "0")
                     for addr in end.addrs:
-                        self.run(end.node, ["ip", "addr", "add", addr, "dev", end.name] +
-                                 (["nodad"] if ":" in addr else []))
+                        self.run(
+                            end.node,
+                            ["ip", "addr", "add", addr, "dev", end.name]
+                            + (["nodad"] if ":" in addr else []),
+                        )
                     self.run(end.node, ["ip", "link", "set", end.name, "up"])
             for n in self.nodes.values():
                 for dst, via in n.routes:
@@ -182,14 +195,22 @@ def classic(prefix: str = "tpb", mtu: int = 1500) -> Lab:
         "server": Node("server", routes=[("default", GW2_IN)]),
     }
     links = [
-        (Iface("pc", "eth0", _mac(0x10), [f"{PC}/24", "2001:db8:1::10/64"]),
-         Iface("gw1", "eth0", _mac(0x11), [f"{GW1_IN}/24", "2001:db8:1::1/64"])),
-        (Iface("gw1", "eth1", _mac(0x12), [f"{GW1}/24", f"{GW1_6}/64"]),
-         Iface("tpb", "eth2", _mac(0x20))),
-        (Iface("tpb", "eth3", _mac(0x21)),
-         Iface("gw2", "eth0", _mac(0x13), [f"{GW2}/24", f"{GW2_6}/64"])),
-        (Iface("gw2", "eth1", _mac(0x14), [f"{GW2_IN}/24", "2001:db8:3::1/64"]),
-         Iface("server", "eth0", _mac(0x15), [f"{SERVER}/24", "2001:db8:3::10/64"])),
+        (
+            Iface("pc", "eth0", _mac(0x10), [f"{PC}/24", "2001:db8:1::10/64"]),
+            Iface("gw1", "eth0", _mac(0x11), [f"{GW1_IN}/24", "2001:db8:1::1/64"]),
+        ),
+        (
+            Iface("gw1", "eth1", _mac(0x12), [f"{GW1}/24", f"{GW1_6}/64"]),
+            Iface("tpb", "eth2", _mac(0x20)),
+        ),
+        (
+            Iface("tpb", "eth3", _mac(0x21)),
+            Iface("gw2", "eth0", _mac(0x13), [f"{GW2}/24", f"{GW2_6}/64"]),
+        ),
+        (
+            Iface("gw2", "eth1", _mac(0x14), [f"{GW2_IN}/24", "2001:db8:3::1/64"]),
+            Iface("server", "eth0", _mac(0x15), [f"{SERVER}/24", "2001:db8:3::10/64"]),
+        ),
     ]
     return Lab(prefix, nodes, links, mtu)
 

@@ -36,7 +36,9 @@ class PortCounters:
     @property
     def drops(self) -> dict[str, int]:
         """Drops by reason; the kernel's ring drops count as 'ring_full'."""
-        out = {f.name[5:]: getattr(self, f.name) for f in fields(self) if f.name.startswith("drop_")}
+        out = {
+            f.name[5:]: getattr(self, f.name) for f in fields(self) if f.name.startswith("drop_")
+        }
         out["ring_full"] = self.kernel_drops
         return out
 

@@ -37,8 +37,11 @@ def require_privileges() -> None:
         caps = int(line.split()[1], 16)
     except (OSError, StopIteration, ValueError):
         caps = 0 if os.geteuid() else ~0
-    missing = [n for n, b in (("CAP_NET_RAW", CAP_NET_RAW), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
-               if not caps >> b & 1]
+    missing = [
+        n
+        for n, b in (("CAP_NET_RAW", CAP_NET_RAW), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+        if not caps >> b & 1
+    ]
     if missing:
         raise TpbError(f"needs root ({' and '.join(missing)} missing)")
 
