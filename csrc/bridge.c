@@ -1,20 +1,24 @@
-/* bridge.c — the forwarding loop: every frame from one port out the other.
+/* bridge.c — the loop: every frame from one port out the other, and in
+ * tunnel mode the selected ones into GRE and GRE from the POP out of it.
  *
  * A frame passes these stages, in the order the functions below appear:
- *   1. collect()   take up to `batch` filled slots from the source ring;
- *                  drop (and count) what the slot truncated;
- *   2. stage()     point one sendmmsg message at the frame in the ring,
- *                  putting back the VLAN tag the kernel moved out of band
- *                  (802.1Q/802.1ad, VLAN 0 included) and shifting the vnet
- *                  header's offsets past it;
- *   3. transmit()  sendmmsg the batch out the other port's socket, skipping
- *                  and counting each message the kernel refuses;
- *   4. release()   hand the slots back to the kernel;
- *   5. run()       alternate the two directions; when both rings are empty,
- *                  spin briefly, then sleep in poll() on both sockets and
- *                  the stop eventfd.
- * The frames are never copied in user space: the kernel copies them once,
- * from the RX ring into the egress skb.
+ *   1. collect()   take a filled slot from a source ring; a frame cut short
+ *                  by its slot (or a runt) is dropped whole, never sent on;
+ *   2. dispatch()  by the source: bridge it unchanged (txq.c), encapsulate
+ *                  it (encap.c), or look at it as coming from the ISP side
+ *                  (decap.c);
+ *   3. pass()      flush both ports' queues (txq_flush, one sendmmsg per
+ *                  batch), then hand the slots back to the kernel;
+ *   4. run()       go round the sources; when all rings are empty, spin
+ *                  briefly, then sleep in poll() on them and the stop fd.
+ *
+ * Sources.  Plain mode: one ETH_P_ALL ring per port.  Tunnel mode: --in's
+ * frames are taken after nftables has seen them, from a veth pair that
+ * TPB's nftables table forwards all of --in's ingress to (an ETH_P_ALL
+ * socket on --in itself would see them before the ingress hook, without
+ * the mark).  Two rings on that veth split them with a cBPF filter on the
+ * mark (SKF_AD_MARK): selected -> encapsulate, others -> bridge.  A third
+ * ring takes --out.  Every frame is seen exactly once, VLAN tag included.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,195 +29,13 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/filter.h>
 #include <linux/if_ether.h>
-#include <linux/virtio_net.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
 
-#include "tpb.h"
-#include "ring.h"
+#include "bridge.h"
 
 #define MAX_BATCH 256
-#define VNET_LEN sizeof(struct virtio_net_hdr)
-
-struct batch {
-    uint32_t n;
-    struct mmsghdr msg[MAX_BATCH];
-    struct iovec iov[MAX_BATCH][4];
-    struct virtio_net_hdr vnet[MAX_BATCH];   /* copies, for tagged frames */
-    uint8_t tag[MAX_BATCH][4];
-    struct tpacket2_hdr *slot[MAX_BATCH];
-    uint32_t len[MAX_BATCH];                 /* wire length, tag included */
-};
-
-struct tpb_bridge {
-    struct tpb_ring ring[TPB_NPORTS];
-    struct tpb_port_counters c[TPB_NPORTS];
-    struct batch b;
-    uint32_t batch;
-    uint32_t spin_us;
-    int stop_fd;
-    int stop;
-    pthread_mutex_t stats_lock;
-};
-
-/* 1. ------------------------------------------------------------------ */
-
-static void stage(struct batch *b, struct tpacket2_hdr *h, uint32_t status);
-
-static uint32_t collect(struct tpb_bridge *br, int src)
-{
-    struct tpb_ring *rx = &br->ring[src];
-    struct tpb_port_counters *c = &br->c[src];
-    struct batch *b = &br->b;
-    struct tpacket2_hdr *h;
-    uint32_t status;
-
-    b->n = 0;
-    while (b->n < br->batch &&
-           (h = tpb_ring_peek(rx, rx->head, &status)) != NULL) {
-        rx->head = tpb_ring_next(rx, rx->head);
-        c->rx_frames++;
-        c->rx_bytes += h->tp_len;
-        /* A frame cut short by the slot (or a runt) is never sent on
-         * half-made: drop it whole. */
-        if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
-            c->drop_truncated++;
-            tpb_ring_release(h);
-            continue;
-        }
-        stage(b, h, status);
-    }
-    return b->n;
-}
-
-/* 2. ------------------------------------------------------------------ */
-
-static void stage(struct batch *b, struct tpacket2_hdr *h, uint32_t status)
-{
-    uint32_t i = b->n++;
-    uint8_t *mac = (uint8_t *)h + h->tp_mac;
-    struct virtio_net_hdr *vh = (struct virtio_net_hdr *)(mac - VNET_LEN);
-    struct msghdr *m = &b->msg[i].msg_hdr;
-    struct iovec *iov = b->iov[i];
-
-    memset(m, 0, sizeof(*m));
-    m->msg_iov = iov;
-    b->slot[i] = h;
-    b->len[i] = h->tp_snaplen;
-
-    if (!(status & TP_STATUS_VLAN_VALID)) {
-        /* The kernel wrote the vnet header just before the MAC header. */
-        iov[0].iov_base = vh;
-        iov[0].iov_len = VNET_LEN + h->tp_snaplen;
-        m->msg_iovlen = 1;
-        return;
-    }
-
-    /* The kernel untagged the frame (skb_vlan_untag) and left the outer
-     * tag in the slot header: splice it back after the two MACs.  With no
-     * valid TPID the kernel only ever strips 802.1Q. */
-    tpb_vlan_tag((status & TP_STATUS_VLAN_TPID_VALID) ? h->tp_vlan_tpid
-                                                      : ETH_P_8021Q,
-                 h->tp_vlan_tci, b->tag[i]);
-    b->vnet[i] = *vh;
-    if (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
-        b->vnet[i].csum_start += 4;
-    if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE)
-        b->vnet[i].hdr_len += 4;
-    iov[0].iov_base = &b->vnet[i];
-    iov[0].iov_len = VNET_LEN;
-    iov[1].iov_base = mac;
-    iov[1].iov_len = 2 * ETH_ALEN;
-    iov[2].iov_base = b->tag[i];
-    iov[2].iov_len = 4;
-    iov[3].iov_base = mac + 2 * ETH_ALEN;
-    iov[3].iov_len = h->tp_snaplen - 2 * ETH_ALEN;
-    m->msg_iovlen = 4;
-    b->len[i] += 4;
-}
-
-/* 3. ------------------------------------------------------------------ */
-
-static void count_refused(struct tpb_port_counters *c, int e)
-{
-    switch (e) {
-    case EMSGSIZE:
-        c->drop_too_big++;
-        break;
-    case ENOBUFS:
-    case EAGAIN:
-        c->drop_egress_full++;
-        break;
-    default:
-        c->drop_send_error++;
-    }
-}
-
-static void transmit(struct tpb_bridge *br, int dst)
-{
-    struct batch *b = &br->b;
-    struct tpb_port_counters *c = &br->c[dst];
-    int fd = br->ring[dst].fd;
-    uint32_t i = 0, k;
-    int sent, e;
-    socklen_t elen = sizeof(e);
-
-    while (i < b->n) {
-        sent = sendmmsg(fd, &b->msg[i], b->n - i, 0);
-        if (sent > 0) {
-            for (k = i; k < i + (uint32_t)sent; k++)
-                c->tx_bytes += b->len[k];
-            c->tx_frames += sent;
-            c->batches++;
-            i += sent;
-            continue;
-        }
-        if (errno == EINTR)
-            continue;
-        /* Message i was refused: count it by reason and go on with the
-         * rest.  A refusal after a partial batch is parked in sk_err,
-         * which would make poll() report POLLERR forever: clear it. */
-        count_refused(c, errno);
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen);
-        i++;
-    }
-}
-
-/* 4. ------------------------------------------------------------------ */
-
-static void release(struct batch *b)
-{
-    uint32_t i;
-
-    for (i = 0; i < b->n; i++)
-        tpb_ring_release(b->slot[i]);
-    b->n = 0;
-}
-
-static uint32_t forward(struct tpb_bridge *br, int src, int dst)
-{
-    uint32_t n = collect(br, src);
-
-    if (n) {
-        transmit(br, dst);
-        release(&br->b);
-    }
-    return n;
-}
-
-/* 5. ------------------------------------------------------------------ */
-
-static int rings_ready(struct tpb_bridge *br)
-{
-    uint32_t st;
-    int p;
-
-    for (p = 0; p < TPB_NPORTS; p++)
-        if (tpb_ring_peek(&br->ring[p], br->ring[p].head, &st))
-            return 1;
-    return 0;
-}
 
 static uint64_t now_ns(void)
 {
@@ -221,6 +43,92 @@ static uint64_t now_ns(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* 1. ------------------------------------------------------------------ */
+
+static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
+                                    struct frame *f)
+{
+    struct tpb_port_counters *c = &br->c[s->port];
+    struct tpacket2_hdr *h;
+    uint32_t st;
+
+    while ((h = tpb_ring_peek(&s->ring, s->ring.head, &st)) != NULL) {
+        s->ring.head = tpb_ring_next(&s->ring, s->ring.head);
+        c->rx_frames++;
+        c->rx_bytes += h->tp_len;
+        if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
+            c->drop_truncated++;
+            tpb_ring_release(h);
+            continue;
+        }
+        f->h = h;
+        f->mac = (uint8_t *)h + h->tp_mac;
+        f->len = h->tp_snaplen;
+        f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
+        f->tagged = (st & TP_STATUS_VLAN_VALID) != 0;
+        if (f->tagged)
+            /* Without a valid TPID the kernel only ever strips 802.1Q. */
+            tpb_vlan_tag((st & TP_STATUS_VLAN_TPID_VALID) ? h->tp_vlan_tpid
+                                                          : ETH_P_8021Q,
+                         h->tp_vlan_tci, f->tag);
+        return h;
+    }
+    return NULL;
+}
+
+/* 2. ------------------------------------------------------------------ */
+
+static void dispatch(struct tpb_bridge *br, struct source *s, struct frame *f)
+{
+    switch (s->kind) {
+    case SRC_BRIDGE:
+        txq_bridge(&br->q[s->to], f);
+        break;
+    case SRC_ENCAP:
+        encap_frame(br, f);
+        break;
+    case SRC_FROM_OUT:
+        from_out_frame(br, f);
+        break;
+    }
+}
+
+/* 3. ------------------------------------------------------------------ */
+
+static uint32_t pass(struct tpb_bridge *br, struct source *s)
+{
+    struct tpacket2_hdr *held[MAX_BATCH];
+    struct frame f;
+    uint32_t n = 0, i;
+    int p;
+
+    while (n < br->batch && (held[n] = collect(br, s, &f)) != NULL) {
+        dispatch(br, s, &f);
+        n++;
+    }
+    if (!n)
+        return 0;
+    for (p = 0; p < TPB_NPORTS; p++)
+        if (br->q[p].n)
+            txq_flush(&br->q[p]);
+    for (i = 0; i < n; i++)
+        tpb_ring_release(held[i]);
+    return n;
+}
+
+/* 4. ------------------------------------------------------------------ */
+
+static int rings_ready(struct tpb_bridge *br)
+{
+    uint32_t st;
+    int i;
+
+    for (i = 0; i < br->nsrc; i++)
+        if (tpb_ring_peek(&br->src[i].ring, br->src[i].ring.head, &st))
+            return 1;
+    return 0;
 }
 
 /* Spinning a few microseconds catches the next frame of a burst without a
@@ -243,32 +151,38 @@ static int spin(struct tpb_bridge *br)
 
 int tpb_bridge_run(struct tpb_bridge *br)
 {
-    struct pollfd pfd[TPB_NPORTS + 1];
-    int p, e;
+    struct pollfd pfd[4];
+    int i, e, timeout;
     socklen_t elen = sizeof(e);
 
-    for (p = 0; p < TPB_NPORTS; p++) {
-        pfd[p].fd = br->ring[p].fd;
-        pfd[p].events = POLLIN;
+    for (i = 0; i < br->nsrc; i++) {
+        pfd[i].fd = br->src[i].ring.fd;
+        pfd[i].events = POLLIN;
     }
-    pfd[TPB_NPORTS].fd = br->stop_fd;
-    pfd[TPB_NPORTS].events = POLLIN;
+    pfd[br->nsrc].fd = br->stop_fd;
+    pfd[br->nsrc].events = POLLIN;
+    /* Reassembly needs a clock even when nothing arrives. */
+    timeout = br->reasm ? 1000 : -1;
 
     while (!__atomic_load_n(&br->stop, __ATOMIC_ACQUIRE)) {
-        uint32_t work = forward(br, TPB_PORT_IN, TPB_PORT_OUT);
+        uint32_t work = 0;
 
-        work += forward(br, TPB_PORT_OUT, TPB_PORT_IN);
+        br->now_ns = now_ns();
+        for (i = 0; i < br->nsrc; i++)
+            work += pass(br, &br->src[i]);
+        if (br->reasm)
+            reasm_expire(br->reasm, &br->tc, br->now_ns);
         if (work || spin(br))
             continue;
         br->c[TPB_PORT_IN].polls++;
-        if (poll(pfd, TPB_NPORTS + 1, -1) < 0) {
+        if (poll(pfd, (nfds_t)br->nsrc + 1, timeout) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
-        for (p = 0; p < TPB_NPORTS; p++)
-            if (pfd[p].revents & POLLERR)
-                getsockopt(pfd[p].fd, SOL_SOCKET, SO_ERROR, &e, &elen);
+        for (i = 0; i < br->nsrc; i++)
+            if (pfd[i].revents & POLLERR)
+                getsockopt(pfd[i].fd, SOL_SOCKET, SO_ERROR, &e, &elen);
     }
     return 0;
 }
@@ -284,20 +198,119 @@ void tpb_bridge_stop(struct tpb_bridge *br)
     }
 }
 
-/* ------------------------------------------------------------------ */
+/* ---- setting up -------------------------------------------------------- */
+
+/* cBPF: accept the frame iff (mark == sel) == want. */
+static void mark_filter(struct sock_filter prog[4], uint32_t sel, int want)
+{
+    struct sock_filter p[4] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel, want ? 0 : 1, want ? 1 : 0),
+        BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
+        BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+
+    memcpy(prog, p, sizeof(p));
+}
+
+static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
+                      int ifindex, enum src_kind kind, int port, int to,
+                      const struct sock_fprog *filter, int promisc,
+                      char *err, size_t errlen)
+{
+    struct source *s = &br->src[br->nsrc];
+
+    s->kind = kind;
+    s->port = port;
+    s->to = to;
+    if (tpb_ring_open(&s->ring, ifindex, cfg->ring_frames, filter, promisc,
+                      err, errlen) < 0)
+        return -1;
+    br->nsrc++;
+    return 0;
+}
+
+static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
+                       char *err, size_t errlen)
+{
+    const struct tpb_tunnel_config *t = &cfg->tun;
+    struct sock_filter sel[4], rest[4];
+    struct sock_fprog fsel = {4, sel}, frest = {4, rest};
+
+    br->tunnel = 1;
+    br->cfg = *t;
+    br->gtx.local = br->grx.local = t->local;
+    br->gtx.remote = br->grx.remote = t->remote;
+    br->gtx.key = br->grx.key = t->key;
+    br->gtx.has_key = br->grx.has_key = t->has_key;
+    br->gtx.csum = br->grx.csum = t->csum;
+    br->gtx.seq = br->grx.seq = t->seq;
+    br->gtx.ttl = t->ttl;
+    br->gtx.tos = t->tos;
+    br->gtx.df = t->df;
+    br->gtx.ip_id = (uint16_t)now_ns();
+    br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
+    /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
+    br->mss4 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 40);
+    br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
+    br->icmp_tokens = t->icmp_rate;
+    br->icmp_last_ns = now_ns();
+    br->reasm = reasm_new(t->reasm_memory, t->reasm_timeout_ms);
+    if (!br->reasm) {
+        snprintf(err, errlen, "out of memory (reassembly)");
+        return -1;
+    }
+    mark_filter(rest, cfg->mark, 0);
+    mark_filter(sel, cfg->mark, 1);
+    br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], err, errlen);
+    if (br->txfd_in < 0)
+        return -1;
+    if (add_source(br, cfg, cfg->sel_ifindex, SRC_BRIDGE, TPB_PORT_IN,
+                   TPB_PORT_OUT, &frest, 0, err, errlen) ||
+        add_source(br, cfg, cfg->sel_ifindex, SRC_ENCAP, TPB_PORT_IN,
+                   TPB_PORT_OUT, &fsel, 0, err, errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_FROM_OUT,
+                   TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
+        return -1;
+    if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, &br->c[TPB_PORT_IN]) ||
+        txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring.fd,
+                 &br->c[TPB_PORT_OUT])) {
+        snprintf(err, errlen, "out of memory (tx queues)");
+        return -1;
+    }
+    return 0;
+}
+
+static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
+                      char *err, size_t errlen)
+{
+    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], SRC_BRIDGE, TPB_PORT_IN,
+                   TPB_PORT_OUT, NULL, 1, err, errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_BRIDGE,
+                   TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
+        return -1;
+    if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring.fd, &br->c[TPB_PORT_IN]) ||
+        txq_init(&br->q[TPB_PORT_OUT], br->src[1].ring.fd,
+                 &br->c[TPB_PORT_OUT])) {
+        snprintf(err, errlen, "out of memory (tx queues)");
+        return -1;
+    }
+    return 0;
+}
 
 struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
                                    char *err, size_t errlen)
 {
     struct tpb_bridge *br = calloc(1, sizeof(*br));
-    int p;
+    int i;
 
     if (!br) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    for (p = 0; p < TPB_NPORTS; p++)
-        br->ring[p].fd = -1;
+    for (i = 0; i < 3; i++)
+        br->src[i].ring.fd = -1;
+    br->txfd_in = -1;
     br->batch = cfg->batch ? cfg->batch : 64;
     if (br->batch > MAX_BATCH)
         br->batch = MAX_BATCH;
@@ -308,10 +321,9 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
         snprintf(err, errlen, "eventfd: %s", strerror(errno));
         goto fail;
     }
-    for (p = 0; p < TPB_NPORTS; p++)
-        if (tpb_ring_open(&br->ring[p], cfg->ifindex[p], cfg->ring_frames,
-                          err, errlen) < 0)
-            goto fail;
+    if ((cfg->tunnel ? open_tunnel(br, cfg, err, errlen)
+                     : open_plain(br, cfg, err, errlen)) < 0)
+        goto fail;
     return br;
 fail:
     tpb_bridge_close(br);
@@ -320,17 +332,19 @@ fail:
 
 /* PACKET_STATISTICS resets on every read: fold it into the counters under
  * a lock, so concurrent readers never lose a count. */
-static void fold_kernel_stats(struct tpb_bridge *br, int p)
+static void fold_kernel_stats(struct tpb_bridge *br)
 {
     struct tpacket_stats st;
-    socklen_t len = sizeof(st);
+    socklen_t len;
+    int i;
 
-    if (br->ring[p].fd < 0)
-        return;
-    if (getsockopt(br->ring[p].fd, SOL_PACKET, PACKET_STATISTICS, &st,
-                   &len) == 0) {
-        br->c[p].kernel_packets += st.tp_packets;
-        br->c[p].kernel_drops += st.tp_drops;
+    for (i = 0; i < br->nsrc; i++) {
+        len = sizeof(st);
+        if (getsockopt(br->src[i].ring.fd, SOL_PACKET, PACKET_STATISTICS, &st,
+                       &len) == 0) {
+            br->c[br->src[i].port].kernel_packets += st.tp_packets;
+            br->c[br->src[i].port].kernel_drops += st.tp_drops;
+        }
     }
 }
 
@@ -342,21 +356,47 @@ void tpb_bridge_counters(struct tpb_bridge *br, int port,
         return;
     }
     pthread_mutex_lock(&br->stats_lock);
-    fold_kernel_stats(br, port);
+    fold_kernel_stats(br);
     *out = br->c[port];
     pthread_mutex_unlock(&br->stats_lock);
 }
 
+void tpb_bridge_tunnel_counters(struct tpb_bridge *br,
+                                struct tpb_tunnel_counters *out)
+{
+    *out = br->tc;
+}
+
 void tpb_bridge_close(struct tpb_bridge *br)
 {
-    int p;
+    int i;
 
     if (!br)
         return;
-    for (p = 0; p < TPB_NPORTS; p++)
-        tpb_ring_close(&br->ring[p]);
-    if (br->stop_fd >= 0)
+    for (i = 0; i < br->nsrc; i++)
+        tpb_ring_close(&br->src[i].ring);
+    if (br->txfd_in >= 0)
+        close(br->txfd_in);
+    for (i = 0; i < TPB_NPORTS; i++)
+        txq_free(&br->q[i]);
+    if (br->reasm)
+        reasm_free(br->reasm);
+    if (br->stop_fd > 0)
         close(br->stop_fd);
     pthread_mutex_destroy(&br->stats_lock);
     free(br);
+}
+
+const char *tpb_drop_name(int reason)
+{
+    static const char *const names[TPB_NDROP] = {
+        "outer_bad", "not_peer", "gre_truncated", "gre_version", "gre_flags",
+        "gre_csum", "gre_csum_missing", "gre_key", "gre_seq_stale",
+        "gre_seq_missing", "gre_proto", "inner_bad", "ecn", "no_router_mac",
+        "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
+        "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
+        "reasm_memory", "no_peer", "tun_write", "send",
+    };
+
+    return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";
 }

@@ -27,6 +27,7 @@
 #include <linux/virtio_net.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <linux/filter.h>
 
 #include "tpb.h"
 #include "ring.h"
@@ -52,13 +53,62 @@ static int setopt(int fd, int level, int name, const void *val, socklen_t len,
     return 0;
 }
 
+static int promisc_on(int fd, int ifindex, char *err, size_t errlen)
+{
+    struct packet_mreq mr;
+
+    memset(&mr, 0, sizeof(mr));
+    mr.mr_ifindex = ifindex;
+    mr.mr_type = PACKET_MR_PROMISC;
+    return setopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr),
+                  err, errlen, "PACKET_MR_PROMISC");
+}
+
+/* Options every TPB socket sends with. */
+static int tx_options(int fd, char *err, size_t errlen)
+{
+    int one = 1, sndbuf = SNDBUF_BYTES, rc;
+
+    if ((rc = setopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one),
+                     err, errlen, "PACKET_VNET_HDR")) ||
+        (rc = setopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one),
+                     err, errlen, "PACKET_QDISC_BYPASS")))
+        return rc;
+    /* SO_SNDBUFFORCE needs CAP_NET_ADMIN, which we have; fall back quietly
+     * to the capped SO_SNDBUF otherwise. */
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)))
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    return 0;
+}
+
+int tpb_txsock_open(int ifindex, char *err, size_t errlen)
+{
+    struct sockaddr_ll sll;
+    int fd, rc;
+
+    fd = socket(AF_PACKET, SOCK_RAW, 0);
+    if (fd < 0)
+        return fail(err, errlen, "socket(AF_PACKET)", errno);
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_ifindex = ifindex;
+    if ((rc = tx_options(fd, err, errlen)) ||
+        (rc = bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0
+                  ? fail(err, errlen, "bind(AF_PACKET)", errno) : 0) ||
+        (rc = promisc_on(fd, ifindex, err, errlen))) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
+                  const struct sock_fprog *filter, int promisc,
                   char *err, size_t errlen)
 {
-    int one = 1, ver = TPACKET_V2, sndbuf = SNDBUF_BYTES, rc;
+    int one = 1, ver = TPACKET_V2, rc;
     struct tpacket_req req;
     struct sockaddr_ll sll;
-    struct packet_mreq mr;
 
     memset(r, 0, sizeof(*r));
     r->fd = -1;
@@ -71,17 +121,14 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
 
     if ((rc = setopt(r->fd, SOL_PACKET, PACKET_VERSION, &ver, sizeof(ver),
                      err, errlen, "PACKET_VERSION")) ||
-        (rc = setopt(r->fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one),
-                     err, errlen, "PACKET_VNET_HDR")) ||
+        (rc = tx_options(r->fd, err, errlen)) ||
         (rc = setopt(r->fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one,
-                     sizeof(one), err, errlen, "PACKET_IGNORE_OUTGOING")) ||
-        (rc = setopt(r->fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one,
-                     sizeof(one), err, errlen, "PACKET_QDISC_BYPASS")))
+                     sizeof(one), err, errlen, "PACKET_IGNORE_OUTGOING")))
         goto out;
-    /* SO_SNDBUFFORCE needs CAP_NET_ADMIN, which we have; fall back quietly
-     * to the capped SO_SNDBUF otherwise. */
-    if (setsockopt(r->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)))
-        setsockopt(r->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    if (filter && (rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
+                               sizeof(*filter), err, errlen,
+                               "SO_ATTACH_FILTER")))
+        goto out;
 
     if (frames < SLOTS_PER_BLOCK)
         frames = SLOTS_PER_BLOCK;
@@ -112,11 +159,7 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
         rc = fail(err, errlen, "bind(AF_PACKET)", errno);
         goto out;
     }
-    memset(&mr, 0, sizeof(mr));
-    mr.mr_ifindex = ifindex;
-    mr.mr_type = PACKET_MR_PROMISC;
-    if ((rc = setopt(r->fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr,
-                     sizeof(mr), err, errlen, "PACKET_MR_PROMISC")))
+    if (promisc && (rc = promisc_on(r->fd, ifindex, err, errlen)))
         goto out;
     return 0;
 out:

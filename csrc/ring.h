@@ -16,8 +16,16 @@ struct tpb_ring {
     uint32_t head;          /* next slot the kernel will hand us */
 };
 
+struct sock_fprog;
+
+/* An RX ring on ifindex (ETH_P_ALL), with an optional cBPF filter and
+ * promiscuous membership; the same socket sends out of that port. */
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
+                  const struct sock_fprog *filter, int promisc,
                   char *err, size_t errlen);
+/* A socket that only sends out of ifindex (protocol 0: it receives
+ * nothing), promiscuous membership included.  Returns fd or -errno. */
+int tpb_txsock_open(int ifindex, char *err, size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
 
 static inline struct tpacket2_hdr *tpb_ring_slot(const struct tpb_ring *r,

@@ -29,11 +29,95 @@ struct tpb_port_counters {
     uint64_t batches;          /* sendmmsg batches sent */
 };
 
+/* Outer DF policy and fragmentation mode (tunnel settings). */
+#define TPB_DF_COPY 0
+#define TPB_DF_SET 1
+#define TPB_DF_CLEAR 2
+#define TPB_FRAG_INNER 0
+#define TPB_FRAG_OUTER 1
+
+/* Drop reasons of the tunnel, the index into tpb_tunnel_counters.drop[];
+ * tpb_drop_name() gives each its metric label. */
+#define TPB_DROP_OUTER_BAD 0        /* outer IPv4 header malformed */
+#define TPB_DROP_NOT_PEER 1         /* GRE to us from an unknown address */
+#define TPB_DROP_GRE_TRUNCATED 2
+#define TPB_DROP_GRE_VERSION 3      /* RFC 2784: version must be 0 */
+#define TPB_DROP_GRE_FLAGS 4        /* reserved/routing flag bits set */
+#define TPB_DROP_GRE_CSUM 5         /* checksum present and wrong */
+#define TPB_DROP_GRE_CSUM_MISSING 6 /* checksum required, absent */
+#define TPB_DROP_GRE_KEY 7          /* key absent, unexpected or wrong */
+#define TPB_DROP_GRE_SEQ_STALE 8    /* RFC 2890: not after the last one */
+#define TPB_DROP_GRE_SEQ_MISSING 9
+#define TPB_DROP_GRE_PROTO 10       /* inner neither IPv4 nor IPv6 */
+#define TPB_DROP_INNER_BAD 11       /* decapsulated packet malformed */
+#define TPB_DROP_ECN 12             /* RFC 6040: CE outer, Not-ECT inner */
+#define TPB_DROP_NO_ROUTER_MAC 13   /* in-side router MAC not learned yet */
+#define TPB_DROP_LOCAL_OTHER 14     /* to the tunnel address, not GRE/echo */
+#define TPB_DROP_ENCAP_NOT_IP 15    /* selected frame is not IPv4/IPv6 */
+#define TPB_DROP_ENCAP_BAD 16       /* selected frame's IP header malformed */
+#define TPB_DROP_TOO_BIG 17         /* DF set and too big: ICMP instead */
+#define TPB_DROP_GSO_BAD 18         /* super-packet TPB cannot segment */
+#define TPB_DROP_REASM_TIMEOUT 19   /* fragments of a datagram never completed */
+#define TPB_DROP_REASM_OVERLAP 20   /* overlapping fragments: datagram dropped */
+#define TPB_DROP_REASM_DUPLICATE 21 /* exact duplicate fragment */
+#define TPB_DROP_REASM_BAD 22       /* inconsistent fragment / too large */
+#define TPB_DROP_REASM_MEMORY 23    /* reassembly memory bound reached */
+#define TPB_DROP_NO_PEER 24         /* POP: no bridge for the destination */
+#define TPB_DROP_TUN_WRITE 25       /* POP: TUN device refused a packet */
+#define TPB_DROP_SEND 26            /* sendmmsg refused it */
+#define TPB_NDROP 27
+
+/* Counters of one tunnel (the bridge's, or one POP peer's). */
+struct tpb_tunnel_counters {
+    uint64_t encap_packets;      /* GRE packets sent (after segmentation) */
+    uint64_t encap_bytes;        /* their inner bytes */
+    uint64_t decap_packets;
+    uint64_t decap_bytes;
+    uint64_t fragments;          /* fragments made (inner or outer) */
+    uint64_t fragmented;         /* packets that needed fragmenting */
+    uint64_t icmp_sent;          /* ICMP fragmentation-needed sent */
+    uint64_t icmp_ratelimited;   /* ... and held back by the rate limit */
+    uint64_t mss_clamped;
+    uint64_t gso_packets;        /* super-packets segmented */
+    uint64_t gso_segments;       /* segments they made */
+    uint64_t reasm_fragments;    /* fragments taken into reassembly */
+    uint64_t reasm_done;         /* datagrams reassembled */
+    uint64_t reasm_memory;       /* bytes held now (a gauge) */
+    uint64_t reasm_memory_peak;
+    uint64_t arp_replies;
+    uint64_t echo_replies;
+    uint64_t drop[TPB_NDROP];
+};
+
+struct tpb_tunnel_config {
+    uint32_t local;              /* tunnel address, host byte order */
+    uint32_t remote;             /* the POP */
+    uint32_t key;
+    uint8_t has_key;
+    uint8_t csum;
+    uint8_t seq;
+    uint8_t df;                  /* TPB_DF_* */
+    int16_t ttl;                 /* 1..255, or -1: inherit */
+    int16_t tos;                 /* 0..255, or -1: inherit */
+    uint8_t frag_mode;           /* TPB_FRAG_* */
+    uint8_t pmtud;               /* 1: DF set and too big -> ICMP; 0: fragment */
+    uint16_t mss;                /* clamp; 0: derived from the MTU */
+    uint32_t mtu;                /* of --out */
+    uint32_t icmp_rate;          /* ICMP per second */
+    uint32_t reasm_memory;       /* bytes */
+    uint32_t reasm_timeout_ms;
+    uint8_t out_mac[6];          /* --out's MAC: ARP answers carry it */
+};
+
 struct tpb_bridge_config {
     int ifindex[2];          /* TPB_PORT_IN, TPB_PORT_OUT */
     uint32_t ring_frames;    /* RX ring slots per port */
     uint32_t batch;          /* frames per sendmmsg, <= 256 */
     uint32_t spin_us;        /* busy-poll this long before sleeping */
+    int tunnel;              /* 0: plain bridge */
+    int sel_ifindex;         /* tunnel: --in's frames after nftables */
+    uint32_t mark;           /* tunnel: the mark that selects a frame */
+    struct tpb_tunnel_config tun;
 };
 
 struct tpb_bridge;
@@ -54,6 +138,12 @@ void tpb_bridge_counters(struct tpb_bridge *br, int port,
                          struct tpb_port_counters *out);
 
 void tpb_bridge_close(struct tpb_bridge *br);
+
+/* The tunnel's counters (zero in plain mode). */
+void tpb_bridge_tunnel_counters(struct tpb_bridge *br,
+                                struct tpb_tunnel_counters *out);
+
+const char *tpb_drop_name(int reason);
 
 /* ---- ring.c: exposed for unit tests ---- */
 

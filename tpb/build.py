@@ -13,7 +13,10 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = ["ring.c", "bridge.c"]
+SOURCES = [
+    "ring.c", "txq.c", "bridge.c", "csum.c", "gre.c", "encap.c", "segment.c", "decap.c",
+    "reasm.c",
+]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*$")
 
 

@@ -1,0 +1,136 @@
+/* bridge.h — internal: the bridge's state, shared by its pipeline files
+ * (bridge.c, txq.c, encap.c, segment.c, decap.c, reasm.c). */
+#ifndef TPB_BRIDGE_H
+#define TPB_BRIDGE_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE    /* struct mmsghdr, sendmmsg */
+#endif
+
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <linux/virtio_net.h>
+
+#include "tpb.h"
+#include "ring.h"
+#include "proto.h"
+
+#define VNET_LEN sizeof(struct virtio_net_hdr)
+#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5    /* older uapi headers lack it */
+#endif
+#define TXQ_MAX 512            /* messages per sendmmsg flush */
+#define TXQ_HDR 224            /* vnet + Ethernet + outer + inner headers */
+#define TXQ_IOV 4
+#define ARENA_SIZE (1u << 20)  /* bounce buffers, valid until the flush */
+
+/* Messages waiting to leave one port, pointing at ring slots, their own
+ * header scratch, or the arena; all of it stays valid until txq_flush(). */
+struct txq {
+    int fd;
+    struct tpb_port_counters *c;
+    uint32_t n;
+    struct mmsghdr msg[TXQ_MAX];
+    struct iovec iov[TXQ_MAX][TXQ_IOV];
+    uint8_t hdr[TXQ_MAX][TXQ_HDR];
+    uint32_t len[TXQ_MAX];
+    uint8_t *arena;
+    size_t arena_used;
+};
+
+/* One received frame: the Ethernet header in the ring (untagged: the
+ * kernel moved any outer tag into the slot header) and its tag, if any. */
+struct frame {
+    struct tpacket2_hdr *h;
+    uint8_t *mac;
+    uint32_t len;
+    struct virtio_net_hdr *vh;
+    int tagged;
+    uint8_t tag[4];
+};
+
+enum src_kind { SRC_BRIDGE, SRC_ENCAP, SRC_FROM_OUT };
+
+struct source {
+    struct tpb_ring ring;
+    enum src_kind kind;
+    int port;                  /* whose rx counters */
+    int to;                    /* the port it sends out of */
+};
+
+struct reasm;                  /* reasm.c */
+
+struct tpb_bridge {
+    struct source src[3];
+    int nsrc;
+    int txfd_in;               /* tunnel mode: the socket that sends out --in */
+    struct txq q[TPB_NPORTS];
+    struct tpb_port_counters c[TPB_NPORTS];
+    uint32_t batch;
+    uint32_t spin_us;
+    int stop_fd;
+    int stop;
+    /* tunnel */
+    int tunnel;
+    struct tpb_tunnel_config cfg;
+    struct tpb_tunnel_counters tc;
+    struct gre_tx gtx;
+    struct gre_rx grx;
+    size_t overhead;           /* outer IPv4 + GRE */
+    uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
+    uint8_t router_mac[6];     /* the in-side router, learned */
+    int have_router_mac;
+    double icmp_tokens;
+    uint64_t icmp_last_ns;
+    struct reasm *reasm;
+    uint64_t now_ns;           /* refreshed once per loop pass */
+    pthread_mutex_t stats_lock;
+};
+
+/* txq.c */
+int txq_init(struct txq *q, int fd, struct tpb_port_counters *c);
+void txq_free(struct txq *q);
+uint32_t txq_reserve(struct txq *q);
+uint8_t *txq_alloc(struct txq *q, size_t len);
+void txq_commit(struct txq *q, uint32_t i, int niov);
+void txq_flush(struct txq *q);
+void txq_bridge(struct txq *q, const struct frame *f);
+size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
+                 const struct frame *f, uint16_t type);
+
+/* encap.c */
+void encap_frame(struct tpb_bridge *br, struct frame *f);
+int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
+              int partial);
+
+/* segment.c */
+struct inner {               /* an inner packet in two pieces */
+    uint8_t *hdr;            /* IP (+ L4) header, or the whole packet */
+    size_t hlen;
+    const uint8_t *data;     /* payload slice, may be empty */
+    size_t dlen;
+    uint16_t proto;          /* ETYPE_IPV4 / ETYPE_IPV6 */
+};
+typedef void (*inner_fn)(struct tpb_bridge *br, struct frame *f,
+                         struct inner *p);
+int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
+            uint16_t proto, const struct virtio_net_hdr *vh, inner_fn emit);
+int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
+
+/* decap.c */
+void from_out_frame(struct tpb_bridge *br, struct frame *f);
+
+/* reasm.c */
+struct reasm *reasm_new(uint32_t memory, uint32_t timeout_ms);
+void reasm_free(struct reasm *r);
+/* Takes one outer IPv4 fragment; returns the whole datagram (in the txq
+ * arena) when this fragment completed it, else NULL. */
+uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
+                   struct txq *q, const uint8_t *ip, size_t len,
+                   uint64_t now_ns, size_t *out_len);
+void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
+                  uint64_t now_ns);
+
+#endif

@@ -1,0 +1,249 @@
+/* decap.c — frames from the ISP side (--out) in tunnel mode.
+ *
+ * A frame passes these stages, in the order the functions below appear:
+ *   1. from_out_frame()  classify: ARP asking for the tunnel address, IPv4
+ *                        to the tunnel address, or anything else — bridged
+ *                        unchanged toward --in (GRE between other addresses
+ *                        is someone else's traffic, never unwrapped);
+ *   2. arp_reply()       RFC 826: the tunnel address is at --out's MAC;
+ *   3. to_local()        validate the outer IPv4 header; GRE from the POP
+ *                        (reassembled first if fragmented, reasm.c), an
+ *                        echo request (echo_reply), or a counted drop;
+ *   4. decap()           gre_decode() (version, flags, checksum, key,
+ *                        sequence), inner header valid, RFC 6040 ECN, MSS;
+ *   5. deliver()         the inner packet out --in behind the received
+ *                        Ethernet header — readdressed to the in-side router
+ *                        when the frame was sent to TPB's own MAC (it found
+ *                        TPB through arp_reply), since that router would
+ *                        drop a frame not addressed to it.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+#include <linux/if_ether.h>
+
+#include "bridge.h"
+
+static void arp_reply(struct tpb_bridge *br, struct frame *f);
+static void to_local(struct tpb_bridge *br, struct frame *f);
+
+/* 1. ------------------------------------------------------------------ */
+
+static int arp_for_us(const struct tpb_bridge *br, const struct frame *f)
+{
+    const uint8_t *a = f->mac + ETH_HLEN;
+
+    return f->len >= ETH_HLEN + 28 && rd16(a) == 1 && rd16(a + 2) == ETYPE_IPV4 &&
+           a[4] == 6 && a[5] == 4 && rd16(a + 6) == 1 &&
+           rd32(a + 24) == br->cfg.local;
+}
+
+void from_out_frame(struct tpb_bridge *br, struct frame *f)
+{
+    uint16_t type = rd16(f->mac + 12);
+
+    if (type == ETYPE_ARP && arp_for_us(br, f)) {
+        arp_reply(br, f);
+        return;
+    }
+    if (type == ETYPE_IPV4 && f->len >= ETH_HLEN + 20 &&
+        rd32(f->mac + ETH_HLEN + 16) == br->cfg.local) {
+        to_local(br, f);
+        return;
+    }
+    txq_bridge(&br->q[TPB_PORT_IN], f);
+}
+
+/* 2. ------------------------------------------------------------------ */
+
+static void arp_reply(struct tpb_bridge *br, struct frame *f)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    const uint8_t *req = f->mac + ETH_HLEN;
+    uint32_t i = txq_reserve(q);
+    uint8_t *h = q->hdr[i], *a;
+    size_t n, flen, pad;
+
+    memset(h, 0, VNET_LEN);
+    n = VNET_LEN + eth_write(h + VNET_LEN, req + 8, br->cfg.out_mac, f, ETYPE_ARP);
+    a = h + n;
+    wr16(a, 1);
+    wr16(a + 2, ETYPE_IPV4);
+    a[4] = 6;
+    a[5] = 4;
+    wr16(a + 6, 2);                          /* reply */
+    memcpy(a + 8, br->cfg.out_mac, 6);
+    wr32(a + 14, br->cfg.local);
+    memcpy(a + 18, req + 8, 10);             /* the asker's MAC and IP */
+    /* Pad to the 60-byte minimum: a veth does not, a NIC would. */
+    flen = n - VNET_LEN + 28;
+    pad = flen < ETH_ZLEN ? ETH_ZLEN - flen : 0;
+    memset(a + 28, 0, pad);
+    q->iov[i][0].iov_base = h;
+    q->iov[i][0].iov_len = n + 28 + pad;
+    txq_commit(q, i, 1);
+    br->tc.arp_replies++;
+}
+
+/* 3. ------------------------------------------------------------------ */
+
+static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
+                  size_t tot);
+static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
+                       size_t tot);
+
+static void to_local(struct tpb_bridge *br, struct frame *f)
+{
+    uint8_t *ip = f->mac + ETH_HLEN;
+    size_t tot = ip4_check(ip, f->len - ETH_HLEN), ihl;
+
+    if (!tot) {
+        br->tc.drop[TPB_DROP_OUTER_BAD]++;
+        return;
+    }
+    ihl = (size_t)(ip[0] & 0x0f) * 4;
+    if (ip[9] == IPPROTO_GRE_) {
+        if (rd32(ip + 12) != br->cfg.remote) {
+            br->tc.drop[TPB_DROP_NOT_PEER]++;
+            return;
+        }
+        if (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) {
+            ip = reasm_add(br->reasm, &br->tc, &br->q[TPB_PORT_IN], ip, tot,
+                           br->now_ns, &tot);
+            if (!ip)
+                return;             /* kept for later, or counted as dropped */
+        }
+        decap(br, f, ip, tot);
+        return;
+    }
+    if (ip[9] == IPPROTO_ICMP_ && !(rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
+        tot >= ihl + 8 && ip[ihl] == 8 && ip[ihl + 1] == 0) {
+        echo_reply(br, f, ip, tot);
+        return;
+    }
+    br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
+}
+
+static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
+                       size_t tot)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, n;
+    uint32_t i = txq_reserve(q);
+    uint8_t *h = q->hdr[i], *rip, *ic;
+
+    memset(h, 0, VNET_LEN);
+    /* From the MAC the request was sent to: TPB's own, or the router's
+     * whose address it borrowed on this link. */
+    n = VNET_LEN + eth_write(h + VNET_LEN, f->mac + 6, f->mac, f, ETYPE_IPV4);
+    rip = h + n;
+    ic = rip + 20;
+    rip[0] = 0x45;
+    rip[1] = ip[1];
+    wr16(rip + 2, (uint16_t)(20 + tot - ihl));
+    wr16(rip + 4, br->gtx.ip_id++);
+    wr16(rip + 6, 0);
+    rip[8] = 64;
+    rip[9] = IPPROTO_ICMP_;
+    memcpy(rip + 12, ip + 16, 4);
+    memcpy(rip + 16, ip + 12, 4);
+    ip4_set_csum(rip);
+    memcpy(ic, ip + ihl, 8);
+    ic[0] = 0;                                   /* echo reply */
+    wr16(ic + 2, csum_replace16(rd16(ic + 2), 0x0800, 0x0000));
+    q->iov[i][0].iov_base = h;
+    q->iov[i][0].iov_len = n + 28;
+    q->iov[i][1].iov_base = ip + ihl + 8;
+    q->iov[i][1].iov_len = tot - ihl - 8;
+    txq_commit(q, i, 2);
+    br->tc.echo_replies++;
+}
+
+/* 4. ------------------------------------------------------------------ */
+
+static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                    size_t ilen, uint16_t proto);
+
+/* RFC 6040 4.2 on the inner header; returns -1 to drop. */
+static int inner_ecn(uint8_t outer_tos, uint8_t *in, uint16_t proto)
+{
+    uint8_t tos = proto == ETYPE_IPV4 ? in[1]
+                                      : (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4);
+    int e = ecn_decap(outer_tos, tos);
+    uint16_t old;
+
+    if (e < 0)
+        return -1;
+    if (e == (tos & ECN_MASK))
+        return 0;
+    if (proto == ETYPE_IPV4) {
+        old = rd16(in);
+        in[1] = (uint8_t)((tos & ~ECN_MASK) | e);
+        wr16(in + 10, csum_replace16(rd16(in + 10), old, rd16(in)));
+    } else {
+        in[1] = (uint8_t)((in[1] & 0xcf) | e << 4);
+    }
+    return 0;
+}
+
+static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
+                  size_t tot)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen, plen;
+    struct gre_pkt g;
+    uint8_t *in;
+    int rc = gre_decode(&br->grx, ip + ihl, tot - ihl, &g);
+
+    if (rc) {
+        br->tc.drop[rc]++;
+        return;
+    }
+    in = ip + ihl + g.off;
+    ilen = tot - ihl - g.off;
+    if (g.proto == ETYPE_IPV4) {
+        ilen = ip4_check(in, ilen);
+    } else {
+        plen = ilen >= 40 && (in[0] >> 4) == 6 ? rd16(in + 4) : 0;
+        ilen = plen && 40 + plen <= ilen ? 40 + plen : 0;
+    }
+    if (!ilen) {
+        br->tc.drop[TPB_DROP_INNER_BAD]++;
+        return;
+    }
+    if (inner_ecn(ip[1], in, g.proto)) {
+        br->tc.drop[TPB_DROP_ECN]++;
+        return;
+    }
+    clamp_mss(br, in, ilen, g.proto, 0);
+    deliver(br, f, in, ilen, g.proto);
+}
+
+/* 5. ------------------------------------------------------------------ */
+
+static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                    size_t ilen, uint16_t proto)
+{
+    struct txq *q = &br->q[TPB_PORT_IN];
+    const uint8_t *dst = f->mac, *src = f->mac + 6;
+    uint32_t i;
+    uint8_t *h;
+    size_t n;
+
+    if (!memcmp(f->mac, br->cfg.out_mac, 6)) {
+        if (!br->have_router_mac) {
+            br->tc.drop[TPB_DROP_NO_ROUTER_MAC]++;
+            return;
+        }
+        dst = br->router_mac;
+    }
+    i = txq_reserve(q);
+    h = q->hdr[i];
+    memset(h, 0, VNET_LEN);
+    n = VNET_LEN + eth_write(h + VNET_LEN, dst, src, f, proto);
+    q->iov[i][0].iov_base = h;
+    q->iov[i][0].iov_len = n;
+    q->iov[i][1].iov_base = in;
+    q->iov[i][1].iov_len = ilen;
+    txq_commit(q, i, 2);
+    br->tc.decap_packets++;
+    br->tc.decap_bytes += ilen;
+}

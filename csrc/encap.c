@@ -1,0 +1,402 @@
+/* encap.c — a selected frame into GRE toward the POP.
+ *
+ * A frame passes these stages, in the order the functions below appear:
+ *   1. encap_frame()   validate the inner IP header (trimming Ethernet
+ *                      padding), learn the in-side router's MAC;
+ *   2. clamp_mss()     SYN / SYN-ACK MSS down to what fits the tunnel,
+ *                      checksum updated per RFC 1624;
+ *   3. segment() / finish_csum() (segment.c): super-packets cut into
+ *                      segments, partial checksums completed — a GRE packet
+ *                      can carry neither on to the POP;
+ *   4. fit()           fits the --out MTU: push_gre(); too big with DF and
+ *                      pmtud: icmp_too_big(); otherwise fragment;
+ *   5. push_gre()      one message: vnet | Ethernet as received | outer
+ *                      IPv4 + GRE | inner packet, zero copy from the ring;
+ *   6. frag_inner()    RFC 791 fragments of the inner IPv4 packet, each
+ *                      its own GRE packet (as Linux ip_gre: the POP need not
+ *                      reassemble); frag_outer(): encapsulate, then
+ *                      fragment the outer packet (RFC 2784 style);
+ *   7. icmp_too_big()  RFC 792 type 3 code 4 with the RFC 1191 next-hop
+ *                      MTU, back out --in from the tunnel address,
+ *                      rate-limited by a token bucket.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+#include <linux/if_ether.h>
+
+#include "bridge.h"
+
+#define TCP_SYN 0x02
+#define ICMP_QUOTE_MAX (576 - 20 - 8)   /* RFC 1812 4.3.2.3 */
+
+static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
+
+/* 1. ------------------------------------------------------------------ */
+
+/* Length of the IP packet at ip (avail bytes), or 0 if malformed. */
+static size_t inner_len(const uint8_t *ip, size_t avail, uint16_t proto)
+{
+    size_t plen;
+
+    if (proto == ETYPE_IPV4)
+        return ip4_check(ip, avail);
+    if (avail < 40 || (ip[0] >> 4) != 6)
+        return 0;
+    plen = rd16(ip + 4);
+    return plen && 40 + plen <= avail ? 40 + plen : 0;
+}
+
+void encap_frame(struct tpb_bridge *br, struct frame *f)
+{
+    uint8_t *ip = f->mac + ETH_HLEN;
+    uint16_t proto = rd16(f->mac + 12);
+    const struct virtio_net_hdr *vh = f->vh;
+    int partial = (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0;
+    struct inner p;
+    size_t len;
+
+    if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6) {
+        br->tc.drop[TPB_DROP_ENCAP_NOT_IP]++;
+        return;
+    }
+    len = inner_len(ip, f->len - ETH_HLEN, proto);
+    if (!len) {
+        br->tc.drop[TPB_DROP_ENCAP_BAD]++;
+        return;
+    }
+    /* The replies must go back to this router (see decap.c: deliver). */
+    if (!(f->mac[6] & 1)) {
+        memcpy(br->router_mac, f->mac + 6, 6);
+        br->have_router_mac = 1;
+    }
+    clamp_mss(br, ip, len, proto, partial);
+    if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        segment(br, f, ip, len, proto, vh, fit);
+        return;
+    }
+    if (partial && finish_csum(f->mac, ETH_HLEN + len, vh)) {
+        br->tc.drop[TPB_DROP_ENCAP_BAD]++;
+        return;
+    }
+    p.hdr = ip;
+    p.hlen = len;
+    p.data = NULL;
+    p.dlen = 0;
+    p.proto = proto;
+    fit(br, f, &p);
+}
+
+/* 2. ------------------------------------------------------------------ */
+
+int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
+              int partial)
+{
+    size_t ihl, doff, i;
+    uint8_t *tcp;
+    uint16_t clamp, mss;
+
+    if (proto == ETYPE_IPV4) {
+        ihl = (size_t)(ip[0] & 0x0f) * 4;
+        if (ip[9] != IPPROTO_TCP_ || (rd16(ip + 6) & IP_OFFMASK))
+            return 0;
+        clamp = br->mss4;
+    } else {
+        ihl = 40;
+        if (ip[6] != IPPROTO_TCP_)
+            return 0;
+        clamp = br->mss6;
+    }
+    if (len < ihl + 20)
+        return 0;
+    tcp = ip + ihl;
+    doff = (size_t)(tcp[12] >> 4) * 4;
+    if (!(tcp[13] & TCP_SYN) || doff < 20 || ihl + doff > len)
+        return 0;
+    for (i = 20; i < doff && tcp[i] != 0;) {
+        if (tcp[i] == 1) {            /* NOP */
+            i++;
+            continue;
+        }
+        if (i + 1 >= doff || tcp[i + 1] < 2 || i + tcp[i + 1] > doff)
+            return 0;
+        if (tcp[i] == 2 && tcp[i + 1] == 4) {
+            mss = rd16(tcp + i + 2);
+            if (mss <= clamp)
+                return 0;             /* smaller MSS options stay */
+            wr16(tcp + i + 2, clamp);
+            /* A partial checksum is finished later over the new bytes.
+             * A field at an odd offset enters the sum byte-swapped. */
+            if (!partial)
+                wr16(tcp + 16, (i & 1)
+                     ? csum_replace16(rd16(tcp + 16), __builtin_bswap16(mss),
+                                      __builtin_bswap16(clamp))
+                     : csum_replace16(rd16(tcp + 16), mss, clamp));
+            br->tc.mss_clamped++;
+            return 1;
+        }
+        i += tcp[i + 1];
+    }
+    return 0;
+}
+
+/* 4. ------------------------------------------------------------------ */
+
+static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p);
+static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p);
+static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p);
+static void icmp_too_big(struct tpb_bridge *br, struct frame *f,
+                         struct inner *p);
+
+static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
+{
+    if (p->hlen + p->dlen + br->overhead <= br->cfg.mtu) {
+        push_gre(br, f, p);
+        return;
+    }
+    if (p->proto == ETYPE_IPV4 && (rd16(p->hdr + 6) & IP_DF) && br->cfg.pmtud) {
+        icmp_too_big(br, f, p);
+        br->tc.drop[TPB_DROP_TOO_BIG]++;
+        return;
+    }
+    br->tc.fragmented++;
+    if (br->cfg.frag_mode == TPB_FRAG_INNER && p->proto == ETYPE_IPV4)
+        frag_inner(br, f, p);
+    else
+        frag_outer(br, f, p);
+}
+
+/* 5. ------------------------------------------------------------------ */
+
+/* vnet header (all zero: nothing left for the kernel to do) + Ethernet
+ * header as received, now carrying IPv4. */
+static size_t outer_eth(uint8_t *h, const struct frame *f)
+{
+    memset(h, 0, VNET_LEN);
+    return VNET_LEN + eth_write(h + VNET_LEN, f->mac, f->mac + 6, f, ETYPE_IPV4);
+}
+
+static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    uint32_t psum = 0, i;
+    uint8_t *h;
+    size_t n;
+    int niov = 2;
+
+    if (br->gtx.csum)
+        psum = csum_add(csum_add(0, p->hdr, p->hlen), p->data, p->dlen);
+    i = txq_reserve(q);
+    h = q->hdr[i];
+    n = outer_eth(h, f);
+    n += gre_encap(&br->gtx, h + n, p->proto, p->hdr, p->hlen + p->dlen, psum);
+    q->iov[i][0].iov_base = h;
+    q->iov[i][0].iov_len = n;
+    q->iov[i][1].iov_base = p->hdr;
+    q->iov[i][1].iov_len = p->hlen;
+    if (p->dlen) {
+        q->iov[i][2].iov_base = (void *)p->data;
+        q->iov[i][2].iov_len = p->dlen;
+        niov = 3;
+    }
+    txq_commit(q, i, niov);
+    br->tc.encap_packets++;
+    br->tc.encap_bytes += p->hlen + p->dlen;
+}
+
+/* 6. ------------------------------------------------------------------ */
+
+/* Copies the inner packet to dst + at (bounce memory from q).  A segment's
+ * header lives in that same arena, which txq_alloc() may recycle: it is
+ * saved on the stack first. */
+static uint8_t *bounce(struct txq *q, const struct inner *p, size_t at)
+{
+    uint8_t saved[128], *buf;
+
+    if (p->hlen > sizeof(saved) && p->dlen)
+        return NULL;
+    if (p->dlen)
+        memcpy(saved, p->hdr, p->hlen);
+    buf = txq_alloc(q, at + p->hlen + p->dlen);
+    if (!buf)
+        return NULL;
+    memcpy(buf + at, p->dlen ? saved : p->hdr, p->hlen);
+    if (p->dlen)
+        memcpy(buf + at + p->hlen, p->data, p->dlen);
+    return buf;
+}
+
+/* The inner packet in one piece (fragmentation slices across it). */
+static uint8_t *linear(struct txq *q, const struct inner *p)
+{
+    return p->dlen ? bounce(q, p, 0) : p->hdr;
+}
+
+static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    uint8_t *ip = linear(q, p), *h, *ih;
+    size_t ihl, plen, maxd, off, d, n, gl = br->overhead;
+    uint16_t frag0, off0;
+    uint32_t i, psum;
+
+    if (!ip) {
+        br->tc.drop[TPB_DROP_ENCAP_BAD]++;
+        return;
+    }
+    ihl = (size_t)(ip[0] & 0x0f) * 4;
+    plen = p->hlen + p->dlen - ihl;
+    maxd = (br->cfg.mtu - gl - ihl) & ~(size_t)7;
+    frag0 = rd16(ip + 6);
+    off0 = (uint16_t)((frag0 & IP_OFFMASK) * 8);
+    for (off = 0; off < plen; off += d) {
+        d = plen - off > maxd ? maxd : plen - off;
+        i = txq_reserve(q);
+        h = q->hdr[i];
+        n = outer_eth(h, f);
+        /* The fragment's own header goes after the outer headers; options
+         * are copied into every fragment (a simplification of RFC 791's
+         * copied flag: options are rare on forwarded traffic). */
+        ih = h + n + gl;
+        memcpy(ih, ip, ihl);
+        wr16(ih + 2, (uint16_t)(ihl + d));
+        wr16(ih + 6, (uint16_t)(((off0 + off) / 8) |
+                                ((off + d < plen || (frag0 & IP_MF)) ? IP_MF : 0)));
+        ip4_set_csum(ih);
+        psum = br->gtx.csum ? csum_add(csum_add(0, ih, ihl), ip + ihl + off, d) : 0;
+        gre_encap(&br->gtx, h + n, ETYPE_IPV4, ih, ihl + d, psum);
+        q->iov[i][0].iov_base = h;
+        q->iov[i][0].iov_len = n + gl + ihl;
+        q->iov[i][1].iov_base = ip + ihl + off;
+        q->iov[i][1].iov_len = d;
+        txq_commit(q, i, 2);
+        br->tc.fragments++;
+        br->tc.encap_packets++;
+        br->tc.encap_bytes += ihl + d;
+    }
+}
+
+static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    size_t ilen = p->hlen + p->dlen, total = br->overhead + ilen;
+    size_t plen = total - 20, maxd = (br->cfg.mtu - 20) & ~(size_t)7, off, d, n;
+    uint8_t *buf = bounce(q, p, br->overhead), *h, *oh;
+    uint32_t i;
+
+    if (!buf) {
+        br->tc.drop[TPB_DROP_ENCAP_BAD]++;
+        return;
+    }
+    gre_encap(&br->gtx, buf, p->proto, buf + br->overhead, ilen,
+              br->gtx.csum ? csum_add(0, buf + br->overhead, ilen) : 0);
+    for (off = 0; off < plen; off += d) {
+        d = plen - off > maxd ? maxd : plen - off;
+        i = txq_reserve(q);
+        h = q->hdr[i];
+        n = outer_eth(h, f);
+        oh = h + n;
+        memcpy(oh, buf, 20);
+        wr16(oh + 2, (uint16_t)(20 + d));
+        /* Fragmenting means DF is off, whatever the policy said. */
+        wr16(oh + 6, (uint16_t)((off / 8) | (off + d < plen ? IP_MF : 0)));
+        ip4_set_csum(oh);
+        q->iov[i][0].iov_base = h;
+        q->iov[i][0].iov_len = n + 20;
+        q->iov[i][1].iov_base = buf + 20 + off;
+        q->iov[i][1].iov_len = d;
+        txq_commit(q, i, 2);
+        br->tc.fragments++;
+    }
+    br->tc.encap_packets++;
+    br->tc.encap_bytes += ilen;
+}
+
+/* 7. ------------------------------------------------------------------ */
+
+static int icmp_allowed(struct tpb_bridge *br)
+{
+    double rate = br->cfg.icmp_rate;
+
+    br->icmp_tokens += (double)(br->now_ns - br->icmp_last_ns) * rate / 1e9;
+    br->icmp_last_ns = br->now_ns;
+    if (br->icmp_tokens > rate)
+        br->icmp_tokens = rate;      /* a burst of at most one second's */
+    if (br->icmp_tokens < 1.0)
+        return 0;
+    br->icmp_tokens -= 1.0;
+    return 1;
+}
+
+/* RFC 1812 4.3.2.7: no ICMP error about an ICMP error, a non-initial
+ * fragment, or a packet from a broadcast, multicast or zero source. */
+static int icmp_wanted(const uint8_t *ip, size_t len)
+{
+    uint32_t src = rd32(ip + 12);
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
+    uint8_t type;
+
+    if ((rd16(ip + 6) & IP_OFFMASK) || src == 0 || src == 0xffffffffu ||
+        (src >> 28) == 0xe)
+        return 0;
+    if (ip[9] == IPPROTO_ICMP_ && len > ihl) {
+        type = ip[ihl];
+        if (type != 0 && type != 8 && type != 13 && type != 14)
+            return 0;
+    }
+    return 1;
+}
+
+static void icmp_too_big(struct tpb_bridge *br, struct frame *f,
+                         struct inner *p)
+{
+    struct txq *q = &br->q[TPB_PORT_IN];
+    size_t ilen = p->hlen + p->dlen;
+    size_t quote = ilen < ICMP_QUOTE_MAX ? ilen : ICMP_QUOTE_MAX, n, hq;
+    uint8_t *qbuf, *h, *ip, *ic;
+    uint32_t i;
+
+    if (!icmp_wanted(p->hdr, p->hlen))
+        return;
+    if (!icmp_allowed(br)) {
+        br->tc.icmp_ratelimited++;
+        return;
+    }
+    qbuf = txq_alloc(q, quote);
+    if (!qbuf)
+        return;
+    hq = p->hlen < quote ? p->hlen : quote;
+    memcpy(qbuf, p->hdr, hq);
+    if (quote > hq)
+        memcpy(qbuf + hq, p->data, quote - hq);
+
+    i = txq_reserve(q);
+    h = q->hdr[i];
+    memset(h, 0, VNET_LEN);
+    /* Back the way the packet came: the MACs swapped, as the next router
+     * (whose MAC the frame was sent to) would have answered. */
+    n = VNET_LEN + eth_write(h + VNET_LEN, f->mac + 6, f->mac, f, ETYPE_IPV4);
+    ip = h + n;
+    ic = ip + 20;
+    ip[0] = 0x45;
+    ip[1] = 0xc0;                     /* precedence: internetwork control */
+    wr16(ip + 2, (uint16_t)(28 + quote));
+    wr16(ip + 4, br->gtx.ip_id++);
+    wr16(ip + 6, 0);
+    ip[8] = 64;
+    ip[9] = IPPROTO_ICMP_;
+    wr32(ip + 12, br->cfg.local);
+    memcpy(ip + 16, p->hdr + 12, 4);  /* to the inner source */
+    ip4_set_csum(ip);
+    ic[0] = 3;                        /* destination unreachable */
+    ic[1] = 4;                        /* fragmentation needed and DF set */
+    wr16(ic + 2, 0);
+    wr16(ic + 4, 0);
+    wr16(ic + 6, (uint16_t)(br->cfg.mtu - br->overhead));   /* RFC 1191 */
+    wr16(ic + 2, csum_finish(csum_add(csum_add(0, ic, 8), qbuf, quote)));
+    q->iov[i][0].iov_base = h;
+    q->iov[i][0].iov_len = n + 28;
+    q->iov[i][1].iov_base = qbuf;
+    q->iov[i][1].iov_len = quote;
+    txq_commit(q, i, 2);
+    br->tc.icmp_sent++;
+}

@@ -1,0 +1,138 @@
+/* gre.c — GRE over IPv4, both ways, shared by the bridge and the POP.
+ *
+ *   gre_encap()   outer IPv4 (RFC 791) + GRE (RFC 2784, key and sequence
+ *                 number per RFC 2890), TOS/TTL/DF per the tunnel settings,
+ *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
+ *   gre_decode()  validate first (version, flags, checksum, key, sequence),
+ *                 and only then commit the sequence window;
+ *   ecn_decap()   RFC 6040 section 4.2, figure 4.
+ */
+#include "proto.h"
+#include "tpb.h"
+
+static void inner_fields(uint16_t proto, const uint8_t *in, uint8_t *tos,
+                         uint8_t *ttl, int *df)
+{
+    if (proto == ETYPE_IPV4) {
+        *tos = in[1];
+        *ttl = in[8];
+        *df = (rd16(in + 6) & IP_DF) != 0;
+    } else {
+        /* IPv6: traffic class straddles bytes 0 and 1.  No IPv6 router
+         * fragments, but TPB has no IPv6 address to send Packet Too Big
+         * from, so the outer packet may be fragmented instead. */
+        *tos = (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4);
+        *ttl = in[7];
+        *df = 0;
+    }
+}
+
+size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                 const uint8_t *inner, size_t plen, uint32_t psum)
+{
+    uint8_t *ip = out, *g = out + 20;
+    uint8_t in_tos, in_ttl, tos;
+    int in_df, df;
+    uint16_t flags = 0;
+    size_t glen = gre_hlen(t->csum, t->has_key, t->seq), off = 4;
+
+    inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
+    tos = (uint8_t)(((t->tos >= 0 ? (uint8_t)t->tos : in_tos) & ~ECN_MASK) |
+                    (in_tos & ECN_MASK));
+    df = t->df == TPB_DF_SET ? 1 : t->df == TPB_DF_CLEAR ? 0 : in_df;
+
+    ip[0] = 0x45;
+    ip[1] = tos;
+    wr16(ip + 2, (uint16_t)(20 + glen + plen));
+    wr16(ip + 4, t->ip_id++);
+    wr16(ip + 6, df ? IP_DF : 0);
+    ip[8] = t->ttl >= 0 ? (uint8_t)t->ttl : in_ttl;
+    ip[9] = IPPROTO_GRE_;
+    wr32(ip + 12, t->local);
+    wr32(ip + 16, t->remote);
+    ip4_set_csum(ip);
+
+    if (t->csum) {
+        flags |= GRE_C;
+        wr32(g + off, 0);          /* checksum, reserved1: filled below */
+        off += 4;
+    }
+    if (t->has_key) {
+        flags |= GRE_K;
+        wr32(g + off, t->key);
+        off += 4;
+    }
+    if (t->seq) {
+        flags |= GRE_S;
+        wr32(g + off, t->seqno++);
+        off += 4;
+    }
+    wr16(g, flags);
+    wr16(g + 2, proto);
+    if (t->csum)   /* RFC 2784 2.5: over the GRE header and the payload */
+        wr16(g + 4, csum_finish(csum_add(psum, g, glen)));
+    return 20 + glen;
+}
+
+int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
+               struct gre_pkt *out)
+{
+    uint16_t flags, proto;
+    size_t off = 4;
+    uint32_t seq = 0;
+
+    if (glen < 4)
+        return TPB_DROP_GRE_TRUNCATED;
+    flags = rd16(g);
+    if (flags & GRE_VER)
+        return TPB_DROP_GRE_VERSION;
+    if (flags & GRE_UNKNOWN)
+        return TPB_DROP_GRE_FLAGS;
+    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
+        return TPB_DROP_GRE_TRUNCATED;
+    if (flags & GRE_C) {
+        if (csum_finish(csum_add(0, g, glen)) != 0)
+            return TPB_DROP_GRE_CSUM;
+        off += 4;
+    } else if (r->csum) {
+        return TPB_DROP_GRE_CSUM_MISSING;
+    }
+    if (flags & GRE_K) {
+        if (!r->has_key || rd32(g + off) != r->key)
+            return TPB_DROP_GRE_KEY;
+        off += 4;
+    } else if (r->has_key) {
+        return TPB_DROP_GRE_KEY;
+    }
+    if (flags & GRE_S) {
+        seq = rd32(g + off);
+        off += 4;
+    } else if (r->seq) {
+        return TPB_DROP_GRE_SEQ_MISSING;
+    }
+    proto = rd16(g + 2);
+    if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6)
+        return TPB_DROP_GRE_PROTO;
+    /* RFC 2890 2.2: a number not after the last one accepted is stale (as
+     * Linux, serial arithmetic; duplicates are stale too). */
+    if (r->seq && (flags & GRE_S)) {
+        if (r->seq_started && (int32_t)(seq - r->next_seq) < 0)
+            return TPB_DROP_GRE_SEQ_STALE;
+        r->next_seq = seq + 1;
+        r->seq_started = 1;
+    }
+    out->proto = proto;
+    out->off = (uint16_t)off;
+    return 0;
+}
+
+int ecn_decap(uint8_t outer_tos, uint8_t inner_tos)
+{
+    int o = outer_tos & ECN_MASK, i = inner_tos & ECN_MASK;
+
+    if (o == ECN_CE)
+        return i == ECN_NOT_ECT ? -1 : ECN_CE;
+    if (o == 1 && i == 2)          /* outer ECT(1), inner ECT(0) */
+        return 1;
+    return i;
+}

@@ -1,0 +1,122 @@
+/* proto.h — internal: header layouts, checksum helpers, GRE codec.
+ *
+ *  Ethernet   dst(6) src(6) [tpid(2) tci(2)] type(2)
+ *  IPv4       RFC 791: ver/ihl tos len id flags/frag ttl proto csum src dst
+ *  GRE        RFC 2784/2890:
+ *              0                   1                   2                   3
+ *             |C| |K|S| Reserved0       | Ver |         Protocol Type         |
+ *             |      Checksum (optional)      |       Reserved1 (Optional)    |
+ *             |                         Key (optional)                        |
+ *             |                 Sequence Number (Optional)                    |
+ *  All multi-byte fields are read and written byte-wise (network order),
+ *  so nothing here depends on alignment inside ring slots.
+ */
+#ifndef TPB_PROTO_H
+#define TPB_PROTO_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#define ETH_ALEN_ 6
+#define ETYPE_IPV4 0x0800
+#define ETYPE_ARP 0x0806
+#define ETYPE_IPV6 0x86dd
+#define ETYPE_8021Q 0x8100
+
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IPPROTO_GRE_ 47
+
+#define IP_DF 0x4000
+#define IP_MF 0x2000
+#define IP_OFFMASK 0x1fff
+
+#define GRE_C 0x8000
+#define GRE_K 0x2000
+#define GRE_S 0x1000
+#define GRE_VER 0x0007
+/* R, s, Recur and the reserved flag bits: anything RFC 2784 says must be 0 */
+#define GRE_UNKNOWN 0x4ff8
+
+#define ECN_MASK 3
+#define ECN_NOT_ECT 0
+#define ECN_CE 3
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void wr16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+static inline void wr32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v & 0xff;
+}
+
+/* ---- checksums (csum.c) ---- */
+
+/* One's-complement sum (RFC 1071) of len bytes added to sum, folded to
+ * 16 bits but not inverted.  Pieces of one checksummed whole must start
+ * at even offsets of it (all callers split on even boundaries). */
+uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len);
+uint16_t csum_finish(uint32_t sum);             /* fold and invert */
+/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one 16-bit field change */
+uint16_t csum_replace16(uint16_t check, uint16_t old, uint16_t new_);
+uint32_t csum_pseudo4(const uint8_t *ip, uint8_t proto, uint32_t l4len);
+uint32_t csum_pseudo6(const uint8_t *ip6, uint8_t proto, uint32_t l4len);
+void ip4_set_csum(uint8_t *ip);
+
+/* ---- GRE codec (gre.c) ---- */
+
+struct gre_tx {
+    uint32_t local, remote, key;   /* host order */
+    uint8_t has_key, csum, seq;
+    int16_t ttl;                   /* -1: inherit the inner TTL/hop limit */
+    int16_t tos;                   /* -1: inherit the inner DSCP */
+    uint8_t df;                    /* TPB_DF_* */
+    uint32_t seqno;                /* next sequence number to send */
+    uint16_t ip_id;                /* next outer IP ID */
+};
+
+struct gre_rx {
+    uint32_t local, remote, key;
+    uint8_t has_key, csum, seq;
+    uint8_t seq_started;
+    uint32_t next_seq;             /* lowest sequence number still fresh */
+};
+
+/* What gre_decode() found: where the inner packet is and its type. */
+struct gre_pkt {
+    uint16_t proto;
+    uint16_t off;                  /* inner packet offset from the GRE header */
+};
+
+/* GRE header length for these options: 4 + 4 per optional field. */
+static inline size_t gre_hlen(uint8_t csum, uint8_t key, uint8_t seq)
+{
+    return 4 + (csum ? 4 : 0) + (key ? 4 : 0) + (seq ? 4 : 0);
+}
+
+/* Writes outer IPv4 + GRE for a payload of `plen` bytes whose unfolded
+ * one's-complement sum is `psum` (needed only with csum), taking TOS/TTL/DF
+ * from the inner header per the settings (RFC 6040 for ECN).  Returns the
+ * header length (20 + GRE). */
+size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                 const uint8_t *inner, size_t plen, uint32_t psum);
+
+/* Validates GRE at g (glen bytes, to the end of the outer IP payload) for
+ * this tunnel; returns 0 or a TPB_GRE_* drop reason. */
+int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
+               struct gre_pkt *out);
+
+/* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
+ * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */
+int ecn_decap(uint8_t outer_tos, uint8_t inner_tos);
+
+/* Validates an IPv4 header at p (len bytes available): version, IHL,
+ * total length, header checksum.  Returns the total length or 0. */
+size_t ip4_check(const uint8_t *p, size_t len);
+
+#endif

@@ -1,0 +1,180 @@
+/* segment.c — GSO super-packets cut into wire-size packets, in C, the way
+ * the kernel's tcp_gso_segment / __udp_gso_segment do it: a GRE packet
+ * cannot be handed back to the kernel with a vnet header (there is no GSO
+ * type for "GRE around this"), so encapsulated flows are segmented here.
+ *
+ *   1. finish_csum()   a CHECKSUM_PARTIAL packet's L4 checksum, completed
+ *                      from csum_start/csum_offset;
+ *   2. segment()       checks the super-packet, then per gso_size piece:
+ *   3. tcp_seg()       copy IP+TCP header, IP length/ID (+1 per segment,
+ *                      as Linux without FIXEDID), TCP sequence, CWR only
+ *                      on the first, FIN/PSH only on the last, checksums;
+ *      udp_seg()       copy IP+UDP header, lengths, IP ID, checksums;
+ *   4. each segment is handed to `emit` (encap.c: fit) with its header in
+ *      the tx arena and its payload still in the ring slot: no copy.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+#include <linux/if_ether.h>
+
+#include "bridge.h"
+
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+
+/* 1. ------------------------------------------------------------------ */
+
+int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh)
+{
+    size_t start = vh->csum_start, off = vh->csum_offset;
+    uint16_t c;
+
+    if (start + off + 2 > len)
+        return -1;
+    /* The field holds the pseudo-header sum: summing over it finishes it. */
+    c = csum_finish(csum_add(0, frame + start, len - start));
+    wr16(frame + start + off, c ? c : 0xffff);
+    return 0;
+}
+
+/* 3. ------------------------------------------------------------------ */
+
+struct seg_ctx {
+    uint8_t *ip;               /* the super-packet's IP header */
+    size_t ihl, l4hl, hl;      /* IP header, L4 header, both */
+    uint16_t proto;
+    const uint8_t *payload;
+    size_t plen;
+    uint16_t mss;
+};
+
+static void ip_seg_fields(const struct seg_ctx *s, uint8_t *h, size_t d,
+                          uint32_t k)
+{
+    if (s->proto == ETYPE_IPV4) {
+        wr16(h + 2, (uint16_t)(s->hl + d));
+        wr16(h + 4, (uint16_t)(rd16(s->ip + 4) + k));
+        ip4_set_csum(h);
+    } else {
+        wr16(h + 4, (uint16_t)(s->l4hl + d));
+    }
+}
+
+static uint32_t l4_pseudo(const struct seg_ctx *s, const uint8_t *h,
+                          uint8_t l4proto, size_t l4len)
+{
+    return s->proto == ETYPE_IPV4 ? csum_pseudo4(h, l4proto, (uint32_t)l4len)
+                                  : csum_pseudo6(h, l4proto, (uint32_t)l4len);
+}
+
+static void tcp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
+                    uint32_t n)
+{
+    uint8_t *t = h + s->ihl, fl = s->ip[s->ihl + 13];
+    uint32_t sum;
+
+    ip_seg_fields(s, h, d, k);
+    wr32(t + 4, rd32(s->ip + s->ihl + 4) + k * s->mss);
+    if (k > 0)
+        fl &= (uint8_t)~TCP_CWR;
+    if (k + 1 < n)
+        fl &= (uint8_t)~(TCP_FIN | TCP_PSH);
+    t[13] = fl;
+    wr16(t + 16, 0);
+    sum = l4_pseudo(s, h, IPPROTO_TCP_, s->l4hl + d);
+    sum = csum_add(csum_add(sum, t, s->l4hl), s->payload + (size_t)k * s->mss, d);
+    wr16(t + 16, csum_finish(sum));
+}
+
+static void udp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
+                    uint32_t n)
+{
+    uint8_t *u = h + s->ihl;
+    uint32_t sum;
+    uint16_t c;
+
+    (void)n;
+    ip_seg_fields(s, h, d, k);
+    wr16(u + 4, (uint16_t)(8 + d));
+    wr16(u + 6, 0);
+    sum = l4_pseudo(s, h, IPPROTO_UDP_, 8 + d);
+    sum = csum_add(csum_add(sum, u, 8), s->payload + (size_t)k * s->mss, d);
+    c = csum_finish(sum);
+    wr16(u + 6, c ? c : 0xffff);
+}
+
+/* 2. ------------------------------------------------------------------ */
+
+int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
+            uint16_t proto, const struct virtio_net_hdr *vh, inner_fn emit)
+{
+    struct txq *q = &br->q[TPB_PORT_OUT];
+    uint8_t gso = vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN, l4;
+    void (*seg)(const struct seg_ctx *, uint8_t *, size_t, uint32_t, uint32_t);
+    struct seg_ctx s;
+    struct inner p;
+    uint32_t n, k;
+    size_t d;
+    uint8_t *h;
+
+    s.ip = ip;
+    s.proto = proto;
+    s.mss = vh->gso_size;
+    s.ihl = proto == ETYPE_IPV4 ? (size_t)(ip[0] & 0x0f) * 4 : 40;
+    l4 = proto == ETYPE_IPV4 ? ip[9] : ip[6];
+    if (gso == VIRTIO_NET_HDR_GSO_UDP) {
+        /* UFO: one UDP datagram that is to be IP-fragmented; fit() will. */
+        if (finish_csum(f->mac, ETH_HLEN + len, vh))
+            goto bad;
+        p.hdr = ip;
+        p.hlen = len;
+        p.data = NULL;
+        p.dlen = 0;
+        p.proto = proto;
+        emit(br, f, &p);
+        return 0;
+    }
+    if ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && proto == ETYPE_IPV4 &&
+         l4 == IPPROTO_TCP_) ||
+        (gso == VIRTIO_NET_HDR_GSO_TCPV6 && proto == ETYPE_IPV6 &&
+         l4 == IPPROTO_TCP_)) {
+        if (len < s.ihl + 20)
+            goto bad;
+        s.l4hl = (size_t)(ip[s.ihl + 12] >> 4) * 4;
+        seg = tcp_seg;
+    } else if (gso == VIRTIO_NET_HDR_GSO_UDP_L4 && l4 == IPPROTO_UDP_) {
+        s.l4hl = 8;
+        seg = udp_seg;
+    } else {
+        goto bad;
+    }
+    s.hl = s.ihl + s.l4hl;
+    if (!s.mss || s.l4hl < 8 || s.hl > len || s.hl > 120)
+        goto bad;
+    s.payload = ip + s.hl;
+    s.plen = len - s.hl;
+    n = (uint32_t)((s.plen + s.mss - 1) / s.mss);
+    for (k = 0; k < n; k++) {
+        d = s.plen - (size_t)k * s.mss;
+        if (d > s.mss)
+            d = s.mss;
+        h = txq_alloc(q, s.hl);
+        if (!h)
+            goto bad;
+        memcpy(h, ip, s.hl);
+        seg(&s, h, d, k, n);
+        p.hdr = h;
+        p.hlen = s.hl;
+        p.data = s.payload + (size_t)k * s.mss;
+        p.dlen = d;
+        p.proto = proto;
+        emit(br, f, &p);
+    }
+    br->tc.gso_packets++;
+    br->tc.gso_segments += n;
+    return 0;
+bad:
+    br->tc.drop[TPB_DROP_GSO_BAD]++;
+    return -1;
+}
