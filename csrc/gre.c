@@ -27,31 +27,32 @@ static void inner_fields(uint16_t proto, const uint8_t *in, uint8_t *tos,
     }
 }
 
-size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
-                 const uint8_t *inner, size_t plen, uint32_t psum)
+uint8_t outer_tos(const struct gre_tx *t, uint16_t proto, const uint8_t *inner)
 {
-    uint8_t *ip = out, *g = out + 20;
-    uint8_t in_tos, in_ttl, tos;
-    int in_df, df;
-    uint16_t flags = 0;
-    size_t glen = gre_hlen(t->csum, t->has_key, t->seq), off = 4;
+    uint8_t in_tos, in_ttl;
+    int in_df;
 
     inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
-    tos = (uint8_t)(((t->tos >= 0 ? (uint8_t)t->tos : in_tos) & ~ECN_MASK) |
-                    (in_tos & ECN_MASK));
-    df = t->df == TPB_DF_SET ? 1 : t->df == TPB_DF_CLEAR ? 0 : in_df;
+    return (uint8_t)(((t->tos >= 0 ? (uint8_t)t->tos : in_tos) & ~ECN_MASK) |
+                     (in_tos & ECN_MASK));
+}
 
-    ip[0] = 0x45;
-    ip[1] = tos;
-    wr16(ip + 2, (uint16_t)(20 + glen + plen));
-    wr16(ip + 4, t->ip_id++);
-    wr16(ip + 6, df ? IP_DF : 0);
-    ip[8] = t->ttl >= 0 ? (uint8_t)t->ttl : in_ttl;
-    ip[9] = IPPROTO_GRE_;
-    wr32(ip + 12, t->local);
-    wr32(ip + 16, t->remote);
-    ip4_set_csum(ip);
+uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner)
+{
+    uint8_t in_tos, in_ttl;
+    int in_df;
 
+    inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
+    return t->ttl >= 0 ? (uint8_t)t->ttl : in_ttl;
+}
+
+size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
+                  size_t plen, uint32_t psum)
+{
+    size_t glen = gre_hlen(t->csum, t->has_key, t->seq), off = 4;
+    uint16_t flags = 0;
+
+    (void)plen;
     if (t->csum) {
         flags |= GRE_C;
         wr32(g + off, 0);          /* checksum, reserved1: filled below */
@@ -71,7 +72,29 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
     wr16(g + 2, proto);
     if (t->csum)   /* RFC 2784 2.5: over the GRE header and the payload */
         wr16(g + 4, csum_finish(csum_add(psum, g, glen)));
-    return 20 + glen;
+    return glen;
+}
+
+size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                 const uint8_t *inner, size_t plen, uint32_t psum)
+{
+    uint8_t *ip = out, in_tos, in_ttl;
+    size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
+    int in_df, df;
+
+    inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
+    df = t->df == TPB_DF_SET ? 1 : t->df == TPB_DF_CLEAR ? 0 : in_df;
+    ip[0] = 0x45;
+    ip[1] = outer_tos(t, proto, inner);
+    wr16(ip + 2, (uint16_t)(20 + glen + plen));
+    wr16(ip + 4, t->ip_id++);
+    wr16(ip + 6, df ? IP_DF : 0);
+    ip[8] = outer_ttl(t, proto, inner);
+    ip[9] = IPPROTO_GRE_;
+    wr32(ip + 12, t->local);
+    wr32(ip + 16, t->remote);
+    ip4_set_csum(ip);
+    return 20 + gre_header(t, out + 20, proto, plen, psum);
 }
 
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,

@@ -106,6 +106,12 @@ static inline size_t gre_hlen(uint8_t csum, uint8_t key, uint8_t seq)
 size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
                  const uint8_t *inner, size_t plen, uint32_t psum);
 
+/* Just the GRE header (the POP's kernel writes the outer IPv4 header). */
+size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
+                  size_t plen, uint32_t psum);
+uint8_t outer_tos(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
+uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
+
 /* Validates GRE at g (glen bytes, to the end of the outer IP payload) for
  * this tunnel; returns 0 or a TPB_GRE_* drop reason. */
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,

@@ -145,6 +145,49 @@ void tpb_bridge_tunnel_counters(struct tpb_bridge *br,
 
 const char *tpb_drop_name(int reason);
 
+/* ---- pop.c: the far end of many bridges' tunnels ---- */
+
+struct tpb_pop_peer_config {
+    uint32_t addr;               /* the bridge's tunnel address, host order */
+    uint32_t key;
+    uint8_t has_key;
+    uint8_t csum;
+    uint8_t seq;
+    int16_t ttl;                 /* -1: inherit */
+    int16_t tos;                 /* -1: inherit */
+};
+
+/* An inner prefix behind a peer; IPv4 as ::ffff:a.b.c.d with len + 96. */
+struct tpb_pop_prefix {
+    uint8_t addr[16];
+    uint8_t len;
+    uint32_t peer;
+};
+
+struct tpb_pop_config {
+    uint32_t local;              /* host order */
+    int tun_fd;
+    uint32_t npeers;
+    uint32_t nprefixes;
+    uint32_t learn_timeout_s;    /* learned inner source -> peer entries */
+    uint32_t batch;
+};
+
+struct tpb_pop;
+
+struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
+                             const struct tpb_pop_peer_config *peers,
+                             const struct tpb_pop_prefix *prefixes,
+                             char *err, size_t errlen);
+int tpb_pop_run(struct tpb_pop *pop);
+void tpb_pop_stop(struct tpb_pop *pop);
+/* peer < npeers: that peer's counters; peer == npeers: what belongs to no
+ * peer (GRE from unknown addresses, packets no bridge is behind). */
+void tpb_pop_counters(struct tpb_pop *pop, uint32_t peer,
+                      struct tpb_tunnel_counters *out);
+uint32_t tpb_pop_learned(struct tpb_pop *pop);
+void tpb_pop_close(struct tpb_pop *pop);
+
 /* ---- ring.c: exposed for unit tests ---- */
 
 /* Writes a frame's 802.1Q/802.1ad tag (TPID, TCI) into out[4]. */

@@ -11,26 +11,26 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import Any
 
+from tpb.config import Settings
 from tpb.errors import TpbError
-from tpb.native import PORT_IN, PORT_NAMES, PORT_OUT, NativeBridge, PortCounters
+from tpb.native import (
+    PORT_IN,
+    PORT_NAMES,
+    PORT_OUT,
+    NativeBridge,
+    PortCounters,
+    tunnel_struct,
+)
 from tpb.ports import lookup, require_privileges
+from tpb.select import Selector
 
 
-@dataclass
-class RunOptions:
-    in_if: str
-    out_if: str
-    cpu: int | None = None
-    ring_frames: int = 1024
-    batch: int = 64
-    spin_us: int = 50
-    counters_file: str | None = None
-
-
-def summary(counters: dict[int, PortCounters]) -> str:
-    """One line: per port, frames/bytes each way and every non-zero drop."""
+def summary(counters: dict[int, PortCounters], tunnel: dict[str, Any] | None = None) -> str:
+    """One line: per port, frames/bytes each way and every non-zero drop;
+    in tunnel mode the tunnel's packets each way and its drops too."""
     parts = []
     for port, c in counters.items():
         drops = " ".join(f"{k}={v}" for k, v in c.drops.items() if v) or "none"
@@ -38,12 +38,20 @@ def summary(counters: dict[int, PortCounters]) -> str:
             f"{PORT_NAMES[port]}: rx {c.rx_frames} frames {c.rx_bytes} B, "
             f"tx {c.tx_frames} frames {c.tx_bytes} B, drops {drops}"
         )
+    if tunnel and (tunnel["encap_packets"] or tunnel["decap_packets"] or tunnel["drop"]):
+        drops = " ".join(f"{k}={v}" for k, v in tunnel["drop"].items()) or "none"
+        parts.append(
+            f"tunnel: encap {tunnel['encap_packets']} packets {tunnel['encap_bytes']} B, "
+            f"decap {tunnel['decap_packets']} packets {tunnel['decap_bytes']} B, drops {drops}"
+        )
     return "tpb: " + "; ".join(parts)
 
 
-def write_counters(path: str, counters: dict[int, PortCounters]) -> None:
-    """The exit counters as JSON, {"in": {...}, "out": {...}}, for scripts."""
-    data = {PORT_NAMES[p]: asdict(c) for p, c in counters.items()}
+def write_counters(path: str, counters: dict[int, PortCounters], tunnel: dict[str, Any]) -> None:
+    """The exit counters as JSON, {"in": {...}, "out": {...}, "tunnel":
+    {...}}, for scripts."""
+    data: dict[str, Any] = {PORT_NAMES[p]: asdict(c) for p, c in counters.items()}
+    data["tunnel"] = tunnel
     try:
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
@@ -51,21 +59,46 @@ def write_counters(path: str, counters: dict[int, PortCounters]) -> None:
         print(f"tpb: --counters {path}: {e.strerror}", file=sys.stderr)
 
 
-def run(opts: RunOptions) -> int:
+def run(s: Settings, counters_file: str | None = None) -> int:
     require_privileges()
-    ports = lookup({"in": opts.in_if, "out": opts.out_if})
-    if opts.cpu is not None:
+    assert s.in_if and s.out_if
+    ports = lookup({"in": s.in_if, "out": s.out_if})
+    if s.cpu is not None:
         try:
-            os.sched_setaffinity(0, {opts.cpu})
+            os.sched_setaffinity(0, {s.cpu})
         except (OSError, ValueError) as e:
-            raise TpbError(f"--cpu {opts.cpu}: {e}") from None
-    bridge = NativeBridge(
-        ports["in"].ifindex,
-        ports["out"].ifindex,
-        ring_frames=opts.ring_frames,
-        batch=opts.batch,
-        spin_us=opts.spin_us,
-    )
+            raise TpbError(f"--cpu {s.cpu}: {e}") from None
+    selector = None
+    try:
+        kw: dict[str, Any] = {}
+        if s.tunnel:
+            selector = Selector(s.in_if, ports["in"].ifindex, s.mark, s.match)
+            kw = {
+                "tunnel": tunnel_struct(s.tunnel, ports["out"].mtu, ports["out"].mac),
+                "sel_ifindex": selector.start(),
+                "mark": s.mark,
+            }
+        bridge = NativeBridge(
+            ports["in"].ifindex,
+            ports["out"].ifindex,
+            ring_frames=s.ring_frames,
+            batch=s.batch,
+            spin_us=s.spin_us,
+            **kw,
+        )
+        what = (
+            f"tunnel {s.tunnel.local} -> {s.tunnel.remote}, "
+            + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}")
+            if s.tunnel
+            else "plain bridge"
+        )
+        return _loop(bridge, f"{s.in_if} <-> {s.out_if} ({what})", counters_file)
+    finally:
+        if selector:
+            selector.stop()
+
+
+def _loop(bridge: NativeBridge, what: str, counters_file: str | None) -> int:
     failure: list[BaseException] = []
     stopping = threading.Event()
 
@@ -80,27 +113,24 @@ def run(opts: RunOptions) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     worker = threading.Thread(target=loop, name="tpb-loop", daemon=True)
     try:
         worker.start()
-        print(
-            f"tpb: bridging {opts.in_if} <-> {opts.out_if} (ctrl-c to stop)",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"tpb: bridging {what} (ctrl-c to stop)", file=sys.stderr, flush=True)
         while not stopping.wait(0.5):
             pass
     finally:
         bridge.stop()
         worker.join()
-        for s, h in old.items():
-            signal.signal(s, h)
+        for sig, h in old.items():
+            signal.signal(sig, h)
         counters = {p: bridge.counters(p) for p in (PORT_IN, PORT_OUT)}
+        tunnel = bridge.tunnel_counters()
         bridge.close()
-        print(summary(counters), flush=True)
-        if opts.counters_file:
-            write_counters(opts.counters_file, counters)
+        print(summary(counters, tunnel), flush=True)
+        if counters_file:
+            write_counters(counters_file, counters, tunnel)
     if failure:
         raise failure[0]
     return 0

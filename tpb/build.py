@@ -14,8 +14,16 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 SOURCES = [
-    "ring.c", "txq.c", "bridge.c", "csum.c", "gre.c", "encap.c", "segment.c", "decap.c",
+    "ring.c",
+    "txq.c",
+    "bridge.c",
+    "csum.c",
+    "gre.c",
+    "encap.c",
+    "segment.c",
+    "decap.c",
     "reasm.c",
+    "pop.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*$")
 

@@ -1,13 +1,18 @@
-"""Command line: `tpb run`, `tpb demo`.  Every operator error is one line
-on stderr and exit status 2; never a traceback."""
+"""Command line: `tpb run`, `tpb check`, `tpb pop`, `tpb demo`.
+
+Every operator error is one line on stderr (one per problem) and exit
+status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from tpb import config
 from tpb.errors import TpbError
 
 
@@ -17,67 +22,138 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _nonneg(text: str) -> int:
+def _number(text: str) -> int:
     try:
-        value = int(text, 0)
+        return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-    return value
+
+
+def _number_or_inherit(text: str) -> int | str:
+    return "inherit" if text == "inherit" else _number(text)
+
+
+# flag dest -> (section, key) of the TOML file
+RUN_FLAGS: dict[str, tuple[str, str]] = {
+    "in_if": ("ports", "in"),
+    "out_if": ("ports", "out"),
+    "local": ("tunnel", "local"),
+    "remote": ("tunnel", "remote"),
+    "key": ("tunnel", "key"),
+    "csum": ("tunnel", "csum"),
+    "seq": ("tunnel", "seq"),
+    "ttl": ("tunnel", "ttl"),
+    "tos": ("tunnel", "tos"),
+    "df": ("tunnel", "df"),
+    "fragment": ("tunnel", "fragment"),
+    "pmtud": ("tunnel", "pmtud"),
+    "mss": ("tunnel", "mss"),
+    "icmp_rate": ("tunnel", "icmp_rate"),
+    "reassembly_memory": ("tunnel", "reassembly_memory"),
+    "mark": ("select", "mark"),
+    "match": ("select", "match"),
+    "cpu": ("bridge", "cpu"),
+    "ring_frames": ("bridge", "ring_frames"),
+    "batch": ("bridge", "batch"),
+    "spin_us": ("bridge", "spin_us"),
+}
+
+
+def _add_run(sub: Any) -> None:
+    r = sub.add_parser("run", help="bridge two ports (and tunnel selected flows)")
+    a = r.add_argument
+    a("--config", help=f"TOML file (default {config.DEFAULT_PATH} if it exists)")
+    a("--in", dest="in_if", metavar="IF", help="port facing the enterprise gateway")
+    a("--out", dest="out_if", metavar="IF", help="port facing the ISP")
+    g = r.add_argument_group("tunnel (GRE toward the POP)")
+    g.add_argument("--local", metavar="ADDR", help="TPB's tunnel address")
+    g.add_argument("--remote", metavar="ADDR", help="the POP's address")
+    g.add_argument("--key", type=_number, metavar="N", help="GRE key (RFC 2890)")
+    g.add_argument("--csum", action="store_true", default=None, help="GRE checksums")
+    g.add_argument("--seq", action="store_true", default=None, help="GRE sequence numbers")
+    g.add_argument("--ttl", type=_number_or_inherit, metavar="N|inherit", help="outer TTL")
+    g.add_argument("--tos", type=_number_or_inherit, metavar="N|inherit", help="outer TOS")
+    g.add_argument("--df", choices=["copy", "set", "clear"], help="outer DF policy")
+    g.add_argument("--fragment", choices=["inner", "outer"], help="what to fragment")
+    g.add_argument(
+        "--no-pmtud",
+        dest="pmtud",
+        action="store_false",
+        default=None,
+        help="fragment even with DF set (no ICMP)",
+    )
+    g.add_argument("--mss", type=_number, metavar="N", help="TCP MSS clamp (default MTU-H-40)")
+    g.add_argument("--icmp-rate", type=_number, metavar="N", help="ICMP per second (100)")
+    g.add_argument("--reassembly-memory", type=_number, metavar="BYTES")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--mark", type=_number, metavar="N", help="select by this mark (47)")
+    s.add_argument(
+        "--match", action="append", metavar="EXPR", help="select by nft expression (repeatable)"
+    )
+    b = r.add_argument_group("data path")
+    b.add_argument("--cpu", type=_number, help="pin the data path to this CPU")
+    b.add_argument("--ring-frames", type=_number, help="RX ring slots per port (1024)")
+    b.add_argument("--batch", type=_number, help="frames per sendmmsg (64, at most 256)")
+    b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (50)")
+    a("--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tpb", description="Transparent bridge with a GRE tunnel to a POP.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_run(sub)
+    c = sub.add_parser("check", help="validate a configuration file")
+    c.add_argument("--config", default=config.DEFAULT_PATH)
+    from tpb.pop import add_parser as add_pop
 
-    r = sub.add_parser("run", help="bridge two ports")
-    r.add_argument(
-        "--in", dest="in_if", required=True, metavar="IF", help="port facing the enterprise gateway"
-    )
-    r.add_argument("--out", dest="out_if", required=True, metavar="IF", help="port facing the ISP")
-    r.add_argument("--cpu", type=_nonneg, help="pin the data path to this CPU")
-    r.add_argument(
-        "--ring-frames", type=_nonneg, default=1024, help="RX ring slots per port (default 1024)"
-    )
-    r.add_argument(
-        "--batch", type=_nonneg, default=64, help="frames per sendmmsg (default 64, at most 256)"
-    )
-    r.add_argument(
-        "--spin-us",
-        type=_nonneg,
-        default=50,
-        help="busy-poll this long before sleeping (default 50)",
-    )
-    r.add_argument(
-        "--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON"
-    )
-
+    add_pop(sub)
     sub.add_parser("demo", help="run TPB on the built-in lab topology")
     return p
 
 
+def run_settings(args: argparse.Namespace) -> tuple[config.Settings, config.Source]:
+    path = args.config or config.DEFAULT_PATH
+    data, src = config.read_file(path, required=args.config is not None)
+    flags = {RUN_FLAGS[d]: getattr(args, d) for d in RUN_FLAGS}
+    names = {RUN_FLAGS[d]: "--" + d.replace("_if", "").replace("_", "-") for d in RUN_FLAGS}
+    config.merge_flags(data, src, flags, names)
+    return config.build_settings(data, src), src
+
+
+def _check(path: str) -> int:
+    data, src = config.read_file(path, required=True)
+    config.build_settings(data, src)
+    print(f"{path}: ok")
+    return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every cleanup (finally) block
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.cmd == "run":
-            from tpb.bridge import RunOptions, run
+            from tpb.bridge import run
 
-            return run(
-                RunOptions(
-                    args.in_if,
-                    args.out_if,
-                    args.cpu,
-                    args.ring_frames,
-                    args.batch,
-                    args.spin_us,
-                    args.counters,
-                )
-            )
+            settings, _ = run_settings(args)
+            return run(settings, args.counters)
+        if args.cmd == "check":
+            return _check(args.config)
+        if args.cmd == "pop":
+            from tpb.pop import main as pop_main
+
+            return pop_main(args)
         if args.cmd == "demo":
             from tpb.demo import demo
 
             return demo()
+    except config.ConfigError as e:
+        for problem in e.problems:
+            print(f"tpb: {problem}", file=sys.stderr)
+        return e.exit_code
     except TpbError as e:
         print(f"tpb: {e}", file=sys.stderr)
         return e.exit_code

@@ -26,8 +26,19 @@ def _say(text: str) -> None:
 
 def start_tpb(lab: labmod.Lab, counters: Path, *extra: str) -> subprocess.Popen[str]:
     """Start `tpb run` in the lab's tpb node; return once it forwards."""
-    argv = [sys.executable, "-m", "tpb", "run", "--in", "eth2", "--out", "eth3",
-            "--counters", str(counters), *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "tpb",
+        "run",
+        "--in",
+        "eth2",
+        "--out",
+        "eth3",
+        "--counters",
+        str(counters),
+        *extra,
+    ]
     proc = lab.spawn("tpb", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     line = proc.stderr.readline()  # "tpb: bridging ..." or the error
@@ -67,9 +78,11 @@ def demo() -> int:
         res = lab.run("pc", f"iperf3 -c {labmod.SERVER} -t 5 -J", timeout=60)
         srv.wait(timeout=10)
         end = json.loads(res.stdout)["end"]
-        print(f"   sent {end['sum_sent']['bytes'] / 1e9:.2f} GB, "
-              f"received {end['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s, "
-              f"{end['sum_sent'].get('retransmits', 0)} retransmits")
+        print(
+            f"   sent {end['sum_sent']['bytes'] / 1e9:.2f} GB, "
+            f"received {end['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s, "
+            f"{end['sum_sent'].get('retransmits', 0)} retransmits"
+        )
         _say("what TPB counted")
         print("   " + stop_tpb(tpb))
     _say("lab torn down")

@@ -229,3 +229,67 @@ def bench(prefix: str = "tpbb", mtu: int = 1500) -> Lab:
         (Iface("dut", "eth3", _mac(0x32)), Iface("sink", "eth0", _mac(0x33), [f"{SINK}/24"])),
     ]
     return Lab(prefix, nodes, links, mtu)
+
+
+# Addresses of the tunnel topology.
+T_PC = "192.0.2.10"
+T_PC2 = "192.0.2.74"
+T_GW1 = "198.51.100.1"
+T_GW2 = "198.51.100.2"
+T_TPB = "198.51.100.3"  # TPB's tunnel address, on the gw1–gw2 link
+T_GW3 = "198.51.100.17"
+T_GW2B = "198.51.100.18"
+T_TPB2 = "198.51.100.19"
+T_POP = "198.51.100.34"
+T_SERVER = "203.0.113.10"
+
+
+def tunnel(prefix: str = "tpbg", mtu: int = 1500) -> Lab:
+    """Two sites, each pc — gw — [eth2 TPB eth3] —, meeting at gw2 (the
+    ISP), then the POP and a server behind it:
+
+        pc  — gw1 — [tpb]  —\\
+                              gw2 — pop — server
+        pc2 — gw3 — [tpb2] —/
+
+    Without a tunnel, gw2 routes the sites to the server through the pop
+    as a plain router; TPB's tunnel takes the selected flows to `tpb pop`
+    instead, which routes them on through its TUN device."""
+    nodes = {
+        "pc": Node("pc", routes=[("default", "192.0.2.1")]),
+        "gw1": Node("gw1", forwarding=True, routes=[("default", T_GW2)]),
+        "tpb": Node("tpb"),
+        "pc2": Node("pc2", routes=[("default", "192.0.2.65")]),
+        "gw3": Node("gw3", forwarding=True, routes=[("default", T_GW2B)]),
+        "tpb2": Node("tpb2"),
+        "gw2": Node(
+            "gw2",
+            forwarding=True,
+            routes=[("192.0.2.0/26", T_GW1), ("192.0.2.64/26", T_GW3), ("203.0.113.0/24", T_POP)],
+        ),
+        "pop": Node("pop", forwarding=True, routes=[("default", "198.51.100.33")]),
+        "server": Node("server", routes=[("default", "203.0.113.1")]),
+    }
+    links = [
+        (
+            Iface("pc", "eth0", _mac(0x40), [f"{T_PC}/26"]),
+            Iface("gw1", "eth0", _mac(0x41), ["192.0.2.1/26"]),
+        ),
+        (Iface("gw1", "eth1", _mac(0x42), [f"{T_GW1}/28"]), Iface("tpb", "eth2", _mac(0x43))),
+        (Iface("tpb", "eth3", _mac(0x44)), Iface("gw2", "eth0", _mac(0x45), [f"{T_GW2}/28"])),
+        (
+            Iface("pc2", "eth0", _mac(0x50), [f"{T_PC2}/26"]),
+            Iface("gw3", "eth0", _mac(0x51), ["192.0.2.65/26"]),
+        ),
+        (Iface("gw3", "eth1", _mac(0x52), [f"{T_GW3}/28"]), Iface("tpb2", "eth2", _mac(0x53))),
+        (Iface("tpb2", "eth3", _mac(0x54)), Iface("gw2", "eth2", _mac(0x55), [f"{T_GW2B}/28"])),
+        (
+            Iface("gw2", "eth1", _mac(0x56), ["198.51.100.33/28"]),
+            Iface("pop", "eth0", _mac(0x57), [f"{T_POP}/28"]),
+        ),
+        (
+            Iface("pop", "eth1", _mac(0x58), ["203.0.113.1/24"]),
+            Iface("server", "eth0", _mac(0x59), [f"{T_SERVER}/24"]),
+        ),
+    ]
+    return Lab(prefix, nodes, links, mtu)

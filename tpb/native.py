@@ -6,9 +6,13 @@ runs, stops and reads counters.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass, fields
+from typing import Any
 
 from tpb._tpb_c import ffi, lib
+from tpb.config import Tunnel
 from tpb.errors import TpbError
 
 PORT_IN = lib.TPB_PORT_IN
@@ -47,8 +51,45 @@ def _err_text(buf: object) -> str:
     return ffi.string(buf).decode(errors="replace")
 
 
+_TUNNEL_FIELDS = ffi.typeof("struct tpb_tunnel_counters").fields
+DROP_NAMES = [ffi.string(lib.tpb_drop_name(i)).decode() for i in range(lib.TPB_NDROP)]
+DF_POLICY = {"copy": lib.TPB_DF_COPY, "set": lib.TPB_DF_SET, "clear": lib.TPB_DF_CLEAR}
+FRAG_MODE = {"inner": lib.TPB_FRAG_INNER, "outer": lib.TPB_FRAG_OUTER}
+
+
+def _ip_int(addr: str) -> int:
+    return int(ipaddress.IPv4Address(addr))
+
+
+def tunnel_struct(t: Tunnel, out_mtu: int, out_mac: str) -> Any:
+    """A struct tpb_tunnel_config from the settings."""
+    c = ffi.new("struct tpb_tunnel_config *")
+    c.local, c.remote = _ip_int(t.local), _ip_int(t.remote)
+    c.has_key = t.key is not None
+    c.key = t.key or 0
+    c.csum, c.seq, c.pmtud = t.csum, t.seq, t.pmtud
+    c.df = DF_POLICY[t.df]
+    c.ttl = -1 if t.ttl is None else t.ttl
+    c.tos = -1 if t.tos is None else t.tos
+    c.frag_mode = FRAG_MODE[t.fragment]
+    c.mss = t.mss
+    c.mtu = out_mtu
+    c.icmp_rate = t.icmp_rate
+    c.reasm_memory = t.reassembly_memory
+    c.reasm_timeout_ms = int(t.reassembly_timeout * 1000)
+    c.out_mac = bytes.fromhex(out_mac.replace(":", ""))
+    return c
+
+
+def tunnel_counters(c: Any) -> dict[str, Any]:
+    """A struct tpb_tunnel_counters as a dict, drops by reason (non-zero)."""
+    out: dict[str, Any] = {name: getattr(c, name) for name, _ in _TUNNEL_FIELDS if name != "drop"}
+    out["drop"] = {DROP_NAMES[i]: c.drop[i] for i in range(lib.TPB_NDROP) if c.drop[i]}
+    return out
+
+
 class NativeBridge:
-    """One C forwarding loop between two ports."""
+    """One C forwarding loop between two ports (plain or tunnel mode)."""
 
     def __init__(
         self,
@@ -58,6 +99,9 @@ class NativeBridge:
         ring_frames: int = 1024,
         batch: int = 64,
         spin_us: int = 0,
+        tunnel: Any = None,
+        sel_ifindex: int = 0,
+        mark: int = 0,
     ) -> None:
         cfg = ffi.new("struct tpb_bridge_config *")
         cfg.ifindex[PORT_IN] = in_ifindex
@@ -65,6 +109,11 @@ class NativeBridge:
         cfg.ring_frames = ring_frames
         cfg.batch = batch
         cfg.spin_us = spin_us
+        if tunnel is not None:
+            cfg.tunnel = 1
+            cfg.sel_ifindex = sel_ifindex
+            cfg.mark = mark
+            cfg.tun = tunnel[0]
         err = ffi.new("char[256]")
         br = lib.tpb_bridge_open(cfg, err, len(err))
         if br == ffi.NULL:
@@ -75,7 +124,7 @@ class NativeBridge:
         """Forward until stop(); cffi releases the GIL for the whole call."""
         rc = lib.tpb_bridge_run(self._br)
         if rc < 0:
-            raise TpbError(f"forwarding loop failed: errno {-rc}")
+            raise TpbError(f"forwarding loop failed: {os.strerror(-rc)}")
 
     def stop(self) -> None:
         lib.tpb_bridge_stop(self._br)
@@ -84,6 +133,11 @@ class NativeBridge:
         out = ffi.new("struct tpb_port_counters *")
         lib.tpb_bridge_counters(self._br, port, out)
         return PortCounters(**{f.name: getattr(out, f.name) for f in fields(PortCounters)})
+
+    def tunnel_counters(self) -> dict[str, Any]:
+        out = ffi.new("struct tpb_tunnel_counters *")
+        lib.tpb_bridge_tunnel_counters(self._br, out)
+        return tunnel_counters(out)
 
     def close(self) -> None:
         """Closes the sockets now (the kernel drops promiscuous mode)."""
@@ -100,3 +154,61 @@ def vlan_tag(tpid: int, tci: int) -> bytes:
 
 def csum_fold(data: bytes, seed: int = 0) -> int:
     return lib.tpb_csum_fold(data, len(data), seed)
+
+
+class NativePop:
+    """The POP's C loop: raw GRE socket <-> TUN device."""
+
+    def __init__(self, s: Any, tun_fd: int, prefixes: list[tuple[bytes, int, int]]) -> None:
+        cfg = ffi.new("struct tpb_pop_config *")
+        cfg.local = _ip_int(s.local)
+        cfg.tun_fd = tun_fd
+        cfg.npeers = len(s.peers)
+        cfg.nprefixes = len(prefixes)
+        cfg.learn_timeout_s = s.learn_timeout
+        cfg.batch = 64
+        peers = ffi.new("struct tpb_pop_peer_config[]", max(1, len(s.peers)))
+        for i, p in enumerate(s.peers):
+            peers[i].addr = _ip_int(p.address)
+            peers[i].has_key = p.key is not None
+            peers[i].key = p.key or 0
+            peers[i].csum, peers[i].seq = p.csum, p.seq
+            peers[i].ttl = -1 if p.ttl is None else p.ttl
+            peers[i].tos = -1 if p.tos is None else p.tos
+        pfx = ffi.new("struct tpb_pop_prefix[]", max(1, len(prefixes)))
+        for i, (addr, length, peer) in enumerate(prefixes):
+            pfx[i].addr = addr
+            pfx[i].len = length
+            pfx[i].peer = peer
+        err = ffi.new("char[256]")
+        pop = lib.tpb_pop_open(cfg, peers, pfx, err, len(err))
+        if pop == ffi.NULL:
+            raise TpbError(_err_text(err))
+        self._pop = ffi.gc(pop, lib.tpb_pop_close)
+        self._names = [p.address for p in s.peers]
+
+    def run(self) -> None:
+        rc = lib.tpb_pop_run(self._pop)
+        if rc < 0:
+            raise TpbError(f"pop loop failed: {os.strerror(-rc)}")
+
+    def stop(self) -> None:
+        lib.tpb_pop_stop(self._pop)
+
+    def counters(self) -> dict[str, Any]:
+        out = ffi.new("struct tpb_tunnel_counters *")
+        peers = {}
+        for i, name in enumerate(self._names):
+            lib.tpb_pop_counters(self._pop, i, out)
+            peers[name] = tunnel_counters(out)
+        lib.tpb_pop_counters(self._pop, len(self._names), out)
+        return {
+            "peers": peers,
+            "other": tunnel_counters(out),
+            "learned": lib.tpb_pop_learned(self._pop),
+        }
+
+    def close(self) -> None:
+        if self._pop is not None:
+            ffi.release(self._pop)
+            self._pop = None

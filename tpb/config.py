@@ -1,0 +1,310 @@
+"""Configuration: one TOML file (annotated example: appliance/tpb.toml) and
+command-line flags for the same settings, flags winning.
+
+Every problem is reported with where it came from — `file:line` for the
+file, `--flag` for a flag — one line each, so `tpb check` and `tpb run`
+can print them all at once and exit 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpb.errors import TpbError
+
+DEFAULT_PATH = "/etc/tpb/tpb.toml"
+U32 = 2**32 - 1
+
+
+class ConfigError(TpbError):
+    """Several problems, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---- the settings ---------------------------------------------------------
+
+
+@dataclass
+class Tunnel:
+    local: str
+    remote: str
+    key: int | None = None
+    csum: bool = False
+    seq: bool = False
+    ttl: int | None = 64  # None: inherit from the inner packet
+    tos: int | None = None  # None: inherit
+    df: str = "copy"  # copy | set | clear
+    fragment: str = "inner"  # inner | outer
+    pmtud: bool = True
+    mss: int = 0  # 0: MTU - overhead - 40
+    icmp_rate: int = 100
+    reassembly_memory: int = 4 * 1024 * 1024
+    reassembly_timeout: float = 30.0
+
+
+@dataclass
+class Settings:
+    in_if: str | None = None
+    out_if: str | None = None
+    tunnel: Tunnel | None = None
+    mark: int = 47
+    match: list[str] = field(default_factory=list)
+    cpu: int | None = None
+    ring_frames: int = 1024
+    batch: int = 64
+    spin_us: int = 50
+
+
+# ---- checkers: value -> converted value, or raise ValueError(why) ---------
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be from {lo} to {hi}, not {v}")
+        return v
+
+    return check
+
+
+def _int_or_inherit(lo: int, hi: int) -> Callable[[Any], int | None]:
+    num = _int(lo, hi)
+
+    def check(v: Any) -> int | None:
+        if v == "inherit":
+            return None
+        try:
+            return num(v)
+        except ValueError:
+            raise ValueError(f'must be "inherit" or a number from {lo} to {hi}') from None
+
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return str(v)
+
+    return check
+
+
+def _ipv4(v: Any) -> str:
+    try:
+        addr = ipaddress.IPv4Address(v)
+    except (ipaddress.AddressValueError, ValueError):
+        raise ValueError(f"not an IPv4 address: {v!r}") from None
+    if addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address(U32):
+        raise ValueError(f"not a unicast address: {v}")
+    return str(addr)
+
+
+def _name(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[^\s/]{1,15}", v):
+        raise ValueError("must be an interface name (1-15 characters)")
+    return v
+
+
+def _match(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise ValueError('must be a list of nft expressions, e.g. ["ip daddr 203.0.113.0/24"]')
+    return [x.strip() for x in v]
+
+
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v <= 3600:
+        raise ValueError("must be a number of seconds from 1 to 3600")
+    return float(v)
+
+
+RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "ports": {"in": _name, "out": _name},
+    "tunnel": {
+        "local": _ipv4,
+        "remote": _ipv4,
+        "key": _int(0, U32),
+        "csum": _bool,
+        "seq": _bool,
+        "ttl": _int_or_inherit(1, 255),
+        "tos": _int_or_inherit(0, 255),
+        "df": _choice("copy", "set", "clear"),
+        "fragment": _choice("inner", "outer"),
+        "pmtud": _bool,
+        "mss": _int(0, 65535),
+        "icmp_rate": _int(0, 1_000_000),
+        "reassembly_memory": _int(65536, 1 << 30),
+        "reassembly_timeout": _seconds,
+    },
+    "select": {"mark": _int(1, U32), "match": _match},
+    "bridge": {
+        "cpu": _int(0, 4095),
+        "ring_frames": _int(16, 65536),
+        "batch": _int(1, 256),
+        "spin_us": _int(0, 100_000),
+    },
+}
+
+
+# ---- reading the file, with line numbers ----------------------------------
+
+
+def _locate(text: str) -> dict[tuple[str, ...], int]:
+    """(table..., key) -> line, and (table...,) -> line of its header.
+    Arrays of tables get the index: ("pop", "peer", "0", "address")."""
+    where: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    counts: dict[tuple[str, ...], int] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if m := re.fullmatch(r"\[\[\s*([\w.\-]+)\s*\]\]", line):
+            base = tuple(m.group(1).split("."))
+            idx = counts.get(base, 0)
+            counts[base] = idx + 1
+            table = (*base, str(idx))
+            where.setdefault(table, n)
+        elif m := re.fullmatch(r"\[\s*([\w.\-]+)\s*\]", line):
+            table = tuple(m.group(1).split("."))
+            where.setdefault(table, n)
+        elif m := re.match(r'("?)([\w\-]+)\1\s*=', line):
+            where.setdefault((*table, m.group(2)), n)
+    return where
+
+
+@dataclass
+class Source:
+    """Where settings came from, for messages."""
+
+    path: str | None = None
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+    flags: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    def where(self, *key: str) -> str:
+        if key in self.flags:
+            return self.flags[key]
+        for k in (key, key[:-1], key[:1]):
+            if k in self.lines:
+                return f"{self.path}:{self.lines[k]}"
+        return self.path or "config"
+
+
+def read_file(path: str, required: bool) -> tuple[dict[str, Any], Source]:
+    p = Path(path)
+    if not p.exists():
+        if required:
+            raise ConfigError([f"{path}: no such file"])
+        return {}, Source()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        msg = re.sub(r"\s*\(at line.*\)", "", str(e))
+        raise ConfigError([f"{path}:{m.group(1) if m else '?'}: {msg}"]) from None
+    return data, Source(path, _locate(text))
+
+
+def merge_flags(
+    data: dict[str, Any],
+    src: Source,
+    flags: dict[tuple[str, str], Any],
+    names: dict[tuple[str, str], str],
+) -> None:
+    """Flag values (already given) override the file's."""
+    for (section, key), value in flags.items():
+        if value is None:
+            continue
+        data.setdefault(section, {})[key] = value
+        src.flags[(section, key)] = names[(section, key)]
+
+
+def check_schema(
+    data: dict[str, Any],
+    src: Source,
+    schema: dict[str, dict[str, Callable[[Any], Any]]],
+    problems: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Converted values by section; every problem appended to problems."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in data.items():
+        if section not in schema:
+            problems.append(f"{src.where(section)}: unknown section [{section}]")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{src.where(section)}: {section} must be a table")
+            continue
+        out[section] = {}
+        for key, value in values.items():
+            check = schema[section].get(key)
+            if check is None:
+                problems.append(f"{src.where(section, key)}: unknown setting {section}.{key}")
+                continue
+            try:
+                out[section][key] = check(value)
+            except ValueError as e:
+                problems.append(f"{src.where(section, key)}: {section}.{key} {e}")
+    return out
+
+
+def build_settings(data: dict[str, Any], src: Source) -> Settings:
+    """Validated Settings for `tpb run`, or ConfigError with every problem."""
+    problems: list[str] = []
+    v = check_schema(data, src, RUN_SCHEMA, problems)
+    s = Settings()
+    ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
+    s.in_if, s.out_if = ports.get("in"), ports.get("out")
+    for key in ("cpu", "ring_frames", "batch", "spin_us"):
+        if key in br:
+            setattr(s, key, br[key])
+    if "mark" in sel and "match" in sel:
+        problems.append(
+            f"{src.where('select', 'match')}: select.mark and select.match "
+            "exclude each other: choose one"
+        )
+    s.mark = sel.get("mark", 47)
+    s.match = sel.get("match", [])
+    if tun:
+        missing = [k for k in ("local", "remote") if k not in tun]
+        if missing:
+            problems.append(
+                f"{src.where('tunnel')}: tunnel needs "
+                + " and ".join(f"tunnel.{k}" for k in missing)
+            )
+        else:
+            if tun["local"] == tun["remote"]:
+                problems.append(
+                    f"{src.where('tunnel', 'remote')}: tunnel.remote equals tunnel.local"
+                )
+            s.tunnel = Tunnel(**tun)
+    elif "select" in data and not problems:
+        problems.append(
+            f"{src.where('select')}: [select] needs a tunnel (tunnel.local and tunnel.remote)"
+        )
+    if s.in_if is None or s.out_if is None:
+        problems.append(
+            f"{src.path or 'config'}: both ports are needed (--in and --out, "
+            "or ports.in and ports.out)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return s

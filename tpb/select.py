@@ -1,0 +1,148 @@
+"""Flow selection by nftables, and the path --in's frames take in tunnel mode.
+
+A packet socket bound to ETH_P_ALL sees a frame *before* the netdev ingress
+hook (mark still 0); one bound to a protocol sees it after, but without its
+VLAN tag.  So in tunnel mode TPB installs one netdev table of its own whose
+ingress chain on --in runs last (priority 500), sets the selection mark
+where `match` rules are given, and forwards every frame (`fwd`) into a veth
+pair; the C helper reads the far end with two rings split by a cBPF filter
+on the mark.  Every frame is seen once, after the operator's own chains,
+with its mark and its VLAN tag.
+
+The table is loaded atomically (`nft -f`) and removed on exit and on
+failure; the veth pair likewise.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from tpb.errors import TpbError
+
+PRIORITY = 500  # after the operator's chains (use priority < 500)
+VETH_MTU = 65535  # never the narrow point: jumbo frames and GSO pass
+
+
+def table_name(in_if: str) -> str:
+    return "tpb_" + re.sub(r"[^A-Za-z0-9_]", "_", in_if)
+
+
+def ruleset(table: str, in_if: str, veth: str, mark: int, match: list[str]) -> str:
+    """The nft script; each match expression on a line of its own, so an
+    error can be traced back to it (line 6 + index)."""
+    lines = [
+        f"table netdev {table}",
+        f"delete table netdev {table}",
+        f"table netdev {table} {{",
+        "  chain select {",
+        f'    type filter hook ingress device "{in_if}" priority {PRIORITY}; policy accept;',
+    ]
+    lines += [f"    {expr} meta mark set {mark}" for expr in match]
+    lines += [f'    fwd to "{veth}"', "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+MATCH_FIRST_LINE = 6
+
+
+def _nft(args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        if script is None:
+            return subprocess.run(["nft", *args], capture_output=True, text=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+            f.write(script)
+            f.flush()
+            return subprocess.run(["nft", *args, "-f", f.name], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise TpbError("nft not found: install the nftables package") from None
+
+
+def _nft_error(stderr: str, match: list[str]) -> str:
+    """nft's own first error line, with the match expression it is about."""
+    for line in stderr.splitlines():
+        m = re.match(r"\S+?:(\d+):[\d\-:]+: (Error: .*)", line)
+        if m:
+            idx = int(m.group(1)) - MATCH_FIRST_LINE
+            if 0 <= idx < len(match):
+                return f'select.match "{match[idx]}": {m.group(2)}'
+            return f"nftables: {m.group(2)}"
+    return "nftables: " + (stderr.strip().splitlines() or ["failed"])[0]
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+def _sysctl_write(key: str, value: str) -> None:
+    try:
+        with open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+            f.write(value)
+    except OSError:
+        pass  # no IPv6 in this kernel: nothing to silence
+
+
+@dataclass
+class Selector:
+    in_if: str
+    in_ifindex: int
+    mark: int
+    match: list[str]
+
+    def __post_init__(self) -> None:
+        self.table = table_name(self.in_if)
+        self.veth_tx = f"tpbsel{self.in_ifindex}a"  # nftables sends into this end
+        self.veth_rx = f"tpbsel{self.in_ifindex}b"  # TPB's rings read this end
+        self.active = False
+
+    def start(self) -> int:
+        """Create the veth pair and load the table; returns the ifindex TPB
+        reads --in's frames from."""
+        self.stop()  # leftovers of a killed TPB
+        self.active = True
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> int:
+        r = _ip(
+            "link",
+            "add",
+            self.veth_tx,
+            "mtu",
+            str(VETH_MTU),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.veth_rx,
+            "mtu",
+            str(VETH_MTU),
+        )
+        if r.returncode:
+            raise TpbError(f"cannot create veth {self.veth_tx}: {r.stderr.strip()}")
+        # The pair must never speak itself: no IPv6 (router solicitations,
+        # MLD), no ARP. Whatever enters it is --in's traffic only.
+        for dev in (self.veth_tx, self.veth_rx):
+            _sysctl_write(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
+            _ip("link", "set", dev, "arp", "off")
+            _ip("link", "set", dev, "up")
+        script = ruleset(self.table, self.in_if, self.veth_tx, self.mark, self.match)
+        r = _nft(["-c"], script)
+        if r.returncode:
+            raise TpbError(_nft_error(r.stderr, self.match))
+        r = _nft([], script)
+        if r.returncode:
+            raise TpbError(_nft_error(r.stderr, self.match))
+        idx = _ip("-o", "link", "show", self.veth_rx).stdout.split(":", 1)[0]
+        return int(idx)
+
+    def stop(self) -> None:
+        """Remove the table and the veth pair (quietly: they may be gone)."""
+        _nft(["delete", "table", "netdev", self.table])
+        _ip("link", "del", self.veth_tx)
+        self.active = False
