@@ -121,8 +121,22 @@ def run_settings(args: argparse.Namespace) -> tuple[config.Settings, config.Sour
 
 
 def _check(path: str) -> int:
+    """Validates what the file holds: `tpb run`'s settings, `tpb pop`'s
+    [pop] table, or both; every problem on its own line."""
+    from tpb import pop
+
     data, src = config.read_file(path, required=True)
-    config.build_settings(data, src)
+    problems: list[str] = []
+    parts = [("pop", lambda: pop.build({"pop": data["pop"]}, src))] if "pop" in data else []
+    if set(data) - {"pop"} or not parts:
+        parts.append(("run", lambda: config.build_settings(data, src)))
+    for _, check in parts:
+        try:
+            check()
+        except config.ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise config.ConfigError(problems)
     print(f"{path}: ok")
     return 0
 

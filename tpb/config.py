@@ -247,6 +247,8 @@ def check_schema(
     """Converted values by section; every problem appended to problems."""
     out: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
+        if section == "pop" and "pop" not in schema:
+            continue  # tpb pop's table: `tpb pop` (and `tpb check`) validate it
         if section not in schema:
             problems.append(f"{src.where(section)}: unknown section [{section}]")
             continue
@@ -300,7 +302,7 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
         problems.append(
             f"{src.where('select')}: [select] needs a tunnel (tunnel.local and tunnel.remote)"
         )
-    if s.in_if is None or s.out_if is None:
+    if "in" not in data.get("ports", {}) or "out" not in data.get("ports", {}):
         problems.append(
             f"{src.path or 'config'}: both ports are needed (--in and --out, "
             "or ports.in and ports.out)"
