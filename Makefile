@@ -6,10 +6,10 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
-             nftables iperf3 tcpdump tshark netsniff-ng ethtool
+             nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86
 PYTEST_ARGS ?=
 
-.PHONY: all setup deps demo test lint bench clean
+.PHONY: all setup deps demo test lint bench clean kgre
 
 all: setup
 
@@ -35,7 +35,12 @@ $(STAMP): pyproject.toml setup.py tpb/build.py $(wildcard csrc/*.c csrc/*.h)
 demo: setup
 	$(SUDO) $(PY) -m tpb demo
 
-test: setup lint
+# A Debian kernel with ip_gre, booted in qemu: the real Linux GRE peer of the
+# interoperability tests (this machine's own kernel has no ip_gre).
+kgre: deps
+	$(SUDO) tests/kgre/build.sh
+
+test: setup lint kgre
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
