@@ -68,6 +68,8 @@ static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
         f->len = h->tp_snaplen;
         f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
         f->tagged = (st & TP_STATUS_VLAN_VALID) != 0;
+        /* Counted as on the wire: with the tag the kernel took off. */
+        c->rx_bytes += f->tagged ? 4 : 0;
         if (f->tagged)
             /* Without a valid TPID the kernel only ever strips 802.1Q. */
             tpb_vlan_tag((st & TP_STATUS_VLAN_TPID_VALID) ? h->tp_vlan_tpid
@@ -84,6 +86,8 @@ static void dispatch(struct tpb_bridge *br, struct source *s, struct frame *f)
 {
     switch (s->kind) {
     case SRC_BRIDGE:
+        if (br->tunnel && s->port == TPB_PORT_IN)
+            learn_router(br, f);
         txq_bridge(&br->q[s->to], f);
         break;
     case SRC_ENCAP:
@@ -101,10 +105,13 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
 {
     struct tpacket2_hdr *held[MAX_BATCH];
     struct frame f;
-    uint32_t n = 0, i;
+    /* Never more than the ring has slots: past that, head would wrap onto
+     * slots this pass still holds. */
+    uint32_t n = 0, i, limit = br->batch < s->ring.frame_nr ? br->batch
+                                                             : s->ring.frame_nr;
     int p;
 
-    while (n < br->batch && (held[n] = collect(br, s, &f)) != NULL) {
+    while (n < limit && (held[n] = collect(br, s, &f)) != NULL) {
         dispatch(br, s, &f);
         n++;
     }
@@ -230,6 +237,19 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     return 0;
 }
 
+static int open_gso(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
+                    char *err, size_t errlen)
+{
+    int p;
+
+    for (p = 0; p < TPB_NPORTS; p++) {
+        br->gsofd[p] = tpb_txsock_open(cfg->ifindex[p], 0, 0, err, errlen);
+        if (br->gsofd[p] < 0)
+            return -1;
+    }
+    return 0;
+}
+
 static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                        char *err, size_t errlen)
 {
@@ -262,7 +282,7 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
     }
     mark_filter(rest, cfg->mark, 0);
     mark_filter(sel, cfg->mark, 1);
-    br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], err, errlen);
+    br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], 1, 1, err, errlen);
     if (br->txfd_in < 0)
         return -1;
     if (add_source(br, cfg, cfg->sel_ifindex, SRC_BRIDGE, TPB_PORT_IN,
@@ -272,9 +292,12 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_FROM_OUT,
                    TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
         return -1;
-    if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, &br->c[TPB_PORT_IN]) ||
+    if (open_gso(br, cfg, err, errlen))
+        return -1;
+    if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, br->gsofd[TPB_PORT_IN],
+                 &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring.fd,
-                 &br->c[TPB_PORT_OUT])) {
+                 br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
@@ -289,9 +312,12 @@ static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
         add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_BRIDGE,
                    TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
         return -1;
-    if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring.fd, &br->c[TPB_PORT_IN]) ||
+    if (open_gso(br, cfg, err, errlen))
+        return -1;
+    if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring.fd, br->gsofd[TPB_PORT_IN],
+                 &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[1].ring.fd,
-                 &br->c[TPB_PORT_OUT])) {
+                 br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
@@ -310,7 +336,7 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
     }
     for (i = 0; i < 3; i++)
         br->src[i].ring.fd = -1;
-    br->txfd_in = -1;
+    br->txfd_in = br->gsofd[0] = br->gsofd[1] = -1;
     br->batch = cfg->batch ? cfg->batch : 64;
     if (br->batch > MAX_BATCH)
         br->batch = MAX_BATCH;
@@ -377,6 +403,9 @@ void tpb_bridge_close(struct tpb_bridge *br)
         tpb_ring_close(&br->src[i].ring);
     if (br->txfd_in >= 0)
         close(br->txfd_in);
+    for (i = 0; i < TPB_NPORTS; i++)
+        if (br->gsofd[i] >= 0)
+            close(br->gsofd[i]);
     for (i = 0; i < TPB_NPORTS; i++)
         txq_free(&br->q[i]);
     if (br->reasm)

@@ -29,13 +29,15 @@
 /* Messages waiting to leave one port, pointing at ring slots, their own
  * header scratch, or the arena; all of it stays valid until txq_flush(). */
 struct txq {
-    int fd;
+    int fd;                    /* qdisc bypassed */
+    int fd_gso;                /* through the qdisc: super-packets */
     struct tpb_port_counters *c;
     uint32_t n;
     struct mmsghdr msg[TXQ_MAX];
     struct iovec iov[TXQ_MAX][TXQ_IOV];
     uint8_t hdr[TXQ_MAX][TXQ_HDR];
     uint32_t len[TXQ_MAX];
+    uint8_t gso[TXQ_MAX];
     uint8_t *arena;
     size_t arena_used;
 };
@@ -66,6 +68,7 @@ struct tpb_bridge {
     struct source src[3];
     int nsrc;
     int txfd_in;               /* tunnel mode: the socket that sends out --in */
+    int gsofd[TPB_NPORTS];     /* per port: super-packets go out through it */
     struct txq q[TPB_NPORTS];
     struct tpb_port_counters c[TPB_NPORTS];
     uint32_t batch;
@@ -90,7 +93,7 @@ struct tpb_bridge {
 };
 
 /* txq.c */
-int txq_init(struct txq *q, int fd, struct tpb_port_counters *c);
+int txq_init(struct txq *q, int fd, int fd_gso, struct tpb_port_counters *c);
 void txq_free(struct txq *q);
 uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
@@ -101,6 +104,7 @@ size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 
 /* encap.c */
+void learn_router(struct tpb_bridge *br, const struct frame *f);
 void encap_frame(struct tpb_bridge *br, struct frame *f);
 int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
               int partial);

@@ -2,7 +2,7 @@
  *
  * A frame passes these stages, in the order the functions below appear:
  *   1. encap_frame()   validate the inner IP header (trimming Ethernet
- *                      padding), learn the in-side router's MAC;
+ *                      padding), learn_router(): the in-side router's MAC;
  *   2. clamp_mss()     SYN / SYN-ACK MSS down to what fits the tunnel,
  *                      checksum updated per RFC 1624;
  *   3. segment() / finish_csum() (segment.c): super-packets cut into
@@ -46,6 +46,18 @@ static size_t inner_len(const uint8_t *ip, size_t avail, uint16_t proto)
     return plen && 40 + plen <= avail ? 40 + plen : 0;
 }
 
+/* --in faces one router, the enterprise gateway: whatever it sends
+ * tells TPB where unwrapped packets go when they were addressed to TPB's
+ * own MAC (see decap.c: deliver). */
+void learn_router(struct tpb_bridge *br, const struct frame *f)
+{
+    if ((f->mac[6] & 1) ||
+        (br->have_router_mac && !memcmp(br->router_mac, f->mac + 6, 6)))
+        return;
+    memcpy(br->router_mac, f->mac + 6, 6);
+    br->have_router_mac = 1;
+}
+
 void encap_frame(struct tpb_bridge *br, struct frame *f)
 {
     uint8_t *ip = f->mac + ETH_HLEN;
@@ -64,11 +76,7 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
         br->tc.drop[TPB_DROP_ENCAP_BAD]++;
         return;
     }
-    /* The replies must go back to this router (see decap.c: deliver). */
-    if (!(f->mac[6] & 1)) {
-        memcpy(br->router_mac, f->mac + 6, 6);
-        br->have_router_mac = 1;
-    }
+    learn_router(br, f);
     clamp_mss(br, ip, len, proto, partial);
     if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
         segment(br, f, ip, len, proto, vh, fit);

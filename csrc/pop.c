@@ -8,12 +8,13 @@
  *   1. from_bridges()  recvmmsg a batch; per packet:
  *   2. peer_by_addr()  the outer source must be a configured bridge;
  *   3. gre_decode()    (gre.c) version, flags, checksum, key, sequence;
- *   4. learn()         inner source -> that bridge, with expiry;
+ *   4. learn()         inner source -> that bridge, with expiry (sources
+ *                      inside a configured prefix are not learned);
  *   5. write() to the TUN device: the host routes the inner packet on.
  * Toward the bridges (TUN device):
  *   6. to_bridges()    read a batch; per packet:
- *   7. route()         learned entry for the inner destination, else the
- *                      longest configured prefix; none -> counted drop;
+ *   7. route()         the longest configured prefix for the inner
+ *                      destination, else a learned entry; none -> counted drop;
  *   8. gre_header()    GRE with the peer's key/csum/seq; the kernel writes
  *                      the outer IPv4 header (TTL/TOS per packet by cmsg,
  *                      DF clear: too big is fragmented, the bridge
@@ -121,6 +122,30 @@ static struct peer *peer_by_addr(struct tpb_pop *pop, uint32_t addr)
 
 /* 4. ------------------------------------------------------------------ */
 
+static int prefix_match(const uint8_t *a, const uint8_t *p, unsigned len)
+{
+    unsigned full = len / 8, rest = len % 8;
+
+    if (memcmp(a, p, full))
+        return 0;
+    return !rest || ((a[full] ^ p[full]) & (uint8_t)(0xff << (8 - rest))) == 0;
+}
+
+static struct peer *by_prefix(struct tpb_pop *pop, const uint8_t dst[16])
+{
+    uint32_t i, best = 0;
+    struct peer *p = NULL;
+
+    for (i = 0; i < pop->nprefixes; i++)
+        if (pop->prefixes[i].len >= best &&
+            prefix_match(dst, pop->prefixes[i].addr, pop->prefixes[i].len)) {
+            best = pop->prefixes[i].len;
+            p = &pop->peers[pop->prefixes[i].peer];
+        }
+    return p;
+}
+
+
 static uint32_t addr_hash(const uint8_t a[16])
 {
     uint32_t h = 2166136261u;
@@ -136,6 +161,8 @@ static void learn(struct tpb_pop *pop, const uint8_t a[16], uint32_t peer)
     uint32_t h = addr_hash(a), i;
     struct learned *e, *victim = NULL;
 
+    if (by_prefix(pop, a))
+        return;                 /* configured: nothing to learn */
     for (i = 0; i < LEARN_PROBE; i++) {
         e = &pop->learn[(h + i) % LEARN_SLOTS];
         if (e->expires && !memcmp(e->addr, a, 16)) {
@@ -232,33 +259,23 @@ static int from_bridges(struct tpb_pop *pop)
 
 /* 7. ------------------------------------------------------------------ */
 
-static int prefix_match(const uint8_t *a, const uint8_t *p, unsigned len)
-{
-    unsigned full = len / 8, rest = len % 8;
-
-    if (memcmp(a, p, full))
-        return 0;
-    return !rest || ((a[full] ^ p[full]) & (uint8_t)(0xff << (8 - rest))) == 0;
-}
-
+/* Configured prefixes win: a bridge cannot draw another site's traffic to
+ * itself by sending from that site's addresses.  Learned entries serve
+ * addresses no prefix covers. */
 static struct peer *route(struct tpb_pop *pop, const uint8_t dst[16])
 {
-    uint32_t h = addr_hash(dst), i, best = 0;
+    uint32_t h = addr_hash(dst), i;
+    struct peer *p = by_prefix(pop, dst);
     struct learned *e;
-    struct peer *p = NULL;
 
+    if (p)
+        return p;
     for (i = 0; i < LEARN_PROBE; i++) {
         e = &pop->learn[(h + i) % LEARN_SLOTS];
         if (e->expires > pop->now_ns && !memcmp(e->addr, dst, 16))
             return &pop->peers[e->peer];
     }
-    for (i = 0; i < pop->nprefixes; i++)
-        if (pop->prefixes[i].len >= best &&
-            prefix_match(dst, pop->prefixes[i].addr, pop->prefixes[i].len)) {
-            best = pop->prefixes[i].len;
-            p = &pop->peers[pop->prefixes[i].peer];
-        }
-    return p;
+    return NULL;
 }
 
 /* 6. ------------------------------------------------------------------ */
@@ -447,8 +464,10 @@ uint32_t tpb_pop_learned(struct tpb_pop *pop)
 {
     uint32_t i, n = 0;
 
+    uint64_t now = now_ns();
+
     for (i = 0; i < LEARN_SLOTS; i++)
-        n += pop->learn[i].expires > pop->now_ns;
+        n += pop->learn[i].expires > now;
     return n;
 }
 

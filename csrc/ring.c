@@ -64,15 +64,18 @@ static int promisc_on(int fd, int ifindex, char *err, size_t errlen)
                   err, errlen, "PACKET_MR_PROMISC");
 }
 
-/* Options every TPB socket sends with. */
-static int tx_options(int fd, char *err, size_t errlen)
+/* Options every TPB socket sends with.  Bypassing the qdisc is faster,
+ * but dev_direct_xmit() drops a GSO packet the device would have to
+ * segment in software, so super-packets go through a socket without it. */
+static int tx_options(int fd, int bypass, char *err, size_t errlen)
 {
     int one = 1, sndbuf = SNDBUF_BYTES, rc;
 
     if ((rc = setopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one),
                      err, errlen, "PACKET_VNET_HDR")) ||
-        (rc = setopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one),
-                     err, errlen, "PACKET_QDISC_BYPASS")))
+        (bypass && (rc = setopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one,
+                                sizeof(one), err, errlen,
+                                "PACKET_QDISC_BYPASS"))))
         return rc;
     /* SO_SNDBUFFORCE needs CAP_NET_ADMIN, which we have; fall back quietly
      * to the capped SO_SNDBUF otherwise. */
@@ -81,7 +84,8 @@ static int tx_options(int fd, char *err, size_t errlen)
     return 0;
 }
 
-int tpb_txsock_open(int ifindex, char *err, size_t errlen)
+int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
+                    size_t errlen)
 {
     struct sockaddr_ll sll;
     int fd, rc;
@@ -92,10 +96,10 @@ int tpb_txsock_open(int ifindex, char *err, size_t errlen)
     memset(&sll, 0, sizeof(sll));
     sll.sll_family = AF_PACKET;
     sll.sll_ifindex = ifindex;
-    if ((rc = tx_options(fd, err, errlen)) ||
+    if ((rc = tx_options(fd, bypass, err, errlen)) ||
         (rc = bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0
                   ? fail(err, errlen, "bind(AF_PACKET)", errno) : 0) ||
-        (rc = promisc_on(fd, ifindex, err, errlen))) {
+        (promisc && (rc = promisc_on(fd, ifindex, err, errlen)))) {
         close(fd);
         return rc;
     }
@@ -121,7 +125,7 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
 
     if ((rc = setopt(r->fd, SOL_PACKET, PACKET_VERSION, &ver, sizeof(ver),
                      err, errlen, "PACKET_VERSION")) ||
-        (rc = tx_options(r->fd, err, errlen)) ||
+        (rc = tx_options(r->fd, 1, err, errlen)) ||
         (rc = setopt(r->fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one,
                      sizeof(one), err, errlen, "PACKET_IGNORE_OUTGOING")))
         goto out;

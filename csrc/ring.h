@@ -24,8 +24,10 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
                   const struct sock_fprog *filter, int promisc,
                   char *err, size_t errlen);
 /* A socket that only sends out of ifindex (protocol 0: it receives
- * nothing), promiscuous membership included.  Returns fd or -errno. */
-int tpb_txsock_open(int ifindex, char *err, size_t errlen);
+ * nothing), with or without qdisc bypass and promiscuous membership.
+ * Returns fd or -errno. */
+int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
+                    size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
 
 static inline struct tpacket2_hdr *tpb_ring_slot(const struct tpb_ring *r,

@@ -19,9 +19,10 @@
 
 #include "bridge.h"
 
-int txq_init(struct txq *q, int fd, struct tpb_port_counters *c)
+int txq_init(struct txq *q, int fd, int fd_gso, struct tpb_port_counters *c)
 {
     q->fd = fd;
+    q->fd_gso = fd_gso;
     q->c = c;
     q->n = 0;
     q->arena_used = 0;
@@ -61,6 +62,7 @@ void txq_commit(struct txq *q, uint32_t i, int niov)
     for (k = 0; k < niov; k++)
         len += (uint32_t)q->iov[i][k].iov_len;
     q->len[i] = len - (uint32_t)VNET_LEN;
+    q->gso[i] = 0;
     q->n = i + 1;
 }
 
@@ -108,6 +110,7 @@ void txq_bridge(struct txq *q, const struct frame *f)
         iov[0].iov_base = f->vh;
         iov[0].iov_len = VNET_LEN + f->len;
         txq_commit(q, i, 1);
+        q->gso[i] = f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
         return;
     }
     vh = (struct virtio_net_hdr *)q->hdr[i];
@@ -123,6 +126,7 @@ void txq_bridge(struct txq *q, const struct frame *f)
     iov[1].iov_base = f->mac + 2 * ETH_ALEN;
     iov[1].iov_len = f->len - 2 * ETH_ALEN;
     txq_commit(q, i, 2);
+    q->gso[i] = vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
 }
 
 /* 4. */
@@ -141,15 +145,17 @@ static void count_refused(struct tpb_port_counters *c, int e)
     }
 }
 
-void txq_send(struct txq *q)
+/* Sends messages [i, end) through fd; returns after all are sent or
+ * counted as refused. */
+static void send_run(struct txq *q, int fd, uint32_t i, uint32_t end)
 {
     struct tpb_port_counters *c = q->c;
-    uint32_t i = 0, k;
+    uint32_t k;
     int sent, e;
     socklen_t elen = sizeof(e);
 
-    while (i < q->n) {
-        sent = sendmmsg(q->fd, &q->msg[i], q->n - i, 0);
+    while (i < end) {
+        sent = sendmmsg(fd, &q->msg[i], end - i, 0);
         if (sent > 0) {
             for (k = i; k < i + (uint32_t)sent; k++)
                 c->tx_bytes += q->len[k];
@@ -164,8 +170,22 @@ void txq_send(struct txq *q)
          * rest.  A refusal after a partial batch is parked in sk_err,
          * which would make poll() report POLLERR forever: clear it. */
         count_refused(c, errno);
-        getsockopt(q->fd, SOL_SOCKET, SO_ERROR, &e, &elen);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen);
         i++;
+    }
+}
+
+/* In order, each run of messages through its socket: super-packets
+ * through the one that keeps the qdisc (and so software GSO). */
+void txq_send(struct txq *q)
+{
+    uint32_t i = 0, j;
+
+    while (i < q->n) {
+        for (j = i + 1; j < q->n && q->gso[j] == q->gso[i]; j++)
+            ;
+        send_run(q, q->gso[i] ? q->fd_gso : q->fd, i, j);
+        i = j;
     }
     q->n = 0;
 }

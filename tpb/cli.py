@@ -141,13 +141,28 @@ def _check(path: str) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the forwarding loop: unwinds every cleanup block."""
+
+
 def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through every cleanup (finally) block
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    except Terminated:
+        print("tpb: terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("tpb: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.cmd == "run":
             from tpb.bridge import run
@@ -171,9 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TpbError as e:
         print(f"tpb: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("tpb: interrupted", file=sys.stderr)
-        return 130
     return 2
 
 

@@ -183,8 +183,11 @@ def _locate(text: str) -> dict[tuple[str, ...], int]:
         elif m := re.fullmatch(r"\[\s*([\w.\-]+)\s*\]", line):
             table = tuple(m.group(1).split("."))
             where.setdefault(table, n)
-        elif m := re.match(r'("?)([\w\-]+)\1\s*=', line):
-            where.setdefault((*table, m.group(2)), n)
+        elif m := re.match(r'([\w\-."]+?)\s*=', line):
+            # a dotted key (a.b = 1) names every table on its way
+            parts = tuple(p.strip('"') for p in m.group(1).split("."))
+            for i in range(1, len(parts) + 1):
+                where.setdefault((*table, *parts[:i]), n)
     return where
 
 
@@ -230,10 +233,13 @@ def merge_flags(
     flags: dict[tuple[str, str], Any],
     names: dict[tuple[str, str], str],
 ) -> None:
-    """Flag values (already given) override the file's."""
+    """Flag values (already given) override the file's.  A selection flag
+    replaces the file's selection, whichever kind it was."""
     for (section, key), value in flags.items():
         if value is None:
             continue
+        if section == "select" and isinstance(data.get("select"), dict):
+            data["select"].pop("match" if key == "mark" else "mark", None)
         data.setdefault(section, {})[key] = value
         src.flags[(section, key)] = names[(section, key)]
 

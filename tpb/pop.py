@@ -144,7 +144,7 @@ def build(data: dict[str, Any], src: config.Source) -> PopSettings:
         if any(p.address == pv["address"] for p in peers):
             problems.append(f"{where}: peer {pv['address']} is given twice")
         peers.append(Peer(**pv))
-    if not peers and not problems:
+    if not peers and not problems and not peers_raw:
         problems.append(f"{src.where('pop')}: tpb pop needs at least one peer (--peer)")
     if problems:
         raise config.ConfigError(problems)
@@ -178,15 +178,26 @@ def settings_from(args: argparse.Namespace) -> PopSettings:
         if value is not None:
             pop[key] = value
             src.flags[("pop", key)] = "--" + flag.replace("_", "-")
+    bad: list[str] = []
     if args.peer:
         pop["peer"] = []
-        for i, spec in enumerate(args.peer):
+        for spec in args.peer:
             try:
-                pop["peer"].append(parse_peer_flag(spec))
+                peer = parse_peer_flag(spec)
             except ValueError as e:
-                raise config.ConfigError([f"--peer {spec}: {e}"]) from None
-            src.flags[("pop", "peer", str(i))] = f"--peer {spec}"
-    return build(data, src)
+                bad.append(f"--peer {spec}: {e}")
+                continue
+            src.flags[("pop", "peer", str(len(pop["peer"])))] = f"--peer {spec}"
+            pop["peer"].append(peer)
+    try:
+        settings = build(data, src)
+    except config.ConfigError as e:
+        # "needs a peer" says nothing new when the given peers were bad
+        rest = [p for p in e.problems if not (bad and "at least one peer" in p)]
+        raise config.ConfigError(bad + rest) from None
+    if bad:
+        raise config.ConfigError(bad)
+    return settings
 
 
 def _ip(*argv: str) -> None:

@@ -1,0 +1,232 @@
+"""Shared by the test modules: running `tpb run` in a lab, reading its
+counters, and looking at the ports' state."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tpb.lab import Lab
+
+COUNTER_NAMES = (
+    "rx_frames",
+    "rx_bytes",
+    "tx_frames",
+    "tx_bytes",
+    "drop_truncated",
+    "drop_too_big",
+    "drop_egress_full",
+    "drop_send_error",
+    "kernel_packets",
+    "kernel_drops",
+    "polls",
+    "batches",
+)
+DROP_NAMES = tuple(n for n in COUNTER_NAMES if n.startswith("drop_")) + ("kernel_drops",)
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+
+def netns_unavailable() -> str | None:
+    """Why the lab cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, AF_PACKET)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip`"
+    return None
+
+
+def need_tool(name: str, package: str | None = None) -> str:
+    """The tool's path; skip the calling test if it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs `{name}` (apt-get install {package or name})")
+    return path
+
+
+def tpb_argv(*args: str) -> list[str]:
+    """`python -m tpb run ...` with this interpreter (the venv's)."""
+    return [sys.executable, "-m", "tpb", "run", *args]
+
+
+class TpbProcess:
+    """One `tpb run` in a lab node, started and stopped the way an operator
+    would: wait for its `bridging` line, stop it with a signal, read the
+    exit counters."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        counters_file: Path,
+        in_if: str = "eth2",
+        out_if: str = "eth3",
+        node: str = "tpb",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.lab = lab
+        self.node = node
+        self.counters_file = Path(counters_file)
+        self.argv = tpb_argv("--in", in_if, "--out", out_if, "--counters", str(counters_file))
+        self.argv += list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.stderr = ""
+        self.stdout = ""
+        self.returncode: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.returncode is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = START_TIMEOUT) -> TpbProcess:
+        """Start, and return once it says `bridging` on stderr; fail with its
+        stderr if it exits first or takes longer than `timeout`."""
+        if self.counters_file.exists():
+            self.counters_file.unlink()
+        self.proc = self.lab.spawn(
+            self.node, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"bridging" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill()
+                raise AssertionError(
+                    f"tpb did not say 'bridging' within {timeout}s; stderr: {buf.decode()!r}"
+                )
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:  # EOF: it exited
+                out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
+                self.returncode = self.proc.returncode
+                raise AssertionError(
+                    f"tpb exited with status {self.returncode} before bridging; "
+                    f"stderr: {(buf + err).decode()!r}"
+                )
+            buf += chunk
+        self.stderr = buf.decode()
+        return self
+
+    def _kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.communicate()
+        self.returncode = self.proc.returncode
+
+    def send_signal(self, signum: int) -> int:
+        """Send `signum`, wait (bounded) for the exit, return the status."""
+        assert self.proc is not None and self.returncode is None, "tpb is not running"
+        self.proc.send_signal(signum)
+        try:
+            out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            raise AssertionError(
+                f"tpb did not exit within {STOP_TIMEOUT}s of signal {signum}"
+            ) from None
+        self.returncode = self.proc.returncode
+        self.stdout = out.decode()
+        self.stderr += err.decode()
+        return self.returncode
+
+    def stop(self, signum: int = signal.SIGTERM) -> dict:
+        """Stop it like an operator; assert a clean exit; return the counters."""
+        rc = self.send_signal(signum)
+        assert rc == 0, f"tpb exited with {rc}; stderr: {self.stderr!r}"
+        assert "Traceback" not in self.stderr, self.stderr
+        lines = self.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tpb: "), self.stdout
+        return read_counters(self.counters_file)
+
+
+def read_counters(path: Path) -> dict:
+    """The --counters JSON: {"in": {...}, "out": {...}} with every per-port
+    counter (other sections, such as a tunnel's, may follow)."""
+    data = json.loads(Path(path).read_text())
+    for port in ("in", "out"):
+        assert port in data, data
+        missing = set(COUNTER_NAMES) - set(data[port])
+        assert not missing, f"{port}: missing {missing}: {data[port]}"
+        assert all(isinstance(v, int) and v >= 0 for v in data[port].values()), data[port]
+    return data
+
+
+def assert_consistent(c: dict, ring_full_ok: bool = False) -> None:
+    """What holds for any run of a loss-free bridge: nothing dropped, every
+    frame taken from one port went out of the other, and the kernel handed
+    over what TPB counted (PACKET_STATISTICS counts delivered + dropped).
+
+    ring_full_ok: under a TCP flood a ring may overflow (the kernel drops,
+    TCP backs off): allowed, but every other drop reason must stay zero."""
+    names = [n for n in DROP_NAMES if not (ring_full_ok and n == "kernel_drops")]
+    for port in ("in", "out"):
+        drops = {k: c[port][k] for k in names if c[port][k]}
+        assert not drops, f"{port}: drops {drops}; all counters {c}"
+        delivered = c[port]["kernel_packets"] - c[port]["kernel_drops"]
+        assert delivered >= c[port]["rx_frames"], c
+    assert c["in"]["rx_frames"] == c["out"]["tx_frames"], c
+    assert c["out"]["rx_frames"] == c["in"]["tx_frames"], c
+
+
+def port_state(lab: Lab, node: str, ifname: str) -> dict:
+    """What TPB must leave as it found it: flags and promiscuity count."""
+    res = lab.run(node, ["ip", "-d", "-j", "link", "show", "dev", ifname])
+    link = json.loads(res.stdout)[0]
+    return {
+        "flags": sorted(link["flags"]),
+        "promiscuity": link["promiscuity"],
+        "allmulti": link.get("allmulti"),
+        "mtu": link["mtu"],
+        "operstate": link["operstate"],
+    }
+
+
+def ports_state(lab: Lab, node: str = "tpb", ifnames: tuple[str, ...] = ("eth2", "eth3")) -> dict:
+    return {i: port_state(lab, node, i) for i in ifnames}
+
+
+def read_until(stream, needle: bytes, timeout: float, what: str) -> bytes:
+    """Read a child's pipe (unbuffered, by its fd) until `needle` shows up;
+    fail on end of file or after `timeout` seconds, with what was read."""
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        r, _, _ = select.select([fd], [], [], max(left, 0))
+        if not r:
+            raise AssertionError(f"{what}: no {needle!r} within {timeout}s; got {buf!r}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise AssertionError(f"{what}: exited before {needle!r}; got {buf!r}")
+        buf += chunk
+    return buf
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll `predicate` until it returns something true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,551 @@
+"""Every kind of frame crosses TPB byte for byte, exactly once, both ways.
+
+gw1's eth1 faces TPB's eth2 ("in"); gw2's eth0 faces TPB's eth3 ("out").
+A frame is sent from one gateway's port with a packet socket and captured
+at the other gateway's port (rawsock.py: tags put back from PACKET_AUXDATA).
+Every frame carries a random marker, since the lab's own IPv6 chatter
+crosses too; fence frames sent after it make "exactly once" decidable
+(wire.cross).
+
+Also here: a burst (order), tshark's verdict on the crossed frames, jumbo
+frames (a 9000-byte lab), full-size tagged frames, and the counters: exact
+in a lab where nothing else crosses, and with a ring that overflows.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+from helpers import assert_consistent, need_tool, read_until, wait_for
+from rawsock import Port
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.packet import Padding, Raw
+from wire import (
+    DIRECTIONS,
+    LOCAL_EXPERIMENTAL,
+    End,
+    check_crossed,
+    cross,
+    ends,
+    payload,
+    read_pcap,
+    sized,
+    udp4,
+    write_pcap,
+)
+
+from tpb import lab as labmod
+
+pytestmark = pytest.mark.netns
+LAB_SUFFIX = "f"
+UNKNOWN_MAC = "02:00:00:00:99:99"  # nobody's
+
+
+# -- the frames ------------------------------------------------------------
+# Each builder: (src End, dst End, 16-byte marker) -> the frame's bytes.
+
+
+def _lldp(s: End, d: End, m: bytes) -> bytes:
+    def tlv(kind: int, value: bytes) -> bytes:
+        return struct.pack("!H", kind << 9 | len(value)) + value
+
+    mac = bytes.fromhex(s.mac.replace(":", ""))
+    body = (
+        tlv(1, b"\x04" + mac)  # chassis ID: MAC address
+        + tlv(2, b"\x05" + s.ifname.encode())  # port ID: interface name
+        + tlv(3, struct.pack("!H", 120))  # TTL
+        + tlv(127, b"\x00\x00\x00\x00" + m)  # organizationally specific, carries the marker
+        + tlv(0, b"")  # end of LLDPDU
+    )
+    return bytes(Ether(src=s.mac, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(body))
+
+
+def _runt(s: End, d: End, m: bytes, tag: bytes = b"", payload: bytes = b"") -> bytes:
+    # The smallest frames: the marker goes into the source MAC (locally
+    # administered, unicast).
+    src = b"\x02" + m[:5]
+    dst = bytes.fromhex(d.mac.replace(":", ""))
+    return dst + src + tag + struct.pack("!H", LOCAL_EXPERIMENTAL) + payload
+
+
+FRAMES: dict[str, Callable[[End, End, bytes], bytes]] = {
+    "arp-request": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst="ff:ff:ff:ff:ff:ff")
+        / ARP(op=1, hwsrc=s.mac, psrc=s.ip4, hwdst="00:00:00:00:00:00", pdst=d.ip4)
+        / Padding(m + bytes(2))
+    ),
+    "ipv4-udp-unicast": lambda s, d, m: bytes(udp4(s, d, m)),
+    "ipv4-udp-unknown-mac": lambda s, d, m: bytes(udp4(s, d, m, dst_mac=UNKNOWN_MAC)),
+    "ipv4-udp-broadcast": lambda s, d, m: bytes(
+        udp4(s, d, m, dst_mac="ff:ff:ff:ff:ff:ff", dst_ip="198.51.100.255")
+    ),
+    "ipv4-udp-multicast": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst="01:00:5e:01:02:03")
+        / IP(src=s.ip4, dst="239.1.2.3", ttl=1)
+        / UDP(sport=40000, dport=5000)
+        / Raw(payload(m))
+    ),
+    "ipv6-udp-unicast": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac)
+        / IPv6(src=s.ip6, dst=d.ip6)
+        / UDP(sport=40000, dport=9)
+        / Raw(payload(m))
+    ),
+    "ipv6-udp-multicast": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst="33:33:00:01:00:02")
+        / IPv6(src=s.ip6, dst="ff02::1:2", hlim=1)
+        / UDP(sport=40000, dport=5000)
+        / Raw(payload(m))
+    ),
+    "lldp": _lldp,
+    "unknown-ethertype": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac, type=LOCAL_EXPERIMENTAL) / Raw(payload(m, 46))
+    ),
+    "dot1q-vid100-pcp5-dei": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac) / Dot1Q(prio=5, dei=1, vlan=100) / udp4(s, d, m)[IP]
+    ),
+    "priority-tag-vid0-pcp6": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac) / Dot1Q(prio=6, vlan=0) / udp4(s, d, m)[IP]
+    ),
+    "null-tag-tci0": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac) / Dot1Q(prio=0, vlan=0) / udp4(s, d, m)[IP]
+    ),
+    "dot1ad-vid200": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac) / Dot1AD(prio=2, vlan=200) / udp4(s, d, m)[IP]
+    ),
+    "qinq-200-300": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac)
+        / Dot1AD(prio=3, vlan=200)
+        / Dot1Q(prio=1, vlan=300)
+        / udp4(s, d, m)[IP]
+    ),
+    "dot1q-tagged-arp": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst="ff:ff:ff:ff:ff:ff")
+        / Dot1Q(vlan=4094)
+        / ARP(op=1, hwsrc=s.mac, psrc=s.ip4, pdst=d.ip4)
+        / Padding(m)
+    ),
+    "dot1q-tagged-ipv6": lambda s, d, m: bytes(
+        Ether(src=s.mac, dst=d.mac)
+        / Dot1Q(prio=7, vlan=1)
+        / IPv6(src=s.ip6, dst=d.ip6)
+        / UDP(sport=40000, dport=9)
+        / Raw(payload(m))
+    ),
+    "max-size-untagged-1514": lambda s, d, m: sized(bytes(udp4(s, d, m)), 1514),
+    "max-size-dot1q-1518": lambda s, d, m: sized(
+        bytes(Ether(src=s.mac, dst=d.mac) / Dot1Q(vlan=100) / udp4(s, d, m)[IP]), 1518
+    ),
+    "runt-header-only-14": lambda s, d, m: _runt(s, d, m),
+    # 18 bytes would not do: the receiving kernel frees a tagged frame with
+    # less than 2 bytes after the inner ethertype (skb_vlan_untag), TPB or not.
+    "runt-tagged-20": lambda s, d, m: _runt(s, d, m, bytes.fromhex("81000064"), b"\xab\xcd"),
+}
+
+# Ethernet II frames whose every layer tshark knows and checks, with the
+# protocol stack tshark must find in each.
+_UDP4 = "ip:udp:data"
+_UDP6 = "ipv6:udp:data"
+WELL_FORMED = {
+    "arp-request": "eth:ethertype:arp",
+    "ipv4-udp-unicast": f"eth:ethertype:{_UDP4}",
+    "ipv4-udp-unknown-mac": f"eth:ethertype:{_UDP4}",
+    "ipv4-udp-broadcast": f"eth:ethertype:{_UDP4}",
+    "ipv4-udp-multicast": f"eth:ethertype:{_UDP4}",
+    "ipv6-udp-unicast": f"eth:ethertype:{_UDP6}",
+    "ipv6-udp-multicast": f"eth:ethertype:{_UDP6}",
+    "dot1q-vid100-pcp5-dei": f"eth:ethertype:vlan:ethertype:{_UDP4}",
+    "priority-tag-vid0-pcp6": f"eth:ethertype:vlan:ethertype:{_UDP4}",
+    "null-tag-tci0": f"eth:ethertype:vlan:ethertype:{_UDP4}",
+    "dot1ad-vid200": f"eth:ethertype:ieee8021ad:ethertype:{_UDP4}",
+    "qinq-200-300": f"eth:ethertype:ieee8021ad:ethertype:vlan:ethertype:{_UDP4}",
+    "dot1q-tagged-arp": "eth:ethertype:vlan:ethertype:arp",
+    "dot1q-tagged-ipv6": f"eth:ethertype:vlan:ethertype:{_UDP6}",
+    "max-size-untagged-1514": f"eth:ethertype:{_UDP4}",
+    "max-size-dot1q-1518": f"eth:ethertype:vlan:ethertype:{_UDP4}",
+}
+
+
+def _marker_of(frame: bytes, marker: bytes) -> bytes:
+    """What to look for in captured frames: the runts carry only 5 bytes."""
+    return marker if marker in frame else frame[6:12]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("kind", FRAMES)
+def test_frame_crosses_once_byte_identical(lab, tpb, kind, direction):
+    e = ends(lab)
+    src, dst = (e[n] for n in DIRECTIONS[direction])
+    marker = os.urandom(16)
+    frame = FRAMES[kind](src, dst, marker)
+    key = _marker_of(frame, marker)
+
+    got = cross(lab, src, dst, [frame], [key])
+    check_crossed([frame], [key], got)
+
+    c = tpb.stop()
+    assert_consistent(c)
+    # our frame and the fence, at least (the lab's IPv6 chatter crosses too)
+    assert c[src.tpb_port]["rx_frames"] >= 2, c
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_burst_arrives_complete_in_order_once(lab, tpb, direction):
+    """Several sendmmsg batches' worth of mixed frames (the default batch is
+    64): all arrive, once each, byte-identical, in the order sent."""
+    e = ends(lab)
+    src, dst = (e[n] for n in DIRECTIONS[direction])
+    kinds = [k for k in FRAMES if not k.startswith("runt")]
+    frames, markers = [], []
+    for i in range(300):
+        m = os.urandom(16)
+        frames.append(FRAMES[kinds[i % len(kinds)]](src, dst, m))
+        markers.append(m)
+
+    got = cross(lab, src, dst, frames, markers)
+    check_crossed(frames, markers, got)
+    arrival = [got[m][0].seq for m in markers]
+    assert arrival == sorted(arrival), "frames left TPB in another order than they came in"
+    c = tpb.stop()
+    assert_consistent(c)
+    assert c[src.tpb_port]["rx_frames"] >= len(frames) + 1
+
+
+# -- tshark: the crossed frames are well-formed --------------------------------
+
+
+def test_tshark_sees_no_problems_in_crossed_frames(lab, tpb, tmp_path):
+    need_tool("tshark")
+    need_tool("tcpdump")
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    pcap = tmp_path / "gw2.pcap"
+    dump = lab.spawn(
+        "gw2",
+        ["tcpdump", "-i", dst.ifname, "-Q", "in", "-s", "0", "-U", "-n", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        read_until(dump.stderr, b"listening on", 10, "tcpdump")
+        markers = {k: os.urandom(16) for k in WELL_FORMED}
+        frames = {k: FRAMES[k](src, dst, markers[k]) for k in WELL_FORMED}
+        got = cross(lab, src, dst, list(frames.values()), list(markers.values()))
+        check_crossed(list(frames.values()), list(markers.values()), got)
+        last = list(frames.values())[-1]
+        wait_for(lambda: last in read_pcap(pcap), 5, "tcpdump to write the frames")
+    finally:
+        dump.terminate()
+        dump.communicate(timeout=10)
+    # libpcap puts VLAN tags back from PACKET_AUXDATA too: it must agree
+    # with rawsock.py, byte for byte
+    captured = read_pcap(pcap)
+    crossed = []
+    for k, f in frames.items():
+        copies = [c for c in captured if markers[k] in c]
+        assert copies == [f], f"{k}: tcpdump saw {len(copies)} copies, or other bytes"
+        crossed += copies
+    ours = tmp_path / "crossed.pcap"
+    write_pcap(ours, crossed)
+    problems = _tshark_problems(ours)
+    assert not problems, problems
+    assert dict(zip(frames, _tshark_protocols(ours), strict=True)) == WELL_FORMED
+
+    # the check has teeth: the same frames with one UDP checksum broken
+    broken = bytearray(frames["ipv4-udp-unicast"])
+    broken[40] ^= 0xFF  # UDP checksum (14 + 20 + 6)
+    bad = tmp_path / "bad.pcap"
+    write_pcap(bad, [bytes(broken)])
+    assert _tshark_problems(bad), "tshark did not flag a broken UDP checksum"
+
+
+TSHARK_CHECKS = [
+    "-o",
+    "ip.check_checksum:TRUE",
+    "-o",
+    "udp.check_checksum:TRUE",
+    "-o",
+    "tcp.check_checksum:TRUE",
+]
+
+
+def _tshark_problems(pcap) -> list[str]:
+    """Expert infos of severity warning or error, one string each."""
+    res = subprocess.run(
+        [
+            "tshark",
+            "-n",
+            "-r",
+            str(pcap),
+            *TSHARK_CHECKS,
+            "-Y",
+            "_ws.expert.severity >= 6291456",  # PI_WARN
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+            "-e",
+            "_ws.expert.message",
+            "-e",
+            "_ws.expert.severity",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return [ln for ln in res.stdout.splitlines() if ln.strip()]
+
+
+def _tshark_protocols(pcap) -> list[str]:
+    res = subprocess.run(
+        ["tshark", "-n", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.splitlines()
+
+
+# -- jumbo frames: a lab with a 9000-byte MTU everywhere ------------------------
+
+JUMBO_MTU = 9000
+JUMBO = {
+    "jumbo-untagged-9014": lambda s, d, m: sized(bytes(udp4(s, d, m)), JUMBO_MTU + 14),
+    "jumbo-dot1q-9018": lambda s, d, m: sized(
+        bytes(Ether(src=s.mac, dst=d.mac) / Dot1Q(prio=4, vlan=100) / udp4(s, d, m)[IP]),
+        JUMBO_MTU + 18,
+    ),
+    "jumbo-ipv6-9014": lambda s, d, m: sized(
+        bytes(
+            Ether(src=s.mac, dst=d.mac)
+            / IPv6(src=s.ip6, dst=d.ip6)
+            / UDP(sport=40000, dport=9)
+            / Raw(payload(m))
+        ),
+        JUMBO_MTU + 14,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def jumbo_lab(request):
+    with labmod.classic(f"tpbt{LAB_SUFFIX}j", mtu=JUMBO_MTU) as lb:
+        yield lb
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("kind", JUMBO)
+def test_jumbo_frame_crosses_once_byte_identical(jumbo_lab, start_tpb, kind, direction):
+    tpb = start_tpb(jumbo_lab)
+    e = ends(jumbo_lab)
+    src, dst = (e[n] for n in DIRECTIONS[direction])
+    marker = os.urandom(16)
+    frame = JUMBO[kind](src, dst, marker)
+    assert len(frame) >= JUMBO_MTU + 14
+
+    got = cross(jumbo_lab, src, dst, [frame], [marker])
+    check_crossed([frame], [marker], got)
+
+    c = tpb.stop()
+    assert_consistent(c)
+    assert c[src.tpb_port]["rx_bytes"] >= JUMBO_MTU + 14, c
+
+
+# -- frames the wire allows at full size, with a tag of either kind --------------
+
+
+@pytest.fixture
+def gw_mtu_1504(lab):
+    """Let gw1 send 1518-byte frames whatever their tag: a packet socket
+    allows MTU + 4 bytes only behind an 802.1Q tag (packet_extra_vlan_len_allowed).
+    TPB's ports keep MTU 1500, and a 1500-MTU veth receives any frame of up
+    to 1518 bytes (is_skb_forwardable allows a VLAN header), 802.1ad too."""
+    lab.run("gw1", ["ip", "link", "set", "eth1", "mtu", "1504"])
+    try:
+        yield
+    finally:
+        lab.run("gw1", ["ip", "link", "set", "eth1", "mtu", str(lab.mtu)])
+
+
+_S_TAG_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="kernel limitation, documented: a packet socket allows 4 bytes over the MTU only "
+    "behind TPID 0x8100, so a full-size 802.1ad frame is refused (EMSGSIZE, counted as "
+    "drop_too_big); QinQ links run with the port MTU raised, as usual",
+)
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param(lambda: Dot1Q(vlan=100), id="dot1q"),
+        pytest.param(lambda: Dot1AD(vlan=200), id="dot1ad", marks=_S_TAG_BUG),
+        pytest.param(lambda: Dot1AD(vlan=200) / Dot1Q(vlan=300), id="qinq", marks=_S_TAG_BUG),
+    ],
+)
+def test_full_size_tagged_frame_1518(lab, tpb, gw_mtu_1504, tags):
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    marker = os.urandom(16)
+    frame = sized(
+        bytes(Ether(src=src.mac, dst=dst.mac) / tags() / udp4(src, dst, marker)[IP]), 1518
+    )
+
+    got = cross(lab, src, dst, [frame], [marker])
+    c = tpb.stop()
+    assert c["out"]["drop_too_big"] == 0, f"out: {c['out']}"
+    check_crossed([frame], [marker], got)
+    assert_consistent(c)
+
+
+def test_byte_counters_agree_across_the_bridge(lab, tpb):
+    """A loss-free bridge sends out of one port the bytes it took in at the
+    other: in.rx_bytes == out.tx_bytes, whatever the frames."""
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    kinds = ["ipv4-udp-unicast", "dot1q-vid100-pcp5-dei", "qinq-200-300"]
+    markers = [os.urandom(16) for _ in kinds]
+    frames = [FRAMES[k](src, dst, m) for k, m in zip(kinds, markers, strict=True)]
+    got = cross(lab, src, dst, frames, markers)
+    check_crossed(frames, markers, got)
+    c = tpb.stop()
+    assert_consistent(c)
+    assert c["in"]["rx_bytes"] == c["out"]["tx_bytes"], (c["in"], c["out"])
+    assert c["out"]["rx_bytes"] == c["in"]["tx_bytes"], (c["in"], c["out"])
+
+
+# -- counters, exactly: a lab where nothing else crosses -------------------------
+
+# Frames nobody answers: not addressed to a gateway's MAC, or tagged (the
+# gateways have no VLAN), or not IP.
+SILENT = [
+    FRAMES["ipv4-udp-unknown-mac"],
+    FRAMES["lldp"],
+    FRAMES["unknown-ethertype"],
+    FRAMES["dot1q-vid100-pcp5-dei"],
+    FRAMES["dot1ad-vid200"],
+    FRAMES["qinq-200-300"],
+    FRAMES["runt-header-only-14"],
+    lambda s, d, m: sized(bytes(udp4(s, d, m, dst_mac=UNKNOWN_MAC)), 1514),
+]
+
+
+@pytest.fixture(scope="module")
+def quiet_lab(request):
+    """The classic lab with IPv6 off on the gateways' ports facing TPB: no
+    neighbour discovery, no MLD, so only the test's frames cross."""
+    with labmod.classic(f"tpbt{LAB_SUFFIX}q") as lb:
+        for node, ifname in (("gw1", "eth1"), ("gw2", "eth0")):
+            lb.sysctl(node, f"net.ipv6.conf.{ifname}.disable_ipv6", "1")
+        yield lb
+
+
+def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
+    tpb = start_tpb(quiet_lab)
+    e = ends(quiet_lab)
+    sent: dict[str, list[bytes]] = {}
+    for a, b in DIRECTIONS.values():
+        src, dst = e[a], e[b]
+        frames = [build(src, dst, os.urandom(16)) for build in SILENT]
+        fence = os.urandom(16)
+        frames.append(bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(fence)))
+        with (
+            Port(quiet_lab.ns(src.node), src.ifname) as tx,
+            Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+        ):
+            for f in frames:
+                tx.send(f)
+            rx.collect([], fence)
+        sent[src.tpb_port] = frames
+    c = tpb.stop()
+    assert_consistent(c)
+    for port, other in (("in", "out"), ("out", "in")):
+        frames = sent[port]
+        assert c[port]["rx_frames"] == len(frames), (port, c[port])
+        assert c[port]["kernel_packets"] == len(frames), (port, c[port])
+        assert c[other]["tx_frames"] == len(frames), (other, c[other])
+        assert c[other]["tx_bytes"] == sum(len(f) for f in frames), (other, c[other])
+        assert c[other]["batches"] >= 1
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of the process is in the stopped state (SIGSTOP takes
+    effect in each thread on its own, a little after kill() returns)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    states = []
+    for t in tasks:
+        with open(f"/proc/{pid}/task/{t}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(st in ("T", "t") for st in states)
+
+
+@pytest.mark.parametrize(
+    "ring_frames",
+    [
+        pytest.param(100, id="ring-larger-than-batch"),
+        pytest.param(16, id="ring-smaller-than-batch"),
+    ],
+)
+def test_full_ring_drops_are_counted(quiet_lab, start_tpb, ring_frames):
+    """TPB stopped (SIGSTOP) while 200 frames come: the kernel fills the ring
+    and drops the rest.  Once TPB goes on it must forward what the ring held,
+    once each, in order, and count the others as ring_full."""
+    tpb = start_tpb(quiet_lab, extra=("--ring-frames", str(ring_frames)))
+    e = ends(quiet_lab)
+    src, dst = e["gw1"], e["gw2"]
+    markers = [os.urandom(16) for _ in range(200)]
+    frames = [FRAMES["unknown-ethertype"](src, dst, m) for m in markers]
+    with (
+        Port(quiet_lab.ns(src.node), src.ifname) as tx,
+        Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+    ):
+        os.kill(tpb.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _all_stopped(tpb.pid), 5, "every thread of tpb to stop")
+            for f in frames:
+                tx.send(f)
+        finally:
+            os.kill(tpb.pid, signal.SIGCONT)
+        # A fence gets in only once TPB has emptied the ring: send fences
+        # (each its own) until one arrives; TPB keeps order, so by then
+        # every frame the ring held is through.
+        fences: list[bytes] = []
+        got: dict[bytes, list] = {m: [] for m in markers}
+        deadline = time.monotonic() + 10
+        while not any(got.get(x) for x in fences):
+            assert time.monotonic() < deadline, "no fence got through TPB within 10 s"
+            fences.append(os.urandom(16))
+            got.update({x: [] for x in fences[-1:]})
+            tx.send(FRAMES["unknown-ethertype"](src, dst, fences[-1]))
+            t_end = time.monotonic() + 0.2
+            while (f := rx.recv(t_end - time.monotonic())) is not None:
+                for m in (*markers, *fences):
+                    if m in f.data:
+                        got[m].append(f)
+        while (f := rx.recv(0.05)) is not None:  # and copies, if any
+            for m in (*markers, *fences):
+                if m in f.data:
+                    got[m].append(f)
+    c = tpb.stop()
+    delivered = c["in"]["kernel_packets"] - c["in"]["kernel_drops"]
+    assert c["in"]["kernel_packets"] == len(frames) + len(fences), c["in"]
+    copies = {i: len(got[m]) for i, m in enumerate(markers) if len(got[m]) > 1}
+    assert not copies, f"frames forwarded more than once (index: copies): {copies}"
+    arrived = [i for _, i in sorted((got[m][0].seq, i) for i, m in enumerate(markers) if got[m])]
+    assert arrived == list(range(len(arrived))), "not the ring's frames, in order"
+    assert ring_frames <= len(arrived) < len(frames), (len(arrived), c["in"])
+    fences_in = sum(1 for x in fences if got[x])
+    assert delivered == len(arrived) + fences_in, (delivered, len(arrived), fences_in, c["in"])
+    assert c["in"]["rx_frames"] == delivered, c["in"]
+    assert f"ring_full={c['in']['kernel_drops']}" in tpb.stdout, tpb.stdout
+    assert_consistent(c, ring_full_ok=True)

@@ -1,0 +1,469 @@
+"""`tpb pop`: one POP for many bridges.
+
+The tunnel lab (tpb/lab.py: tunnel()): site 1 is pc — gw1 — [tpb] and site 2
+is pc2 — gw3 — [tpb2], both meeting at gw2, behind which the pop (running
+`tpb pop`) and the server are.  tpb tunnels with key 7, tpb2 with checksums
+and sequence numbers, both selecting what goes to 203.0.113.0/24.  GRE
+between gw2 and each bridge is captured on gw2's port facing it: eth0 faces
+tpb, eth2 faces tpb2.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from pop_util import (
+    Capture,
+    Daemons,
+    FrameSender,
+    IpSender,
+    Tcpdump,
+    assert_ping_ok,
+    iperf,
+    iperf_result,
+    link_exists,
+    need_root,
+    parse_gre,
+    ping,
+    received,
+    start_iperf_servers,
+    tunnel_args,
+    wait_for,
+)
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import GRE, Ether
+
+from tpb import lab as labmod
+from tpb.lab import T_GW2B, T_PC, T_PC2, T_POP, T_SERVER, T_TPB, T_TPB2
+
+pytestmark = pytest.mark.netns
+
+LAB_PREFIX = "tpbpop"
+SITE1 = "192.0.2.0/26"
+SITE2 = "192.0.2.64/26"
+KEY1 = 7
+PEER1 = f"{T_TPB},key={KEY1},prefix={SITE1}"
+PEER2 = f"{T_TPB2},csum,seq,prefix={SITE2}"
+TPB1 = tunnel_args(T_TPB, "--key", str(KEY1))
+TPB2 = tunnel_args(T_TPB2, "--csum", "--seq")
+TUN = "tpbpop0"
+IPERF_PORTS = (5201, 5202)
+GW2_TO_POP = "198.51.100.33"  # gw2's own address toward the pop: no bridge's
+
+
+@pytest.fixture(scope="module")
+def tlab():
+    need_root()
+    with labmod.tunnel(LAB_PREFIX) as lb:
+        # No IPv6 on the pop's TUN device: its own router solicitations and
+        # MLD reports would be counted (rightly) as no_peer drops, and the
+        # counts below are exact.
+        lb.sysctl("pop", "net.ipv6.conf.default.disable_ipv6", "1")
+        yield lb
+
+
+@pytest.fixture(scope="module")
+def iperf_servers(tlab):
+    start_iperf_servers(tlab, IPERF_PORTS)
+    return IPERF_PORTS
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path)
+    yield d
+    d.close()
+
+
+def gre_capture(tlab, ifname: str) -> Capture:
+    return Capture(tlab, "gw2", ifname, keep=lambda f: parse_gre(f) is not None)
+
+
+def inet_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def check_site_gre(frames, bridge: str, inner_host: str, key, csum_seq: bool) -> dict:
+    """Every GRE frame on the link to one bridge is between that bridge and
+    the POP, with that bridge's GRE options, and carries only that site's
+    inner host and the server.  Returns counts by direction."""
+    counts = {"to_pop": 0, "to_bridge": 0}
+    seqs: dict[str, list[int]] = {"to_pop": [], "to_bridge": []}
+    for fr in frames:
+        data = fr if isinstance(fr, bytes) else fr.data
+        g = parse_gre(data)
+        if g is None:  # an outer fragment other than the first: addresses only
+            pair = (socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34]))
+            assert pair in ((bridge, T_POP), (T_POP, bridge)), f"GRE {pair} on {bridge}'s link"
+            continue
+        pair = (g.outer_src, g.outer_dst)
+        assert pair in ((bridge, T_POP), (T_POP, bridge)), f"GRE {pair} on {bridge}'s link"
+        way = "to_pop" if g.outer_dst == T_POP else "to_bridge"
+        counts[way] += 1
+        assert g.flags & 0x0007 == 0, "GRE version"
+        assert g.proto == 0x0800, hex(g.proto)
+        assert g.key == key, (g.key, key)
+        if csum_seq:
+            assert g.csum is not None and g.seq is not None, g
+            seqs[way].append(g.seq)
+        else:
+            assert g.csum is None and g.seq is None, g
+        inner = (g.inner_src, g.inner_dst)
+        want = (inner_host, T_SERVER) if way == "to_pop" else (T_SERVER, inner_host)
+        assert inner == want, f"{way}: inner {inner}, expected {want}"
+        if csum_seq and not isinstance(fr, bytes):
+            # whole frame captured: the GRE checksum covers header + payload
+            ip = data[14:]
+            ihl = (ip[0] & 15) * 4
+            tot = struct.unpack_from("!H", ip, 2)[0]
+            assert inet_sum(ip[ihl:tot]) == 0xFFFF, "GRE checksum"
+    for way, s in seqs.items():
+        if s:
+            assert s == list(range(s[0], s[0] + len(s))), f"{way}: sequence numbers {s}"
+    return counts
+
+
+def assert_only(counters: dict, **expected) -> None:
+    for name, value in expected.items():
+        assert counters[name] == value, f"{name}: {counters[name]} != {value}; {counters}"
+
+
+# ---- traffic from both sites --------------------------------------------------
+
+
+def test_ping_from_both_sites_replies_go_to_the_right_bridge(tlab, daemons):
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tpb1 = daemons.run(tlab, *TPB1)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    cap1, cap2 = gre_capture(tlab, "eth0"), gre_capture(tlab, "eth2")
+    with cap1, cap2:
+        # both at once
+        p1 = subprocess.Popen(
+            tlab.cmd("pc", ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", T_SERVER]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        r2 = ping(tlab, "pc2", T_SERVER, count=5)
+        out1, _ = p1.communicate(timeout=30)
+        assert "5 received" in out1, out1
+        assert_ping_ok(r2, 5)
+        # ttl: pc -> gw1 -> (tunnel) -> pop -> server and back: 64 - 2
+        assert "ttl=62" in out1 and "ttl=62" in r2.stdout, (out1, r2.stdout)
+        f1, f2 = cap1.stop(), cap2.stop()
+    c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+
+    # GRE on each bridge's link: only that bridge's tunnel, only its site
+    n1 = check_site_gre(f1, T_TPB, T_PC, KEY1, csum_seq=False)
+    n2 = check_site_gre(f2, T_TPB2, T_PC2, None, csum_seq=True)
+    assert n1 == {"to_pop": 5, "to_bridge": 5}, n1
+    assert n2 == {"to_pop": 5, "to_bridge": 5}, n2
+
+    assert set(cp["peers"]) == {T_TPB, T_TPB2}, cp
+    for peer in (T_TPB, T_TPB2):
+        p = cp["peers"][peer]
+        assert_only(p, decap_packets=5, encap_packets=5, drop={})
+    assert cp["other"]["drop"] == {}, cp["other"]
+    assert cp["learned"] == 0, cp  # pc and pc2 are inside configured prefixes: not learned
+    for c in (c1, c2):
+        assert_only(c["tunnel"], encap_packets=5, decap_packets=5, drop={})
+
+
+def test_iperf_tcp_and_udp_from_both_sites_at_once(tlab, daemons, iperf_servers, tmp_path):
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tpb1 = daemons.run(tlab, *TPB1)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    d1 = Tcpdump(tlab, "gw2", "eth0", tmp_path / "gw2-eth0.pcap", "ip proto 47", snap=96)
+    d2 = Tcpdump(tlab, "gw2", "eth2", tmp_path / "gw2-eth2.pcap", "ip proto 47", snap=96)
+    p1, p2 = iperf_servers
+    t1 = iperf(tlab, "pc", p1, seconds=2)
+    t2 = iperf(tlab, "pc2", p2, seconds=2)
+    tcp = [iperf_result(t1), iperf_result(t2)]
+    u1 = iperf(tlab, "pc", p1, "-u", "-b", "50M", seconds=2)
+    u2 = iperf(tlab, "pc2", p2, "-u", "-b", "50M", seconds=2)
+    udp = [iperf_result(u1), iperf_result(u2)]
+    f1, f2 = d1.stop(), d2.stop()
+    c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+
+    for r in tcp:
+        bps = r["end"]["sum_received"]["bits_per_second"]
+        print(f"TCP {bps / 1e6:.0f} Mbit/s")
+        assert bps > 5e6, r["end"]["sum_received"]
+    for r in udp:
+        s = r["end"]["sum"]
+        print(f"UDP {s['bits_per_second'] / 1e6:.0f} Mbit/s, lost {s['lost_percent']:.1f} %")
+        assert s["packets"] > 1000 and s["lost_percent"] < 20, s
+
+    # Every captured GRE packet is its own site's (first fragments only).
+    n1 = check_site_gre(f1, T_TPB, T_PC, KEY1, csum_seq=False)
+    n2 = check_site_gre(f2, T_TPB2, T_PC2, None, csum_seq=True)
+    print("GRE frames captured: site 1", n1, "site 2", n2)
+    for n in (n1, n2):
+        assert n["to_pop"] > 1000 and n["to_bridge"] > 100, n
+
+    for peer, c in ((T_TPB, c1), (T_TPB2, c2)):
+        p = cp["peers"][peer]
+        t = c["tunnel"]
+        assert p["drop"] == {} and t["drop"] == {}, (p, t)
+        assert p["decap_packets"] > 1000 and p["encap_packets"] > 100, p
+        # what the POP took from a bridge the bridge sent, and back
+        assert p["decap_packets"] <= t["encap_packets"], (p, t)
+        assert t["decap_packets"] <= p["encap_packets"], (p, t)
+        assert p["decap_packets"] >= 0.8 * t["encap_packets"], (p, t)
+    assert cp["learned"] == 0, cp  # inside configured prefixes: not learned
+
+
+# ---- refused bridges ----------------------------------------------------------
+
+
+def test_wrong_key_is_refused_and_counted(tlab, daemons):
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tpb1 = daemons.run(tlab, *TPB1)
+    tpb2 = daemons.run(tlab, *TPB2, "--key", "9", node="tpb2")  # the POP expects none
+    bad = ping(tlab, "pc2", T_SERVER, count=3, wait=1)
+    good = ping(tlab, "pc", T_SERVER, count=2)
+    assert received(bad) == 0, bad.stdout
+    assert_ping_ok(good, 2)
+    c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+    assert_only(cp["peers"][T_TPB2], decap_packets=0, encap_packets=0, drop={"gre_key": 3})
+    assert_only(cp["peers"][T_TPB], decap_packets=2, encap_packets=2, drop={})
+    assert cp["other"]["drop"] == {}, cp
+    assert cp["learned"] == 0, cp  # inside a configured prefix: not learned  # pc only
+    assert c2["tunnel"]["encap_packets"] == 3 and c2["tunnel"]["decap_packets"] == 0, c2
+    assert c1["tunnel"]["decap_packets"] == 2, c1
+
+
+def _gre_echo(src: str, key: int | None, ident: int) -> bytes:
+    inner = IP(src="192.0.2.99", dst=T_SERVER) / ICMP(id=ident, seq=1) / b"not a peer"
+    g = GRE(key_present=1, key=key, proto=0x0800) if key is not None else GRE(proto=0x0800)
+    return bytes(IP(src=src, dst=T_POP, ttl=64) / g / inner)
+
+
+def test_unknown_bridge_address_is_refused_and_counted(tlab, daemons):
+    # tpb2's address is not a configured peer
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    tpb1 = daemons.run(tlab, *TPB1)
+    srv = Capture(
+        tlab,
+        "server",
+        "eth0",
+        keep=lambda f: f[12:14] == b"\x08\x00" and f[14 + 9] == 1,  # ICMP
+        incoming_only=True,
+    )
+    with srv:
+        bad = ping(tlab, "pc2", T_SERVER, count=3, wait=1)
+        assert received(bad) == 0, bad.stdout
+        # GRE made by hand, from gw2's own address (and from gw2's address on
+        # tpb2's link), with the key the POP would accept from tpb
+        with IpSender(tlab, "gw2") as s:
+            for i in range(4):
+                s.send(_gre_echo(GW2_TO_POP if i % 2 else T_GW2B, KEY1, 0x7700 + i))
+        # after those, a good one through the POP: it arrives after them
+        assert_ping_ok(ping(tlab, "pc", T_SERVER, count=1), 1)
+        frames = srv.stop()
+    c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+    sources = {socket.inet_ntoa(f.data[26:30]) for f in frames}
+    assert sources == {T_PC}, f"ICMP at the server from {sources}"
+    assert cp["other"]["drop"] == {"not_peer": 3 + 4}, cp["other"]
+    assert_only(cp["peers"][T_TPB], decap_packets=1, encap_packets=1, drop={})
+    assert cp["learned"] == 0, cp  # inside a configured prefix: not learned
+    assert c2["tunnel"]["encap_packets"] == 3 and c2["tunnel"]["decap_packets"] == 0, c2
+    assert c1["tunnel"]["decap_packets"] == 1, c1
+
+
+# ---- where replies go -----------------------------------------------------------
+
+
+def test_learned_entries_route_replies_to_a_peer_without_prefix(tlab, daemons):
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", f"{T_TPB2},csum,seq")
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    tlab.run("pop", ["ip", "route", "add", SITE2, "dev", TUN])
+    # Nothing learned yet: the POP has no bridge for pc2
+    before = ping(tlab, "server", T_PC2, count=2, wait=1)
+    assert received(before) == 0, before.stdout
+    # pc2 speaks first: its address is learned behind tpb2
+    assert_ping_ok(ping(tlab, "pc2", T_SERVER, count=3), 3)
+    after = ping(tlab, "server", T_PC2, count=3)
+    assert_ping_ok(after, 3)
+    c2, cp = tpb2.stop(), pop.stop()
+    assert cp["other"]["drop"] == {"no_peer": 2}, cp["other"]
+    assert cp["learned"] == 1, cp  # pc2
+    # pc2's 3 requests and 3 replies in; 3 replies and 3 requests out
+    assert_only(cp["peers"][T_TPB2], decap_packets=6, encap_packets=6, drop={})
+    assert_only(cp["peers"][T_TPB], decap_packets=0, encap_packets=0, drop={})
+    assert_only(c2["tunnel"], encap_packets=6, decap_packets=6, drop={})
+    assert not link_exists(tlab, "pop", TUN)
+
+
+def test_learned_entries_expire(tlab, daemons):
+    pop = daemons.pop(
+        tlab, "--local", T_POP, "--peer", f"{T_TPB2},csum,seq", "--learn-timeout", "1"
+    )
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    tlab.run("pop", ["ip", "route", "add", SITE2, "dev", TUN])
+    assert_ping_ok(ping(tlab, "pc2", T_SERVER, count=1), 1)
+    assert_ping_ok(ping(tlab, "server", T_PC2, count=1), 1)
+    time.sleep(2.5)  # pc2 silent for more than the learn timeout
+    late = ping(tlab, "server", T_PC2, count=1, wait=1)
+    assert received(late) == 0, late.stdout
+    tpb2.stop()
+    cp = pop.stop()
+    assert cp["other"]["drop"] == {"no_peer": 1}, cp["other"]
+    assert cp["learned"] == 0, cp
+
+
+def test_learned_count_at_exit_leaves_out_expired_entries(tlab, daemons):
+    """The exit counters' `learned` is the number of live entries: one
+    that expired while the POP was idle is not one.  (The C side compares
+    with the time of the last packet, not the time of asking.)"""
+    pop = daemons.pop(
+        tlab,
+        "--local",
+        T_POP,
+        "--peer",
+        f"{T_TPB2},csum,seq,prefix={SITE2}",
+        "--learn-timeout",
+        "1",
+    )
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    assert_ping_ok(ping(tlab, "pc2", T_SERVER, count=1), 1)
+    time.sleep(2.5)  # nothing at all for more than the learn timeout
+    tpb2.stop()
+    cp = pop.stop()
+    assert cp["peers"][T_TPB2]["decap_packets"] == 1, cp
+    assert cp["learned"] == 0, f"an entry expired {2.5 - 1:.1f}s ago still counted: {cp['learned']}"
+
+
+def test_a_bridge_cannot_take_over_another_sites_prefix(tlab, daemons):
+    """Site 1's prefix is configured behind tpb; a packet that tpb2 tunnels
+    with a site-1 source address (spoofed behind site 2) must not make the
+    POP send site 1's traffic to tpb2: configured prefixes win over learned
+    entries, and sources inside a configured prefix are not learned."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tpb1 = daemons.run(tlab, *TPB1)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    # tpb learns gw1's MAC from gw1's frames: the way back needs it
+    assert_ping_ok(ping(tlab, "pc", T_SERVER, count=1), 1)
+    cap = gre_capture(tlab, "eth2")  # the link to tpb2
+    with cap:
+        spoofed = (
+            Ether(src=tlab.iface("gw3", "eth1").mac, dst=tlab.iface("gw2", "eth2").mac)
+            / IP(src=T_PC, dst=T_SERVER, ttl=64)
+            / ICMP(type=0, id=0x5151)  # an echo reply: the server ignores it
+            / b"I am pc, honest"
+        )
+        with FrameSender(tlab, "gw3", "eth1") as tx:
+            tx.send(bytes(spoofed))
+        # wait for it to be through the POP (it arrives at gw2 as GRE)
+        cap.wait(lambda fr: any(parse_gre(f.data).inner_src == T_PC for f in fr), 5, "the GRE")
+        r = ping(tlab, "server", T_PC, count=2)
+        frames = cap.stop()
+    tpb1.stop()
+    tpb2.stop()
+    cp = pop.stop()
+    assert_ping_ok(r, 2)
+    leaked = [f for f in frames if parse_gre(f.data).inner_dst == T_PC]
+    assert leaked == [], (
+        f"{len(leaked)} packet(s) to pc ({T_PC}, behind {T_TPB} by prefix={SITE1}) were "
+        f"sent to {T_TPB2}; POP encap per peer "
+        f"{ {a: p['encap_packets'] for a, p in cp['peers'].items()} }"
+    )
+    assert cp["peers"][T_TPB2]["encap_packets"] == 0, cp["peers"]
+
+
+def test_no_matching_bridge_is_dropped_and_counted(tlab, daemons):
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tlab.run("pop", ["ip", "route", "add", "198.18.0.0/24", "dev", TUN])
+    out = Capture(tlab, "pop", "eth0", keep=lambda f: parse_gre(f) is not None)
+    with out:
+        r = ping(tlab, "server", "198.18.0.1", count=4, wait=1)
+        frames = out.stop()
+    cp = pop.stop()
+    assert received(r) == 0, r.stdout
+    assert frames == [], "GRE left the POP"
+    assert cp["other"]["drop"] == {"no_peer": 4}, cp["other"]
+    for p in cp["peers"].values():
+        assert_only(p, encap_packets=0, decap_packets=0, drop={})
+    assert cp["learned"] == 0
+
+
+# ---- the TUN device's life ------------------------------------------------------
+
+
+def test_tun_device_gone_after_sigterm_and_sigkill(tlab, daemons):
+    name = "tpbtun9"
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--tun", name)
+        assert link_exists(tlab, "pop", name)
+        routes = tlab.run("pop", ["ip", "route", "show", "dev", name]).stdout
+        assert SITE1 in routes, routes
+        if how == signal.SIGTERM:
+            pop.stop()
+        else:
+            pop.kill()
+            assert pop.returncode == -signal.SIGKILL
+        wait_for(lambda: not link_exists(tlab, "pop", name), 5, f"{name} to go ({how.name})")
+        assert SITE1 not in tlab.run("pop", ["ip", "route"]).stdout
+    # and the name can be taken again
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--tun", name)
+    pop.stop()
+    assert not link_exists(tlab, "pop", name)
+
+
+# ---- operator errors ---------------------------------------------------------------
+
+BAD = {
+    "missing-local": (["--peer", T_TPB], ["needs its address"]),
+    "bad-peer-option": (["--local", T_POP, "--peer", f"{T_TPB},colour=blue"], ["colour=blue"]),
+    "bad-peer-flag-value": (["--local", T_POP, "--peer", f"{T_TPB},key=seven"], ["key"]),
+    "duplicate-peer": (["--local", T_POP, "--peer", T_TPB, "--peer", T_TPB], ["given twice"]),
+    "bad-prefix-host-bits": (
+        ["--local", T_POP, "--peer", f"{T_TPB},prefix=192.0.2.1/26"],
+        ["192.0.2.1/26"],
+    ),
+    "bad-prefix-word": (["--local", T_POP, "--peer", f"{T_TPB},prefix=banana"], ["banana"]),
+    "prefix-behind-two-peers": (
+        ["--local", T_POP, "--peer", PEER1, "--peer", f"{T_TPB2},prefix={SITE1}"],
+        ["already behind"],
+    ),
+    "no-peers": (["--local", T_POP], ["at least one peer"]),
+    "bad-local": (["--local", "198.51.100", "--peer", T_TPB], ["--local"]),
+    "three-problems": (
+        ["--peer", f"{T_TPB},prefix=banana", "--peer", T_TPB],
+        ["needs its address", "banana", "given twice"],
+    ),
+    # Each bad --peer is a problem of its own, as is the missing --local.
+    "every-bad-peer-reported": (
+        ["--peer", f"{T_TPB},colour=blue", "--peer", f"{T_TPB2},shape=round"],
+        ["needs its address", "colour=blue", "shape=round"],
+    ),
+    # Found only when starting: still one line, and nothing left behind.
+    "local-not-ours": (["--local", "192.0.2.99", "--peer", T_TPB], ["192.0.2.99"]),
+    "tun-name-taken": (["--local", T_POP, "--peer", T_TPB, "--tun", "eth0"], ["eth0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_flags_one_line_per_problem_exit_2(tlab, case):
+    argv, expected = BAD[case]
+    res = tlab.run("pop", [sys.executable, "-m", "tpb", "pop", *argv], check=False, timeout=30)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stdout == "", res.stdout
+    assert all(line.startswith("tpb: ") for line in lines), lines
+    assert len(lines) == len(expected), f"expected {len(expected)} lines: {lines}"
+    for want in expected:
+        assert sum(want in line for line in lines) == 1, f"{want!r} not on one line: {lines}"
+    assert not link_exists(tlab, "pop", TUN)
