@@ -55,7 +55,7 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "cpu": ("bridge", "cpu"),
     "ring_frames": ("bridge", "ring_frames"),
     "batch": ("bridge", "batch"),
-    "spin_us": ("bridge", "spin_us"),
+    "spin_us": ("bridge", "spin_us"), "low_latency": ("bridge", "low_latency"),
 }
 
 
@@ -94,7 +94,10 @@ def _add_run(sub: Any) -> None:
     b.add_argument("--cpu", type=_number, help="pin the data path to this CPU")
     b.add_argument("--ring-frames", type=_number, help="RX ring slots per port (1024)")
     b.add_argument("--batch", type=_number, help="frames per sendmmsg (64, at most 256)")
-    b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (50)")
+    b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
+    b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep idle CPUs polling, not halting, while TPB runs: wake-ups "
+                   "cost no sleep-state exit (PM QoS; default on)")
     a("--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON")
 
 

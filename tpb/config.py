@@ -61,7 +61,8 @@ class Settings:
     cpu: int | None = None
     ring_frames: int = 1024
     batch: int = 64
-    spin_us: int = 50
+    spin_us: int = 0
+    low_latency: bool = True
 
 
 # ---- checkers: value -> converted value, or raise ValueError(why) ---------
@@ -158,7 +159,7 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "cpu": _int(0, 4095),
         "ring_frames": _int(16, 65536),
         "batch": _int(1, 256),
-        "spin_us": _int(0, 100_000),
+        "spin_us": _int(0, 100_000), "low_latency": _bool,
     },
 }
 
@@ -281,7 +282,7 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     s = Settings()
     ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
     s.in_if, s.out_if = ports.get("in"), ports.get("out")
-    for key in ("cpu", "ring_frames", "batch", "spin_us"):
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency"):
         if key in br:
             setattr(s, key, br[key])
     if "mark" in sel and "match" in sel:

@@ -1,0 +1,1 @@
+"""TPB's benchmark harness: `make bench` (python -m bench, as root)."""

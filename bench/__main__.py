@@ -1,0 +1,269 @@
+"""`python -m bench` (as root, from the repository root; `make bench`):
+the Linux bridge and TPB side by side on one topology, in one run.
+
+    gen — [eth2 DUT eth3] — sink        (tpb.lab.bench)
+
+For each load, each run, each DUT (order alternating from run to run, so
+a drift of the machine hits every DUT alike): set the DUT up, measure,
+tear it down.  Then the table: medians, raw runs, ratios against the
+baselines with the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from bench import report
+from bench.duts import Dut, default_duts, owned_pids
+from bench.loads import GEN_CPU, LOADS, Env, Load, ring_rate
+from bench.measure import foreign_load, wait_quiet
+from tpb import lab as labmod
+from tpb.errors import TpbError
+
+PREFIX = "tpbbench"  # its own namespaces: never those of the demo or the tests
+RESULTS = Path(__file__).resolve().parent / "results"
+TOOLS = ("trafgen", "iperf3", "ping", "taskset", "bridge", "ip", "sysctl")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="runs per load and DUT (default 3)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured interval (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up before it (default 1)")
+    p.add_argument(
+        "--only",
+        metavar="NAME[,NAME...]",
+        help="only these DUTs and/or loads (" + ", ".join(x.name for x in LOADS) + ")",
+    )
+    p.add_argument(
+        "--tpb",
+        metavar="NAME=ARGS",
+        action="append",
+        default=[],
+        help="one more TPB entry: NAME runs `tpb run ... ARGS`, e.g. "
+        "--tpb 'spin0=--cpu 1 --spin-us 0' (repeatable)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        help="before each measurement wait up to this long for other processes "
+        "to go quiet (default 60; 0: never wait)",
+    )
+    p.add_argument(
+        "--sink-drop",
+        action="store_true",
+        help="the sink drops the 64-byte frames at its ingress hook (nftables), after "
+        "counting them, instead of passing them to its IP stack",
+    )
+    p.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.seconds <= 0 or args.warmup < 0:
+        p.error("--runs and --seconds must be positive, --warmup not negative")
+    return args
+
+
+def select(args: argparse.Namespace, duts: list[Dut]) -> tuple[list[Dut], list[Load]]:
+    loads = list(LOADS)
+    if not args.only:
+        return duts, loads
+    names = {n.strip() for n in args.only.split(",") if n.strip()}
+    known = {d.name for d in duts} | {x.name for x in LOADS}
+    if names - known:
+        raise TpbError(f"--only: unknown {', '.join(sorted(names - known))} (known: {known})")
+    if names & {d.name for d in duts}:
+        duts = [d for d in duts if d.name in names]
+    if names & {x.name for x in LOADS}:
+        if "ringcheck" in names:
+            names.add("udp64")  # its rate is half the 64-byte rate
+        loads = [x for x in LOADS if x.name in names]
+    return duts, loads
+
+
+def variants(specs: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or name in ("bridge", "tpb") or name in out:
+            raise TpbError(f"--tpb {spec!r}: want a new NAME=ARGS")
+        out[name] = rest.split()
+    return out
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        raise TpbError("needs root (network namespaces, AF_PACKET)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise TpbError(f"missing tools: {' '.join(missing)} (make deps)")
+    if (os.cpu_count() or 1) < 2:
+        raise TpbError("needs 2 CPUs: the generator on CPU 0, TPB on CPU 1")
+
+
+def _on_term(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def git_rev() -> str:
+    res = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=Path.cwd()
+    )
+    return res.stdout.strip() or "?"
+
+
+def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    lines = [
+        f"TPB bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_rev()}  "
+        f"Linux {platform.release()}  {os.cpu_count()} x {cpu}",
+        f"runs {args.runs}, {args.seconds:g} s measured after {args.warmup:g} s warm-up; "
+        f"loads: {', '.join(x.name for x in loads)}",
+        "sink: "
+        + (
+            "drops the 64-byte frames at its nftables ingress hook (after counting)"
+            if args.sink_drop
+            else "its IP stack receives the 64-byte frames (UDP to the discard port, no socket)"
+        ),
+        "DUTs:",
+    ]
+    lines += [f"  {d.name:<10} {d.description}" for d in duts]
+    return "\n".join(lines)
+
+
+def measure(env: Env, load: Load, dut: Dut, rec: report.Record) -> None:
+    dut.setup(env.lab)
+    stats: dict[str, float] = {}
+    try:
+        sample = load.run(env, dut, rec.values)
+    finally:
+        stats = dut.teardown(env.lab)
+    rec.add(dut.name, load.name, sample.values, {**sample.info, **stats})
+    shown = "  ".join(f"{k} {v:.3f}" for k, v in sample.values.items())
+    extra = f"  ring drops {int(stats['kernel_drops'])}" if "kernel_drops" in stats else ""
+    foreign = sample.info.get("foreign_cpus", 0.0)
+    noisy = (
+        f"  (others used {foreign:.2f} CPU: {sample.others})"
+        if foreign > report.FOREIGN_LIMIT
+        else ""
+    )
+    print(f"  {load.name:<9} {dut.name:<10} {shown}{extra}{noisy}", flush=True)
+
+
+def bench(
+    args: argparse.Namespace, duts: list[Dut], loads: list[Load], rec: report.Record, workdir: Path
+) -> None:
+    lab = labmod.bench(PREFIX)
+    stale = owned_pids(lab)
+    for ns, pids in stale.items():  # an earlier run of ours killed hard
+        print(f"bench: killing {len(pids)} leftover processes in {ns}", file=sys.stderr)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    with lab:
+        env = Env(lab, workdir, args.seconds, args.warmup, args.sink_drop)
+        env.start()
+        for load in loads:
+            for run in range(args.runs):
+                order = duts if run % 2 == 0 else duts[::-1]
+                for dut in order:
+                    if not load.applies(dut):
+                        continue
+                    if load.name == "ringcheck" and ring_rate(dut, rec.values) is None:
+                        continue
+                    if args.max_wait > 0:
+                        wait_quiet(
+                            report.FOREIGN_LIMIT,
+                            args.max_wait,
+                            lambda x: print(
+                                f"  (waiting: other processes use {x:.2f} CPU)", flush=True
+                            ),
+                        )
+                    try:
+                        measure(env, load, dut, rec)
+                    except TpbError as e:
+                        msg = f"{load.name} {dut.name} run {run + 1}: {e}"
+                        rec.errors.append(msg)
+                        print(f"  ERROR {msg}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    # Ctrl-C, also when started where SIGINT is ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_term)
+    rec = report.Record({}, {}, [])
+    t0 = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="tpb-bench-"))
+    interrupted = False
+    try:
+        preflight()
+        # The harness belongs to the generator's side: on CPU 1 it could
+        # take the DUT's CPU away for the milliseconds a ring overflows in.
+        os.sched_setaffinity(0, {int(GEN_CPU)})
+        duts, loads = select(args, default_duts(workdir, variants(args.tpb)))
+        print(header(args, duts, loads), flush=True)
+        idle = foreign_load(1.0)
+        print(f"other processes before start: {idle:.2f} CPU", flush=True)
+        bench(args, duts, loads, rec, workdir)
+    except TpbError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; namespaces removed; what was measured:", file=sys.stderr)
+        interrupted = True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    print()
+    print(report.table(rec, duts))
+    if any(
+        i.get("foreign_cpus", 0) > report.FOREIGN_LIMIT
+        for per in rec.info.values()
+        for infos in per.values()
+        for i in infos
+    ):
+        print(f"* other processes used more than {report.FOREIGN_LIMIT} CPU during that run")
+    for line in report.ring_verdicts(rec, duts):
+        print(line)
+    print()
+    print(report.ratios(rec, duts) or "ratios: no baseline measured in this run")
+    print()
+    print(report.NOTES)
+    for e in rec.errors:
+        print(f"ERROR {e}")
+    print(f"\nbench: {elapsed:.0f} s", flush=True)
+    if not args.no_json:
+        path = RESULTS / time.strftime("%Y%m%d-%H%M%S.json")
+        meta = {
+            "argv": sys.argv,
+            "options": vars(args),
+            "git": git_rev(),
+            "kernel": platform.release(),
+            "seconds_total": elapsed,
+        }
+        report.write_json(path, rec, duts, meta)
+        print(f"bench: results in {path}")
+    return 130 if interrupted else 1 if rec.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The loads: each measures one DUT once and returns a Sample.
+
+All traffic goes gen -> DUT -> sink.  The generator side (trafgen, the
+iperf3 client, ping) is pinned to CPU 0; a DUT that has a process of its
+own pins it to CPU 1.  The sink's counters and the machine's CPU time are
+read at the two ends of a measured interval that starts after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.duts import Dut
+from bench.frames import trafgen_cfg, udp_frame
+from bench.measure import ForeignCpu, any_cpu, cpu_times, ifstats, median
+from tpb import lab as labmod
+from tpb.errors import TpbError
+from tpb.lab import Lab
+
+GEN_CPU = "0"
+UDP_PORT = 9  # discard
+FRAME_LEN = 60  # 64 bytes on the wire with the FCS
+
+
+@dataclass
+class Sample:
+    values: dict[str, float]  # metric key -> value
+    info: dict[str, float] = field(default_factory=dict)  # DUT counters, context
+    others: str = ""  # the processes not ours that used the most CPU meanwhile
+
+
+def _others(f: ForeignCpu, dt: float) -> str:
+    return ", ".join(f"{comm} {t / dt:.2f}" for t, comm in f.top)
+
+
+@dataclass
+class Env:
+    """What every load needs: the lab, its anchors, the options."""
+
+    lab: Lab
+    workdir: Path
+    seconds: float
+    warmup: float
+    sink_drop: bool = False  # the sink discards the UDP frames at ingress
+    anchors: dict[str, int] = field(default_factory=dict)  # node -> pid living there
+    trafgen_cfg: Path = Path()
+
+    def start(self) -> None:
+        """Anchors in the end nodes (to read counters through /proc/PID/net),
+        the iperf3 server, the trafgen configuration."""
+        for node in ("gen", "sink"):
+            p = self.lab.spawn(node, ["sleep", "infinity"], start_new_session=True)
+            self.anchors[node] = p.pid
+        self.lab.spawn(
+            "sink",
+            ["iperf3", "-s", "-B", labmod.SINK],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=any_cpu,  # not pinned, unlike the harness (CPU 0)
+        )
+        gen, sink = self.lab.iface("gen", "eth0"), self.lab.iface("sink", "eth0")
+        frame = udp_frame(sink.mac, gen.mac, labmod.GEN, labmod.SINK, size=FRAME_LEN, port=UDP_PORT)
+        self.trafgen_cfg = self.workdir / "udp64.cfg"
+        self.trafgen_cfg.write_text(trafgen_cfg(frame))
+        if self.sink_drop:
+            # counted in rx_packets (by the veth peer's transmit), then
+            # dropped before the sink's IP stack: the sink costs next to nothing
+            nft = ["nft", "-f", "-"]
+            rules = (
+                "table netdev bench {\n chain ingress {\n"
+                "  type filter hook ingress device eth0 priority 0;\n"
+                f"  udp dport {UDP_PORT} drop\n }}\n}}\n"
+            )
+            res = subprocess.run(
+                self.lab.cmd("sink", nft), input=rules, capture_output=True, text=True
+            )
+            if res.returncode:
+                raise TpbError(f"sink: nft: {res.stderr.strip()}")
+
+    def ping_ok(self, count: int = 3, wait: float = 5.0) -> None:
+        """The DUT forwards: a few pings make it (ARP resolved, FDB learnt)."""
+        deadline = time.monotonic() + wait
+        while True:
+            res = self.lab.run(
+                "gen", ["ping", "-c", str(count), "-i", "0.05", "-W", "1", labmod.SINK], check=False
+            )
+            if res.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TpbError(f"gen cannot ping sink through the DUT: {res.stdout.strip()}")
+
+    def sink_rx(self) -> int:
+        return ifstats(self.anchors["sink"], "eth0").rx_packets
+
+    def gen_tx(self) -> int:
+        return ifstats(self.anchors["gen"], "eth0").tx_packets
+
+
+def _stop_group(p: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """Stop a process started in its own session, with all its children
+    (trafgen forks its workers: signalling the parent alone leaves them)."""
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    try:  # workers that outlived their parent
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _trafgen(env: Env, pps: int | None) -> subprocess.Popen:
+    """trafgen on gen:eth0, pinned to CPU 0, in sendto mode (-t 0: its TX
+    ring mode collapses here).  At full speed it bypasses the qdisc; at a
+    given rate a tbf qdisc on gen:eth0 paces it (trafgen's own -b sends
+    each second's quota in one burst at full speed, then sleeps out the
+    second: no good for a check below a DUT's rate)."""
+    argv = ["taskset", "-c", GEN_CPU, "trafgen", "--cpus", "1", "-t", "0"]
+    # leave the machine's socket memory and IRQ affinities alone
+    argv += ["--no-sock-mem", "--notouch-irq", "-i", str(env.trafgen_cfg), "-o", "eth0"]
+    if pps:
+        bits = pps * FRAME_LEN * 8  # tbf counts the frame without its FCS
+        env.lab.run(
+            "gen",
+            f"tc qdisc replace dev eth0 root tbf rate {bits}bit burst 1600 latency 1ms",
+        )
+        argv.append("--qdisc-path")
+    else:
+        env.lab.run("gen", "tc qdisc del dev eth0 root", check=False)
+    return env.lab.spawn(
+        "gen", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def _blast(env: Env, pps: int | None) -> tuple[dict[str, float], str]:
+    """trafgen 60-byte frames (64 on the wire) for warm-up + seconds; count
+    over the measured interval."""
+    env.ping_ok()
+    tg = _trafgen(env, pps)
+    try:
+        g0 = env.gen_tx()
+        deadline = time.monotonic() + 5
+        while env.gen_tx() == g0:
+            if tg.poll() is not None or time.monotonic() > deadline:
+                err = tg.stderr.read().decode(errors="replace") if tg.stderr else ""
+                raise TpbError(f"trafgen sends nothing: {err.strip()[-300:]}")
+            time.sleep(0.01)
+        time.sleep(env.warmup)
+        foreign = ForeignCpu()
+        foreign.start()
+        t0, c0, r0, g0 = time.monotonic(), cpu_times(), env.sink_rx(), env.gen_tx()
+        time.sleep(env.seconds)
+        t1, c1, r1, g1 = time.monotonic(), cpu_times(), env.sink_rx(), env.gen_tx()
+        other = foreign.stop()
+    finally:
+        _stop_group(tg)
+        if pps:
+            env.lab.run("gen", "tc qdisc del dev eth0 root", check=False)
+    dt = t1 - t0
+    frames = r1 - r0
+    busy = c1.busy - c0.busy
+    return {
+        "mpps": frames / dt / 1e6,
+        "offered_mpps": (g1 - g0) / dt / 1e6,
+        "ns_per_frame": busy / frames * 1e9 if frames else float("nan"),
+        "busy_cpus": busy / dt,
+        "steal_cpus": (c1.steal - c0.steal) / dt,
+        "foreign_cpus": other / dt,
+    }, _others(foreign, dt)
+
+
+def udp64(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """64-byte UDP frames from trafgen at full speed."""
+    del dut, results
+    r, others = _blast(env, None)
+    return Sample(
+        {"udp64_mpps": r["mpps"], "udp64_ns": r["ns_per_frame"]},
+        {k: r[k] for k in ("offered_mpps", "busy_cpus", "steal_cpus", "foreign_cpus")},
+        others,
+    )
+
+
+RING_CHECK_SHARE = 0.5
+
+
+def ring_rate(dut: Dut, results: dict[str, dict[str, list[float]]]) -> int | None:
+    """Half the DUT's measured 64-byte rate, in frames per second."""
+    runs = results.get(dut.name, {}).get("udp64_mpps")
+    if not runs:
+        return None
+    return int(median(runs) * RING_CHECK_SHARE * 1e6)
+
+
+def ringcheck(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """trafgen rate-limited to half the DUT's 64-byte rate: the DUT's ring
+    must drop nothing (kernel_drops, added by the DUT's teardown)."""
+    pps = ring_rate(dut, results)
+    if pps is None:
+        raise TpbError(f"{dut.name}: ring check needs its 64-byte rate (load udp64)")
+    r, others = _blast(env, pps)
+    return Sample(
+        {"ring_offered_mpps": r["offered_mpps"], "ring_mpps": r["mpps"]},
+        {"target_mpps": pps / 1e6, "busy_cpus": r["busy_cpus"], "foreign_cpus": r["foreign_cpus"]},
+        others,
+    )
+
+
+def tcp(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """iperf3 gen -> sink, one stream, offloads as they come (TSO on)."""
+    del dut, results
+    env.ping_ok()
+    omit = max(1, round(env.warmup))
+    argv = ["taskset", "-c", GEN_CPU, "iperf3", "-c", labmod.SINK, "-J"]
+    argv += ["-t", str(max(1, round(env.seconds))), "-O", str(omit)]
+    foreign = ForeignCpu()
+    foreign.start()
+    t0 = time.monotonic()
+    res = env.lab.run("gen", argv, check=False, timeout=env.seconds + omit + 30)
+    dt = time.monotonic() - t0
+    other = foreign.stop()
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        data = {"error": (res.stderr or res.stdout).strip()[-300:]}
+    if "error" in data:
+        raise TpbError(f"iperf3: {data['error']}")
+    end = data["end"]
+    return Sample(
+        {"tcp_gbps": end["sum_received"]["bits_per_second"] / 1e9},
+        {
+            "retransmits": float(end["sum_sent"].get("retransmits", 0)),
+            "foreign_cpus": other / dt,
+        },
+        _others(foreign, dt),
+    )
+
+
+_RTT = re.compile(r"time=([\d.]+) ms")
+
+
+def rtt(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """Idle round trip: 20 pings 50 ms apart after a warm-up; the median."""
+    del dut, results
+    env.ping_ok(count=5)
+    foreign = ForeignCpu()
+    foreign.start()
+    t0 = time.monotonic()
+    res = env.lab.run(
+        "gen",
+        ["taskset", "-c", GEN_CPU, "ping", "-c", "20", "-i", "0.05", "-W", "1", labmod.SINK],
+        check=False,
+    )
+    dt = time.monotonic() - t0
+    other = foreign.stop()
+    times = [float(m) * 1000 for m in _RTT.findall(res.stdout)]
+    if len(times) < 15:
+        raise TpbError(f"ping: {len(times)}/20 replies: {res.stdout.strip()[-200:]}")
+    return Sample(
+        {"rtt_us": median(times)},
+        {"rtt_min_us": min(times), "rtt_max_us": max(times), "foreign_cpus": other / dt},
+        _others(foreign, dt),
+    )
+
+
+@dataclass(frozen=True)
+class Load:
+    name: str
+    title: str
+    run: Callable[[Env, Dut, dict[str, dict[str, list[float]]]], Sample]
+    applies: Callable[[Dut], bool] = lambda dut: True
+
+
+LOADS = [
+    Load("udp64", "64-byte UDP frames, trafgen at full speed", udp64),
+    Load(
+        "ringcheck",
+        f"ring-drop check: trafgen at {RING_CHECK_SHARE:.0%} of the DUT's 64-byte rate",
+        ringcheck,
+        lambda dut: dut.ring_check,
+    ),
+    Load("tcp", "TCP, iperf3, one stream, offloads on", tcp),
+    Load("rtt", "idle RTT, ping, 20 x 50 ms", rtt),
+]

@@ -1,0 +1,171 @@
+"""The printed table, the ratios against the baselines, the JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.duts import Dut
+from bench.measure import median
+
+# A measurement during which processes that are not ours used more than
+# this share of one CPU is marked: the machine was not ours alone.
+FOREIGN_LIMIT = 0.10
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    load: str
+    title: str
+    fmt: str
+    higher_is_better: bool
+
+
+METRICS = [
+    Metric("udp64_mpps", "udp64", "64 B UDP, Mpps at sink", "{:.3f}", True),
+    Metric("udp64_ns", "udp64", "64 B UDP, CPU ns/frame", "{:.0f}", False),
+    Metric("ring_mpps", "ringcheck", "ring check, Mpps at sink", "{:.3f}", True),
+    Metric("tcp_gbps", "tcp", "TCP, Gbit/s", "{:.2f}", True),
+    Metric("rtt_us", "rtt", "idle RTT, µs", "{:.0f}", False),
+]
+
+NOTES = """\
+Mpps: frames counted at the sink (rx_packets of sink:eth0) over the measured
+  interval, after a warm-up; trafgen pinned to CPU 0 (-t 0, sendto mode).
+CPU ns/frame: busy CPU time of the whole machine (/proc/stat user+nice+system+
+  irq+softirq, both CPUs, steal excluded) during the interval, divided by the
+  frames delivered at the sink; the same method for every DUT.  It includes
+  the work of trafgen and of the sink, and of frames sent but dropped by the
+  DUT (a DUT that drops pays for frames it does not deliver).
+ring check: trafgen paced by a tbf qdisc on gen:eth0 (--qdisc-path) at half
+  the DUT's median 64 B rate; kernel_drops (PACKET_STATISTICS of TPB's rings)
+  must be 0.  Not trafgen -b: it sends each second's quota in one burst at
+  full speed and then sleeps out the second.
+TCP: iperf3 -c sink, one stream, client pinned to CPU 0 (the server is not
+  pinned), first second omitted; Gbit/s received.
+RTT: median of 20 pings 50 ms apart (ping pinned to CPU 0), after 5 warm-up pings.
+Each value: median of the runs; the raw runs follow in measurement order.
+Ratios: DUT median / baseline median (for CPU ns/frame and RTT, lower is better)."""
+
+
+@dataclass
+class Record:
+    """Every sample: results[dut][metric] = values; info[dut][load] = dicts."""
+
+    values: dict[str, dict[str, list[float]]]
+    info: dict[str, dict[str, list[dict[str, float]]]]
+    errors: list[str]
+
+    def add(self, dut: str, load: str, values: dict[str, float], info: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.values.setdefault(dut, {}).setdefault(k, []).append(v)
+        self.info.setdefault(dut, {}).setdefault(load, []).append(info)
+
+    def med(self, dut: str, key: str) -> float:
+        return median(self.values.get(dut, {}).get(key, []))
+
+
+def _fmt(m: Metric, v: float) -> str:
+    return "-" if math.isnan(v) else m.fmt.format(v)
+
+
+def _ints(values: list[float]) -> str:
+    return " ".join(str(int(v)) for v in values)
+
+
+def _note(rec: Record, dut: Dut, m: Metric) -> str:
+    infos = rec.info.get(dut.name, {}).get(m.load, [])
+    parts: list[str] = []
+    if m.key == "udp64_mpps":
+        parts.append("offered " + " ".join(f"{i['offered_mpps']:.3f}" for i in infos))
+    if m.key in ("udp64_mpps", "ring_mpps") and infos and "kernel_drops" in infos[0]:
+        parts.append("ring drops " + _ints([i["kernel_drops"] for i in infos]))
+        parts.append("TPB drops " + _ints([i["own_drops"] for i in infos]))
+    if m.key == "ring_mpps" and infos:
+        offered = rec.values[dut.name].get("ring_offered_mpps", [])
+        parts.insert(0, "offered " + " ".join(f"{v:.3f}" for v in offered))
+    if m.key == "tcp_gbps" and infos:
+        parts.append("retransmits " + _ints([i["retransmits"] for i in infos]))
+    if m.key == "rtt_us" and infos:
+        parts.append("min " + _ints([i["rtt_min_us"] for i in infos]))
+    return "; ".join(parts)
+
+
+def _flag(rec: Record, dut: str, load: str, i: int) -> str:
+    infos = rec.info.get(dut, {}).get(load, [])
+    return "*" if i < len(infos) and infos[i].get("foreign_cpus", 0) > FOREIGN_LIMIT else ""
+
+
+def table(rec: Record, duts: list[Dut]) -> str:
+    w = max([6] + [len(d.name) for d in duts])
+    lines = [f"{'load':<26} {'DUT':<{w}} {'median':>8}   {'runs':<24} notes"]
+    for m in METRICS:
+        first = True
+        for d in duts:
+            vals = rec.values.get(d.name, {}).get(m.key)
+            if not vals:
+                continue
+            runs = " ".join(
+                f"{_fmt(m, v)}{_flag(rec, d.name, m.load, i)}" for i, v in enumerate(vals)
+            )
+            lines.append(
+                f"{m.title if first else '':<26} {d.name:<{w}} {_fmt(m, median(vals)):>8}   "
+                f"{runs:<24} {_note(rec, d, m)}".rstrip()
+            )
+            first = False
+    return "\n".join(lines)
+
+
+def ring_verdicts(rec: Record, duts: list[Dut]) -> list[str]:
+    out = []
+    for d in duts:
+        infos = rec.info.get(d.name, {}).get("ringcheck", [])
+        if not infos:
+            continue
+        drops = [int(i.get("kernel_drops", -1)) for i in infos]
+        target = infos[0].get("target_mpps", float("nan"))
+        verdict = "OK" if all(x == 0 for x in drops) else "FAILED"
+        out.append(
+            f"ring-drop check {d.name} at {target:.3f} Mpps: kernel_drops "
+            f"{' '.join(map(str, drops))} -> {verdict}"
+        )
+    return out
+
+
+def ratios(rec: Record, duts: list[Dut]) -> str:
+    lines = []
+    for d in duts:
+        for base, targets in d.baselines.items():
+            if base not in rec.values or d.name not in rec.values:
+                continue
+            lines.append(f"{d.name} / {base}:")
+            for m in METRICS:
+                a, b = rec.med(d.name, m.key), rec.med(base, m.key)
+                if math.isnan(a) or math.isnan(b) or b == 0 or m.key == "ring_mpps":
+                    continue
+                r = a / b
+                t = targets.get(m.key)
+                if t:
+                    verdict = f"target {t}  {'met' if t.met(r) else 'NOT MET'}"
+                else:
+                    verdict = "(higher is better)" if m.higher_is_better else "(lower is better)"
+                lines.append(f"  {m.title:<26} {r:6.2f}×   {verdict}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, rec: Record, duts: list[Dut], meta: dict[str, object]) -> None:
+    data = {
+        "meta": meta,
+        "duts": {d.name: d.description for d in duts},
+        "medians": {d: {k: median(v) for k, v in per.items()} for d, per in rec.values.items()},
+        "values": rec.values,
+        "info": rec.info,
+        "errors": rec.errors,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
