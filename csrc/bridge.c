@@ -259,14 +259,8 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
 
     br->tunnel = 1;
     br->cfg = *t;
-    br->gtx.local = br->grx.local = t->local;
-    br->gtx.remote = br->grx.remote = t->remote;
-    br->gtx.key = br->grx.key = t->key;
-    br->gtx.has_key = br->grx.has_key = t->has_key;
-    br->gtx.csum = br->grx.csum = t->csum;
-    br->gtx.seq = br->grx.seq = t->seq;
-    br->gtx.ttl = t->ttl;
-    br->gtx.tos = t->tos;
+    gre_setup(&br->gtx, &br->grx, t->local, t->remote, t->key, t->has_key,
+              t->csum, t->seq, t->ttl, t->tos);
     br->gtx.df = t->df;
     br->gtx.ip_id = (uint16_t)now_ns();
     br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);

@@ -163,32 +163,10 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                     size_t ilen, uint16_t proto);
 
-/* RFC 6040 4.2 on the inner header; returns -1 to drop. */
-static int inner_ecn(uint8_t outer_tos, uint8_t *in, uint16_t proto)
-{
-    uint8_t tos = proto == ETYPE_IPV4 ? in[1]
-                                      : (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4);
-    int e = ecn_decap(outer_tos, tos);
-    uint16_t old;
-
-    if (e < 0)
-        return -1;
-    if (e == (tos & ECN_MASK))
-        return 0;
-    if (proto == ETYPE_IPV4) {
-        old = rd16(in);
-        in[1] = (uint8_t)((tos & ~ECN_MASK) | e);
-        wr16(in + 10, csum_replace16(rd16(in + 10), old, rd16(in)));
-    } else {
-        in[1] = (uint8_t)((in[1] & 0xcf) | e << 4);
-    }
-    return 0;
-}
-
 static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                   size_t tot)
 {
-    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen, plen;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen;
     struct gre_pkt g;
     uint8_t *in;
     int rc = gre_decode(&br->grx, ip + ihl, tot - ihl, &g);
@@ -198,18 +176,12 @@ static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
         return;
     }
     in = ip + ihl + g.off;
-    ilen = tot - ihl - g.off;
-    if (g.proto == ETYPE_IPV4) {
-        ilen = ip4_check(in, ilen);
-    } else {
-        plen = ilen >= 40 && (in[0] >> 4) == 6 ? rd16(in + 4) : 0;
-        ilen = plen && 40 + plen <= ilen ? 40 + plen : 0;
-    }
+    ilen = ip_len(in, tot - ihl - g.off, g.proto);
     if (!ilen) {
         br->tc.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
-    if (inner_ecn(ip[1], in, g.proto)) {
+    if (ecn_decap_inner(ip[1], in, g.proto)) {
         br->tc.drop[TPB_DROP_ECN]++;
         return;
     }

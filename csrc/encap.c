@@ -33,19 +33,6 @@ static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
 
 /* 1. ------------------------------------------------------------------ */
 
-/* Length of the IP packet at ip (avail bytes), or 0 if malformed. */
-static size_t inner_len(const uint8_t *ip, size_t avail, uint16_t proto)
-{
-    size_t plen;
-
-    if (proto == ETYPE_IPV4)
-        return ip4_check(ip, avail);
-    if (avail < 40 || (ip[0] >> 4) != 6)
-        return 0;
-    plen = rd16(ip + 4);
-    return plen && 40 + plen <= avail ? 40 + plen : 0;
-}
-
 /* --in faces one router, the enterprise gateway: whatever it sends
  * tells TPB where unwrapped packets go when they were addressed to TPB's
  * own MAC (see decap.c: deliver). */
@@ -71,7 +58,7 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
         br->tc.drop[TPB_DROP_ENCAP_NOT_IP]++;
         return;
     }
-    len = inner_len(ip, f->len - ETH_HLEN, proto);
+    len = ip_len(ip, f->len - ETH_HLEN, proto);
     if (!len) {
         br->tc.drop[TPB_DROP_ENCAP_BAD]++;
         return;

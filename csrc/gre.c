@@ -159,3 +159,50 @@ int ecn_decap(uint8_t outer_tos, uint8_t inner_tos)
         return 1;
     return i;
 }
+
+int ecn_decap_inner(uint8_t outer_tos, uint8_t *in, uint16_t proto)
+{
+    uint8_t tos = proto == ETYPE_IPV4 ? in[1]
+                                      : (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4);
+    int e = ecn_decap(outer_tos, tos);
+    uint16_t old;
+
+    if (e < 0)
+        return -1;
+    if (e == (tos & ECN_MASK))
+        return 0;
+    if (proto == ETYPE_IPV4) {
+        old = rd16(in);
+        in[1] = (uint8_t)((tos & ~ECN_MASK) | e);
+        wr16(in + 10, csum_replace16(rd16(in + 10), old, rd16(in)));
+    } else {
+        in[1] = (uint8_t)((in[1] & 0xcf) | e << 4);
+    }
+    return 0;
+}
+
+void gre_setup(struct gre_tx *tx, struct gre_rx *rx, uint32_t local,
+               uint32_t remote, uint32_t key, uint8_t has_key, uint8_t csum,
+               uint8_t seq, int16_t ttl, int16_t tos)
+{
+    tx->local = rx->local = local;
+    tx->remote = rx->remote = remote;
+    tx->key = rx->key = key;
+    tx->has_key = rx->has_key = has_key;
+    tx->csum = rx->csum = csum;
+    tx->seq = rx->seq = seq;
+    tx->ttl = ttl;
+    tx->tos = tos;
+}
+
+size_t ip_len(const uint8_t *ip, size_t avail, uint16_t proto)
+{
+    size_t plen;
+
+    if (proto == ETYPE_IPV4)
+        return ip4_check(ip, avail);
+    if (avail < 40 || (ip[0] >> 4) != 6)
+        return 0;
+    plen = rd16(ip + 4);
+    return plen && 40 + plen <= avail ? 40 + plen : 0;
+}

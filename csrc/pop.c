@@ -187,8 +187,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
     struct gre_pkt g;
     struct peer *p;
     uint8_t *in, a[16];
-    int rc, e;
-    uint16_t old;
+    int rc;
 
     if (!tot) {
         pop->global.drop[TPB_DROP_OUTER_BAD]++;
@@ -206,30 +205,14 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     in = ip + ihl + g.off;
-    ilen = tot - ihl - g.off;
-    if (g.proto == ETYPE_IPV4) {
-        ilen = ip4_check(in, ilen);
-    } else {
-        size_t plen = ilen >= 40 && (in[0] >> 4) == 6 ? rd16(in + 4) : 0;
-        ilen = plen && 40 + plen <= ilen ? 40 + plen : 0;
-    }
+    ilen = ip_len(in, tot - ihl - g.off, g.proto);
     if (!ilen || inner_addr(in, ilen, 0, a) != g.proto) {
         p->c.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
-    /* RFC 6040 4.2 */
-    e = ecn_decap(ip[1], g.proto == ETYPE_IPV4 ? in[1]
-                                                : (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4));
-    if (e < 0) {
+    if (ecn_decap_inner(ip[1], in, g.proto)) {    /* RFC 6040 4.2 */
         p->c.drop[TPB_DROP_ECN]++;
         return;
-    }
-    if (g.proto == ETYPE_IPV4 && (in[1] & ECN_MASK) != e) {
-        old = rd16(in);
-        in[1] = (uint8_t)((in[1] & ~ECN_MASK) | e);
-        wr16(in + 10, csum_replace16(rd16(in + 10), old, rd16(in)));
-    } else if (g.proto == ETYPE_IPV6) {
-        in[1] = (uint8_t)((in[1] & 0xcf) | e << 4);
     }
     learn(pop, a, (uint32_t)(p - pop->peers));
     if (write(pop->tun, in, ilen) != (ssize_t)ilen) {
@@ -384,14 +367,8 @@ static void gre_side(struct peer *p, uint32_t local)
 {
     const struct tpb_pop_peer_config *c = &p->cfg;
 
-    p->tx.local = p->rx.local = local;
-    p->tx.remote = p->rx.remote = c->addr;
-    p->tx.key = p->rx.key = c->key;
-    p->tx.has_key = p->rx.has_key = c->has_key;
-    p->tx.csum = p->rx.csum = c->csum;
-    p->tx.seq = p->rx.seq = c->seq;
-    p->tx.ttl = c->ttl;
-    p->tx.tos = c->tos;
+    gre_setup(&p->tx, &p->rx, local, c->addr, c->key, c->has_key, c->csum,
+              c->seq, c->ttl, c->tos);
     p->sa.sin_family = AF_INET;
     p->sa.sin_addr.s_addr = htonl(c->addr);
 }

@@ -120,6 +120,18 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
  * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */
 int ecn_decap(uint8_t outer_tos, uint8_t inner_tos);
+/* The same, applied to the inner header in place (IPv4 checksum kept
+ * right, RFC 1624); returns -1 to drop. */
+int ecn_decap_inner(uint8_t outer_tos, uint8_t *in, uint16_t proto);
+
+/* Both directions of one tunnel from its settings. */
+void gre_setup(struct gre_tx *tx, struct gre_rx *rx, uint32_t local,
+               uint32_t remote, uint32_t key, uint8_t has_key, uint8_t csum,
+               uint8_t seq, int16_t ttl, int16_t tos);
+
+/* Length of the IPv4 or IPv6 packet at ip (avail bytes available), or 0
+ * if its header is malformed; Ethernet padding is not part of it. */
+size_t ip_len(const uint8_t *ip, size_t avail, uint16_t proto);
 
 /* Validates an IPv4 header at p (len bytes available): version, IHL,
  * total length, header checksum.  Returns the total length or 0. */
