@@ -1,17 +1,21 @@
 """`python -m bench` (as root, from the repository root; `make bench`):
-the Linux bridge and TPB side by side on one topology, in one run.
+the Linux bridge and TPB side by side, plain and tunneling, in one run.
 
-    gen — [eth2 DUT eth3] — sink        (tpb.lab.bench)
+    bench   gen — [eth2 DUT eth3] — sink                 bridge, tpb, tpb-encap
+    chain   gen — [eth2 A eth3] — [eth3 B eth2] — sink    chain, chain-gre
+    pop     gen — [eth2 DUT eth3] — pop — sink            pop-bridge, pop-tpb, pop-gre
 
-For each load, each run, each DUT (order alternating from run to run, so
+One lab at a time (bench/topo.py), torn down before the next.  In each,
+for each load, each run, each DUT (order alternating from run to run, so
 a drift of the machine hits every DUT alike): set the DUT up, measure,
-tear it down.  Then the table: medians, raw runs, ratios against the
-baselines with the targets.
+tear it down.  Then the table: medians, raw runs, the DUTs' own counters,
+ratios against the baselines with the targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import platform
 import shutil
@@ -28,10 +32,9 @@ from bench import report
 from bench.duts import Dut, default_duts, owned_pids
 from bench.loads import GEN_CPU, LOADS, Env, Load, ring_rate
 from bench.measure import foreign_load, wait_quiet
-from tpb import lab as labmod
+from bench.topo import TOPOS
 from tpb.errors import TpbError
 
-PREFIX = "tpbbench"  # its own namespaces: never those of the demo or the tests
 RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("trafgen", "iperf3", "ping", "taskset", "bridge", "ip", "sysctl")
 
@@ -91,11 +94,11 @@ def select(args: argparse.Namespace, duts: list[Dut]) -> tuple[list[Dut], list[L
     return duts, loads
 
 
-def variants(specs: list[str]) -> dict[str, list[str]]:
+def variants(specs: list[str], taken: set[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, rest = spec.partition("=")
-        if not sep or not name or name in ("bridge", "tpb") or name in out:
+        if not sep or not name or name in taken or name in out:
             raise TpbError(f"--tpb {spec!r}: want a new NAME=ARGS")
         out[name] = rest.split()
     return out
@@ -109,6 +112,25 @@ def preflight() -> None:
         raise TpbError(f"missing tools: {' '.join(missing)} (make deps)")
     if (os.cpu_count() or 1) < 2:
         raise TpbError("needs 2 CPUs: the generator on CPU 0, TPB on CPU 1")
+
+
+LOCK = Path("/run/lock/tpb-bench.lock")
+
+
+def lock() -> int:
+    """One harness at a time: a second one would delete the first's labs
+    (same namespace names) and kill its processes as leftovers.  The lock
+    goes with the process, however it ends."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TpbError(f"another python -m bench is running (pid {other})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _on_term(signum: int, _frame: FrameType | None) -> None:
@@ -140,10 +162,25 @@ def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
             if args.sink_drop
             else "its IP stack receives the 64-byte frames (UDP to the discard port, no socket)"
         ),
-        "DUTs:",
     ]
-    lines += [f"  {d.name:<10} {d.description}" for d in duts]
+    w = max(len(d.name) for d in duts) if duts else 0
+    for topo in TOPOS.values():
+        mine = [d for d in duts if d.topo == topo.name]
+        if mine:
+            lines.append(f"lab {topo.name} ({topo.prefix}-*): {topo.drawing}")
+            lines += [f"  {d.name:<{w}}  {d.description}" for d in mine]
+    lines += skipped(duts, loads)
     return "\n".join(lines)
+
+
+def skipped(duts: list[Dut], loads: list[Load]) -> list[str]:
+    names = {x.name for x in loads}
+    return [
+        f"not measured: {load} on {d.name}: {why}"
+        for d in duts
+        for load, why in d.skip.items()
+        if load in names
+    ]
 
 
 def measure(env: Env, load: Load, dut: Dut, rec: report.Record) -> None:
@@ -168,40 +205,51 @@ def measure(env: Env, load: Load, dut: Dut, rec: report.Record) -> None:
 def bench(
     args: argparse.Namespace, duts: list[Dut], loads: list[Load], rec: report.Record, workdir: Path
 ) -> None:
-    lab = labmod.bench(PREFIX)
-    stale = owned_pids(lab)
-    for ns, pids in stale.items():  # an earlier run of ours killed hard
-        print(f"bench: killing {len(pids)} leftover processes in {ns}", file=sys.stderr)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    with lab:
-        env = Env(lab, workdir, args.seconds, args.warmup, args.sink_drop)
-        env.start()
-        for load in loads:
-            for run in range(args.runs):
-                order = duts if run % 2 == 0 else duts[::-1]
-                for dut in order:
-                    if not load.applies(dut):
-                        continue
-                    if load.name == "ringcheck" and ring_rate(dut, rec.values) is None:
-                        continue
-                    if args.max_wait > 0:
-                        wait_quiet(
-                            report.FOREIGN_LIMIT,
-                            args.max_wait,
-                            lambda x: print(
-                                f"  (waiting: other processes use {x:.2f} CPU)", flush=True
-                            ),
-                        )
-                    try:
-                        measure(env, load, dut, rec)
-                    except TpbError as e:
-                        msg = f"{load.name} {dut.name} run {run + 1}: {e}"
-                        rec.errors.append(msg)
-                        print(f"  ERROR {msg}", flush=True)
+    """Each lab in turn, with its DUTs."""
+    for topo in TOPOS.values():
+        mine = [d for d in duts if d.topo == topo.name]
+        if not any(load.name not in d.skip for d in mine for load in loads):
+            continue
+        lab = topo.lab()
+        for ns, pids in owned_pids(lab).items():  # an earlier run of ours killed hard
+            print(f"bench: killing {len(pids)} leftover processes in {ns}", file=sys.stderr)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        print(f"lab {topo.name}: {topo.drawing}", flush=True)
+        with lab:  # down() also on an error or Ctrl-C: namespaces, veths, TUN, nft
+            env = Env(lab, topo, workdir, args.seconds, args.warmup, args.sink_drop)
+            env.start()
+            bench_lab(args, env, mine, loads, rec)
+
+
+def bench_lab(
+    args: argparse.Namespace, env: Env, duts: list[Dut], loads: list[Load], rec: report.Record
+) -> None:
+    for load in loads:
+        for run in range(args.runs):
+            order = duts if run % 2 == 0 else duts[::-1]
+            for dut in order:
+                if load.name in dut.skip or not load.applies(dut):
+                    continue
+                if load.name == "ringcheck" and ring_rate(dut, rec.values) is None:
+                    continue
+                if args.max_wait > 0:
+                    wait_quiet(
+                        report.FOREIGN_LIMIT,
+                        args.max_wait,
+                        lambda x: print(
+                            f"  (waiting: other processes use {x:.2f} CPU)", flush=True
+                        ),
+                    )
+                try:
+                    measure(env, load, dut, rec)
+                except TpbError as e:
+                    msg = f"{load.name} {dut.name} run {run + 1}: {e}"
+                    rec.errors.append(msg)
+                    print(f"  ERROR {msg}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,12 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="tpb-bench-"))
     interrupted = False
+    duts: list[Dut] = []
+    loads: list[Load] = []
     try:
         preflight()
+        lock()
         # The harness belongs to the generator's side: on CPU 1 it could
         # take the DUT's CPU away for the milliseconds a ring overflows in.
         os.sched_setaffinity(0, {int(GEN_CPU)})
-        duts, loads = select(args, default_duts(workdir, variants(args.tpb)))
+        known = {d.name for d in default_duts(workdir, {})}
+        duts, loads = select(args, default_duts(workdir, variants(args.tpb, known)))
         print(header(args, duts, loads), flush=True)
         idle = foreign_load(1.0)
         print(f"other processes before start: {idle:.2f} CPU", flush=True)
@@ -244,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"* other processes used more than {report.FOREIGN_LIMIT} CPU during that run")
     for line in report.ring_verdicts(rec, duts):
         print(line)
+    for line in skipped(duts, loads):
+        print(line)
+    counters = report.counters(rec, duts)
+    if counters:
+        print()
+        print(counters)
     print()
     print(report.ratios(rec, duts) or "ratios: no baseline measured in this run")
     print()

@@ -1,14 +1,14 @@
-"""The devices under test (DUTs): whatever forwards between dut:eth2 and
-dut:eth3 of the bench lab (gen — [eth2 DUT eth3] — sink).
+"""The devices under test (DUTs): whatever forwards between the gen and
+the sink of one of the bench's labs (bench/topo.py; most DUTs sit between
+dut:eth2 and dut:eth3 of gen — [eth2 DUT eth3] — sink).
 
 A DUT is an entry with its own setup() and teardown(); the harness brings
 each one up afresh for every single measurement, so per-process counters
-(TPB's) belong to exactly one measurement.  To add a variant (TPB
-encapsulating into GRE, TPB through a POP...), subclass Dut or TpbRun,
-do the extra plumbing in setup()/teardown() (the lab is yours while the
-DUT runs: add namespaces under lab.prefix, links, addresses; remove them
-in teardown()), append an instance in default_duts(), and name in
-`baselines` the DUTs it is to be compared with, with the targets to show.
+(TPB's) belong to exactly one measurement.  To add a variant, subclass Dut
+or TpbRun, do the extra plumbing in setup()/teardown() (the lab is yours
+while the DUT runs; or add a topology in bench/topo.py), append an instance
+in default_duts(), and name in `baselines` the DUTs it is to be compared
+with, with the targets to show.  The tunnel DUTs are in bench/tunnels.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.measure import any_cpu
 from tpb.errors import TpbError
@@ -60,6 +61,16 @@ class Dut:
     baselines: dict[str, dict[str, Target]] = field(default_factory=dict)
     # forwards through an AF_PACKET ring whose drops are to be checked
     ring_check: bool = False
+    topo: str = "bench"  # the lab it runs in (bench/topo.py)
+    # loads that do not apply to it -> why (printed with the results)
+    skip: dict[str, str] = field(default_factory=dict)
+    pingable: bool = True  # the gen can ping the sink through it
+
+    def counter_lines(self, load: str, infos: list[dict[str, float]]) -> list[str]:
+        """What its own counters say about one load's runs (after the
+        table); infos: the runs' info dicts, in measurement order."""
+        del load, infos
+        return []
 
     def setup(self, lab: Lab) -> None:
         raise NotImplementedError
@@ -103,26 +114,26 @@ class KernelBridge(Dut):
         return {}
 
 
-@dataclass
-class TpbRun(Dut):
-    """`python -m tpb run --in eth2 --out eth3 ARGS` in the DUT's namespace."""
+class TpbProc:
+    """One `python -m tpb SUBCOMMAND ...` in a lab node: started until it
+    prints its ready line, stopped with SIGTERM, its exit counters read
+    from the --counters file it writes."""
 
-    args: list[str] = field(default_factory=list)
-    workdir: Path = Path("/tmp")
-    _proc: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
-    _counters: Path | None = field(default=None, init=False, repr=False)
-
-    def setup(self, lab: Lab) -> None:
-        self._counters = self.workdir / f"{self.name}-counters.json"
-        self._counters.unlink(missing_ok=True)
+    def __init__(self, label: str, node: str, argv: list[str], ready: str, workdir: Path) -> None:
+        self.label, self.node, self.argv, self.ready = label, node, argv, ready
+        self.counters = workdir / f"{label}-counters.json"
         # an empty configuration: a /etc/tpb/tpb.toml must not change the DUT
-        config = self.workdir / "empty.toml"
-        config.touch()
-        argv = [sys.executable, "-m", "tpb", "run", "--config", str(config)]
-        argv += ["--in", "eth2", "--out", "eth3", *self.args, "--counters", str(self._counters)]
+        self.config = workdir / "empty.toml"
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self, lab: Lab) -> None:
+        self.counters.unlink(missing_ok=True)
+        self.config.touch()
+        sub, *rest = self.argv
+        argv = [sys.executable, "-m", "tpb", sub, "--config", str(self.config), *rest]
         p = lab.spawn(
-            "dut",
-            argv,
+            self.node,
+            [*argv, "--counters", str(self.counters)],
             cwd=str(REPO),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -135,16 +146,17 @@ class TpbRun(Dut):
         assert p.stderr is not None
         deadline = time.monotonic() + 30
         seen = ""
-        while "tpb: bridging" not in seen:
+        while self.ready not in seen:
             left = deadline - time.monotonic()
             if left <= 0 or p.poll() is not None:
-                self._stop()
-                raise TpbError(f"{self.name}: did not start: {seen.strip() or 'timeout'}")
+                self.stop()
+                raise TpbError(f"{self.label}: did not start: {seen.strip() or 'timeout'}")
             # unbuffered reads: select() knows nothing of a file's buffer
             if select.select([p.stderr], [], [], min(left, 0.5))[0]:
                 seen += os.read(p.stderr.fileno(), 4096).decode(errors="replace")
 
-    def _stop(self) -> str:
+    def stop(self) -> str:
+        """SIGTERM (SIGKILL after 20 s); its stdout."""
         p = self._proc
         self._proc = None
         if p is None:
@@ -158,28 +170,86 @@ class TpbRun(Dut):
             out, _err = p.communicate()
         return out or ""
 
+    def finish(self) -> dict[str, Any]:
+        """stop(), then the exit counters (TpbError if none were written)."""
+        out = self.stop()
+        if not self.counters.exists():
+            raise TpbError(f"{self.label}: wrote no counters (stdout: {out.strip()!r})")
+        data = json.loads(self.counters.read_text())
+        self.counters.unlink()
+        return data
+
+
+# the tunnel counters kept per measurement (struct tpb_tunnel_counters)
+TUNNEL_KEYS = (
+    "encap_packets",
+    "decap_packets",
+    "gso_packets",
+    "gso_segments",
+    "mss_clamped",
+    "fragments",
+    "icmp_sent",
+)
+
+
+def run_stats(data: dict[str, Any]) -> dict[str, float]:
+    """A `tpb run` counters file as flat numbers: both ports' sums, TPB's
+    own drops (own_drops; by reason, non-zero: drop_port_* of the ports,
+    drop_* of the tunnel), and in tunnel mode the tunnel's counters (tun_*)."""
+    ports = [data["in"], data["out"]]
+    stats: dict[str, float] = {}
+    for key in ("kernel_drops", "kernel_packets", "rx_frames", "tx_frames"):
+        stats[key] = sum(port[key] for port in ports)
+    stats["own_drops"] = 0
+    for port in ports:
+        for k, v in port.items():
+            if k.startswith("drop_") and v:
+                stats[f"drop_port_{k[5:]}"] = stats.get(f"drop_port_{k[5:]}", 0) + v
+                stats["own_drops"] += v
+    tunnel = data.get("tunnel") or {}
+    if tunnel.get("encap_packets") or tunnel.get("decap_packets") or tunnel.get("drop"):
+        for key in TUNNEL_KEYS:
+            stats[f"tun_{key}"] = tunnel.get(key, 0)
+        for reason, n in (tunnel.get("drop") or {}).items():
+            stats[f"drop_{reason}"] = n
+            stats["own_drops"] += n
+    return stats
+
+
+@dataclass
+class TpbRun(Dut):
+    """`python -m tpb run --in IN --out OUT ARGS` in one node of the lab."""
+
+    args: list[str] = field(default_factory=list)
+    workdir: Path = Path("/tmp")
+    node: str = "dut"
+    in_if: str = "eth2"
+    out_if: str = "eth3"
+    _tpb: TpbProc | None = field(default=None, init=False, repr=False)
+
+    def command(self) -> list[str]:
+        return ["run", "--in", self.in_if, "--out", self.out_if, *self.args]
+
+    def setup(self, lab: Lab) -> None:
+        self._tpb = TpbProc(self.name, self.node, self.command(), "tpb: bridging", self.workdir)
+        self._tpb.start(lab)
+
     def teardown(self, lab: Lab) -> dict[str, float]:
-        out = self._stop()
-        if self._counters is None or not self._counters.exists():
-            raise TpbError(f"{self.name}: wrote no counters (stdout: {out.strip()!r})")
-        data = json.loads(self._counters.read_text())
-        self._counters.unlink()
-        ports = [data["in"], data["out"]]
-        stats: dict[str, float] = {}
-        for key in ("kernel_drops", "kernel_packets", "rx_frames", "tx_frames"):
-            stats[key] = sum(port[key] for port in ports)
-        stats["own_drops"] = sum(
-            v for port in ports for k, v in port.items() if k.startswith("drop_")
-        )
-        tunnel = data.get("tunnel") or {}
-        if isinstance(tunnel.get("drop"), dict):
-            stats["own_drops"] += sum(tunnel["drop"].values())
-        return stats
+        tpb, self._tpb = self._tpb, None
+        return run_stats(tpb.finish()) if tpb else {}
+
+    def abort(self) -> None:
+        """Stop it, counters unread (a failed setup of a larger DUT)."""
+        tpb, self._tpb = self._tpb, None
+        if tpb:
+            tpb.stop()
 
 
 def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]:
     """The DUT list, in order.  tpb_variants: more TPB entries (name ->
     extra `tpb run` arguments), compared with the bridge like `tpb`."""
+    from bench import tunnels  # it builds on this module's classes
+
     duts: list[Dut] = [
         KernelBridge("bridge", "Linux bridge br0 (no STP, forward delay 0, no br_netfilter)"),
         TpbRun(
@@ -202,7 +272,7 @@ def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]
                 workdir=workdir,
             )
         )
-    return duts
+    return duts + tunnels.duts(workdir)
 
 
 def owned_pids(lab: Lab) -> dict[str, list[int]]:

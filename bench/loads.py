@@ -1,9 +1,12 @@
 """The loads: each measures one DUT once and returns a Sample.
 
-All traffic goes gen -> DUT -> sink.  The generator side (trafgen, the
-iperf3 client, ping) is pinned to CPU 0; a DUT that has a process of its
-own pins it to CPU 1.  The sink's counters and the machine's CPU time are
-read at the two ends of a measured interval that starts after a warm-up.
+All traffic goes gen -> DUT -> sink (in the pop lab gen -> DUT -> pop ->
+sink).  The generator side (trafgen, the iperf3 client, ping) is pinned to
+CPU 0; a DUT that has a process of its own pins it to CPU 1.  The sink's
+counters and the machine's CPU time are read at the two ends of a measured
+interval that starts after a warm-up.  Before the frames, a few pings
+check the path (not through a DUT the sink cannot answer through, as
+tpb-encap); the frames must then be seen at the sink.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from bench.duts import Dut
 from bench.frames import trafgen_cfg, udp_frame
 from bench.measure import ForeignCpu, any_cpu, cpu_times, ifstats, median
-from tpb import lab as labmod
+from bench.topo import Topo
 from tpb.errors import TpbError
 from tpb.lab import Lab
 
@@ -43,9 +46,10 @@ def _others(f: ForeignCpu, dt: float) -> str:
 
 @dataclass
 class Env:
-    """What every load needs: the lab, its anchors, the options."""
+    """What every load needs: the lab, its topology, its anchors, the options."""
 
     lab: Lab
+    topo: Topo
     workdir: Path
     seconds: float
     warmup: float
@@ -61,24 +65,29 @@ class Env:
             self.anchors[node] = p.pid
         self.lab.spawn(
             "sink",
-            ["iperf3", "-s", "-B", labmod.SINK],
+            ["iperf3", "-s", "-B", self.topo.sink_ip],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=any_cpu,  # not pinned, unlike the harness (CPU 0)
         )
-        gen, sink = self.lab.iface("gen", "eth0"), self.lab.iface("sink", "eth0")
-        frame = udp_frame(sink.mac, gen.mac, labmod.GEN, labmod.SINK, size=FRAME_LEN, port=UDP_PORT)
-        self.trafgen_cfg = self.workdir / "udp64.cfg"
+        # to the sink's IP address and to the gen's next hop's MAC: the
+        # sink's own, or the pop's (a router)
+        gen, hop = self.lab.iface("gen", "eth0"), self.lab.iface(*self.topo.next_hop)
+        frame = udp_frame(
+            hop.mac, gen.mac, self.topo.gen_ip, self.topo.sink_ip, size=FRAME_LEN, port=UDP_PORT
+        )
+        self.trafgen_cfg = self.workdir / f"udp64-{self.topo.name}.cfg"
         self.trafgen_cfg.write_text(trafgen_cfg(frame))
         if self.sink_drop:
             # counted in rx_packets (by the veth peer's transmit), then
-            # dropped before the sink's IP stack: the sink costs next to nothing
+            # dropped before the sink's IP stack: the sink costs next to
+            # nothing (GRE: what tpb-encap sends it)
             nft = ["nft", "-f", "-"]
             rules = (
                 "table netdev bench {\n chain ingress {\n"
                 "  type filter hook ingress device eth0 priority 0;\n"
-                f"  udp dport {UDP_PORT} drop\n }}\n}}\n"
+                f"  udp dport {UDP_PORT} drop\n  ip protocol gre drop\n }}\n}}\n"
             )
             res = subprocess.run(
                 self.lab.cmd("sink", nft), input=rules, capture_output=True, text=True
@@ -91,7 +100,9 @@ class Env:
         deadline = time.monotonic() + wait
         while True:
             res = self.lab.run(
-                "gen", ["ping", "-c", str(count), "-i", "0.05", "-W", "1", labmod.SINK], check=False
+                "gen",
+                ["ping", "-c", str(count), "-i", "0.05", "-W", "1", self.topo.sink_ip],
+                check=False,
             )
             if res.returncode == 0:
                 return
@@ -146,19 +157,22 @@ def _trafgen(env: Env, pps: int | None) -> subprocess.Popen:
     )
 
 
-def _blast(env: Env, pps: int | None) -> tuple[dict[str, float], str]:
+def _blast(env: Env, dut: Dut, pps: int | None) -> tuple[dict[str, float], str]:
     """trafgen 60-byte frames (64 on the wire) for warm-up + seconds; count
     over the measured interval."""
-    env.ping_ok()
+    if dut.pingable:
+        env.ping_ok()
     tg = _trafgen(env, pps)
     try:
-        g0 = env.gen_tx()
-        deadline = time.monotonic() + 5
-        while env.gen_tx() == g0:
-            if tg.poll() is not None or time.monotonic() > deadline:
-                err = tg.stderr.read().decode(errors="replace") if tg.stderr else ""
-                raise TpbError(f"trafgen sends nothing: {err.strip()[-300:]}")
-            time.sleep(0.01)
+        checks = (("trafgen sends nothing", env.gen_tx), ("no frame reaches the sink", env.sink_rx))
+        for what, count in checks:
+            c0 = count()
+            deadline = time.monotonic() + 5
+            while count() == c0:
+                if tg.poll() is not None or time.monotonic() > deadline:
+                    err = tg.stderr.read().decode(errors="replace") if tg.stderr else ""
+                    raise TpbError(f"{what}: {err.strip()[-300:]}" if err else what)
+                time.sleep(0.01)
         time.sleep(env.warmup)
         foreign = ForeignCpu()
         foreign.start()
@@ -185,8 +199,8 @@ def _blast(env: Env, pps: int | None) -> tuple[dict[str, float], str]:
 
 def udp64(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
     """64-byte UDP frames from trafgen at full speed."""
-    del dut, results
-    r, others = _blast(env, None)
+    del results
+    r, others = _blast(env, dut, None)
     return Sample(
         {"udp64_mpps": r["mpps"], "udp64_ns": r["ns_per_frame"]},
         {k: r[k] for k in ("offered_mpps", "busy_cpus", "steal_cpus", "foreign_cpus")},
@@ -211,7 +225,7 @@ def ringcheck(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) ->
     pps = ring_rate(dut, results)
     if pps is None:
         raise TpbError(f"{dut.name}: ring check needs its 64-byte rate (load udp64)")
-    r, others = _blast(env, pps)
+    r, others = _blast(env, dut, pps)
     return Sample(
         {"ring_offered_mpps": r["offered_mpps"], "ring_mpps": r["mpps"]},
         {"target_mpps": pps / 1e6, "busy_cpus": r["busy_cpus"], "foreign_cpus": r["foreign_cpus"]},
@@ -224,7 +238,7 @@ def tcp(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sampl
     del dut, results
     env.ping_ok()
     omit = max(1, round(env.warmup))
-    argv = ["taskset", "-c", GEN_CPU, "iperf3", "-c", labmod.SINK, "-J"]
+    argv = ["taskset", "-c", GEN_CPU, "iperf3", "-c", env.topo.sink_ip, "-J"]
     argv += ["-t", str(max(1, round(env.seconds))), "-O", str(omit)]
     foreign = ForeignCpu()
     foreign.start()
@@ -261,7 +275,7 @@ def rtt(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sampl
     t0 = time.monotonic()
     res = env.lab.run(
         "gen",
-        ["taskset", "-c", GEN_CPU, "ping", "-c", "20", "-i", "0.05", "-W", "1", labmod.SINK],
+        ["taskset", "-c", GEN_CPU, "ping", "-c", "20", "-i", "0.05", "-W", "1", env.topo.sink_ip],
         check=False,
     )
     dt = time.monotonic() - t0

@@ -48,6 +48,23 @@ ring check: trafgen paced by a tbf qdisc on gen:eth0 (--qdisc-path) at half
 TCP: iperf3 -c sink, one stream, client pinned to CPU 0 (the server is not
   pinned), first second omitted; Gbit/s received.
 RTT: median of 20 pings 50 ms apart (ping pinned to CPU 0), after 5 warm-up pings.
+tpb-encap: every frame leaves TPB as GRE toward 198.18.0.20 (nobody's) behind
+  the sink's MAC; the sink counts it and its IP stack drops it (not its
+  address), where for the plain DUTs it takes the UDP to the discard port.
+  The sink's receive runs on the CPU that sent to it (TPB's, CPU 1).  And
+  every frame takes TPB's selection path (nft ingress chain, fwd into TPB's
+  veth pair) on the CPU that receives it at eth2: the gen's, CPU 0 here.
+chain lab: A and B are both pinned to CPU 1; every hop after the gen's
+  transmit (B's rings, the sink's TCP, the ACKs back) runs there too.
+pop lab: the gen's frames go to the pop's MAC (its gateway) and are routed
+  by the pop to the sink (TTL 63).  `tpb pop`, the pop's routing and the
+  sink are not pinned: with 2 CPUs they share them with the gen and TPB.
+  The pop's raw GRE socket drops (/proc/net/raw, read before tpb pop
+  stops) are what its kernel threw away for want of receive buffer; this
+  kernel then answers ICMP protocol-unreachable (rate-limited), which TPB
+  counts as local_other drops.
+Counters (TPB's, the pop's): at each process's exit, over its whole life
+  (pings, warm-up, measured interval), not only the measured interval.
 Each value: median of the runs; the raw runs follow in measurement order.
 Ratios: DUT median / baseline median (for CPU ns/frame and RTT, lower is better)."""
 
@@ -136,6 +153,18 @@ def ring_verdicts(rec: Record, duts: list[Dut]) -> list[str]:
     return out
 
 
+def counters(rec: Record, duts: list[Dut]) -> str:
+    """The DUTs' own counters, per load, every run in measurement order."""
+    lines = []
+    for d in duts:
+        for load, infos in rec.info.get(d.name, {}).items():
+            rows = d.counter_lines(load, infos)
+            if rows:
+                lines.append(f"{d.name}, {load} (per run):")
+                lines += rows
+    return ("counters of the tunnel DUTs:\n" + "\n".join(lines)) if lines else ""
+
+
 def ratios(rec: Record, duts: list[Dut]) -> str:
     lines = []
     for d in duts:
@@ -161,6 +190,7 @@ def write_json(path: Path, rec: Record, duts: list[Dut], meta: dict[str, object]
     data = {
         "meta": meta,
         "duts": {d.name: d.description for d in duts},
+        "labs": {d.name: d.topo for d in duts},
         "medians": {d: {k: median(v) for k, v in per.items()} for d, per in rec.values.items()},
         "values": rec.values,
         "info": rec.info,
