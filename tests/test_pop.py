@@ -451,6 +451,11 @@ BAD = {
     # Found only when starting: still one line, and nothing left behind.
     "local-not-ours": (["--local", "192.0.2.99", "--peer", T_TPB], ["192.0.2.99"]),
     "tun-name-taken": (["--local", T_POP, "--peer", T_TPB, "--tun", "eth0"], ["eth0"]),
+    # the pop's own link: refused, never taken over (and lost at exit)
+    "prefix-already-routed": (
+        ["--local", T_POP, "--peer", f"{T_TPB},prefix=198.51.100.32/28"],
+        ["cannot route"],
+    ),
 }
 
 

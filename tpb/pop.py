@@ -231,7 +231,14 @@ def main(args: argparse.Namespace) -> int:
         _ip("link", "set", tun.name, "up")
         for peer in s.peers:
             for pfx in peer.prefixes:
-                _ip("route", "replace", pfx, "dev", tun.name)
+                # `add`, not `replace`: a prefix that is already routed (the
+                # POP's own link, say) is a configuration error to show,
+                # not a route to take over and lose at exit.
+                r = subprocess.run(["ip", "route", "add", pfx, "dev", tun.name],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    raise TpbError(f"peer {peer.address}: prefix {pfx}: cannot route it "
+                                   f"into {tun.name}: {r.stderr.strip()}")
         prefixes = [
             (*_prefix_struct(p), i) for i, peer in enumerate(s.peers) for p in peer.prefixes
         ]
