@@ -8,8 +8,6 @@ at teardown (Lab.down() stops what Lab.spawn() started)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import re
@@ -22,11 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rawsock import netns
 
 from tpb import lab as labmod
 from tpb.lab import Lab
@@ -40,8 +39,6 @@ ETH_P_IP = 0x0800
 SOL_PACKET = 263
 PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ---- tools ------------------------------------------------------------------
@@ -207,27 +204,6 @@ def tunnel_args(local: str, *extra: str) -> list[str]:
 # ---- namespaces and packet sockets ------------------------------------------
 
 
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[None]:
-    """This thread in network namespace `name` for the block: a socket
-    created here belongs to that namespace for its whole life."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"setns({name}): {os.strerror(e)}")
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover
-                e = ctypes.get_errno()
-                raise OSError(e, f"setns(back): {os.strerror(e)}")
-    finally:
-        os.close(home)
 
 
 class FrameSender:

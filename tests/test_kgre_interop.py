@@ -112,6 +112,7 @@ def test_full_size_and_fragments_both_ways(lab, tmp_path):
     """1500-byte inner packets: TPB fragments toward Linux (inner, then outer
     mode), Linux's nopmtudisc tunnel (gre1 MTU 1500) fragments the outer
     packet toward TPB, which reassembles it."""
+    reassembled = 0
     with boot(lab, pmtudisc=False, gre_mtu=1500):
         for mode in ("inner", "outer"):
             tpb = Tpb(lab, tmp_path, "--fragment", mode)
@@ -124,11 +125,12 @@ def test_full_size_and_fragments_both_ways(lab, tmp_path):
             assert huge.returncode == 0, huge.stdout + huge.stderr
             t = c["tunnel"]
             assert t["fragments"] > 0 and t["fragmented"] > 0
-            # Linux sent (some of) its 1500-byte replies as outer fragments;
-            # once it has learned the tunnel's PMTU it fragments the inner
-            # packet instead, so not every reply needs reassembly.
-            assert t["reasm_done"] >= 1, (mode, t)
             assert not {k for k in t["drop"] if k.startswith("reasm")}, t["drop"]
+            reassembled += t["reasm_done"]
+    # Linux sends its first 1500-byte reply as outer fragments; once its
+    # tunnel has cached the path MTU it fragments the inner packet instead,
+    # so only the first replies of the boot need reassembly.
+    assert reassembled >= 1
 
 
 def test_df_too_big_gets_icmp_then_smaller_works(lab, tmp_path):

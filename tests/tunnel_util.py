@@ -14,7 +14,6 @@ fails with what the process said on stderr.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rawsock import netns
 
 from tpb import lab as labmod
 
@@ -314,31 +314,9 @@ ETH_P_ALL = 0x0003
 SO_RCVBUFFORCE = 33
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_VLAN_TPID_VALID = 0x40
-CLONE_NEWNET = 0x40000000
 AUXDATA = struct.Struct("=IIIHHHH")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[None]:
-    """This thread in network namespace `name` for the block."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"setns({name}): {os.strerror(e)}")
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover
-                e = ctypes.get_errno()
-                raise OSError(e, f"setns(back): {os.strerror(e)}")
-    finally:
-        os.close(home)
 
 
 @dataclass(frozen=True)
