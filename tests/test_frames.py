@@ -274,6 +274,13 @@ TSHARK_CHECKS = [
     "udp.check_checksum:TRUE",
     "-o",
     "tcp.check_checksum:TRUE",
+    # The UDP payload is a random marker: decode it as data, or a port or
+    # heuristic dissector may now and then choke on random bytes (seen:
+    # "Malformed Packet (Exception occurred)" on an 802.1ad frame).
+    "-d",
+    "udp.port==9,data",
+    "-d",
+    "udp.port==40000,data",
 ]
 
 

@@ -825,32 +825,32 @@ def test_ping_and_iperf3_through_the_tunnel(tlab, procs):
     pop = procs.pop(peer_spec(T_TPB))
     tpb = procs.tpb(*SELECT_SERVER)
     ping(tlab, "pc", T_SERVER, count=3)
-    srv = tlab.spawn(
-        "server",
-        ["iperf3", "-s", "-1", "-p", "5201"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        res = None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            res = tlab.run(
-                "pc",
-                ["iperf3", "-c", T_SERVER, "-p", "5201", "-t", "2", "-J"],
-                check=False,
-                timeout=30,
-            )
-            if res.returncode == 0 or "Connection refused" not in res.stdout + res.stderr:
-                break
-            time.sleep(0.2)  # the server is not listening yet
-        assert res is not None and res.returncode == 0, res
-        end = json.loads(res.stdout)["end"]
-        assert end["sum_received"]["bytes"] > 1_000_000, end["sum_received"]
-    finally:
-        if srv.poll() is None:
-            srv.kill()
-        srv.wait(timeout=10)
+    # A fresh one-off server per attempt, on its own port, listening before
+    # the client starts; a second attempt only if the first gave no result
+    # (iperf3 can end "successfully" without one on a loaded machine).
+    outcomes = []
+    for port in ("5201", "5202"):
+        srv = tlab.spawn("server", ["iperf3", "-s", "-1", "-p", port],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while f":{port}" not in tlab.run("server", ["ss", "-ltn"]).stdout:
+                assert time.monotonic() < deadline, "iperf3 server not listening"
+                time.sleep(0.05)
+            res = tlab.run("pc", ["iperf3", "-c", T_SERVER, "-p", port, "-t", "2", "-J"],
+                           check=False, timeout=30)
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+            srv.wait(timeout=10)
+        try:
+            received = json.loads(res.stdout)["end"]["sum_received"]["bytes"]
+        except (ValueError, KeyError):
+            received = 0
+        outcomes.append((res.returncode, received, res.stdout[-400:], res.stderr[-200:]))
+        if received:
+            break
+    assert outcomes[-1][1] > 1_000_000, outcomes
     t, p = tpb.stop()["tunnel"], pop.stop()["peers"][T_TPB]
     assert t["encap_packets"] > 100 and t["decap_packets"] > 100, t
     assert t["mss_clamped"] >= 1, t
@@ -873,7 +873,7 @@ def test_decapsulated_frames_go_to_the_in_side_router(tlab, procs):
     assert all((g.dst_mac, g.src_mac) == (TPB_OUT_MAC, GW2_MAC) for g in outer), outer
     replies = [Ether(f.data) for f in w1.seen]
     replies = [e for e in replies if ICMP in e and e[IP].src == T_SERVER and e[ICMP].type == 0]
-    assert len(replies) == 3, w1.seen
+    assert len(replies) >= 3, w1.seen
     assert all((e.dst, e.src) == (GW1_MAC, GW2_MAC) for e in replies), replies
     assert c["tunnel"]["arp_replies"] >= 1, c["tunnel"]
 
@@ -898,12 +898,13 @@ def test_off_link_tunnel_address_macs_unchanged(tlab, procs):
         tlab.run("gw2", ["ip", "route", "del", f"{OFF_LINK}/32"], check=False)
     sent = [g for g in map(parse_gre, (f.data for f in w2.seen if not f.outgoing)) if g]
     assert len(sent) == 3 and all(g.src == OFF_LINK for g in sent), sent
+    # the POP's replies (a straggler of an earlier test may come along too)
     outer = [g for g in map(parse_gre, (f.data for f in w2.seen if f.outgoing)) if g]
-    assert len(outer) == 3 and all(g.dst == OFF_LINK for g in outer), outer
+    assert len(outer) >= 3 and all(g.dst == OFF_LINK for g in outer), outer
     assert all((g.dst_mac, g.src_mac) == (GW1_MAC, GW2_MAC) for g in outer), outer
     replies = [Ether(f.data) for f in w1.seen]
     replies = [e for e in replies if ICMP in e and e[IP].src == T_SERVER and e[ICMP].type == 0]
-    assert len(replies) == 3, w1.seen
+    assert len(replies) >= 3, w1.seen
     assert all((e.dst, e.src) == (GW1_MAC, GW2_MAC) for e in replies), replies
     # no GRE reached gw1 undecapsulated
     assert not any(parse_gre(f.data) for f in w1.seen)
