@@ -96,32 +96,8 @@ class TpbProcess:
         stderr if it exits first or takes longer than `timeout`."""
         if self.counters_file.exists():
             self.counters_file.unlink()
-        self.proc = self.lab.spawn(
-            self.node, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while b"bridging" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._kill()
-                raise AssertionError(
-                    f"tpb did not say 'bridging' within {timeout}s; stderr: {buf.decode()!r}"
-                )
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:  # EOF: it exited
-                out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-                self.returncode = self.proc.returncode
-                raise AssertionError(
-                    f"tpb exited with status {self.returncode} before bridging; "
-                    f"stderr: {(buf + err).decode()!r}"
-                )
-            buf += chunk
-        self.stderr = buf.decode()
+        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, "bridging",
+                                             timeout, "tpb run")
         return self
 
     def _kill(self) -> None:
@@ -200,6 +176,35 @@ def port_state(lab: Lab, node: str, ifname: str) -> dict:
 
 def ports_state(lab: Lab, node: str = "tpb", ifnames: tuple[str, ...] = ("eth2", "eth3")) -> dict:
     return {i: port_state(lab, node, i) for i in ifnames}
+
+
+def spawn_until(lab: Lab, node: str, argv: list[str], ready: str, timeout: float,
+                what: str) -> tuple[subprocess.Popen, str]:
+    """Start `argv` in `node`; return (the process, its stderr so far) once
+    `ready` shows on its stderr.  If it exits first or takes longer than
+    `timeout`, it is reaped (killed if need be) and the test fails with
+    what it printed."""
+    proc = lab.spawn(node, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while ready.encode() not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            _, err = proc.communicate(timeout=STOP_TIMEOUT)
+            raise AssertionError(f"{what}: no {ready!r} within {timeout}s; "
+                                 f"stderr: {(buf + err).decode(errors='replace')!r}")
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:  # EOF: it exited
+            _, err = proc.communicate(timeout=STOP_TIMEOUT)
+            raise AssertionError(f"{what}: exited with status {proc.returncode} before "
+                                 f"{ready!r}; stderr: {(buf + err).decode(errors='replace')!r}")
+        buf += chunk
+    return proc, buf.decode(errors="replace")
 
 
 def read_until(stream, needle: bytes, timeout: float, what: str) -> bytes:

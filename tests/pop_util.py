@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import START_TIMEOUT, STOP_TIMEOUT, spawn_until
 from rawsock import netns
 
 from tpb import lab as labmod
 from tpb.lab import Lab
 
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 15.0
 TUNNEL_MATCH = "ip daddr 203.0.113.0/24"
 
 ETH_P_ALL = 0x0003
@@ -100,33 +99,8 @@ class Daemon:
     def start(self, timeout: float = START_TIMEOUT) -> Daemon:
         if self.counters_file.exists():
             self.counters_file.unlink()
-        self.proc = self.lab.spawn(
-            self.node, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while self.ready.encode() not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                raise AssertionError(
-                    f"tpb {self.argv[3]} in {self.node}: no {self.ready!r} within {timeout}s; "
-                    f"stderr: {buf.decode()!r}"
-                )
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                _, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-                self.returncode = self.proc.returncode
-                raise AssertionError(
-                    f"tpb {' '.join(self.argv[3:])} in {self.node} exited with "
-                    f"{self.returncode} before {self.ready!r}; stderr: {(buf + err).decode()!r}"
-                )
-            buf += chunk
-        self.stderr = buf.decode()
+        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
+                                             timeout, f"tpb {self.argv[3]} in {self.node}")
         return self
 
     def signal(self, signum: int) -> int:

@@ -29,12 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import START_TIMEOUT, STOP_TIMEOUT, spawn_until
 from rawsock import netns
 
 from tpb import lab as labmod
-
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 15.0
 
 # The tunnel lab's MACs (tpb/lab.py), by role.
 PC_MAC = "02:00:00:00:00:40"
@@ -155,34 +153,8 @@ class Proc:
     def start(self, timeout: float = START_TIMEOUT) -> Proc:
         if self.counters_file.exists():
             self.counters_file.unlink()
-        self.proc = self.lab.spawn(
-            self.node, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while self.ready.encode() not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                raise AssertionError(
-                    f"{self.describe()}: no {self.ready!r} within {timeout}s; "
-                    f"stderr: {buf.decode(errors='replace')!r}"
-                )
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                _, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-                self.returncode = self.proc.returncode
-                raise AssertionError(
-                    f"{self.describe()}: exited with status {self.returncode} before "
-                    f"{self.ready!r}; stderr: {(buf + err).decode(errors='replace')!r}"
-                )
-            buf += chunk
-        self.stderr = buf.decode(errors="replace")
+        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
+                                             timeout, self.describe())
         return self
 
     def kill(self) -> None:
