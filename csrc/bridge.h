@@ -30,14 +30,14 @@
  * header scratch, or the arena; all of it stays valid until txq_flush(). */
 struct txq {
     int fd;                    /* qdisc bypassed */
-    int fd_gso;                /* through the qdisc: super-packets */
+    int fd_q;                  /* through the qdisc: see qdisc[] */
     struct tpb_port_counters *c;
     uint32_t n;
     struct mmsghdr msg[TXQ_MAX];
     struct iovec iov[TXQ_MAX][TXQ_IOV];
     uint8_t hdr[TXQ_MAX][TXQ_HDR];
     uint32_t len[TXQ_MAX];
-    uint8_t gso[TXQ_MAX];
+    uint8_t qdisc[TXQ_MAX];      /* 1: send through fd_q */
     uint8_t *arena;
     size_t arena_used;
 };
@@ -93,11 +93,12 @@ struct tpb_bridge {
 };
 
 /* txq.c */
-int txq_init(struct txq *q, int fd, int fd_gso, struct tpb_port_counters *c);
+int txq_init(struct txq *q, int fd, int fd_q, struct tpb_port_counters *c);
 void txq_free(struct txq *q);
 uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);
+void txq_commit_queued(struct txq *q, uint32_t i, int niov);
 void txq_flush(struct txq *q);
 void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,

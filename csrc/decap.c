@@ -7,15 +7,21 @@
  *                        is someone else's traffic, never unwrapped);
  *   2. arp_reply()       RFC 826: the tunnel address is at --out's MAC;
  *   3. to_local()        validate the outer IPv4 header; GRE from the POP
- *                        (reassembled first if fragmented, reasm.c), an
- *                        echo request (echo_reply), or a counted drop;
+ *                        (a partial inner checksum completed, reassembled
+ *                        first if fragmented, reasm.c), an echo request
+ *                        (echo_reply), or a counted drop;
  *   4. decap()           gre_decode() (version, flags, checksum, key,
- *                        sequence), inner header valid, RFC 6040 ECN, MSS;
+ *                        sequence), inner header valid, a super-packet's
+ *                        offsets inside it (gso_inner_ok), RFC 6040 ECN, MSS;
  *   5. deliver()         the inner packet out --in behind the received
  *                        Ethernet header — readdressed to the in-side router
  *                        when the frame was sent to TPB's own MAC (it found
  *                        TPB through arp_reply), since that router would
- *                        drop a frame not addressed to it.
+ *                        drop a frame not addressed to it; a super-packet
+ *                        with its vnet header moved (inner_vnet), for the
+ *                        kernel to segment on the way out.
+ * Super-packets come from --out's GRO, which merges GRE packets of one TCP
+ * flow: one frame through TPB instead of up to 45.
  */
 #define _GNU_SOURCE
 #include <string.h>
@@ -87,7 +93,7 @@ static void arp_reply(struct tpb_bridge *br, struct frame *f)
 /* 3. ------------------------------------------------------------------ */
 
 static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
-                  size_t tot);
+                  size_t tot, const struct virtio_net_hdr *gso);
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot);
 
@@ -106,13 +112,25 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             br->tc.drop[TPB_DROP_NOT_PEER]++;
             return;
         }
+        if (f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+            decap(br, f, ip, tot, f->vh);
+            return;
+        }
+        /* A sender on this host leaves the inner checksum partial (a NIC
+         * would fill it in): finish it, or the GRE checksum cannot add up
+         * and the packet would leave --in with a wrong one. */
+        if ((f->vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+            finish_csum(f->mac, f->len, f->vh)) {
+            br->tc.drop[TPB_DROP_INNER_BAD]++;
+            return;
+        }
         if (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) {
             ip = reasm_add(br->reasm, &br->tc, &br->q[TPB_PORT_IN], ip, tot,
                            br->now_ns, &tot);
             if (!ip)
                 return;             /* kept for later, or counted as dropped */
         }
-        decap(br, f, ip, tot);
+        decap(br, f, ip, tot, NULL);
         return;
     }
     if (ip[9] == IPPROTO_ICMP_ && !(rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
@@ -161,15 +179,31 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 /* 4. ------------------------------------------------------------------ */
 
 static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto);
+                    size_t ilen, uint16_t proto,
+                    const struct virtio_net_hdr *gso);
+
+/* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
+ * inner TCP flow (the kernel does for GRE without sequence numbers) and
+ * checked every checksum on the way.  The vnet header's offsets count from
+ * the outer Ethernet header; the inner L4 header must lie inside the inner
+ * packet, or the kernel could not segment it on the way out. */
+static int gso_inner_ok(const struct frame *f, const uint8_t *in, size_t ilen,
+                        const struct virtio_net_hdr *vh)
+{
+    size_t ioff = (size_t)(in - f->mac), start = vh->csum_start;
+    size_t l3 = in[0] >> 4 == 4 ? (size_t)(in[0] & 0x0f) * 4 : 40;
+
+    return (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && vh->gso_size &&
+           start >= ioff + l3 && start + vh->csum_offset + 2 <= ioff + ilen;
+}
 
 static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
-                  size_t tot)
+                  size_t tot, const struct virtio_net_hdr *gso)
 {
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen;
     struct gre_pkt g;
     uint8_t *in;
-    int rc = gre_decode(&br->grx, ip + ihl, tot - ihl, &g);
+    int rc = gre_decode(&br->grx, ip + ihl, tot - ihl, gso != NULL, &g);
 
     if (rc) {
         br->tc.drop[rc]++;
@@ -181,18 +215,43 @@ static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
         br->tc.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
+    if (gso && !gso_inner_ok(f, in, ilen, gso)) {
+        br->tc.drop[TPB_DROP_GSO_BAD]++;
+        return;
+    }
     if (ecn_decap_inner(ip[1], in, g.proto)) {
         br->tc.drop[TPB_DROP_ECN]++;
         return;
     }
     clamp_mss(br, in, ilen, g.proto, 0);
-    deliver(br, f, in, ilen, g.proto);
+    deliver(br, f, in, ilen, g.proto, gso);
 }
 
 /* 5. ------------------------------------------------------------------ */
 
+/* The super-packet's vnet header for the inner packet behind an Ethernet
+ * header of elen bytes: offsets moved by what was stripped. */
+static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
+                       const uint8_t *in, size_t ilen, size_t elen)
+{
+    size_t shift = (size_t)(in - f->mac) - elen;
+    const uint8_t *l4 = f->mac + vh->csum_start;
+
+    size_t l4len = (vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) ==
+                           VIRTIO_NET_HDR_GSO_UDP_L4
+                       ? 8
+                       : (size_t)(l4[12] >> 4) * 4;
+
+    vh->csum_start = (uint16_t)(vh->csum_start - shift);
+    /* A hint of the headers' length; never past the packet's end. */
+    vh->hdr_len = (uint16_t)(vh->csum_start + l4len < elen + ilen
+                                 ? vh->csum_start + l4len
+                                 : elen + ilen);
+}
+
 static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto)
+                    size_t ilen, uint16_t proto,
+                    const struct virtio_net_hdr *gso)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -211,11 +270,18 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     h = q->hdr[i];
     memset(h, 0, VNET_LEN);
     n = VNET_LEN + eth_write(h + VNET_LEN, dst, src, f, proto);
+    if (gso) {
+        memcpy(h, gso, VNET_LEN);
+        inner_vnet((struct virtio_net_hdr *)h, f, in, ilen, n - VNET_LEN);
+    }
     q->iov[i][0].iov_base = h;
     q->iov[i][0].iov_len = n;
     q->iov[i][1].iov_base = in;
     q->iov[i][1].iov_len = ilen;
-    txq_commit(q, i, 2);
+    if (gso)
+        txq_commit_queued(q, i, 2);
+    else
+        txq_commit(q, i, 2);
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
 }

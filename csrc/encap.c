@@ -193,7 +193,7 @@ static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
         q->iov[i][2].iov_len = p->dlen;
         niov = 3;
     }
-    txq_commit(q, i, niov);
+    txq_commit_queued(q, i, niov);
     br->tc.encap_packets++;
     br->tc.encap_bytes += p->hlen + p->dlen;
 }
@@ -263,7 +263,7 @@ static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p)
         q->iov[i][0].iov_len = n + gl + ihl;
         q->iov[i][1].iov_base = ip + ihl + off;
         q->iov[i][1].iov_len = d;
-        txq_commit(q, i, 2);
+        txq_commit_queued(q, i, 2);
         br->tc.fragments++;
         br->tc.encap_packets++;
         br->tc.encap_bytes += ihl + d;
@@ -299,7 +299,7 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p)
         q->iov[i][0].iov_len = n + 20;
         q->iov[i][1].iov_base = buf + 20 + off;
         q->iov[i][1].iov_len = d;
-        txq_commit(q, i, 2);
+        txq_commit_queued(q, i, 2);
         br->tc.fragments++;
     }
     br->tc.encap_packets++;

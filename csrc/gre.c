@@ -98,7 +98,7 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
 }
 
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
-               struct gre_pkt *out)
+               int csum_checked, struct gre_pkt *out)
 {
     uint16_t flags, proto;
     size_t off = 4;
@@ -114,7 +114,7 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
     if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
         return TPB_DROP_GRE_TRUNCATED;
     if (flags & GRE_C) {
-        if (csum_finish(csum_add(0, g, glen)) != 0)
+        if (!csum_checked && csum_finish(csum_add(0, g, glen)) != 0)
             return TPB_DROP_GRE_CSUM;
         off += 4;
     } else if (r->csum) {

@@ -199,7 +199,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
-    rc = gre_decode(&p->rx, ip + ihl, tot - ihl, &g);
+    rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 0, &g);
     if (rc) {
         p->c.drop[rc]++;
         return;

@@ -114,8 +114,10 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 
 /* Validates GRE at g (glen bytes, to the end of the outer IP payload) for
  * this tunnel; returns 0 or a TPB_GRE_* drop reason. */
+/* csum_checked: the kernel already verified the GRE checksum while it
+ * merged the packet (GRO), and the field now holds the first segment's. */
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
-               struct gre_pkt *out);
+               int csum_checked, struct gre_pkt *out);
 
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
  * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */

@@ -19,10 +19,10 @@
 
 #include "bridge.h"
 
-int txq_init(struct txq *q, int fd, int fd_gso, struct tpb_port_counters *c)
+int txq_init(struct txq *q, int fd, int fd_q, struct tpb_port_counters *c)
 {
     q->fd = fd;
-    q->fd_gso = fd_gso;
+    q->fd_q = fd_q;
     q->c = c;
     q->n = 0;
     q->arena_used = 0;
@@ -62,8 +62,20 @@ void txq_commit(struct txq *q, uint32_t i, int niov)
     for (k = 0; k < niov; k++)
         len += (uint32_t)q->iov[i][k].iov_len;
     q->len[i] = len - (uint32_t)VNET_LEN;
-    q->gso[i] = 0;
+    q->qdisc[i] = 0;
     q->n = i + 1;
+}
+
+/* Through the qdisc: super-packets, which only a socket that keeps the
+ * qdisc may send (dev_direct_xmit() drops what the device would have to
+ * segment), and tunnel output.  The segments of one super-packet leave in
+ * a burst of up to 45 GRE packets that a device ring may not hold; the
+ * qdisc queues them as it queues the kernel's own GSO segments, where
+ * bypassing it would drop them. */
+void txq_commit_queued(struct txq *q, uint32_t i, int niov)
+{
+    txq_commit(q, i, niov);
+    q->qdisc[i] = 1;
 }
 
 /* 2. Callers take bounce memory before they reserve the messages that
@@ -110,7 +122,7 @@ void txq_bridge(struct txq *q, const struct frame *f)
         iov[0].iov_base = f->vh;
         iov[0].iov_len = VNET_LEN + f->len;
         txq_commit(q, i, 1);
-        q->gso[i] = f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
+        q->qdisc[i] = f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
         return;
     }
     vh = (struct virtio_net_hdr *)q->hdr[i];
@@ -126,7 +138,7 @@ void txq_bridge(struct txq *q, const struct frame *f)
     iov[1].iov_base = f->mac + 2 * ETH_ALEN;
     iov[1].iov_len = f->len - 2 * ETH_ALEN;
     txq_commit(q, i, 2);
-    q->gso[i] = vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
+    q->qdisc[i] = vh->gso_type != VIRTIO_NET_HDR_GSO_NONE;
 }
 
 /* 4. */
@@ -175,16 +187,15 @@ static void send_run(struct txq *q, int fd, uint32_t i, uint32_t end)
     }
 }
 
-/* In order, each run of messages through its socket: super-packets
- * through the one that keeps the qdisc (and so software GSO). */
+/* In order, each run of messages through its socket (txq_commit_queued). */
 void txq_send(struct txq *q)
 {
     uint32_t i = 0, j;
 
     while (i < q->n) {
-        for (j = i + 1; j < q->n && q->gso[j] == q->gso[i]; j++)
+        for (j = i + 1; j < q->n && q->qdisc[j] == q->qdisc[i]; j++)
             ;
-        send_run(q, q->gso[i] ? q->fd_gso : q->fd, i, j);
+        send_run(q, q->qdisc[i] ? q->fd_q : q->fd, i, j);
         i = j;
     }
     q->n = 0;

@@ -1,0 +1,227 @@
+"""GRE super-packets out of the tunnel: what a port's GRO hands TPB.
+
+A NIC driver's GRO merges consecutive GRE packets of one TCP flow (Linux
+does for GRE without sequence numbers) into one frame: outer and inner
+lengths grown to the whole, the GRE checksum field left as the first
+packet's, and a virtio_net_hdr saying TCPV4, gso_size and where the inner
+TCP checksum is (partial).  TPB must unwrap it as one and send the inner
+super-packet on with the header's offsets moved, so that the kernel
+segments it on the way out (or the next hop takes it whole).
+
+The frames are injected as a NIC driver hands them up: TPB's --out is a
+TAP device here, and the test writes each frame into it with its vnet
+header (IFF_VNET_HDR), so that the kernel receives it on --out exactly so.
+(A packet socket on a veth cannot send it: the kernel checks a GSO frame
+from user space by segmenting it, and finds no GSO type for GRE.)  gw1
+checks what arrives at --in.  Real GRO on a veth is the bench's chain lab.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import struct
+from collections.abc import Iterator
+
+import pytest
+from rawsock import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VNET_HDR,
+    Port,
+    netns,
+)
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import GRE, Ether
+from scapy.packet import Raw
+from test_segment import pseudo_sum
+from tunnel_util import Procs, exclusive_lab, lab_unavailable
+
+from tpb import lab as labmod
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(lab_unavailable() is not None,
+                                                    reason=lab_unavailable() or "")]
+
+MSS = 1200
+SEQ0 = 0x10000000
+TAP = "tap3"
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+@pytest.fixture(scope="module")
+def tlab():
+    with exclusive_lab(labmod.tunnel, "tpbgro") as lb:
+        yield lb
+
+
+@pytest.fixture
+def tap(tlab) -> Iterator[int]:
+    """A TAP device in TPB's namespace, up; yields its fd (with vnet headers)."""
+    with netns(tlab.ns("tpb")):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TAP.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        tlab.run("tpb", ["ip", "link", "set", TAP, "up"])
+        yield fd
+    finally:
+        os.close(fd)                                # the device goes with it
+
+
+@pytest.fixture
+def tpb(tlab, tap, tmp_path):
+    """`tpb run --in eth2 --out tap3`, the tunnel to the pop."""
+    procs = Procs(tlab, tmp_path)
+    yield procs.tpb("--out", TAP)
+    procs.stop_all()
+
+
+def gro_frame(tlab, data: bytes, gre_csum: int | None = None) -> tuple[bytes, int]:
+    """Ethernet + outer IPv4 + GRE + inner IPv4/TCP + data, as GRO leaves it:
+    the inner TCP checksum holds the pseudo-header sum.  Sent from gw2 to
+    gw1's MAC (the router whose address TPB borrows).  Returns the frame and
+    where the inner TCP header starts (the vnet header's csum_start)."""
+    gre = GRE(proto=0x0800) if gre_csum is None else GRE(
+        proto=0x0800, chksum_present=1, chksum=gre_csum)
+    inner = IP(src=labmod.T_SERVER, dst=labmod.T_PC, id=random.randrange(1, 60000),
+               flags="DF", ttl=60) / TCP(sport=5201, dport=40000, seq=SEQ0, ack=7,
+                                         flags="PA", window=500) / Raw(data)
+    outer = IP(src=labmod.T_POP, dst=labmod.T_TPB, flags="DF", ttl=62) / gre / inner
+    frame = bytearray(bytes(Ether(src=tlab.iface("gw2", "eth0").mac,
+                                  dst=tlab.iface("gw1", "eth1").mac) / outer))
+    l3 = 14 + 20 + (8 if gre_csum is not None else 4)
+    l4 = l3 + 20
+    frame[l4 + 16 : l4 + 18] = struct.pack("!H", pseudo_sum(bytes(frame), l3, False, 6))
+    return bytes(frame), l4
+
+
+def inject(tap: int, frame: bytes, csum_start: int, gso: bool = True) -> None:
+    """Into the TAP device: received on TPB's --out as a driver hands it up."""
+    flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+    if gso:
+        hdr = VNET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_TCPV4, csum_start + 20, MSS,
+                            csum_start, 16)
+    else:
+        hdr = VNET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, csum_start, 16)
+    assert os.write(tap, hdr + frame) == len(hdr) + len(frame)
+
+
+def arrivals(cap: Port, want: int, timeout: float = 5.0) -> list[bytes]:
+    """The TCP frames from the server that reach gw1, until `want` of them
+    and then a quiet 0.3 s (so that extra ones would show)."""
+    got: list[bytes] = []
+    wait = timeout
+    while True:
+        f = cap.recv(wait)
+        if f is None:
+            return got
+        p = Ether(f.data)
+        if IP in p and TCP in p and p[IP].src == labmod.T_SERVER:
+            got.append(f.data)
+        wait = 0.3 if len(got) >= want else timeout
+
+
+def tcp_ok(frame: bytes) -> bool:
+    p = Ether(frame)
+    check = p[IP].copy()
+    del check[TCP].chksum
+    del check[IP].chksum
+    check = IP(bytes(check))
+    return p[TCP].chksum == check[TCP].chksum and p[IP].chksum == check[IP].chksum
+
+
+@pytest.mark.parametrize("gre_csum", [None, 0x1234], ids=["plain", "stale-gre-csum"])
+def test_gro_super_packet_unwrapped_whole(tlab, tap, tpb, gre_csum):
+    """With offloads on at --in, the inner super-packet leaves whole: one
+    frame at gw1, the inner packet byte for byte but for its partial
+    checksum, which the kernel completes when it segments.  A GRE checksum
+    field in a merged frame is the first packet's: GRO checked every one,
+    so TPB does not check it again."""
+    data = os.urandom(6 * MSS + 77)
+    frame, l4 = gro_frame(tlab, data, gre_csum)
+    inner_at = l4 - 20
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, frame, l4)
+        got = arrivals(cap, 1)
+    assert len(got) == 1, [len(g) for g in got]
+    out = got[0]
+    assert out[:12] == frame[:12]                  # MACs as received
+    assert out[12:14] == b"\x08\x00"
+    assert out[14:] == frame[inner_at:]
+    c = tpb.stop()
+    assert c["tunnel"]["decap_packets"] == 1
+    assert c["tunnel"]["decap_bytes"] == len(frame) - inner_at
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+@pytest.fixture
+def in_port_no_offloads(tlab):
+    """TPB's --in without checksum offload or TSO: the kernel segments
+    TPB's super-packets and completes their checksums in software."""
+    tlab.run("tpb", ["ethtool", "-K", "eth2", "tx", "off"])
+    try:
+        yield
+    finally:
+        tlab.run("tpb", ["ethtool", "-K", "eth2", "tx", "on", "tso", "on"])
+
+
+def test_gro_super_packet_segmented_on_egress(tlab, tap, tpb, in_port_no_offloads):
+    data = os.urandom(6 * MSS + 77)
+    n = -(-len(data) // MSS)
+    frame, l4 = gro_frame(tlab, data)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, frame, l4)
+        got = arrivals(cap, n)
+    assert len(got) == n, [len(g) for g in got]
+    joined = b""
+    for k, seg in enumerate(got):
+        p = Ether(seg)
+        body = bytes(p[TCP].payload)
+        assert len(body) == min(MSS, len(data) - k * MSS)
+        assert p[TCP].seq == SEQ0 + k * MSS
+        assert tcp_ok(seg), k
+        joined += body
+    assert joined == data
+    c = tpb.stop()
+    assert c["tunnel"]["decap_packets"] == 1
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+def test_gso_offsets_outside_inner_packet_dropped(tlab, tap, tpb):
+    """A vnet header whose checksum offset points into the GRE header, not
+    the inner packet's TCP header, cannot be segmented once unwrapped:
+    dropped as gso_bad, nothing reaches gw1."""
+    frame, _l4 = gro_frame(tlab, os.urandom(3 * MSS))
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, frame, 14 + 20)                # the GRE header
+        got = arrivals(cap, 1, timeout=1.5)
+    assert got == []
+    c = tpb.stop()
+    assert c["tunnel"]["drop"] == {"gso_bad": 1}, c["tunnel"]["drop"]
+    assert c["tunnel"]["decap_packets"] == 0
+
+
+def test_partial_inner_checksum_completed(tlab, tap, tpb):
+    """A GRE packet from a sender on the same host may come with its inner
+    checksum left for the NIC (a vnet header, no GSO).  TPB completes it
+    before it checks the GRE checksum (computed as if it were complete) and
+    sends the packet on whole and correct."""
+    data = os.urandom(MSS)
+    full = Ether(gro_frame(tlab, data, gre_csum=0)[0])
+    del full[IP].len, full[IP].chksum, full[GRE].chksum
+    del full[GRE].payload[TCP].chksum
+    done = bytes(full)                             # every checksum complete
+    l4 = 14 + 20 + 8 + 20
+    partial = bytearray(done)
+    partial[l4 + 16 : l4 + 18] = struct.pack("!H", pseudo_sum(done, l4 - 20, False, 6))
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, bytes(partial), l4, gso=False)
+        got = arrivals(cap, 1)
+    assert len(got) == 1
+    assert got[0][14:] == done[l4 - 20 :]
+    assert tcp_ok(got[0])
+    c = tpb.stop()
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
