@@ -14,6 +14,7 @@ prefix of its own, never those of the demo or the tests.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,9 +47,49 @@ def _mac(lab_no: int, n: int) -> str:
     return f"02:00:00:00:{lab_no:02x}:{n:02x}"
 
 
+# The CPU that takes the A—B link's "interrupts" (its NAPI threads): the
+# gen's, not the DUTs' (bench.loads.GEN_CPU).
+LINK_IRQ_CPU = "0"
+
+
+def _napi_threads() -> set[str]:
+    res = subprocess.run(["pgrep", "^napi/"], capture_output=True, text=True, check=False)
+    return set(res.stdout.split())
+
+
+class ChainLab(Lab):
+    """The chain lab, its A—B link modelled as two NICs rather than a veth
+    pair.  A veth hands each packet to the peer's stack right away, one at
+    a time, so GRO never sees two GRE packets together; a NIC takes a
+    burst per interrupt and its driver's GRO merges them.  So on both eth3:
+    GRO through NAPI in a thread of its own (threaded NAPI) on
+    LINK_IRQ_CPU, as a NIC's interrupt would run there; rx-udp-gro-
+    forwarding, without which a veth takes NAPI only for packets from a
+    device without TSO; and a pfifo qdisc, which holds what the device
+    ring cannot (a veth has none by default).  Both chain DUTs run on it."""
+
+    def up(self) -> Lab:
+        super().up()
+        try:
+            before = _napi_threads()
+            for node in ("a", "b"):
+                gro = ["gro", "on", "rx-udp-gro-forwarding", "on"]
+                self.run(node, ["ethtool", "-K", "eth3", *gro])
+                self.run(node, ["tc", "qdisc", "replace", "dev", "eth3", "root", "pfifo"])
+                self.run(node, ["sh", "-c", "echo 1 > /sys/class/net/eth3/threaded"])
+            for pid in _napi_threads() - before:
+                pin = ["taskset", "-pc", LINK_IRQ_CPU, pid]
+                subprocess.run(pin, capture_output=True, check=True)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+
 def chain_lab(prefix: str, mtu: int = 1500) -> Lab:
     """gen — [eth2 A eth3] — [eth3 B eth2] — sink: B's --out (eth3) faces A,
-    its --in (eth2) the sink.  One subnet end to end."""
+    its --in (eth2) the sink.  One subnet end to end; the A—B link a
+    model of NICs (ChainLab)."""
     nodes = {n: Node(n) for n in ("gen", "a", "b", "sink")}
     links = [
         (
@@ -61,7 +102,7 @@ def chain_lab(prefix: str, mtu: int = 1500) -> Lab:
             Iface("sink", "eth0", _mac(2, 0x15), [f"{labmod.SINK}/24"]),
         ),
     ]
-    return Lab(prefix, nodes, links, mtu)
+    return ChainLab(prefix, nodes, links, mtu)
 
 
 class PopLab(Lab):
