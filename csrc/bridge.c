@@ -2,8 +2,9 @@
  * tunnel mode the selected ones into GRE and GRE from the POP out of it.
  *
  * A frame passes these stages, in the order the functions below appear:
- *   1. collect()   take a filled slot from a source ring; a frame cut short
- *                  by its slot (or a runt) is dropped whole, never sent on;
+ *   1. collect()   take a filled slot from a source ring, and a frame too
+ *                  big for its slot whole from the socket (take_copy); a
+ *                  frame cut short (or a runt) is dropped, never sent on;
  *   2. dispatch()  by the source: bridge it unchanged (txq.c), encapsulate
  *                  it (encap.c), or look at it as coming from the ISP side
  *                  (decap.c);
@@ -47,6 +48,41 @@ static uint64_t now_ns(void)
 
 /* 1. ------------------------------------------------------------------ */
 
+static void flush_all(struct tpb_bridge *br)
+{
+    int p;
+
+    for (p = 0; p < TPB_NPORTS; p++)
+        if (br->q[p].n)
+            txq_flush(&br->q[p]);
+}
+
+/* A frame larger than its slot (TP_STATUS_COPY): the whole of it is next
+ * in the socket's receive queue, vnet header first.  It lands in the
+ * copies buffer, which, like the slots, stays valid until the flush. */
+static int take_copy(struct tpb_bridge *br, struct source *s,
+                     const struct tpacket2_hdr *h, struct frame *f)
+{
+    uint8_t *buf;
+    ssize_t n;
+
+    if (br->copies_used + TPB_COPY_MAX > COPIES_SIZE) {
+        flush_all(br);
+        br->copies_used = 0;
+    }
+    buf = br->copies + br->copies_used;
+    n = recv(s->ring.fd, buf, TPB_COPY_MAX, MSG_DONTWAIT | MSG_TRUNC);
+    /* Anything but this slot's frame means the queue and the ring no
+     * longer pair up: drop it rather than send a wrong frame. */
+    if (n < 0 || (size_t)n != VNET_LEN + h->tp_len || (size_t)n > TPB_COPY_MAX)
+        return -1;
+    br->copies_used += ((size_t)n + 63) & ~(size_t)63;
+    f->vh = (struct virtio_net_hdr *)buf;
+    f->mac = buf + VNET_LEN;
+    f->len = h->tp_len;
+    return 0;
+}
+
 static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
                                     struct frame *f)
 {
@@ -58,15 +94,22 @@ static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
         s->ring.head = tpb_ring_next(&s->ring, s->ring.head);
         c->rx_frames++;
         c->rx_bytes += h->tp_len;
-        if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
+        if (st & TP_STATUS_COPY) {
+            if (take_copy(br, s, h, f) || f->len < ETH_HLEN) {
+                c->drop_truncated++;
+                tpb_ring_release(h);
+                continue;
+            }
+        } else if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
             c->drop_truncated++;
             tpb_ring_release(h);
             continue;
+        } else {
+            f->mac = (uint8_t *)h + h->tp_mac;
+            f->len = h->tp_snaplen;
+            f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
         }
         f->h = h;
-        f->mac = (uint8_t *)h + h->tp_mac;
-        f->len = h->tp_snaplen;
-        f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
         f->tagged = (st & TP_STATUS_VLAN_VALID) != 0;
         /* Counted as on the wire: with the tag the kernel took off. */
         c->rx_bytes += f->tagged ? 4 : 0;
@@ -109,7 +152,6 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
      * slots this pass still holds. */
     uint32_t n = 0, i, limit = br->batch < s->ring.frame_nr ? br->batch
                                                              : s->ring.frame_nr;
-    int p;
 
     while (n < limit && (held[n] = collect(br, s, &f)) != NULL) {
         dispatch(br, s, &f);
@@ -117,9 +159,8 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
     }
     if (!n)
         return 0;
-    for (p = 0; p < TPB_NPORTS; p++)
-        if (br->q[p].n)
-            txq_flush(&br->q[p]);
+    flush_all(br);
+    br->copies_used = 0;
     for (i = 0; i < n; i++)
         tpb_ring_release(held[i]);
     return n;
@@ -336,6 +377,11 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
         br->batch = MAX_BATCH;
     br->spin_us = cfg->spin_us;
     pthread_mutex_init(&br->stats_lock, NULL);
+    br->copies = malloc(COPIES_SIZE);
+    if (!br->copies) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     br->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (br->stop_fd < 0) {
         snprintf(err, errlen, "eventfd: %s", strerror(errno));
@@ -406,6 +452,7 @@ void tpb_bridge_close(struct tpb_bridge *br)
         reasm_free(br->reasm);
     if (br->stop_fd > 0)
         close(br->stop_fd);
+    free(br->copies);
     pthread_mutex_destroy(&br->stats_lock);
     free(br);
 }

@@ -25,6 +25,7 @@
 #define TXQ_HDR 224            /* vnet + Ethernet + outer + inner headers */
 #define TXQ_IOV 4
 #define ARENA_SIZE (1u << 20)  /* bounce buffers, valid until the flush */
+#define COPIES_SIZE (4u << 20) /* frames too big for a ring slot, ditto */
 
 /* Messages waiting to leave one port, pointing at ring slots, their own
  * header scratch, or the arena; all of it stays valid until txq_flush(). */
@@ -70,6 +71,8 @@ struct tpb_bridge {
     int txfd_in;               /* tunnel mode: the socket that sends out --in */
     int gsofd[TPB_NPORTS];     /* per port: super-packets go out through it */
     struct txq q[TPB_NPORTS];
+    uint8_t *copies;           /* whole frames from the receive queues */
+    size_t copies_used;
     struct tpb_port_counters c[TPB_NPORTS];
     uint32_t batch;
     uint32_t spin_us;
@@ -122,7 +125,6 @@ typedef void (*inner_fn)(struct tpb_bridge *br, struct frame *f,
                          struct inner *p);
 int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
             uint16_t proto, const struct virtio_net_hdr *vh, inner_fn emit);
-int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 
 /* decap.c */
 void from_out_frame(struct tpb_bridge *br, struct frame *f);

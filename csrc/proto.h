@@ -116,6 +116,12 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
  * this tunnel; returns 0 or a TPB_GRE_* drop reason. */
 /* csum_checked: the kernel already verified the GRE checksum while it
  * merged the packet (GRO), and the field now holds the first segment's. */
+/* segment.c: completes a CHECKSUM_PARTIAL packet's L4 checksum from the
+ * vnet header's csum_start/csum_offset (counted from `frame`); -1 if they
+ * point outside it. */
+struct virtio_net_hdr;
+int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
+
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out);
 

@@ -18,6 +18,10 @@ struct tpb_ring {
 
 struct sock_fprog;
 
+/* The largest frame collect() takes whole from the receive queue: a
+ * 64 KB GRO or TSO packet, Ethernet and vnet headers. */
+#define TPB_COPY_MAX (65536u + 256u)
+
 /* An RX ring on ifindex (ETH_P_ALL), with an optional cBPF filter and
  * promiscuous membership; the same socket sends out of that port. */
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,

@@ -59,7 +59,7 @@ class Settings:
     mark: int = 47
     match: list[str] = field(default_factory=list)
     cpu: int | None = None
-    ring_frames: int = 1024
+    ring_frames: int = 8192
     batch: int = 64
     spin_us: int = 0
     low_latency: bool = True
