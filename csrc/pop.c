@@ -10,9 +10,13 @@
  *   3. gre_decode()    (gre.c) version, flags, checksum, key, sequence;
  *   4. learn()         inner source -> that bridge, with expiry (sources
  *                      inside a configured prefix are not learned);
- *   5. write() to the TUN device: the host routes the inner packet on.
+ *   5. tun_write()     into the TUN device behind a vnet header: the host
+ *                      routes the inner packet on; what the host's GRO
+ *                      merged goes as a TCP super-packet (tcp_super), and
+ *                      its GRE checksum, only the first segment's, is not
+ *                      held against it (gro_merged).
  * Toward the bridges (TUN device):
- *   6. to_bridges()    read a batch; per packet:
+ *   6. to_bridges()    read a batch (a partial checksum completed); per packet:
  *   7. route()         the longest configured prefix for the inner
  *                      destination, else a learned entry; none -> counted drop;
  *   8. gre_header()    GRE with the peer's key/csum/seq; the kernel writes
@@ -33,12 +37,16 @@
 #include <netinet/in.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <linux/virtio_net.h>
 
 #include "proto.h"
 #include "tpb.h"
 
 #define MAX_BATCH 64
 #define BUF_SIZE 65536
+#define VNET_LEN sizeof(struct virtio_net_hdr)
+#define TCP_CWR 0x80
 #define LEARN_SLOTS 4096
 #define LEARN_PROBE 8
 
@@ -66,7 +74,7 @@ struct out_msg {
 
 struct tpb_pop {
     int raw, tun, stop_fd, stop;
-    uint32_t npeers, nprefixes, batch;
+    uint32_t npeers, nprefixes, batch, tun_mtu;
     struct peer *peers;
     struct tpb_pop_prefix *prefixes;
     struct tpb_tunnel_counters global;      /* belongs to no peer */
@@ -179,6 +187,90 @@ static void learn(struct tpb_pop *pop, const uint8_t a[16], uint32_t peer)
     victim->expires = pop->now_ns + pop->learn_ns;
 }
 
+/* 5. ------------------------------------------------------------------ */
+
+/* A TCP packet with nothing between the IP and TCP headers: where its
+ * TCP header starts (*l4) and how long it is (*thl). */
+static int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
+                     size_t *l4, size_t *thl)
+{
+    if (proto == ETYPE_IPV4) {
+        if (in[9] != IPPROTO_TCP || (rd16(in + 6) & (IP_MF | IP_OFFMASK)))
+            return 0;
+        *l4 = (size_t)(in[0] & 0x0f) * 4;
+    } else {
+        if (in[6] != IPPROTO_TCP)
+            return 0;
+        *l4 = 40;
+    }
+    if (*l4 + 20 > ilen)
+        return 0;
+    *thl = (size_t)(in[*l4 + 12] >> 4) * 4;
+    return *thl >= 20 && *l4 + *thl < ilen;
+}
+
+/* The checksum field a merge leaves: the pseudo-header sum, uncomplemented. */
+static uint16_t tcp_pseudo(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4)
+{
+    uint32_t sum = proto == ETYPE_IPV4
+                       ? csum_pseudo4(in, IPPROTO_TCP, (uint32_t)(ilen - l4))
+                       : csum_pseudo6(in, IPPROTO_TCP, (uint32_t)(ilen - l4));
+
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* Whether a GRE packet whose checksum failed is one the host's GRO merged:
+ * its inner TCP packet larger than the TUN device's MTU, its checksum field
+ * the pseudo-header sum (a packet that crossed the wire, reassembled or
+ * not, carries a complete one).  GRO checked every merged packet's GRE
+ * checksum; the field left is only the first one's. */
+static int gro_merged(const struct tpb_pop *pop, const uint8_t *g, size_t glen)
+{
+    uint16_t flags = rd16(g), proto = rd16(g + 2);
+    size_t off = gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S));
+    size_t ilen, l4, thl;
+    const uint8_t *in = g + off;
+
+    if (glen <= off || (proto != ETYPE_IPV4 && proto != ETYPE_IPV6))
+        return 0;
+    ilen = ip_len(in, glen - off, proto);
+    return ilen > pop->tun_mtu && tcp_super(in, ilen, proto, &l4, &thl) &&
+           rd16(in + l4 + 16) == tcp_pseudo(in, ilen, proto, l4);
+}
+
+/* A packet larger than the TUN device's MTU did not cross the wire so: the
+ * host's GRO merged GRE packets of one TCP flow (a NIC driver's GRO does,
+ * for GRE without sequence numbers), and left the inner TCP checksum
+ * partial.  It goes to the kernel as a super-packet of MTU-sized segments,
+ * the checksum field set to the pseudo-header sum, for the egress device
+ * to segment and checksum, as Linux's ip_gre hands on what GRO merged. */
+static int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in,
+                     size_t ilen, uint16_t proto)
+{
+    struct virtio_net_hdr vh;
+    struct iovec iov[2] = {{&vh, VNET_LEN}, {in, ilen}};
+    size_t l4, thl;
+
+    memset(&vh, 0, sizeof(vh));
+    if (ilen > pop->tun_mtu && tcp_super(in, ilen, proto, &l4, &thl) &&
+        pop->tun_mtu > l4 + thl) {
+        wr16(in + l4 + 16, tcp_pseudo(in, ilen, proto, l4));
+        vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        vh.csum_start = (uint16_t)l4;
+        vh.csum_offset = 16;
+        vh.gso_type = proto == ETYPE_IPV4 ? VIRTIO_NET_HDR_GSO_TCPV4
+                                          : VIRTIO_NET_HDR_GSO_TCPV6;
+        if (in[l4 + 13] & TCP_CWR)
+            vh.gso_type |= VIRTIO_NET_HDR_GSO_ECN;
+        vh.gso_size = (uint16_t)(pop->tun_mtu - l4 - thl);
+        vh.hdr_len = (uint16_t)(l4 + thl);
+        p->c.gso_packets++;
+    }
+    return writev(pop->tun, iov, 2) == (ssize_t)(VNET_LEN + ilen) ? 0 : -1;
+}
+
 /* 1. ------------------------------------------------------------------ */
 
 static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
@@ -200,6 +292,8 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
     rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 0, &g);
+    if (rc == TPB_DROP_GRE_CSUM && gro_merged(pop, ip + ihl, tot - ihl))
+        rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 1, &g);
     if (rc) {
         p->c.drop[rc]++;
         return;
@@ -215,7 +309,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     learn(pop, a, (uint32_t)(p - pop->peers));
-    if (write(pop->tun, in, ilen) != (ssize_t)ilen) {
+    if (tun_write(pop, p, in, ilen, g.proto)) {
         p->c.drop[TPB_DROP_TUN_WRITE]++;
         return;
     }
@@ -276,6 +370,7 @@ static int to_bridges(struct tpb_pop *pop)
 {
     uint32_t n = 0, i, k;
     uint8_t dst[16], *pkt;
+    struct virtio_net_hdr *vh;
     struct peer *p;
     struct msghdr *m;
     struct cmsghdr *c;
@@ -284,10 +379,18 @@ static int to_bridges(struct tpb_pop *pop)
     size_t glen;
 
     while (n < pop->batch) {
-        pkt = pop->sbuf + (size_t)n * BUF_SIZE;
-        len = read(pop->tun, pkt, BUF_SIZE);
+        vh = (struct virtio_net_hdr *)(pop->sbuf + (size_t)n * (BUF_SIZE + VNET_LEN));
+        pkt = (uint8_t *)vh + VNET_LEN;
+        len = read(pop->tun, vh, BUF_SIZE + VNET_LEN) - (ssize_t)VNET_LEN;
         if (len <= 0)
             break;
+        /* No offload was offered to the device, so the kernel sends no
+         * super-packet; a partial checksum is completed all the same. */
+        if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+            finish_csum(pkt, (size_t)len, vh)) {
+            pop->global.drop[TPB_DROP_INNER_BAD]++;
+            continue;
+        }
         proto = inner_addr(pkt, (size_t)len, 1, dst);
         p = proto ? route(pop, dst) : NULL;
         if (!p) {
@@ -387,6 +490,7 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
         goto oom;
     pop->raw = pop->stop_fd = -1;
     pop->tun = cfg->tun_fd;
+    pop->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
     pop->batch = cfg->batch && cfg->batch <= MAX_BATCH ? cfg->batch : MAX_BATCH;
     pop->learn_ns = (uint64_t)cfg->learn_timeout_s * 1000000000ull;
     pop->npeers = cfg->npeers;
@@ -394,7 +498,7 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     pop->peers = calloc(cfg->npeers + 1, sizeof(*pop->peers));
     pop->prefixes = calloc(cfg->nprefixes + 1, sizeof(*pop->prefixes));
     pop->rbuf = malloc((size_t)MAX_BATCH * BUF_SIZE);
-    pop->sbuf = malloc((size_t)MAX_BATCH * BUF_SIZE);
+    pop->sbuf = malloc((size_t)MAX_BATCH * (BUF_SIZE + VNET_LEN));
     if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf)
         goto oom;
     for (i = 0; i < cfg->npeers; i++) {

@@ -171,6 +171,7 @@ struct tpb_pop_config {
     uint32_t nprefixes;
     uint32_t learn_timeout_s;    /* learned inner source -> peer entries */
     uint32_t batch;
+    uint32_t tun_mtu;            /* the TUN device (IFF_VNET_HDR) */
 };
 
 struct tpb_pop;

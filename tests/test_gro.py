@@ -22,7 +22,9 @@ import fcntl
 import os
 import random
 import struct
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from rawsock import (
@@ -57,18 +59,26 @@ def tlab():
         yield lb
 
 
-@pytest.fixture
-def tap(tlab) -> Iterator[int]:
-    """A TAP device in TPB's namespace, up; yields its fd (with vnet headers)."""
-    with netns(tlab.ns("tpb")):
+@contextmanager
+def tap_device(tlab, node: str, name: str) -> Iterator[int]:
+    """A TAP device in node's namespace, up; yields its fd (vnet headers on).
+    The device goes with the fd."""
+    with netns(tlab.ns(node)):
         fd = os.open("/dev/net/tun", os.O_RDWR)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TAP.encode(),
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
                                                IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        tlab.run("tpb", ["ip", "link", "set", TAP, "up"])
+        tlab.run(node, ["ip", "link", "set", name, "up"])
         yield fd
     finally:
-        os.close(fd)                                # the device goes with it
+        os.close(fd)
+
+
+@pytest.fixture
+def tap(tlab) -> Iterator[int]:
+    """TPB's --out for these tests."""
+    with tap_device(tlab, "tpb", TAP) as fd:
+        yield fd
 
 
 @pytest.fixture
@@ -79,19 +89,27 @@ def tpb(tlab, tap, tmp_path):
     procs.stop_all()
 
 
-def gro_frame(tlab, data: bytes, gre_csum: int | None = None) -> tuple[bytes, int]:
+def gro_frame(
+    tlab,
+    data: bytes,
+    gre_csum: int | None = None,
+    toward_pop: bool = False,
+    dst_mac: str | None = None,
+) -> tuple[bytes, int]:
     """Ethernet + outer IPv4 + GRE + inner IPv4/TCP + data, as GRO leaves it:
     the inner TCP checksum holds the pseudo-header sum.  Sent from gw2 to
     gw1's MAC (the router whose address TPB borrows).  Returns the frame and
     where the inner TCP header starts (the vnet header's csum_start)."""
     gre = GRE(proto=0x0800) if gre_csum is None else GRE(
         proto=0x0800, chksum_present=1, chksum=gre_csum)
-    inner = IP(src=labmod.T_SERVER, dst=labmod.T_PC, id=random.randrange(1, 60000),
+    src, dst = (labmod.T_PC, labmod.T_SERVER) if toward_pop else (labmod.T_SERVER, labmod.T_PC)
+    inner = IP(src=src, dst=dst, id=random.randrange(1, 60000),
                flags="DF", ttl=60) / TCP(sport=5201, dport=40000, seq=SEQ0, ack=7,
                                          flags="PA", window=500) / Raw(data)
-    outer = IP(src=labmod.T_POP, dst=labmod.T_TPB, flags="DF", ttl=62) / gre / inner
+    osrc, odst = (labmod.T_TPB, labmod.T_POP) if toward_pop else (labmod.T_POP, labmod.T_TPB)
+    outer = IP(src=osrc, dst=odst, flags="DF", ttl=62) / gre / inner
     frame = bytearray(bytes(Ether(src=tlab.iface("gw2", "eth0").mac,
-                                  dst=tlab.iface("gw1", "eth1").mac) / outer))
+                                  dst=dst_mac or tlab.iface("gw1", "eth1").mac) / outer))
     l3 = 14 + 20 + (8 if gre_csum is not None else 4)
     l4 = l3 + 20
     frame[l4 + 16 : l4 + 18] = struct.pack("!H", pseudo_sum(bytes(frame), l3, False, 6))
@@ -99,7 +117,7 @@ def gro_frame(tlab, data: bytes, gre_csum: int | None = None) -> tuple[bytes, in
 
 
 def inject(tap: int, frame: bytes, csum_start: int, gso: bool = True) -> None:
-    """Into the TAP device: received on TPB's --out as a driver hands it up."""
+    """Into the TAP device: received on its host as a driver hands it up."""
     flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
     if gso:
         hdr = VNET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_TCPV4, csum_start + 20, MSS,
@@ -109,8 +127,9 @@ def inject(tap: int, frame: bytes, csum_start: int, gso: bool = True) -> None:
     assert os.write(tap, hdr + frame) == len(hdr) + len(frame)
 
 
-def arrivals(cap: Port, want: int, timeout: float = 5.0) -> list[bytes]:
-    """The TCP frames from the server that reach gw1, until `want` of them
+def arrivals(cap: Port, want: int, timeout: float = 5.0,
+             src: str = labmod.T_SERVER) -> list[bytes]:
+    """The TCP frames from src that reach the capture, until `want` of them
     and then a quiet 0.3 s (so that extra ones would show)."""
     got: list[bytes] = []
     wait = timeout
@@ -119,7 +138,7 @@ def arrivals(cap: Port, want: int, timeout: float = 5.0) -> list[bytes]:
         if f is None:
             return got
         p = Ether(f.data)
-        if IP in p and TCP in p and p[IP].src == labmod.T_SERVER:
+        if IP in p and TCP in p and p[IP].src == src:
             got.append(f.data)
         wait = 0.3 if len(got) >= want else timeout
 
@@ -225,3 +244,81 @@ def test_partial_inner_checksum_completed(tlab, tap, tpb):
     assert tcp_ok(got[0])
     c = tpb.stop()
     assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+# -- tpb pop: the same merged packets reach its raw GRE socket -----------------
+
+
+@pytest.fixture
+def pop_no_offloads(tlab):
+    """The pop's port toward the server without checksum offload or TSO."""
+    tlab.run("pop", ["ethtool", "-K", "eth1", "tx", "off"])
+    try:
+        yield
+    finally:
+        tlab.run("pop", ["ethtool", "-K", "eth1", "tx", "on", "tso", "on"])
+
+
+@pytest.mark.parametrize("gre_csum", [None, 0x1234], ids=["plain", "stale-gre-csum"])
+def test_pop_passes_gro_merged_packet_on_as_segments(tlab, tmp_path, pop_no_offloads, gre_csum):
+    """The POP host's GRO merges GRE packets of one TCP flow too, and its raw
+    GRE socket gets the merged datagram: inner packet larger than the TUN
+    device's MTU, inner checksum partial, a GRE checksum (if any) only the
+    first segment's.  `tpb pop` hands it to the kernel as a super-packet,
+    and the server gets segments of at most the MTU, each with a right
+    checksum, the data whole and in order."""
+    procs = Procs(tlab, tmp_path)
+    try:
+        for key in ("all", "default"):
+            tlab.sysctl("pop", f"net.ipv4.conf.{key}.rp_filter", "0")
+        with tap_device(tlab, "pop", "tap9") as fd:
+            tlab.sysctl("pop", "net.ipv4.conf.tap9.rp_filter", "0")
+            csum = ",csum" if gre_csum is not None else ""
+            pop = procs.pop(f"{labmod.T_TPB}{csum},prefix=192.0.2.0/26")
+            data = os.urandom(6 * MSS + 77)
+            mac = tlab.run("pop", ["cat", "/sys/class/net/tap9/address"]).stdout.strip()
+            frame, l4 = gro_frame(tlab, data, gre_csum, toward_pop=True, dst_mac=mac)
+            with Port(tlab.ns("server"), "eth0", capture=True) as cap:
+                inject(fd, frame, l4)
+                got = arrivals(cap, -(-len(data) // 1460), src=labmod.T_PC)
+            c = pop.stop()
+    finally:
+        procs.stop_all()
+    assert got, "nothing reached the server"
+    joined, seq = b"", SEQ0
+    for k, seg in enumerate(got):
+        assert len(seg) <= 1514, (k, len(seg))
+        p = Ether(seg)
+        assert p[TCP].seq == seq, k
+        assert tcp_ok(seg), k
+        body = bytes(p[TCP].payload)
+        joined += body
+        seq += len(body)
+    assert joined == data
+    peer = c["peers"][labmod.T_TPB]
+    assert peer["decap_packets"] == 1 and peer["gso_packets"] == 1, peer
+    assert not peer["drop"], peer["drop"]
+
+
+def test_pop_still_drops_a_wrong_gre_checksum(tlab, tmp_path):
+    """Only a merge excuses the GRE checksum: a packet of normal size with a
+    complete inner checksum and a wrong GRE checksum is dropped, counted."""
+    procs = Procs(tlab, tmp_path)
+    try:
+        for key in ("all", "default"):
+            tlab.sysctl("pop", f"net.ipv4.conf.{key}.rp_filter", "0")
+        with tap_device(tlab, "pop", "tap9") as fd:
+            tlab.sysctl("pop", "net.ipv4.conf.tap9.rp_filter", "0")
+            pop = procs.pop(f"{labmod.T_TPB},csum,prefix=192.0.2.0/26")
+            mac = tlab.run("pop", ["cat", "/sys/class/net/tap9/address"]).stdout.strip()
+            p = Ether(gro_frame(tlab, os.urandom(MSS), 0x1234, toward_pop=True, dst_mac=mac)[0])
+            del p[GRE].payload[TCP].chksum                 # complete, right
+            frame = bytes(p)
+            hdr = VNET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
+            assert os.write(fd, hdr + frame) == len(hdr) + len(frame)
+            time.sleep(1.0)                                 # counters come at exit
+            c = pop.stop()
+    finally:
+        procs.stop_all()
+    peer = c["peers"][labmod.T_TPB]
+    assert peer["drop"] == {"gre_csum": 1} and peer["decap_packets"] == 0, peer

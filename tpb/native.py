@@ -96,7 +96,7 @@ class NativeBridge:
         in_ifindex: int,
         out_ifindex: int,
         *,
-        ring_frames: int = 1024,
+        ring_frames: int = 8192,
         batch: int = 64,
         spin_us: int = 0,
         tunnel: Any = None,
@@ -159,10 +159,13 @@ def csum_fold(data: bytes, seed: int = 0) -> int:
 class NativePop:
     """The POP's C loop: raw GRE socket <-> TUN device."""
 
-    def __init__(self, s: Any, tun_fd: int, prefixes: list[tuple[bytes, int, int]]) -> None:
+    def __init__(
+        self, s: Any, tun_fd: int, tun_mtu: int, prefixes: list[tuple[bytes, int, int]]
+    ) -> None:
         cfg = ffi.new("struct tpb_pop_config *")
         cfg.local = _ip_int(s.local)
         cfg.tun_fd = tun_fd
+        cfg.tun_mtu = tun_mtu
         cfg.npeers = len(s.peers)
         cfg.nprefixes = len(prefixes)
         cfg.learn_timeout_s = s.learn_timeout

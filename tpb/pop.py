@@ -220,11 +220,13 @@ def main(args: argparse.Namespace) -> int:
     s = settings_from(args)
     require_privileges()
     try:
-        from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
+        from pytun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunTapDevice
     except ImportError:
         raise TpbError("python-pytun is not installed") from None
     try:
-        tun = TunTapDevice(name=s.tun, flags=IFF_TUN | IFF_NO_PI)
+        # A vnet header on every packet: what the host's GRO merged goes
+        # back to the kernel as a super-packet (pop.c: tun_write).
+        tun = TunTapDevice(name=s.tun, flags=IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
     except Exception as e:  # pytun raises its own Error for every failure
         raise TpbError(f"cannot create TUN device {s.tun}: {e}") from None
     try:
@@ -242,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
         prefixes = [
             (*_prefix_struct(p), i) for i, peer in enumerate(s.peers) for p in peer.prefixes
         ]
-        pop = NativePop(s, tun.fileno(), prefixes)
+        pop = NativePop(s, tun.fileno(), tun.mtu, prefixes)
         return _loop(pop, s, args.counters)
     finally:
         tun.close()  # a non-persistent TUN device goes away with its fd
