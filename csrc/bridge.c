@@ -2,9 +2,9 @@
  * tunnel mode the selected ones into GRE and GRE from the POP out of it.
  *
  * A frame passes these stages, in the order the functions below appear:
- *   1. collect()   take a filled slot from a source ring, and a frame too
- *                  big for its slot whole from the socket (take_copy); a
- *                  frame cut short (or a runt) is dropped, never sent on;
+ *   1. collect()   take the next filled slot of a source, the earlier of
+ *                  its two rings' (next_frame); a frame cut short by its
+ *                  slot (or a runt) is dropped whole, never sent on;
  *   2. dispatch()  by the source: bridge it unchanged (txq.c), encapsulate
  *                  it (encap.c), or look at it as coming from the ISP side
  *                  (decap.c);
@@ -13,7 +13,8 @@
  *   4. run()       go round the sources; when all rings are empty, spin
  *                  briefly, then sleep in poll() on them and the stop fd.
  *
- * Sources.  Plain mode: one ETH_P_ALL ring per port.  Tunnel mode: --in's
+ * Sources.  Each is two rings, split by frame length (ring.h) and merged
+ * back in arrival order.  Plain mode: one ETH_P_ALL source per port.  Tunnel mode: --in's
  * frames are taken after nftables has seen them, from a veth pair that
  * TPB's nftables table forwards all of --in's ingress to (an ETH_P_ALL
  * socket on --in itself would see them before the ingress hook, without
@@ -48,39 +49,31 @@ static uint64_t now_ns(void)
 
 /* 1. ------------------------------------------------------------------ */
 
-static void flush_all(struct tpb_bridge *br)
+static int earlier(const struct tpacket2_hdr *a, const struct tpacket2_hdr *b)
 {
-    int p;
-
-    for (p = 0; p < TPB_NPORTS; p++)
-        if (br->q[p].n)
-            txq_flush(&br->q[p]);
+    return a->tp_sec < b->tp_sec ||
+           (a->tp_sec == b->tp_sec && a->tp_nsec <= b->tp_nsec);
 }
 
-/* A frame larger than its slot (TP_STATUS_COPY): the whole of it is next
- * in the socket's receive queue, vnet header first.  It lands in the
- * copies buffer, which, like the slots, stays valid until the flush. */
-static int take_copy(struct tpb_bridge *br, struct source *s,
-                     const struct tpacket2_hdr *h, struct frame *f)
+/* The earlier of the two rings' next frames.  The kernel fills a port's
+ * rings one frame after another on the CPU that receives them, each slot's
+ * status flipped before the next frame is taken, so a frame visible in one
+ * ring while the other is empty came before anything that ring will get. */
+static struct tpacket2_hdr *next_frame(struct source *s, struct tpb_ring **from,
+                                       uint32_t *st)
 {
-    uint8_t *buf;
-    ssize_t n;
+    uint32_t st0, st1;
+    struct tpacket2_hdr *a = tpb_ring_peek(&s->ring[0], s->ring[0].head, &st0);
+    struct tpacket2_hdr *b = tpb_ring_peek(&s->ring[1], s->ring[1].head, &st1);
 
-    if (br->copies_used + TPB_COPY_MAX > COPIES_SIZE) {
-        flush_all(br);
-        br->copies_used = 0;
+    if (a && (!b || earlier(a, b))) {
+        *from = &s->ring[0];
+        *st = st0;
+        return a;
     }
-    buf = br->copies + br->copies_used;
-    n = recv(s->ring.fd, buf, TPB_COPY_MAX, MSG_DONTWAIT | MSG_TRUNC);
-    /* Anything but this slot's frame means the queue and the ring no
-     * longer pair up: drop it rather than send a wrong frame. */
-    if (n < 0 || (size_t)n != VNET_LEN + h->tp_len || (size_t)n > TPB_COPY_MAX)
-        return -1;
-    br->copies_used += ((size_t)n + 63) & ~(size_t)63;
-    f->vh = (struct virtio_net_hdr *)buf;
-    f->mac = buf + VNET_LEN;
-    f->len = h->tp_len;
-    return 0;
+    *from = &s->ring[1];
+    *st = st1;
+    return b;
 }
 
 static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
@@ -88,28 +81,22 @@ static struct tpacket2_hdr *collect(struct tpb_bridge *br, struct source *s,
 {
     struct tpb_port_counters *c = &br->c[s->port];
     struct tpacket2_hdr *h;
+    struct tpb_ring *r;
     uint32_t st;
 
-    while ((h = tpb_ring_peek(&s->ring, s->ring.head, &st)) != NULL) {
-        s->ring.head = tpb_ring_next(&s->ring, s->ring.head);
+    while ((h = next_frame(s, &r, &st)) != NULL) {
+        r->head = tpb_ring_next(r, r->head);
         c->rx_frames++;
         c->rx_bytes += h->tp_len;
-        if (st & TP_STATUS_COPY) {
-            if (take_copy(br, s, h, f) || f->len < ETH_HLEN) {
-                c->drop_truncated++;
-                tpb_ring_release(h);
-                continue;
-            }
-        } else if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
+        if (h->tp_snaplen < h->tp_len || h->tp_snaplen < ETH_HLEN) {
             c->drop_truncated++;
             tpb_ring_release(h);
             continue;
-        } else {
-            f->mac = (uint8_t *)h + h->tp_mac;
-            f->len = h->tp_snaplen;
-            f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
         }
         f->h = h;
+        f->mac = (uint8_t *)h + h->tp_mac;
+        f->len = h->tp_snaplen;
+        f->vh = (struct virtio_net_hdr *)(f->mac - VNET_LEN);
         f->tagged = (st & TP_STATUS_VLAN_VALID) != 0;
         /* Counted as on the wire: with the tag the kernel took off. */
         c->rx_bytes += f->tagged ? 4 : 0;
@@ -148,10 +135,14 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
 {
     struct tpacket2_hdr *held[MAX_BATCH];
     struct frame f;
-    /* Never more than the ring has slots: past that, head would wrap onto
-     * slots this pass still holds. */
-    uint32_t n = 0, i, limit = br->batch < s->ring.frame_nr ? br->batch
-                                                             : s->ring.frame_nr;
+    int p;
+    /* Never more than a ring has slots: past that, its head would wrap
+     * onto slots this pass still holds. */
+    uint32_t n = 0, i, limit = br->batch;
+
+    for (i = 0; i < 2; i++)
+        if (s->ring[i].frame_nr < limit)
+            limit = s->ring[i].frame_nr;
 
     while (n < limit && (held[n] = collect(br, s, &f)) != NULL) {
         dispatch(br, s, &f);
@@ -159,8 +150,9 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
     }
     if (!n)
         return 0;
-    flush_all(br);
-    br->copies_used = 0;
+    for (p = 0; p < TPB_NPORTS; p++)
+        if (br->q[p].n)
+            txq_flush(&br->q[p]);
     for (i = 0; i < n; i++)
         tpb_ring_release(held[i]);
     return n;
@@ -173,9 +165,12 @@ static int rings_ready(struct tpb_bridge *br)
     uint32_t st;
     int i;
 
-    for (i = 0; i < br->nsrc; i++)
-        if (tpb_ring_peek(&br->src[i].ring, br->src[i].ring.head, &st))
+    for (i = 0; i < 2 * br->nsrc; i++) {
+        struct tpb_ring *r = &br->src[i / 2].ring[i % 2];
+
+        if (tpb_ring_peek(r, r->head, &st))
             return 1;
+    }
     return 0;
 }
 
@@ -199,16 +194,16 @@ static int spin(struct tpb_bridge *br)
 
 int tpb_bridge_run(struct tpb_bridge *br)
 {
-    struct pollfd pfd[4];
-    int i, e, timeout;
+    struct pollfd pfd[7];
+    int i, e, timeout, nfd = 2 * br->nsrc;
     socklen_t elen = sizeof(e);
 
-    for (i = 0; i < br->nsrc; i++) {
-        pfd[i].fd = br->src[i].ring.fd;
+    for (i = 0; i < nfd; i++) {
+        pfd[i].fd = br->src[i / 2].ring[i % 2].fd;
         pfd[i].events = POLLIN;
     }
-    pfd[br->nsrc].fd = br->stop_fd;
-    pfd[br->nsrc].events = POLLIN;
+    pfd[nfd].fd = br->stop_fd;
+    pfd[nfd].events = POLLIN;
     /* Reassembly needs a clock even when nothing arrives. */
     timeout = br->reasm ? 1000 : -1;
 
@@ -223,12 +218,12 @@ int tpb_bridge_run(struct tpb_bridge *br)
         if (work || spin(br))
             continue;
         br->c[TPB_PORT_IN].polls++;
-        if (poll(pfd, (nfds_t)br->nsrc + 1, timeout) < 0) {
+        if (poll(pfd, (nfds_t)nfd + 1, timeout) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
-        for (i = 0; i < br->nsrc; i++)
+        for (i = 0; i < nfd; i++)
             if (pfd[i].revents & POLLERR)
                 getsockopt(pfd[i].fd, SOL_SOCKET, SO_ERROR, &e, &elen);
     }
@@ -248,32 +243,52 @@ void tpb_bridge_stop(struct tpb_bridge *br)
 
 /* ---- setting up -------------------------------------------------------- */
 
-/* cBPF: accept the frame iff (mark == sel) == want. */
-static void mark_filter(struct sock_filter prog[4], uint32_t sel, int want)
+/* cBPF for one ring of a source: accept the frame iff its length puts it
+ * in that ring (TPB_SMALL_MAX) and, with a mark test, iff (mark == sel) ==
+ * want.  Returns the number of instructions (at most 6). */
+static unsigned short ring_filter(struct sock_filter prog[6], int big,
+                                  int test_mark, uint32_t sel, int want)
 {
-    struct sock_filter p[4] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel, want ? 0 : 1, want ? 1 : 0),
-        BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
-        BPF_STMT(BPF_RET | BPF_K, 0),
-    };
+    unsigned short n = 0;
 
-    memcpy(prog, p, sizeof(p));
+    if (test_mark) {
+        prog[n++] = (struct sock_filter)BPF_STMT(
+            BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
+        /* on to the length test, or to the reject at the end (3 ahead) */
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel,
+                                                 want ? 0 : 3, want ? 3 : 0);
+    }
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
+    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
+                                             TPB_SMALL_MAX, big ? 0 : 1,
+                                             big ? 1 : 0);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0);
+    return n;
 }
 
+/* A source: its two rings on ifindex, optionally only the frames whose
+ * mark is (want) or is not (!want) the selection mark. */
 static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                       int ifindex, enum src_kind kind, int port, int to,
-                      const struct sock_fprog *filter, int promisc,
+                      int test_mark, int want, int promisc,
                       char *err, size_t errlen)
 {
     struct source *s = &br->src[br->nsrc];
+    struct sock_filter prog[6];
+    struct sock_fprog fp = {0, prog};
+    int big;
 
     s->kind = kind;
     s->port = port;
     s->to = to;
-    if (tpb_ring_open(&s->ring, ifindex, cfg->ring_frames, filter, promisc,
-                      err, errlen) < 0)
-        return -1;
+    for (big = 0; big < 2; big++) {
+        fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);
+        if (tpb_ring_open(&s->ring[big], ifindex,
+                          big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
+                          promisc && !big, err, errlen) < 0)
+            return -1;
+    }
     br->nsrc++;
     return 0;
 }
@@ -295,8 +310,6 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
                        char *err, size_t errlen)
 {
     const struct tpb_tunnel_config *t = &cfg->tun;
-    struct sock_filter sel[4], rest[4];
-    struct sock_fprog fsel = {4, sel}, frest = {4, rest};
 
     br->tunnel = 1;
     br->cfg = *t;
@@ -315,23 +328,21 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         snprintf(err, errlen, "out of memory (reassembly)");
         return -1;
     }
-    mark_filter(rest, cfg->mark, 0);
-    mark_filter(sel, cfg->mark, 1);
     br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], 1, 1, err, errlen);
     if (br->txfd_in < 0)
         return -1;
     if (add_source(br, cfg, cfg->sel_ifindex, SRC_BRIDGE, TPB_PORT_IN,
-                   TPB_PORT_OUT, &frest, 0, err, errlen) ||
+                   TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
         add_source(br, cfg, cfg->sel_ifindex, SRC_ENCAP, TPB_PORT_IN,
-                   TPB_PORT_OUT, &fsel, 0, err, errlen) ||
+                   TPB_PORT_OUT, 1, 1, 0, err, errlen) ||
         add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_FROM_OUT,
-                   TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
+                   TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
     if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, br->gsofd[TPB_PORT_IN],
                  &br->c[TPB_PORT_IN]) ||
-        txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring.fd,
+        txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring[0].fd,
                  br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
@@ -343,15 +354,15 @@ static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
                       char *err, size_t errlen)
 {
     if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], SRC_BRIDGE, TPB_PORT_IN,
-                   TPB_PORT_OUT, NULL, 1, err, errlen) ||
+                   TPB_PORT_OUT, 0, 0, 1, err, errlen) ||
         add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_BRIDGE,
-                   TPB_PORT_OUT, TPB_PORT_IN, NULL, 1, err, errlen))
+                   TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
-    if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring.fd, br->gsofd[TPB_PORT_IN],
+    if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring[0].fd, br->gsofd[TPB_PORT_IN],
                  &br->c[TPB_PORT_IN]) ||
-        txq_init(&br->q[TPB_PORT_OUT], br->src[1].ring.fd,
+        txq_init(&br->q[TPB_PORT_OUT], br->src[1].ring[0].fd,
                  br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
@@ -370,18 +381,13 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
         return NULL;
     }
     for (i = 0; i < 3; i++)
-        br->src[i].ring.fd = -1;
+        br->src[i].ring[0].fd = br->src[i].ring[1].fd = -1;
     br->txfd_in = br->gsofd[0] = br->gsofd[1] = -1;
     br->batch = cfg->batch ? cfg->batch : 64;
     if (br->batch > MAX_BATCH)
         br->batch = MAX_BATCH;
     br->spin_us = cfg->spin_us;
     pthread_mutex_init(&br->stats_lock, NULL);
-    br->copies = malloc(COPIES_SIZE);
-    if (!br->copies) {
-        snprintf(err, errlen, "out of memory");
-        goto fail;
-    }
     br->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (br->stop_fd < 0) {
         snprintf(err, errlen, "eventfd: %s", strerror(errno));
@@ -404,12 +410,12 @@ static void fold_kernel_stats(struct tpb_bridge *br)
     socklen_t len;
     int i;
 
-    for (i = 0; i < br->nsrc; i++) {
+    for (i = 0; i < 2 * br->nsrc; i++) {
         len = sizeof(st);
-        if (getsockopt(br->src[i].ring.fd, SOL_PACKET, PACKET_STATISTICS, &st,
-                       &len) == 0) {
-            br->c[br->src[i].port].kernel_packets += st.tp_packets;
-            br->c[br->src[i].port].kernel_drops += st.tp_drops;
+        if (getsockopt(br->src[i / 2].ring[i % 2].fd, SOL_PACKET,
+                       PACKET_STATISTICS, &st, &len) == 0) {
+            br->c[br->src[i / 2].port].kernel_packets += st.tp_packets;
+            br->c[br->src[i / 2].port].kernel_drops += st.tp_drops;
         }
     }
 }
@@ -439,8 +445,10 @@ void tpb_bridge_close(struct tpb_bridge *br)
 
     if (!br)
         return;
-    for (i = 0; i < br->nsrc; i++)
-        tpb_ring_close(&br->src[i].ring);
+    for (i = 0; i < 3; i++) {
+        tpb_ring_close(&br->src[i].ring[0]);
+        tpb_ring_close(&br->src[i].ring[1]);
+    }
     if (br->txfd_in >= 0)
         close(br->txfd_in);
     for (i = 0; i < TPB_NPORTS; i++)
@@ -452,7 +460,6 @@ void tpb_bridge_close(struct tpb_bridge *br)
         reasm_free(br->reasm);
     if (br->stop_fd > 0)
         close(br->stop_fd);
-    free(br->copies);
     pthread_mutex_destroy(&br->stats_lock);
     free(br);
 }

@@ -25,7 +25,6 @@
 #define TXQ_HDR 224            /* vnet + Ethernet + outer + inner headers */
 #define TXQ_IOV 4
 #define ARENA_SIZE (1u << 20)  /* bounce buffers, valid until the flush */
-#define COPIES_SIZE (4u << 20) /* frames too big for a ring slot, ditto */
 
 /* Messages waiting to leave one port, pointing at ring slots, their own
  * header scratch, or the arena; all of it stays valid until txq_flush(). */
@@ -56,8 +55,10 @@ struct frame {
 
 enum src_kind { SRC_BRIDGE, SRC_ENCAP, SRC_FROM_OUT };
 
+/* One stream of frames, in two rings split by length (ring.h): [0] small
+ * slots, [1] big ones, merged back in arrival order by their timestamps. */
 struct source {
-    struct tpb_ring ring;
+    struct tpb_ring ring[2];
     enum src_kind kind;
     int port;                  /* whose rx counters */
     int to;                    /* the port it sends out of */
@@ -71,8 +72,6 @@ struct tpb_bridge {
     int txfd_in;               /* tunnel mode: the socket that sends out --in */
     int gsofd[TPB_NPORTS];     /* per port: super-packets go out through it */
     struct txq q[TPB_NPORTS];
-    uint8_t *copies;           /* whole frames from the receive queues */
-    size_t copies_used;
     struct tpb_port_counters c[TPB_NPORTS];
     uint32_t batch;
     uint32_t spin_us;

@@ -8,8 +8,9 @@
  *  - PACKET_VNET_HDR: GSO super-packets (up to 64 KB) and CHECKSUM_PARTIAL
  *    frames arrive with a virtio_net_hdr in front; sending them back with
  *    that header lets the egress device segment and checksum them.
- *  - Slots of 2 KB, and frames that do not fit one come whole through the
- *    socket's receive queue (PACKET_COPY_THRESH, see SLOT_SIZE).
+ *  - Two rings per source, split by frame length with a cBPF filter: many
+ *    small slots for ordinary frames, a few 68 KB ones for super-packets
+ *    and jumbo frames (SMALL_SLOT).
  *  - PACKET_IGNORE_OUTGOING: the socket must not see what it sent itself.
  *  - PACKET_QDISC_BYPASS: a bridge port needs no qdisc of its own.
  *  - Promiscuous mode as a socket membership (PACKET_MR_PROMISC), not an
@@ -33,19 +34,18 @@
 #include "tpb.h"
 #include "ring.h"
 
-/* Slots of 2 KB: a 1518-byte frame with its TPACKET and vnet headers fits
- * (up to TPB_RING_SLOT_DATA bytes).  Small slots make a ring of many
- * slots cheap, and many slots are what rides out a stall of TPB's CPU
- * (8192 slots: 16 MB, 27 ms of 64-byte frames at 0.3 Mpps).  Larger frames
- * (super-packets, jumbo frames) come by PACKET_COPY_THRESH: the slot holds
- * their head, marked TP_STATUS_COPY, and the whole frame waits in the
- * socket's receive queue, in ring order, for recvmsg(). */
-#define SLOT_SIZE 2048u
-#define SLOTS_PER_BLOCK 32u                 /* 64 KB blocks */
+/* Two rings per source (see ring.h): small slots of 2 KB, a 1518-byte
+ * frame and its TPACKET and vnet headers (up to TPB_SMALL_MAX bytes), many
+ * of them, since many slots are what rides out a stall of TPB's CPU (8192:
+ * 16 MB, 27 ms of 64-byte frames at 0.3 Mpps); and big slots of 17 pages,
+ * a 65535-byte IP packet with Ethernet and headers, fewer of them.  A
+ * kernel-side copy of a 64 KB frame into a big slot happens on the CPU
+ * that received it, as before TPB's thread sees it. */
+#define SMALL_SLOT 2048u
+#define SMALL_PER_BLOCK 32u                 /* 64 KB blocks */
+#define BIG_SLOT (17u * 4096u)
+#define BIG_PER_BLOCK 15u                   /* 255 pages: one page wasted per 2^8 */
 #define SNDBUF_BYTES (8 * 1024 * 1024)
-/* What the queue for whole copies may hold: a pass's worth of 64 KB
- * super-packets (their truesize) and more. */
-#define RCVBUF_BYTES (64 * 1024 * 1024)
 
 static int fail(char *err, size_t errlen, const char *what, int e)
 {
@@ -114,11 +114,13 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
     return fd;
 }
 
-int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
+int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
                   const struct sock_fprog *filter, int promisc,
                   char *err, size_t errlen)
 {
-    int one = 1, ver = TPACKET_V2, rcvbuf = RCVBUF_BYTES, rc;
+    int one = 1, ver = TPACKET_V2, rc;
+    uint32_t slot = big ? BIG_SLOT : SMALL_SLOT;
+    uint32_t per_block = big ? BIG_PER_BLOCK : SMALL_PER_BLOCK;
     struct tpacket_req req;
     struct sockaddr_ll sll;
 
@@ -137,23 +139,18 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
         (rc = setopt(r->fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one,
                      sizeof(one), err, errlen, "PACKET_IGNORE_OUTGOING")))
         goto out;
-    if ((rc = setopt(r->fd, SOL_PACKET, PACKET_COPY_THRESH, &one, sizeof(one),
-                     err, errlen, "PACKET_COPY_THRESH")) ||
-        (rc = setopt(r->fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf),
-                     err, errlen, "SO_RCVBUFFORCE")))
-        goto out;
     if (filter && (rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
                                sizeof(*filter), err, errlen,
                                "SO_ATTACH_FILTER")))
         goto out;
 
-    if (frames < SLOTS_PER_BLOCK)
-        frames = SLOTS_PER_BLOCK;
+    if (frames < per_block)
+        frames = per_block;
     memset(&req, 0, sizeof(req));
-    req.tp_frame_size = SLOT_SIZE;
-    req.tp_block_size = SLOT_SIZE * SLOTS_PER_BLOCK;
-    req.tp_block_nr = (frames + SLOTS_PER_BLOCK - 1) / SLOTS_PER_BLOCK;
-    req.tp_frame_nr = req.tp_block_nr * SLOTS_PER_BLOCK;
+    req.tp_frame_size = slot;
+    req.tp_block_size = slot * per_block;
+    req.tp_block_nr = (frames + per_block - 1) / per_block;
+    req.tp_frame_nr = req.tp_block_nr * per_block;
     if ((rc = setopt(r->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req),
                      err, errlen, "PACKET_RX_RING")))
         goto out;

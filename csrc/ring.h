@@ -18,13 +18,17 @@ struct tpb_ring {
 
 struct sock_fprog;
 
-/* The largest frame collect() takes whole from the receive queue: a
- * 64 KB GRO or TSO packet, Ethernet and vnet headers. */
-#define TPB_COPY_MAX (65536u + 256u)
+/* Frames up to this length (as the kernel hands them over, any outer VLAN
+ * tag taken off) go to a source's ring of small slots, longer ones to its
+ * ring of big slots: a small slot is 2 KB with 44 bytes of headers. */
+#define TPB_SMALL_MAX 1984u
+/* Slots of the big ring (35 MB): super-packets are fewer, each up to 64 KB. */
+#define TPB_BIG_FRAMES 512u
 
-/* An RX ring on ifindex (ETH_P_ALL), with an optional cBPF filter and
- * promiscuous membership; the same socket sends out of that port. */
-int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames,
+/* An RX ring on ifindex (ETH_P_ALL), of small slots or big ones, with an
+ * optional cBPF filter and promiscuous membership; the same socket sends
+ * out of that port. */
+int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
                   const struct sock_fprog *filter, int promisc,
                   char *err, size_t errlen);
 /* A socket that only sends out of ifindex (protocol 0: it receives

@@ -92,7 +92,11 @@ def _add_run(sub: Any) -> None:
     )
     b = r.add_argument_group("data path")
     b.add_argument("--cpu", type=_number, help="pin the data path to this CPU")
-    b.add_argument("--ring-frames", type=_number, help="RX ring slots per port, 2 KB each (8192)")
+    b.add_argument(
+        "--ring-frames",
+        type=_number,
+        help="RX ring slots of 2 KB per port (8192); longer frames have 512 of 68 KB",
+    )
     b.add_argument("--batch", type=_number, help="frames per sendmmsg (64, at most 256)")
     b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
     b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
