@@ -118,7 +118,7 @@ static void dispatch(struct tpb_bridge *br, struct source *s, struct frame *f)
     case SRC_BRIDGE:
         if (br->tunnel && s->port == TPB_PORT_IN)
             learn_router(br, f);
-        txq_bridge(&br->q[s->to], f);
+        forward(br, &br->q[s->to], f);
         break;
     case SRC_ENCAP:
         encap_frame(br, f);

@@ -66,6 +66,14 @@ struct source {
 
 struct reasm;                  /* reasm.c */
 
+/* segment.c: forward()'s state while it segments a tunnel's super-packet. */
+struct transit {
+    struct txq *q;
+    size_t olen;               /* outer IP (+ GRE) header bytes */
+    size_t gre_off;            /* GRE header offset in them, 0: IP-in-IP */
+    uint32_t k;                /* the next segment's number */
+};
+
 struct tpb_bridge {
     struct source src[3];
     int nsrc;
@@ -90,6 +98,7 @@ struct tpb_bridge {
     double icmp_tokens;
     uint64_t icmp_last_ns;
     struct reasm *reasm;
+    struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */
     pthread_mutex_t stats_lock;
 };
@@ -122,8 +131,13 @@ struct inner {               /* an inner packet in two pieces */
 };
 typedef void (*inner_fn)(struct tpb_bridge *br, struct frame *f,
                          struct inner *p);
-int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
-            uint16_t proto, const struct virtio_net_hdr *vh, inner_fn emit);
+/* Cuts a super-packet into gso_size segments, headers in q's arena; returns
+ * how many, or -1 if it cannot be segmented (the caller counts it). */
+int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
+            size_t len, uint16_t proto, const struct virtio_net_hdr *vh,
+            inner_fn emit);
+/* Bridges a frame out of q unchanged; a tunnel's super-packet segmented. */
+void forward(struct tpb_bridge *br, struct txq *q, struct frame *f);
 
 /* decap.c */
 void from_out_frame(struct tpb_bridge *br, struct frame *f);

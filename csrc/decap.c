@@ -56,7 +56,7 @@ void from_out_frame(struct tpb_bridge *br, struct frame *f)
         to_local(br, f);
         return;
     }
-    txq_bridge(&br->q[TPB_PORT_IN], f);
+    forward(br, &br->q[TPB_PORT_IN], f);
 }
 
 /* 2. ------------------------------------------------------------------ */

@@ -66,7 +66,14 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
     learn_router(br, f);
     clamp_mss(br, ip, len, proto, partial);
     if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-        segment(br, f, ip, len, proto, vh, fit);
+        int n = segment(br, &br->q[TPB_PORT_OUT], f, ip, len, proto, vh, fit);
+
+        if (n < 0) {
+            br->tc.drop[TPB_DROP_GSO_BAD]++;
+            return;
+        }
+        br->tc.gso_packets++;
+        br->tc.gso_segments += (uint64_t)n;
         return;
     }
     if (partial && finish_csum(f->mac, ETH_HLEN + len, vh)) {

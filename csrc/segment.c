@@ -11,7 +11,10 @@
  *                      on the first, FIN/PSH only on the last, checksums;
  *      udp_seg()       copy IP+UDP header, lengths, IP ID, checksums;
  *   4. each segment is handed to `emit` (encap.c: fit) with its header in
- *      the tx arena and its payload still in the ring slot: no copy.
+ *      the tx arena and its payload still in the ring slot: no copy;
+ *   5. forward()       a frame bridged unchanged (txq_bridge), unless it is
+ *                      a tunnel's super-packet the kernel cannot segment:
+ *                      then segmented here and re-wrapped (emit_transit).
  */
 #define _GNU_SOURCE
 #include <string.h>
@@ -106,10 +109,10 @@ static void udp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
 
 /* 2. ------------------------------------------------------------------ */
 
-int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
-            uint16_t proto, const struct virtio_net_hdr *vh, inner_fn emit)
+int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
+            size_t len, uint16_t proto, const struct virtio_net_hdr *vh,
+            inner_fn emit)
 {
-    struct txq *q = &br->q[TPB_PORT_OUT];
     uint8_t gso = vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN, l4;
     void (*seg)(const struct seg_ctx *, uint8_t *, size_t, uint32_t, uint32_t);
     struct seg_ctx s;
@@ -133,7 +136,7 @@ int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
         p.dlen = 0;
         p.proto = proto;
         emit(br, f, &p);
-        return 0;
+        return 1;
     }
     if ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && proto == ETYPE_IPV4 &&
          l4 == IPPROTO_TCP_) ||
@@ -171,10 +174,129 @@ int segment(struct tpb_bridge *br, struct frame *f, uint8_t *ip, size_t len,
         p.proto = proto;
         emit(br, f, &p);
     }
-    br->tc.gso_packets++;
-    br->tc.gso_segments += n;
-    return 0;
+    return (int)n;
 bad:
-    br->tc.drop[TPB_DROP_GSO_BAD]++;
     return -1;
+}
+
+/* 5. ------------------------------------------------------------------ */
+
+/* A tunnel packet's super-packet, bridged: GRO on the receiving port
+ * merged GRE (or IP-in-IP) packets of one inner TCP flow.  Its vnet header
+ * points at the inner TCP header, and the kernel could not segment it on
+ * the way out (it has no GSO type for GRE from a packet socket), so it is
+ * segmented here as gre_gso_segment would: per segment the inner headers
+ * (tcp_seg), then the outer ones copied, outer length, ID +1 and header
+ * checksum, and a GRE checksum if the packet had one. */
+
+/* Where the inner IP header of a GRE or IP-in-IP packet starts (from the
+ * MAC header); 0 if the frame is no such packet, -1 if it is one TPB does
+ * not take apart (GRE with a sequence number, or carrying Ethernet). */
+static long tunnel_inner(const struct frame *f, uint16_t *iproto,
+                         size_t *ohl, size_t *gre_off)
+{
+    const uint8_t *ip = f->mac + ETH_HLEN, *g;
+    uint16_t type = rd16(f->mac + 12), flags;
+    size_t avail = f->len - ETH_HLEN;
+    uint8_t proto;
+
+    if (type == ETYPE_IPV4 && avail >= 20 && (ip[0] >> 4) == 4 &&
+        !(rd16(ip + 6) & (IP_MF | IP_OFFMASK))) {
+        *ohl = (size_t)(ip[0] & 0x0f) * 4;
+        proto = ip[9];
+    } else if (type == ETYPE_IPV6 && avail >= 40 && (ip[0] >> 4) == 6) {
+        *ohl = 40;
+        proto = ip[6];
+    } else {
+        return 0;
+    }
+    *gre_off = 0;
+    if (proto == 4 || proto == 41) {
+        *iproto = proto == 4 ? ETYPE_IPV4 : ETYPE_IPV6;
+        return (long)(ETH_HLEN + *ohl);
+    }
+    if (proto != IPPROTO_GRE_)
+        return 0;
+    if (avail < *ohl + 4)
+        return -1;
+    g = ip + *ohl;
+    flags = rd16(g);
+    *iproto = rd16(g + 2);
+    /* A sequence number would have to differ per segment (GRO does not
+     * merge those); an inner Ethernet header is not parsed here. */
+    if ((flags & (GRE_VER | GRE_UNKNOWN | GRE_S)) ||
+        (*iproto != ETYPE_IPV4 && *iproto != ETYPE_IPV6))
+        return -1;
+    *gre_off = *ohl;
+    return (long)(ETH_HLEN + *ohl + gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), 0));
+}
+
+static void emit_transit(struct tpb_bridge *br, struct frame *f, struct inner *p)
+{
+    struct transit *t = &br->transit;
+    uint32_t i = txq_reserve(t->q);
+    uint8_t *h = t->q->hdr[i], *o, *g;
+    size_t n, ilen = p->hlen + p->dlen;
+    uint32_t sum;
+    int niov = 2;
+
+    memset(h, 0, VNET_LEN);
+    n = VNET_LEN + eth_write(h + VNET_LEN, f->mac, f->mac + 6, f, rd16(f->mac + 12));
+    o = h + n;
+    memcpy(o, f->mac + ETH_HLEN, t->olen);
+    if ((o[0] >> 4) == 4) {
+        wr16(o + 2, (uint16_t)(t->olen + ilen));
+        wr16(o + 4, (uint16_t)(rd16(f->mac + ETH_HLEN + 4) + t->k));
+        ip4_set_csum(o);
+    } else {
+        wr16(o + 4, (uint16_t)(t->olen - 40 + ilen));
+    }
+    g = o + t->gre_off;
+    if (t->gre_off && (rd16(g) & GRE_C)) {   /* RFC 2784 2.5 */
+        wr16(g + 4, 0);
+        sum = csum_add(csum_add(csum_add(0, g, t->olen - t->gre_off), p->hdr,
+                                p->hlen), p->data, p->dlen);
+        wr16(g + 4, csum_finish(sum));
+    }
+    t->q->iov[i][0].iov_base = h;
+    t->q->iov[i][0].iov_len = n + t->olen;
+    t->q->iov[i][1].iov_base = p->hdr;
+    t->q->iov[i][1].iov_len = p->hlen;
+    if (p->dlen) {
+        t->q->iov[i][2].iov_base = (void *)p->data;
+        t->q->iov[i][2].iov_len = p->dlen;
+        niov = 3;
+    }
+    txq_commit(t->q, i, niov);
+    t->k++;
+}
+
+void forward(struct tpb_bridge *br, struct txq *q, struct frame *f)
+{
+    const struct virtio_net_hdr *vh = f->vh;
+    uint8_t gso = vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
+    size_t ilen = 0, ohl, gre_off;
+    uint16_t iproto;
+    long in;
+
+    if ((gso != VIRTIO_NET_HDR_GSO_TCPV4 && gso != VIRTIO_NET_HDR_GSO_TCPV6) ||
+        !(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) ||
+        !(in = tunnel_inner(f, &iproto, &ohl, &gre_off))) {
+        txq_bridge(q, f);   /* a plain super-packet: the kernel segments it */
+        return;
+    }
+    if (in > 0 && vh->csum_start > (size_t)in)
+        ilen = ip_len(f->mac + in, f->len - (size_t)in, iproto);
+    if (!ilen) {
+        /* The kernel would refuse it (or, behind a qdisc, drop it
+         * unseen): counted here instead. */
+        q->c->drop_gso_bad++;
+        return;
+    }
+    br->transit.q = q;
+    br->transit.olen = (size_t)in - ETH_HLEN;
+    br->transit.gre_off = gre_off;
+    br->transit.k = 0;
+    if (segment(br, q, f, f->mac + in, ilen, iproto, vh, emit_transit) < 0)
+        q->c->drop_gso_bad++;
 }

@@ -23,6 +23,7 @@ struct tpb_port_counters {
     uint64_t drop_too_big;     /* EMSGSIZE: larger than the egress MTU */
     uint64_t drop_egress_full; /* ENOBUFS/EAGAIN: the egress device dropped it */
     uint64_t drop_send_error;  /* any other sendmmsg error */
+    uint64_t drop_gso_bad;     /* a tunnel's super-packet TPB cannot segment */
     uint64_t kernel_packets;   /* frames the kernel offered this socket */
     uint64_t kernel_drops;     /* frames the kernel dropped: ring full */
     uint64_t polls;            /* times the loop slept in poll() */

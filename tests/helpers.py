@@ -26,6 +26,7 @@ COUNTER_NAMES = (
     "drop_too_big",
     "drop_egress_full",
     "drop_send_error",
+    "drop_gso_bad",
     "kernel_packets",
     "kernel_drops",
     "polls",

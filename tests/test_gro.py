@@ -39,7 +39,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
 from test_segment import pseudo_sum
-from tunnel_util import Procs, exclusive_lab, lab_unavailable
+from tunnel_util import Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
 
 from tpb import lab as labmod
 
@@ -322,3 +322,104 @@ def test_pop_still_drops_a_wrong_gre_checksum(tlab, tmp_path):
         procs.stop_all()
     peer = c["peers"][labmod.T_TPB]
     assert peer["drop"] == {"gre_csum": 1} and peer["decap_packets"] == 0, peer
+
+
+# -- someone else's tunnel through the bump in the wire --------------------------
+
+TRANSIT_SRC, TRANSIT_DST = "198.51.100.50", "198.51.100.60"   # not TPB's, not the POP's
+
+
+def transit_frame(tlab, data: bytes, encap: str) -> tuple[bytes, int]:
+    """A merged super-packet of another tunnel between two other hosts:
+    GRE (plain, or with key and checksum, the field stale) or IP-in-IP."""
+    inner = IP(src="10.9.0.1", dst="10.9.0.2", id=4242, flags="DF") / TCP(
+        sport=1234, dport=80, seq=SEQ0, ack=1, flags="PA") / Raw(data)
+    outer = IP(src=TRANSIT_SRC, dst=TRANSIT_DST, id=1000, flags="DF", ttl=50)
+    if encap == "gre":
+        pkt = outer / GRE(proto=0x0800) / inner
+    elif encap == "gre-key-csum":
+        pkt = outer / GRE(proto=0x0800, key_present=1, key=99, chksum_present=1,
+                          chksum=0x1234) / inner
+    else:
+        pkt = outer / inner
+    frame = bytearray(bytes(Ether(src=tlab.iface("gw2", "eth0").mac,
+                                  dst=tlab.iface("gw1", "eth1").mac) / pkt))
+    l4 = len(frame) - len(data) - 20
+    frame[l4 + 16 : l4 + 18] = struct.pack("!H", pseudo_sum(bytes(frame), l4 - 20, False, 6))
+    return bytes(frame), l4
+
+
+@pytest.mark.parametrize("encap", ["gre", "gre-key-csum", "ipip"])
+def test_transit_tunnel_super_packet_segmented(tlab, tap, tpb, encap):
+    """Another tunnel's packets cross TPB untouched.  When the port's GRO
+    has merged them, the kernel cannot send the merged frame out of a
+    packet socket (it has no GSO type for GRE or IP-in-IP from there), so
+    TPB segments it as gre_gso_segment would: gw1 gets the packets again,
+    each a valid outer IPv4 packet (length, ID +1, checksum, and the GRE
+    checksum recomputed), around a valid inner TCP segment; the data whole."""
+    data = os.urandom(6 * MSS + 77)
+    n = -(-len(data) // MSS)
+    frame, l4 = transit_frame(tlab, data, encap)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, frame, l4)
+        got = []
+        wait = 5.0
+        while (f := cap.recv(wait)) is not None:
+            p = Ether(f.data)
+            if IP in p and p[IP].src == TRANSIT_SRC:
+                got.append(f.data)
+            wait = 0.3 if len(got) >= n else 5.0
+    assert len(got) == n, [len(g) for g in got]
+    joined = b""
+    for k, seg in enumerate(got):
+        assert len(seg) <= 1514
+        assert seg[:12] == frame[:12]
+        outer = Ether(seg)[IP]
+        check = IP(bytes(outer))
+        del check.chksum, check.len
+        check = IP(bytes(check))
+        assert (outer.chksum, outer.len) == (check.chksum, check.len), k
+        assert outer.id == 1000 + k and outer.ttl == 50
+        if encap.startswith("gre"):
+            g = outer[GRE]
+            if encap == "gre-key-csum":
+                assert g.key == 99
+                gre = bytes(g)
+                assert gre_checksum_ok(gre), k
+            inner = g.payload
+        else:
+            inner = outer.payload
+        assert isinstance(inner, IP) and inner.id == 4242 + k
+        assert inner[TCP].seq == SEQ0 + k * MSS
+        c2 = inner.copy()
+        del c2[TCP].chksum, c2.chksum
+        c2 = IP(bytes(c2))
+        assert inner[TCP].chksum == c2[TCP].chksum and inner.chksum == c2.chksum, k
+        joined += bytes(inner[TCP].payload)
+    assert joined == data
+    c = tpb.stop()
+    assert c["in"]["tx_frames"] >= n and c["in"]["drop_gso_bad"] == 0, c["in"]
+
+
+def test_transit_super_packet_not_taken_apart_is_counted(tlab, tap, tpb):
+    """A merged GRE packet carrying Ethernet (0x6558) is one TPB does not take
+    apart; the kernel would refuse it, or drop it unseen behind a qdisc.
+    TPB drops it itself and counts it as gso_bad; nothing half-made leaves."""
+    data = os.urandom(4 * MSS)
+    inner = Ether(src="02:00:00:00:aa:01", dst="02:00:00:00:aa:02") / IP(
+        src="10.9.0.1", dst="10.9.0.2", flags="DF") / TCP(seq=SEQ0, flags="PA") / Raw(data)
+    pkt = IP(src=TRANSIT_SRC, dst=TRANSIT_DST, flags="DF") / GRE(proto=0x6558) / inner
+    frame = bytearray(bytes(Ether(src=tlab.iface("gw2", "eth0").mac,
+                                  dst=tlab.iface("gw1", "eth1").mac) / pkt))
+    l4 = len(frame) - len(data) - 20
+    frame[l4 + 16 : l4 + 18] = struct.pack("!H", pseudo_sum(bytes(frame), l4 - 20, False, 6))
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject(tap, bytes(frame), l4)
+        got = []
+        while (f := cap.recv(1.0)) is not None:
+            p = Ether(f.data)
+            if IP in p and p[IP].src == TRANSIT_SRC:
+                got.append(f.data)
+    assert got == []
+    c = tpb.stop()
+    assert c["in"]["drop_gso_bad"] == 1, c["in"]

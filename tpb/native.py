@@ -32,6 +32,7 @@ class PortCounters:
     drop_too_big: int = 0
     drop_egress_full: int = 0
     drop_send_error: int = 0
+    drop_gso_bad: int = 0
     kernel_packets: int = 0
     kernel_drops: int = 0
     polls: int = 0
