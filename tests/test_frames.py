@@ -197,6 +197,14 @@ def test_frame_crosses_once_byte_identical(lab, tpb, kind, direction):
     assert c[src.tpb_port]["rx_frames"] >= 2, c
 
 
+def cross_in_order(lb, src: End, dst: End, frames: list[bytes], markers: list[bytes]) -> None:
+    """Every frame arrives once, byte-identical, and in the order sent."""
+    got = cross(lb, src, dst, frames, markers)
+    check_crossed(frames, markers, got)
+    arrival = [got[m][0].seq for m in markers]
+    assert arrival == sorted(arrival), "frames left TPB in another order than they came in"
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_burst_arrives_complete_in_order_once(lab, tpb, direction):
     """Several sendmmsg batches' worth of mixed frames (the default batch is
@@ -210,10 +218,7 @@ def test_burst_arrives_complete_in_order_once(lab, tpb, direction):
         frames.append(FRAMES[kinds[i % len(kinds)]](src, dst, m))
         markers.append(m)
 
-    got = cross(lab, src, dst, frames, markers)
-    check_crossed(frames, markers, got)
-    arrival = [got[m][0].seq for m in markers]
-    assert arrival == sorted(arrival), "frames left TPB in another order than they came in"
+    cross_in_order(lab, src, dst, frames, markers)
     c = tpb.stop()
     assert_consistent(c)
     assert c[src.tpb_port]["rx_frames"] >= len(frames) + 1
@@ -389,10 +394,7 @@ def test_small_and_large_frames_interleaved_keep_their_order(jumbo_lab, start_tp
         frames.append(frame)
         markers.append(m)
 
-    got = cross(jumbo_lab, src, dst, frames, markers)
-    check_crossed(frames, markers, got)
-    arrival = [got[m][0].seq for m in markers]
-    assert arrival == sorted(arrival), "frames left TPB in another order than they came in"
+    cross_in_order(jumbo_lab, src, dst, frames, markers)
     c = tpb.stop()
     assert_consistent(c)
     assert c[src.tpb_port]["drop_truncated"] == 0, c

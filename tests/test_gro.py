@@ -39,7 +39,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
 from test_segment import pseudo_sum
-from tunnel_util import Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
+from tunnel_util import Proc, Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
 
 from tpb import lab as labmod
 
@@ -259,6 +259,24 @@ def pop_no_offloads(tlab):
         tlab.run("pop", ["ethtool", "-K", "eth1", "tx", "on", "tso", "on"])
 
 
+@contextmanager
+def pop_on_tap(tlab, tmp_path, peer: str) -> Iterator[tuple[int, Proc, str]]:
+    """`tpb pop` for one peer, and a TAP device in the pop's namespace to
+    inject GRE into (no reverse-path filter: the peer is routed elsewhere);
+    yields (the TAP's fd, the pop process, the TAP's MAC)."""
+    procs = Procs(tlab, tmp_path)
+    try:
+        for key in ("all", "default"):
+            tlab.sysctl("pop", f"net.ipv4.conf.{key}.rp_filter", "0")
+        with tap_device(tlab, "pop", "tap9") as fd:
+            tlab.sysctl("pop", "net.ipv4.conf.tap9.rp_filter", "0")
+            pop = procs.pop(peer)
+            mac = tlab.run("pop", ["cat", "/sys/class/net/tap9/address"]).stdout.strip()
+            yield fd, pop, mac
+    finally:
+        procs.stop_all()
+
+
 @pytest.mark.parametrize("gre_csum", [None, 0x1234], ids=["plain", "stale-gre-csum"])
 def test_pop_passes_gro_merged_packet_on_as_segments(tlab, tmp_path, pop_no_offloads, gre_csum):
     """The POP host's GRO merges GRE packets of one TCP flow too, and its raw
@@ -267,23 +285,14 @@ def test_pop_passes_gro_merged_packet_on_as_segments(tlab, tmp_path, pop_no_offl
     first segment's.  `tpb pop` hands it to the kernel as a super-packet,
     and the server gets segments of at most the MTU, each with a right
     checksum, the data whole and in order."""
-    procs = Procs(tlab, tmp_path)
-    try:
-        for key in ("all", "default"):
-            tlab.sysctl("pop", f"net.ipv4.conf.{key}.rp_filter", "0")
-        with tap_device(tlab, "pop", "tap9") as fd:
-            tlab.sysctl("pop", "net.ipv4.conf.tap9.rp_filter", "0")
-            csum = ",csum" if gre_csum is not None else ""
-            pop = procs.pop(f"{labmod.T_TPB}{csum},prefix=192.0.2.0/26")
-            data = os.urandom(6 * MSS + 77)
-            mac = tlab.run("pop", ["cat", "/sys/class/net/tap9/address"]).stdout.strip()
-            frame, l4 = gro_frame(tlab, data, gre_csum, toward_pop=True, dst_mac=mac)
-            with Port(tlab.ns("server"), "eth0", capture=True) as cap:
-                inject(fd, frame, l4)
-                got = arrivals(cap, -(-len(data) // 1460), src=labmod.T_PC)
-            c = pop.stop()
-    finally:
-        procs.stop_all()
+    csum = ",csum" if gre_csum is not None else ""
+    with pop_on_tap(tlab, tmp_path, f"{labmod.T_TPB}{csum},prefix=192.0.2.0/26") as (fd, pop, mac):
+        data = os.urandom(6 * MSS + 77)
+        frame, l4 = gro_frame(tlab, data, gre_csum, toward_pop=True, dst_mac=mac)
+        with Port(tlab.ns("server"), "eth0", capture=True) as cap:
+            inject(fd, frame, l4)
+            got = arrivals(cap, -(-len(data) // 1460), src=labmod.T_PC)
+        c = pop.stop()
     assert got, "nothing reached the server"
     joined, seq = b"", SEQ0
     for k, seg in enumerate(got):
@@ -303,23 +312,14 @@ def test_pop_passes_gro_merged_packet_on_as_segments(tlab, tmp_path, pop_no_offl
 def test_pop_still_drops_a_wrong_gre_checksum(tlab, tmp_path):
     """Only a merge excuses the GRE checksum: a packet of normal size with a
     complete inner checksum and a wrong GRE checksum is dropped, counted."""
-    procs = Procs(tlab, tmp_path)
-    try:
-        for key in ("all", "default"):
-            tlab.sysctl("pop", f"net.ipv4.conf.{key}.rp_filter", "0")
-        with tap_device(tlab, "pop", "tap9") as fd:
-            tlab.sysctl("pop", "net.ipv4.conf.tap9.rp_filter", "0")
-            pop = procs.pop(f"{labmod.T_TPB},csum,prefix=192.0.2.0/26")
-            mac = tlab.run("pop", ["cat", "/sys/class/net/tap9/address"]).stdout.strip()
-            p = Ether(gro_frame(tlab, os.urandom(MSS), 0x1234, toward_pop=True, dst_mac=mac)[0])
-            del p[GRE].payload[TCP].chksum                 # complete, right
-            frame = bytes(p)
-            hdr = VNET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
-            assert os.write(fd, hdr + frame) == len(hdr) + len(frame)
-            time.sleep(1.0)                                 # counters come at exit
-            c = pop.stop()
-    finally:
-        procs.stop_all()
+    with pop_on_tap(tlab, tmp_path, f"{labmod.T_TPB},csum,prefix=192.0.2.0/26") as (fd, pop, mac):
+        p = Ether(gro_frame(tlab, os.urandom(MSS), 0x1234, toward_pop=True, dst_mac=mac)[0])
+        del p[GRE].payload[TCP].chksum                     # complete, right
+        frame = bytes(p)
+        hdr = VNET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
+        assert os.write(fd, hdr + frame) == len(hdr) + len(frame)
+        time.sleep(1.0)                                     # counters come at exit
+        c = pop.stop()
     peer = c["peers"][labmod.T_TPB]
     assert peer["drop"] == {"gre_csum": 1} and peer["decap_packets"] == 0, peer
 
