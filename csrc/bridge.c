@@ -14,13 +14,14 @@
  *                  briefly, then sleep in poll() on them and the stop fd.
  *
  * Sources.  Each is two rings, split by frame length (ring.h) and merged
- * back in arrival order.  Plain mode: one ETH_P_ALL source per port.  Tunnel mode: --in's
- * frames are taken after nftables has seen them, from a veth pair that
- * TPB's nftables table forwards all of --in's ingress to (an ETH_P_ALL
- * socket on --in itself would see them before the ingress hook, without
- * the mark).  Two rings on that veth split them with a cBPF filter on the
- * mark (SKF_AD_MARK): selected -> encapsulate, others -> bridge.  A third
- * ring takes --out.  Every frame is seen exactly once, VLAN tag included.
+ * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
+ * Tunnel mode: --in's frames are taken after nftables has seen them, from
+ * a veth pair that TPB's nftables table forwards all of --in's ingress to
+ * (an ETH_P_ALL socket on --in itself would see them before the ingress
+ * hook, without the mark).  Two sources on that veth split them with a
+ * cBPF filter on the mark (SKF_AD_MARK): selected -> encapsulate, others
+ * -> bridge.  A third source takes --out.  Every frame is seen exactly
+ * once, VLAN tag included.
  */
 #define _GNU_SOURCE
 #include <errno.h>
