@@ -22,8 +22,9 @@ struct sock_fprog;
  * tag taken off) go to a source's ring of small slots, longer ones to its
  * ring of big slots: a small slot is 2 KB with 44 bytes of headers. */
 #define TPB_SMALL_MAX 1984u
-/* Slots of the big ring (35 MB): super-packets are fewer, each up to 64 KB. */
-#define TPB_BIG_FRAMES 512u
+/* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and
+ * come in bursts (a 512-slot ring overflowed at the far end of a loaded tunnel). */
+#define TPB_BIG_FRAMES 1024u
 
 /* An RX ring on ifindex (ETH_P_ALL), of small slots or big ones, with an
  * optional cBPF filter and promiscuous membership; the same socket sends

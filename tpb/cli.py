@@ -95,7 +95,7 @@ def _add_run(sub: Any) -> None:
     b.add_argument(
         "--ring-frames",
         type=_number,
-        help="RX ring slots of 2 KB per port (8192); longer frames have 512 of 68 KB",
+        help="RX ring slots of 2 KB per port (8192); longer frames have 1024 of 68 KB",
     )
     b.add_argument("--batch", type=_number, help="frames per sendmmsg (64, at most 256)")
     b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
