@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -59,28 +60,22 @@ def tpb_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tpb", "run", *args]
 
 
-class TpbProcess:
-    """One `tpb run` in a lab node, started and stopped the way an operator
-    would: wait for its `bridging` line, stop it with a signal, read the
-    exit counters."""
+class TpbDaemon:
+    """`tpb run` or `tpb pop` in a lab node, started and stopped the way an
+    operator would: wait for its ready line on stderr, stop it with a
+    signal, expect exit 0 with one summary line and no traceback, read the
+    --counters file."""
 
     def __init__(
-        self,
-        lab: Lab,
-        counters_file: Path,
-        in_if: str = "eth2",
-        out_if: str = "eth3",
-        node: str = "tpb",
-        extra: tuple[str, ...] = (),
+        self, lab: Lab, node: str, argv: list[str], ready: str, counters: Path,
+        what: str | None = None,
     ) -> None:
-        self.lab = lab
-        self.node = node
-        self.counters_file = Path(counters_file)
-        self.argv = tpb_argv("--in", in_if, "--out", out_if, "--counters", str(counters_file))
-        self.argv += list(extra)
+        self.lab, self.node, self.argv, self.ready = lab, node, argv, ready
+        self.counters_file = Path(counters)
+        self.what = what or f"{node}: {' '.join(argv[2:])}"
         self.proc: subprocess.Popen | None = None
-        self.stderr = ""
         self.stdout = ""
+        self.stderr = ""
         self.returncode: int | None = None
 
     @property
@@ -92,44 +87,76 @@ class TpbProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = START_TIMEOUT) -> TpbProcess:
-        """Start, and return once it says `bridging` on stderr; fail with its
+    def describe(self) -> str:
+        return self.what
+
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        """Start, and return once it says `ready` on stderr; fail with its
         stderr if it exits first or takes longer than `timeout`."""
         if self.counters_file.exists():
             self.counters_file.unlink()
-        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, "bridging",
-                                             timeout, "tpb run")
+        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
+                                             timeout, self.what)
         return self
 
-    def _kill(self) -> None:
+    def _collect(self, out: bytes | None, err: bytes | None) -> None:
         assert self.proc is not None
-        self.proc.kill()
-        self.proc.communicate()
         self.returncode = self.proc.returncode
+        self.stdout += out.decode(errors="replace") if out else ""
+        self.stderr += err.decode(errors="replace") if err else ""
 
-    def send_signal(self, signum: int) -> int:
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self._collect(*self.proc.communicate(timeout=STOP_TIMEOUT))
+
+    def send_signal(self, signum: int = signal.SIGTERM) -> int:
         """Send `signum`, wait (bounded) for the exit, return the status."""
-        assert self.proc is not None and self.returncode is None, "tpb is not running"
+        assert self.proc is not None and self.returncode is None, f"{self.what}: not running"
         self.proc.send_signal(signum)
         try:
             out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self._kill()
+            self.kill()
             raise AssertionError(
-                f"tpb did not exit within {STOP_TIMEOUT}s of signal {signum}"
+                f"{self.what}: did not exit within {STOP_TIMEOUT}s of signal {signum}; "
+                f"stderr: {self.stderr!r}"
             ) from None
-        self.returncode = self.proc.returncode
-        self.stdout = out.decode()
-        self.stderr += err.decode()
+        self._collect(out, err)
         return self.returncode
 
     def stop(self, signum: int = signal.SIGTERM) -> dict:
         """Stop it like an operator; assert a clean exit; return the counters."""
         rc = self.send_signal(signum)
-        assert rc == 0, f"tpb exited with {rc}; stderr: {self.stderr!r}"
+        assert rc == 0, f"{self.what}: exited with {rc}; stderr: {self.stderr!r}"
         assert "Traceback" not in self.stderr, self.stderr
         lines = self.stdout.splitlines()
         assert len(lines) == 1 and lines[0].startswith("tpb: "), self.stdout
+        assert self.counters_file.exists(), f"{self.what}: no counters file"
+        return self.read_counters()
+
+    def read_counters(self) -> dict:
+        return json.loads(self.counters_file.read_text())
+
+
+class TpbProcess(TpbDaemon):
+    """`tpb run --in IN --out OUT` in a lab node; its counters checked for
+    every per-port counter."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        counters_file: Path,
+        in_if: str = "eth2",
+        out_if: str = "eth3",
+        node: str = "tpb",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        argv = tpb_argv("--in", in_if, "--out", out_if, "--counters", str(counters_file))
+        super().__init__(lab, node, [*argv, *extra], "bridging", counters_file, "tpb run")
+
+    def read_counters(self) -> dict:
         return read_counters(self.counters_file)
 
 

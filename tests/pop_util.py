@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import START_TIMEOUT, STOP_TIMEOUT, spawn_until
+from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon
 from rawsock import netns
 
 from tpb import lab as labmod
@@ -79,74 +79,18 @@ def link_exists(lab: Lab, node: str, ifname: str) -> bool:
 # ---- tpb run / tpb pop as processes -------------------------------------------
 
 
-class Daemon:
-    """One `tpb run` or `tpb pop` in a lab node: started like an operator
-    would (wait for its banner on stderr), stopped with a signal, its exit
-    counters read from the --counters file."""
-
-    def __init__(self, lab: Lab, node: str, argv: list[str], ready: str, counters: Path) -> None:
-        self.lab, self.node, self.argv, self.ready = lab, node, argv, ready
-        self.counters_file = counters
-        self.proc: subprocess.Popen | None = None
-        self.stdout = ""
-        self.stderr = ""
-        self.returncode: int | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.returncode is None
-
-    def start(self, timeout: float = START_TIMEOUT) -> Daemon:
-        if self.counters_file.exists():
-            self.counters_file.unlink()
-        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
-                                             timeout, f"tpb {self.argv[3]} in {self.node}")
-        return self
-
-    def signal(self, signum: int) -> int:
-        assert self.proc is not None and self.returncode is None, "not running"
-        self.proc.send_signal(signum)
-        try:
-            out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"no exit within {STOP_TIMEOUT}s of signal {signum}") from None
-        self.returncode = self.proc.returncode
-        self.stdout = out.decode()
-        self.stderr += err.decode()
-        return self.returncode
-
-    def stop(self) -> dict:
-        """SIGTERM; assert a clean exit (0, one summary line, no traceback);
-        return the exit counters."""
-        rc = self.signal(signal.SIGTERM)
-        assert rc == 0, f"exit status {rc}; stderr: {self.stderr!r}"
-        assert "Traceback" not in self.stderr, self.stderr
-        lines = self.stdout.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("tpb: "), self.stdout
-        return json.loads(self.counters_file.read_text())
-
-    def kill(self) -> None:
-        if self.proc is not None and self.returncode is None:
-            self.proc.kill()
-            out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-            self.stdout += out.decode() if out else ""
-            self.stderr += err.decode() if err else ""
-            self.returncode = self.proc.returncode
-
-
 class Daemons:
     """A test's daemons; whatever is still running at teardown is stopped."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.started: list[Daemon] = []
+        self.started: list[TpbDaemon] = []
 
-    def _add(self, d: Daemon) -> Daemon:
+    def _add(self, d: TpbDaemon) -> TpbDaemon:
         self.started.append(d)
         return d.start()
 
-    def run(self, lab: Lab, *extra: str, node: str = "tpb", config: str | None = None) -> Daemon:
+    def run(self, lab: Lab, *extra: str, node: str = "tpb", config: str | None = None) -> TpbDaemon:
         """`tpb run --in eth2 --out eth3` in node (tpb or tpb2) with extra flags."""
         path = self.tmp / f"{node}-{len(self.started)}.json"
         argv = [sys.executable, "-m", "tpb", "run", "--in", "eth2", "--out", "eth3"]
@@ -155,18 +99,18 @@ class Daemons:
             cfg.write_text(config)
             argv += ["--config", str(cfg)]
         argv += ["--counters", str(path), *extra]
-        return self._add(Daemon(lab, node, argv, "tpb: bridging", path))
+        return self._add(TpbDaemon(lab, node, argv, "tpb: bridging", path))
 
-    def pop(self, lab: Lab, *extra: str, node: str = "pop") -> Daemon:
+    def pop(self, lab: Lab, *extra: str, node: str = "pop") -> TpbDaemon:
         path = self.tmp / f"{node}-{len(self.started)}.json"
         argv = [sys.executable, "-m", "tpb", "pop", "--counters", str(path), *extra]
-        return self._add(Daemon(lab, node, argv, "tpb: pop ", path))
+        return self._add(TpbDaemon(lab, node, argv, "tpb: pop ", path))
 
     def close(self) -> None:
         for d in self.started:
             if d.running:
                 try:
-                    d.signal(signal.SIGTERM)
+                    d.send_signal(signal.SIGTERM)
                 except AssertionError:
                     d.kill()
 

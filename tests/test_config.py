@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TpbDaemon
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from tunnel_util import (
     GW1_MAC,
     GW2_MAC,
-    Proc,
     Wire,
     exclusive_lab,
     lab_unavailable,
@@ -413,7 +413,7 @@ def test_flags_win_over_the_file_on_the_wire(clab, tmp_path):
         "--counters",
         str(counters),
     )
-    p = Proc(clab, "tpb", argv, "tpb: bridging", counters)
+    p = TpbDaemon(clab, "tpb", argv, "tpb: bridging", counters)
     try:
         with (
             Wire(clab, "gw1", "eth1", outgoing=False) as w1,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from helpers import TpbDaemon
 from rawsock import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -39,7 +40,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
 from test_segment import pseudo_sum
-from tunnel_util import Proc, Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
+from tunnel_util import Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
 
 from tpb import lab as labmod
 
@@ -260,7 +261,7 @@ def pop_no_offloads(tlab):
 
 
 @contextmanager
-def pop_on_tap(tlab, tmp_path, peer: str) -> Iterator[tuple[int, Proc, str]]:
+def pop_on_tap(tlab, tmp_path, peer: str) -> Iterator[tuple[int, TpbDaemon, str]]:
     """`tpb pop` for one peer, and a TAP device in the pop's namespace to
     inject GRE into (no reverse-path filter: the peer is routed elsewhere);
     yields (the TAP's fd, the pop process, the TAP's MAC)."""

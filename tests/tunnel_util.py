@@ -18,10 +18,8 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import START_TIMEOUT, STOP_TIMEOUT, spawn_until
+from helpers import TpbDaemon
 from rawsock import netns
 
 from tpb import lab as labmod
@@ -128,77 +126,15 @@ def tpb_argv(cmd: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "tpb", cmd, *args]
 
 
-class Proc:
-    """`tpb run` or `tpb pop` in a lab node, started and stopped the way an
-    operator would: wait for its ready line on stderr, SIGTERM, exit 0, read
-    the counters file."""
-
-    def __init__(
-        self, lab: labmod.Lab, node: str, argv: list[str], ready: str, counters: Path
-    ) -> None:
-        self.lab, self.node, self.argv, self.ready = lab, node, argv, ready
-        self.counters_file = counters
-        self.proc: subprocess.Popen | None = None
-        self.stderr = ""
-        self.stdout = ""
-        self.returncode: int | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.returncode is None
-
-    def describe(self) -> str:
-        return f"{self.node}: {' '.join(self.argv[2:])}"
-
-    def start(self, timeout: float = START_TIMEOUT) -> Proc:
-        if self.counters_file.exists():
-            self.counters_file.unlink()
-        self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
-                                             timeout, self.describe())
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.returncode is None:
-            self.proc.kill()
-            out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-            self.returncode = self.proc.returncode
-            self.stdout += out.decode(errors="replace")
-            self.stderr += err.decode(errors="replace")
-
-    def send_signal(self, signum: int = signal.SIGTERM) -> int:
-        assert self.proc is not None and self.returncode is None, "not running"
-        self.proc.send_signal(signum)
-        try:
-            out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"{self.describe()}: did not exit within {STOP_TIMEOUT}s of signal {signum}; "
-                f"stderr: {self.stderr!r}"
-            ) from None
-        self.returncode = self.proc.returncode
-        self.stdout += out.decode(errors="replace")
-        self.stderr += err.decode(errors="replace")
-        return self.returncode
-
-    def stop(self, signum: int = signal.SIGTERM) -> dict:
-        """Stop it; assert a clean exit; return the counters JSON."""
-        rc = self.send_signal(signum)
-        assert rc == 0, f"{self.describe()}: exited with {rc}; stderr: {self.stderr!r}"
-        assert "Traceback" not in self.stderr, self.stderr
-        assert self.counters_file.exists(), f"{self.describe()}: no counters file"
-        return json.loads(self.counters_file.read_text())
-
-
 class Procs:
     """Processes of one test; whatever still runs at teardown is stopped."""
 
     def __init__(self, lab: labmod.Lab, tmp: Path) -> None:
         self.lab, self.tmp = lab, tmp
-        self.started: list[Proc] = []
+        self.started: list[TpbDaemon] = []
 
-    def _new(self, node: str, argv: list[str], ready: str) -> Proc:
-        p = Proc(self.lab, node, argv, ready, self.tmp / f"counters-{len(self.started)}.json")
+    def _new(self, node: str, argv: list[str], ready: str) -> TpbDaemon:
+        p = TpbDaemon(self.lab, node, argv, ready, self.tmp / f"counters-{len(self.started)}.json")
         self.started.append(p)
         return p
 
@@ -209,7 +145,7 @@ class Procs:
         remote: str = labmod.T_POP,
         node: str = "tpb",
         start: bool = True,
-    ) -> Proc:
+    ) -> TpbDaemon:
         """`tpb run --in eth2 --out eth3 --local L --remote R ...`"""
         n = len(self.started)
         argv = tpb_argv(
@@ -229,7 +165,7 @@ class Procs:
         p = self._new(node, argv, "tpb: bridging")
         return p.start() if start else p
 
-    def pop(self, *peers: str, local: str = labmod.T_POP, start: bool = True) -> Proc:
+    def pop(self, *peers: str, local: str = labmod.T_POP, start: bool = True) -> TpbDaemon:
         """`tpb pop --local L --peer SPEC ...` in the pop node."""
         n = len(self.started)
         argv = tpb_argv("pop", "--local", local, "--counters", str(self.tmp / f"counters-{n}.json"))
