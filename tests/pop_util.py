@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon
+from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon, wait_for
 from rawsock import netns
 
 from tpb import lab as labmod
@@ -55,17 +55,6 @@ def need_tool(name: str, package: str | None = None) -> str:
     if path is None:
         pytest.skip(f"needs `{name}` (apt-get install {package or name})")
     return path
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def mac(lab: Lab, node: str, ifname: str) -> str:
