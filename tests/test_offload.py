@@ -27,7 +27,7 @@ from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
-from wire import DIRECTIONS, check_crossed, cross, diff, ends, payload
+from wire import DIRECTIONS, End, check_crossed, cross, diff, ends, payload
 
 pytestmark = pytest.mark.netns
 LAB_SUFFIX = "o"
@@ -163,14 +163,14 @@ def segments_ok(original: bytes, segs: list[bytes], mss: int) -> None:
     assert joined == data
 
 
-@pytest.mark.parametrize("tag", TAGS)
-def test_gso_super_packet_is_segmented_on_egress(lab, egress_csum_off, tpb, tag):
-    e = ends(lab)
-    src, dst = e["gw1"], e["gw2"]
-    marker = os.urandom(16)
-    sport = random.randrange(20000, 60000)
-    tcp = TCP(sport=sport, dport=9, seq=1000, ack=1, flags="PA", window=1000)
-    good = build(src, dst, tag, tcp, payload(marker, 3 * MSS))
+def cross_tcp_super_packet(lab, src: End, dst: End, tag: str) -> tuple[bytes, list[bytes]]:
+    """Sends a TCP super-packet (3 MSS, partial checksum, TCPV4 vnet header)
+    from src; returns it with full checksums, and the frames of its flow
+    that reached dst (each segment carries the flow's addresses and ports,
+    IP bytes 12-24)."""
+    tcp = TCP(sport=random.randrange(20000, 60000), dport=9, seq=1000, ack=1, flags="PA",
+              window=1000)
+    good = build(src, dst, tag, tcp, payload(os.urandom(16), 3 * MSS))
     assert len(good) > 1514 + 8, "not a super-packet"
     frame, start, offset = make_partial(good, l2_len(good))
     vnet = {
@@ -180,13 +180,20 @@ def test_gso_super_packet_is_segmented_on_egress(lab, egress_csum_off, tpb, tag)
         "gso_size": MSS,
         "hdr_len": start + 20,
     }
-    # every segment carries the flow's addresses and ports (IP bytes 12-24)
     l3 = l2_len(good)
     flow = good[l3 + 12 : l3 + 24]
     got = cross(lab, src, dst, [frame], [flow], vnet=[vnet])
+    return good, [f.data for f in got[flow]]
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_gso_super_packet_is_segmented_on_egress(lab, egress_csum_off, tpb, tag):
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    good, segs = cross_tcp_super_packet(lab, src, dst, tag)
     c = tpb.stop()
     assert c["out"]["drop_egress_full"] == 0, f"out: {c['out']}"
-    segments_ok(good, [f.data for f in got[flow]], MSS)
+    segments_ok(good, segs, MSS)
     assert_consistent(c)
 
 
@@ -203,21 +210,7 @@ def test_segment_checker_accepts_the_kernel_bridge(lab, egress_csum_off):
         # the bridge floods until it learns gw2's MAC; teach it first
         with Port(lab.ns("gw2"), "eth0") as p:
             p.send(build(dst, src, "untagged", UDP(sport=9, dport=9), b"learn"))
-        sport = random.randrange(20000, 60000)
-        tcp = TCP(sport=sport, dport=9, seq=1000, ack=1, flags="PA", window=1000)
-        good = build(src, dst, "dot1q", tcp, payload(os.urandom(16), 3 * MSS))
-        assert len(good) > 1514 + 8, "not a super-packet"
-        frame, start, offset = make_partial(good, l2_len(good))
-        vnet = {
-            "csum_start": start,
-            "csum_offset": offset,
-            "gso_type": VIRTIO_NET_HDR_GSO_TCPV4,
-            "gso_size": MSS,
-            "hdr_len": start + 20,
-        }
-        l3 = l2_len(good)
-        flow = good[l3 + 12 : l3 + 24]
-        got = cross(lab, src, dst, [frame], [flow], vnet=[vnet])
-        segments_ok(good, [f.data for f in got[flow]], MSS)
+        good, segs = cross_tcp_super_packet(lab, src, dst, "dot1q")
+        segments_ok(good, segs, MSS)
     finally:
         lab.run("tpb", ["ip", "link", "del", "br-ref"])
