@@ -272,6 +272,11 @@ def test_tshark_sees_no_problems_in_crossed_frames(lab, tpb, tmp_path):
     assert _tshark_problems(bad), "tshark did not flag a broken UDP checksum"
 
 
+# The UDP payload is a random marker: decode it as data, or a port or
+# heuristic dissector may now and then take random bytes for its own (seen:
+# "Malformed Packet (Exception occurred)" on an 802.1ad frame; a broadcast
+# marker listed as RTCP).
+TSHARK_AS_DATA = ["-d", "udp.port==9,data", "-d", "udp.port==40000,data"]
 TSHARK_CHECKS = [
     "-o",
     "ip.check_checksum:TRUE",
@@ -279,13 +284,7 @@ TSHARK_CHECKS = [
     "udp.check_checksum:TRUE",
     "-o",
     "tcp.check_checksum:TRUE",
-    # The UDP payload is a random marker: decode it as data, or a port or
-    # heuristic dissector may now and then choke on random bytes (seen:
-    # "Malformed Packet (Exception occurred)" on an 802.1ad frame).
-    "-d",
-    "udp.port==9,data",
-    "-d",
-    "udp.port==40000,data",
+    *TSHARK_AS_DATA,
 ]
 
 
@@ -319,7 +318,8 @@ def _tshark_problems(pcap) -> list[str]:
 
 def _tshark_protocols(pcap) -> list[str]:
     res = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols"],
+        ["tshark", "-n", "-r", str(pcap), *TSHARK_AS_DATA, "-T", "fields", "-e",
+         "frame.protocols"],
         capture_output=True,
         text=True,
         timeout=60,
