@@ -212,6 +212,11 @@ int tpb_bridge_run(struct tpb_bridge *br)
         uint32_t work = 0;
 
         br->now_ns = now_ns();
+        if (br->now_ns - br->mtu_checked_ns >= 1000000000ull) {
+            br->mtu_checked_ns = br->now_ns;
+            txq_check_mtu(&br->q[TPB_PORT_IN]);
+            txq_check_mtu(&br->q[TPB_PORT_OUT]);
+        }
         for (i = 0; i < br->nsrc; i++)
             work += pass(br, &br->src[i]);
         if (br->reasm)
@@ -342,9 +347,10 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
     if (open_gso(br, cfg, err, errlen))
         return -1;
     if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, br->gsofd[TPB_PORT_IN],
-                 &br->c[TPB_PORT_IN]) ||
+                 cfg->ifindex[TPB_PORT_IN], &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring[0].fd,
-                 br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
+                 br->gsofd[TPB_PORT_OUT], cfg->ifindex[TPB_PORT_OUT],
+                 &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
@@ -362,9 +368,10 @@ static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     if (open_gso(br, cfg, err, errlen))
         return -1;
     if (txq_init(&br->q[TPB_PORT_IN], br->src[0].ring[0].fd, br->gsofd[TPB_PORT_IN],
-                 &br->c[TPB_PORT_IN]) ||
+                 cfg->ifindex[TPB_PORT_IN], &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[1].ring[0].fd,
-                 br->gsofd[TPB_PORT_OUT], &br->c[TPB_PORT_OUT])) {
+                 br->gsofd[TPB_PORT_OUT], cfg->ifindex[TPB_PORT_OUT],
+                 &br->c[TPB_PORT_OUT])) {
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }

@@ -31,6 +31,9 @@
 struct txq {
     int fd;                    /* qdisc bypassed */
     int fd_q;                  /* through the qdisc: see qdisc[] */
+    struct tpb_txring ring;    /* fd's frames that fit a slot go by it */
+    uint32_t ring_max;         /* the longest frame the TX ring takes */
+    int ifindex;
     struct tpb_port_counters *c;
     uint32_t n;
     struct mmsghdr msg[TXQ_MAX];
@@ -100,12 +103,15 @@ struct tpb_bridge {
     struct reasm *reasm;
     struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */
+    uint64_t mtu_checked_ns;
     pthread_mutex_t stats_lock;
 };
 
 /* txq.c */
-int txq_init(struct txq *q, int fd, int fd_q, struct tpb_port_counters *c);
+int txq_init(struct txq *q, int fd, int fd_q, int ifindex,
+             struct tpb_port_counters *c);
 void txq_free(struct txq *q);
+void txq_check_mtu(struct txq *q);
 uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);

@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
@@ -189,6 +190,79 @@ void tpb_ring_close(struct tpb_ring *r)
         close(r->fd);
     r->map = NULL;
     r->fd = -1;
+}
+
+#define TX_SLOT TPB_TXRING_SLOT
+#define TX_PER_BLOCK 32u
+/* A TX slot stays taken until its skb is freed; a ring in flight must not
+ * be cut short by the send buffer. */
+#define TX_SNDBUF_BYTES (32 * 1024 * 1024)
+
+int tpb_txring_open(struct tpb_txring *t, int ifindex, int bypass,
+                    uint32_t frames, char *err, size_t errlen)
+{
+    int one = 1, ver = TPACKET_V2, sndbuf = TX_SNDBUF_BYTES, rc;
+    struct tpacket_req req;
+    struct sockaddr_ll sll;
+
+    memset(t, 0, sizeof(*t));
+    t->fd = socket(AF_PACKET, SOCK_RAW, 0);
+    if (t->fd < 0)
+        return fail(err, errlen, "socket(AF_PACKET)", errno);
+    /* The vnet header and PACKET_LOSS must be set before the ring. */
+    if ((rc = setopt(t->fd, SOL_PACKET, PACKET_VERSION, &ver, sizeof(ver),
+                     err, errlen, "PACKET_VERSION")) ||
+        (rc = tx_options(t->fd, bypass, err, errlen)) ||
+        (rc = setopt(t->fd, SOL_PACKET, PACKET_LOSS, &one, sizeof(one),
+                     err, errlen, "PACKET_LOSS")))
+        goto out;
+    setsockopt(t->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
+    frames = (frames + TX_PER_BLOCK - 1) / TX_PER_BLOCK * TX_PER_BLOCK;
+    memset(&req, 0, sizeof(req));
+    req.tp_frame_size = TX_SLOT;
+    req.tp_block_size = TX_SLOT * TX_PER_BLOCK;
+    req.tp_block_nr = frames / TX_PER_BLOCK;
+    req.tp_frame_nr = frames;
+    if ((rc = setopt(t->fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof(req),
+                     err, errlen, "PACKET_TX_RING")))
+        goto out;
+    t->frame_size = TX_SLOT;
+    t->frame_nr = frames;
+    t->map_len = (size_t)TX_SLOT * frames;
+    t->map = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_POPULATE, t->fd, 0);
+    if (t->map == MAP_FAILED) {
+        t->map = NULL;
+        rc = fail(err, errlen, "mmap(TX ring)", errno);
+        goto out;
+    }
+    t->len = calloc(frames, sizeof(*t->len));
+    if (!t->len) {
+        rc = fail(err, errlen, "TX ring", ENOMEM);
+        goto out;
+    }
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_ifindex = ifindex;
+    if (bind(t->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+        rc = fail(err, errlen, "bind(AF_PACKET)", errno);
+        goto out;
+    }
+    return 0;
+out:
+    tpb_txring_close(t);
+    return rc;
+}
+
+void tpb_txring_close(struct tpb_txring *t)
+{
+    if (t->map)
+        munmap(t->map, t->map_len);
+    if (t->fd >= 0)
+        close(t->fd);
+    free(t->len);
+    memset(t, 0, sizeof(*t));
+    t->fd = -1;
 }
 
 void tpb_vlan_tag(uint16_t tpid, uint16_t tci, uint8_t *out)

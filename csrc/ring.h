@@ -39,6 +39,31 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
 
+/* A TX ring (PACKET_TX_RING) on a socket of its own, which only sends.
+ * Frames are copied into its slots and go with one send() per flush
+ * (txq.c); the socket has PACKET_LOSS, so a slot txq.c invalidates (to
+ * give up on a frame the device keeps refusing) is skipped. */
+struct tpb_txring {
+    int fd;                 /* -1: no ring, everything by sendmmsg */
+    uint8_t *map;
+    size_t map_len;
+    uint32_t frame_size;
+    uint32_t frame_nr;
+    uint32_t head;          /* the next slot we fill */
+    uint32_t tail;          /* the oldest slot handed over, not seen sent */
+    uint32_t pending;       /* slots from tail to head */
+    uint32_t *len;          /* per slot: frame length, or TXRING_GAVE_UP */
+};
+#define TXRING_GAVE_UP UINT32_MAX
+/* A TX slot: a 1518-byte frame and the vnet header fit. */
+#define TPB_TXRING_SLOT 2048u
+/* Where a TX slot's data (vnet header, then the frame) starts. */
+#define TPB_TXRING_OFF (TPACKET2_HDRLEN - sizeof(struct sockaddr_ll))
+
+int tpb_txring_open(struct tpb_txring *t, int ifindex, int bypass,
+                    uint32_t frames, char *err, size_t errlen);
+void tpb_txring_close(struct tpb_txring *t);
+
 static inline struct tpacket2_hdr *tpb_ring_slot(const struct tpb_ring *r,
                                                  uint32_t i)
 {

@@ -14,6 +14,7 @@ in a lab where nothing else crosses, and with a ring that overflows.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -588,3 +589,92 @@ def test_full_ring_drops_are_counted(quiet_lab, start_tpb, ring_frames):
     assert c["in"]["rx_frames"] == delivered, c["in"]
     assert f"ring_full={c['in']['kernel_drops']}" in tpb.stdout, tpb.stdout
     assert_consistent(c, ring_full_ok=True)
+
+
+# -- the TX ring's edges (csrc/txq.c) ----------------------------------------------
+# Frames up to the out port's MTU leave by a TX ring, longer ones by
+# sendmmsg; a frame the device refuses is tried again, then counted.
+
+
+@pytest.fixture
+def restore_out_mtu(quiet_lab):
+    yield
+    quiet_lab.run("tpb", ["ip", "link", "set", "eth3", "mtu", str(quiet_lab.mtu)])
+
+
+@pytest.mark.parametrize("when", ["before-start", "while-running"])
+def test_frames_past_the_out_mtu_are_refused_and_counted(
+    quiet_lab, restore_out_mtu, start_tpb, when
+):
+    """A frame of MTU + 14 bytes is the TX ring's longest and crosses; one
+    byte more is refused and counted too_big, never sent half-made; an
+    802.1Q-tagged frame may be 4 bytes longer (packet_extra_vlan_len_allowed).
+    An MTU lowered while TPB runs holds from TPB's next check (once a second)."""
+    out_mtu_1400 = 1400
+    set_mtu = ["ip", "link", "set", "eth3", "mtu", str(out_mtu_1400)]
+    if when == "before-start":
+        quiet_lab.run("tpb", set_mtu)
+    tpb = start_tpb(quiet_lab)
+    if when == "while-running":
+        quiet_lab.run("tpb", set_mtu)
+        time.sleep(1.2)  # past TPB's once-a-second look at the MTU
+    e = ends(quiet_lab)
+    src, dst = e["gw1"], e["gw2"]
+    m_fit, m_big, m_tag = (os.urandom(16) for _ in range(3))
+    fit = sized(bytes(udp4(src, dst, m_fit)), out_mtu_1400 + 14)
+    big = sized(bytes(udp4(src, dst, m_big)), out_mtu_1400 + 15)
+    tagged = sized(
+        bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100) / udp4(src, dst, m_tag)[IP]),
+        out_mtu_1400 + 18,
+    )
+    got = cross(quiet_lab, src, dst, [fit, big, tagged], [m_fit, m_big, m_tag])
+    c = tpb.stop()
+    check_crossed([fit, tagged], [m_fit, m_tag], got)
+    assert got[m_big] == [], "a frame past the MTU arrived"
+    assert c["out"]["drop_too_big"] == 1, c["out"]
+    # everything else that came in went out
+    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + 1, c
+
+
+def _tx_dropped(lab: labmod.Lab, node: str, ifname: str) -> int:
+    res = lab.run(node, ["ip", "-j", "-s", "link", "show", "dev", ifname])
+    return int(json.loads(res.stdout)[0]["stats64"]["tx"]["dropped"])
+
+
+def test_frames_to_a_link_without_carrier_are_counted_then_the_ring_goes_on(
+    quiet_lab, start_tpb
+):
+    """gw2 takes its port down: TPB's eth3 loses carrier and refuses every
+    frame (dev_direct_xmit drops them).  Each is tried again, then counted as
+    egress_full; none is lost silently.  Once the link is back, frames cross
+    again: the TX ring did not stall on the frames it gave up."""
+    tpb = start_tpb(quiet_lab)
+    e = ends(quiet_lab)
+    src, dst = e["gw1"], e["gw2"]
+    lost = [bytes(udp4(src, dst, os.urandom(16))) for _ in range(50)]
+    quiet_lab.run("gw2", ["ip", "link", "set", "eth0", "down"])
+    try:
+        before = _tx_dropped(quiet_lab, "tpb", "eth3")
+        with Port(quiet_lab.ns(src.node), src.ifname) as tx:
+            for f in lost:
+                tx.send(f)
+        # eth3 counts each refusal (retries too): wait until TPB is through
+        wait_for(lambda: _tx_dropped(quiet_lab, "tpb", "eth3") - before >= len(lost), 10,
+                 "TPB's eth3 to refuse the frames")
+
+        def settled() -> bool:
+            n = _tx_dropped(quiet_lab, "tpb", "eth3")
+            time.sleep(0.2)
+            return _tx_dropped(quiet_lab, "tpb", "eth3") == n
+
+        wait_for(settled, 10, "eth3's refusals to stop")
+    finally:
+        quiet_lab.run("gw2", ["ip", "link", "set", "eth0", "up"])
+    wait_for(lambda: "LOWER_UP" in quiet_lab.run("tpb", ["ip", "link", "show", "eth3"]).stdout,
+             10, "eth3's carrier")
+    markers = [os.urandom(16) for _ in range(20)]
+    frames = [bytes(udp4(src, dst, m)) for m in markers]
+    check_crossed(frames, markers, cross(quiet_lab, src, dst, frames, markers))
+    c = tpb.stop()
+    assert c["out"]["drop_egress_full"] == len(lost), c["out"]
+    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + len(lost), c
