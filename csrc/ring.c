@@ -73,6 +73,58 @@ static int promisc_on(int fd, int ifindex, char *err, size_t errlen)
                   err, errlen, "PACKET_MR_PROMISC");
 }
 
+/* Binds fd to the port; protocol 0 receives nothing, ETH_P_ALL all. */
+static int bind_port(int fd, int ifindex, uint16_t proto, char *err,
+                     size_t errlen)
+{
+    struct sockaddr_ll sll;
+
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(proto);
+    sll.sll_ifindex = ifindex;
+    if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0)
+        return fail(err, errlen, "bind(AF_PACKET)", errno);
+    return 0;
+}
+
+/* Unmaps a ring and closes its socket; either may be absent. */
+static void unmap_close(uint8_t *map, size_t len, int fd)
+{
+    if (map)
+        munmap(map, len);
+    if (fd >= 0)
+        close(fd);
+}
+
+/* Sets up an RX or TX ring (opt) of at least `frames` slots, whole
+ * blocks of per_block, and maps it; returns its slot count or -errno. */
+static long map_ring(int fd, int opt, uint32_t slot, uint32_t per_block,
+                     uint32_t frames, uint8_t **map, size_t *len,
+                     char *err, size_t errlen)
+{
+    const char *what = opt == PACKET_RX_RING ? "RX ring" : "TX ring";
+    struct tpacket_req req;
+    void *m;
+
+    if (frames < per_block)
+        frames = per_block;
+    memset(&req, 0, sizeof(req));
+    req.tp_frame_size = slot;
+    req.tp_block_size = slot * per_block;
+    req.tp_block_nr = (frames + per_block - 1) / per_block;
+    req.tp_frame_nr = req.tp_block_nr * per_block;
+    if (setsockopt(fd, SOL_PACKET, opt, &req, sizeof(req)) < 0)
+        return fail(err, errlen, what, errno);
+    *len = (size_t)req.tp_block_size * req.tp_block_nr;
+    m = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+             fd, 0);
+    if (m == MAP_FAILED)
+        return fail(err, errlen, what, errno);
+    *map = m;
+    return (long)req.tp_frame_nr;
+}
+
 /* Options every TPB socket sends with.  Bypassing the qdisc is faster,
  * but dev_direct_xmit() drops a GSO packet the device would have to
  * segment in software, so super-packets go through a socket without it. */
@@ -96,18 +148,13 @@ static int tx_options(int fd, int bypass, char *err, size_t errlen)
 int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen)
 {
-    struct sockaddr_ll sll;
     int fd, rc;
 
     fd = socket(AF_PACKET, SOCK_RAW, 0);
     if (fd < 0)
         return fail(err, errlen, "socket(AF_PACKET)", errno);
-    memset(&sll, 0, sizeof(sll));
-    sll.sll_family = AF_PACKET;
-    sll.sll_ifindex = ifindex;
     if ((rc = tx_options(fd, bypass, err, errlen)) ||
-        (rc = bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0
-                  ? fail(err, errlen, "bind(AF_PACKET)", errno) : 0) ||
+        (rc = bind_port(fd, ifindex, 0, err, errlen)) ||
         (promisc && (rc = promisc_on(fd, ifindex, err, errlen)))) {
         close(fd);
         return rc;
@@ -122,8 +169,7 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
     int one = 1, ver = TPACKET_V2, rc;
     uint32_t slot = big ? BIG_SLOT : SMALL_SLOT;
     uint32_t per_block = big ? BIG_PER_BLOCK : SMALL_PER_BLOCK;
-    struct tpacket_req req;
-    struct sockaddr_ll sll;
+    long n;
 
     memset(r, 0, sizeof(*r));
     r->fd = -1;
@@ -145,35 +191,17 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
                                "SO_ATTACH_FILTER")))
         goto out;
 
-    if (frames < per_block)
-        frames = per_block;
-    memset(&req, 0, sizeof(req));
-    req.tp_frame_size = slot;
-    req.tp_block_size = slot * per_block;
-    req.tp_block_nr = (frames + per_block - 1) / per_block;
-    req.tp_frame_nr = req.tp_block_nr * per_block;
-    if ((rc = setopt(r->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req),
-                     err, errlen, "PACKET_RX_RING")))
-        goto out;
-    r->frame_size = req.tp_frame_size;
-    r->frame_nr = req.tp_frame_nr;
-    r->map_len = (size_t)req.tp_block_size * req.tp_block_nr;
-    r->map = mmap(NULL, r->map_len, PROT_READ | PROT_WRITE,
-                  MAP_SHARED | MAP_POPULATE, r->fd, 0);
-    if (r->map == MAP_FAILED) {
-        r->map = NULL;
-        rc = fail(err, errlen, "mmap(RX ring)", errno);
+    n = map_ring(r->fd, PACKET_RX_RING, slot, per_block, frames, &r->map,
+                 &r->map_len, err, errlen);
+    if (n < 0) {
+        rc = (int)n;
         goto out;
     }
+    r->frame_size = slot;
+    r->frame_nr = (uint32_t)n;
 
-    memset(&sll, 0, sizeof(sll));
-    sll.sll_family = AF_PACKET;
-    sll.sll_protocol = htons(ETH_P_ALL);
-    sll.sll_ifindex = ifindex;
-    if (bind(r->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
-        rc = fail(err, errlen, "bind(AF_PACKET)", errno);
+    if ((rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
         goto out;
-    }
     if (promisc && (rc = promisc_on(r->fd, ifindex, err, errlen)))
         goto out;
     return 0;
@@ -184,10 +212,7 @@ out:
 
 void tpb_ring_close(struct tpb_ring *r)
 {
-    if (r->map)
-        munmap(r->map, r->map_len);
-    if (r->fd >= 0)
-        close(r->fd);
+    unmap_close(r->map, r->map_len, r->fd);
     r->map = NULL;
     r->fd = -1;
 }
@@ -202,8 +227,7 @@ int tpb_txring_open(struct tpb_txring *t, int ifindex, int bypass,
                     uint32_t frames, char *err, size_t errlen)
 {
     int one = 1, ver = TPACKET_V2, sndbuf = TX_SNDBUF_BYTES, rc;
-    struct tpacket_req req;
-    struct sockaddr_ll sll;
+    long n;
 
     memset(t, 0, sizeof(*t));
     t->fd = socket(AF_PACKET, SOCK_RAW, 0);
@@ -217,37 +241,21 @@ int tpb_txring_open(struct tpb_txring *t, int ifindex, int bypass,
                      err, errlen, "PACKET_LOSS")))
         goto out;
     setsockopt(t->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
-    frames = (frames + TX_PER_BLOCK - 1) / TX_PER_BLOCK * TX_PER_BLOCK;
-    memset(&req, 0, sizeof(req));
-    req.tp_frame_size = TX_SLOT;
-    req.tp_block_size = TX_SLOT * TX_PER_BLOCK;
-    req.tp_block_nr = frames / TX_PER_BLOCK;
-    req.tp_frame_nr = frames;
-    if ((rc = setopt(t->fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof(req),
-                     err, errlen, "PACKET_TX_RING")))
-        goto out;
-    t->frame_size = TX_SLOT;
-    t->frame_nr = frames;
-    t->map_len = (size_t)TX_SLOT * frames;
-    t->map = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE,
-                  MAP_SHARED | MAP_POPULATE, t->fd, 0);
-    if (t->map == MAP_FAILED) {
-        t->map = NULL;
-        rc = fail(err, errlen, "mmap(TX ring)", errno);
+    n = map_ring(t->fd, PACKET_TX_RING, TX_SLOT, TX_PER_BLOCK, frames,
+                 &t->map, &t->map_len, err, errlen);
+    if (n < 0) {
+        rc = (int)n;
         goto out;
     }
-    t->len = calloc(frames, sizeof(*t->len));
+    t->frame_size = TX_SLOT;
+    t->frame_nr = (uint32_t)n;
+    t->len = calloc(t->frame_nr, sizeof(*t->len));
     if (!t->len) {
         rc = fail(err, errlen, "TX ring", ENOMEM);
         goto out;
     }
-    memset(&sll, 0, sizeof(sll));
-    sll.sll_family = AF_PACKET;
-    sll.sll_ifindex = ifindex;
-    if (bind(t->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
-        rc = fail(err, errlen, "bind(AF_PACKET)", errno);
+    if ((rc = bind_port(t->fd, ifindex, 0, err, errlen)))
         goto out;
-    }
     return 0;
 out:
     tpb_txring_close(t);
@@ -256,10 +264,7 @@ out:
 
 void tpb_txring_close(struct tpb_txring *t)
 {
-    if (t->map)
-        munmap(t->map, t->map_len);
-    if (t->fd >= 0)
-        close(t->fd);
+    unmap_close(t->map, t->map_len, t->fd);
     free(t->len);
     memset(t, 0, sizeof(*t));
     t->fd = -1;
