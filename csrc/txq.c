@@ -303,6 +303,13 @@ static int ring_put(struct txq *q, struct tpb_txring *t, uint32_t i)
     return 1;
 }
 
+/* The oldest slot handed over is done with (sent or given up). */
+static inline void ring_pop(struct tpb_txring *t)
+{
+    t->tail = t->tail + 1 == t->frame_nr ? 0 : t->tail + 1;
+    t->pending--;
+}
+
 /* Counts the slots the kernel has taken since the last look: it takes
  * them in order, so they run from tail to the first still requested.
  * Returns how many of them were sent (not given up). */
@@ -315,8 +322,7 @@ static uint32_t ring_reap(struct txq *q, struct tpb_txring *t)
             q->c->tx_bytes += t->len[t->tail];
             sent++;
         }
-        t->tail = t->tail + 1 == t->frame_nr ? 0 : t->tail + 1;
-        t->pending--;
+        ring_pop(t);
     }
     q->c->tx_frames += sent;
     return sent;
@@ -353,11 +359,11 @@ static void ring_kick(struct txq *q, struct tpb_txring *t)
                 continue;
             ring_give_up(q, t, e ? e : ENOBUFS);
         } else {
-            /* Not the frame, the device (down, gone): give them all up. */
+            /* Not the frame, the device (down, gone): give them all up.
+             * The kernel skips their slots once it can send again. */
             while (t->pending) {
                 ring_give_up(q, t, e);
-                t->tail = t->tail + 1 == t->frame_nr ? 0 : t->tail + 1;
-                t->pending--;
+                ring_pop(t);
             }
             send(t->fd, NULL, 0, MSG_DONTWAIT);
             return;
