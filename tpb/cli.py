@@ -97,7 +97,9 @@ def _add_run(sub: Any) -> None:
         type=_number,
         help="RX ring slots of 2 KB per port (8192); longer frames have 1024 of 68 KB",
     )
-    b.add_argument("--batch", type=_number, help="frames per sendmmsg (64, at most 256)")
+    b.add_argument(
+        "--batch", type=_number, help="frames taken per ring before each flush (64, at most 256)"
+    )
     b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
     b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
                    help="keep idle CPUs polling, not halting, while TPB runs: wake-ups "
