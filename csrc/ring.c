@@ -1,5 +1,6 @@
-/* ring.c — one port's AF_PACKET socket: TPACKET_V2 RX ring, vnet header,
- * transmit through the same socket.
+/* ring.c — a port's AF_PACKET sockets: TPACKET_V2 RX rings (which also
+ * send, by sendmmsg), a TX ring for small frames (txq.c), and send-only
+ * sockets; vnet header on all of them.
  *
  * Why these choices (measured, see ../shared/AF_PACKET-FACTS.md):
  *  - TPACKET_V2, not V3: V3 hands over whole blocks and holds a lone frame

@@ -1,4 +1,4 @@
-/* ring.h — internal to the C helper: one AF_PACKET socket and its RX ring. */
+/* ring.h — internal to the C helper: AF_PACKET sockets with an RX ring or a TX ring. */
 #ifndef TPB_RING_H
 #define TPB_RING_H
 
