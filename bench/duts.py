@@ -83,35 +83,66 @@ class Dut:
 
 @dataclass
 class KernelBridge(Dut):
-    """Linux bridge br0 enslaving eth2 and eth3: no STP, no forward delay,
-    no br_netfilter (bridge-nf-call-* = 0 in the DUT's namespace)."""
+    """Linux bridge br0 enslaving eth2 and eth3 in each of `nodes`: no STP,
+    no forward delay, no br_netfilter (bridge-nf-call-* = 0 in the node's
+    namespace).  `no_gso`: (node, port) pairs whose TSO and GSO are turned
+    off while it runs, so that the kernel segments every super-packet in
+    software on the way out of that port."""
+
+    nodes: tuple[str, ...] = ("dut",)
+    no_gso: tuple[tuple[str, str], ...] = ()
+    _saved: list[tuple[str, str, list[str]]] = field(default_factory=list, init=False)
 
     def setup(self, lab: Lab) -> None:
-        for fam in ("iptables", "ip6tables", "arptables"):
-            key = f"net.bridge.bridge-nf-call-{fam}"
-            lab.sysctl("dut", key, "0")
-            if lab.run("dut", ["sysctl", "-n", key]).stdout.strip() != "0":
-                raise TpbError(f"dut: {key} did not stay 0")
-        lab.run("dut", "ip link add br0 type bridge stp_state 0 forward_delay 0")
-        for port in ("eth2", "eth3"):
-            lab.run("dut", ["ip", "link", "set", port, "master", "br0"])
-        lab.run("dut", "ip link set br0 up")
-        # with STP off and no forward delay the ports forward at once; check
-        deadline = time.monotonic() + 5
-        while True:
-            states = {
-                p["ifname"]: p.get("state")
-                for p in json.loads(lab.run("dut", "bridge -j link show").stdout or "[]")
-            }
-            if states.get("eth2") == states.get("eth3") == "forwarding":
-                break
-            if time.monotonic() > deadline:
-                raise TpbError(f"dut: bridge ports not forwarding: {states}")
-            time.sleep(0.05)
+        for node in self.nodes:
+            _bridge_up(lab, node)
+        for node, port in self.no_gso:
+            self._saved.append((node, port, _gso_state(lab, node, port)))
+            lab.run(node, ["ethtool", "-K", port, "tso", "off", "gso", "off"])
 
     def teardown(self, lab: Lab) -> dict[str, float]:
-        lab.run("dut", "ip link del br0", check=False)
+        while self._saved:
+            node, port, state = self._saved.pop()
+            lab.run(node, ["ethtool", "-K", port, *state], check=False)
+        for node in self.nodes:
+            lab.run(node, "ip link del br0", check=False)
         return {}
+
+
+def _gso_state(lab: Lab, node: str, port: str) -> list[str]:
+    """`tso X gso Y` as the port has them now (ethtool -k)."""
+    out = lab.run(node, ["ethtool", "-k", port]).stdout
+    state = {
+        line.split(":")[0]: line.split(":")[1].split()[0]
+        for line in out.splitlines()
+        if ":" in line and line.split(":")[1].strip()
+    }
+    key = {"tso": "tcp-segmentation-offload", "gso": "generic-segmentation-offload"}
+    return [x for k, name in key.items() for x in (k, state[name])]
+
+
+def _bridge_up(lab: Lab, node: str) -> None:
+    for fam in ("iptables", "ip6tables", "arptables"):
+        key = f"net.bridge.bridge-nf-call-{fam}"
+        lab.sysctl(node, key, "0")
+        if lab.run(node, ["sysctl", "-n", key]).stdout.strip() != "0":
+            raise TpbError(f"{node}: {key} did not stay 0")
+    lab.run(node, "ip link add br0 type bridge stp_state 0 forward_delay 0")
+    for port in ("eth2", "eth3"):
+        lab.run(node, ["ip", "link", "set", port, "master", "br0"])
+    lab.run(node, "ip link set br0 up")
+    # with STP off and no forward delay the ports forward at once; check
+    deadline = time.monotonic() + 5
+    while True:
+        states = {
+            p["ifname"]: p.get("state")
+            for p in json.loads(lab.run(node, "bridge -j link show").stdout or "[]")
+        }
+        if states.get("eth2") == states.get("eth3") == "forwarding":
+            return
+        if time.monotonic() > deadline:
+            raise TpbError(f"{node}: bridge ports not forwarding: {states}")
+        time.sleep(0.05)
 
 
 class TpbProc:

@@ -47,7 +47,7 @@ ring check: trafgen paced by a tbf qdisc on gen:eth0 (--qdisc-path) at half
   full speed and then sleeps out the second.
 TCP: iperf3 -c sink, one stream, client pinned to CPU 0 (the server is not
   pinned), first second omitted; Gbit/s received.
-RTT: median of 20 pings 50 ms apart (ping pinned to CPU 0), after 5 warm-up pings.
+RTT: median of 100 pings 20 ms apart (ping pinned to CPU 0), after 5 warm-up pings.
 tpb-encap: every frame leaves TPB as GRE toward 198.18.0.20 (nobody's) behind
   the sink's MAC; the sink counts it and its IP stack drops it (not its
   address), where for the plain DUTs it takes the UDP to the discard port.

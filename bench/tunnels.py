@@ -5,6 +5,12 @@ each with the baseline it is compared with in the same topology.
     tpb-encap    bench lab: tpb run --local/--remote/--match "ip version 4";
                  every frame leaves as GRE toward an address nobody has
                  (the sink counts it and drops it: it cannot decapsulate)
+    chain-kernel chain lab: Linux bridges in A and B
+    chain-kseg   the same with TSO and GSO off on A's eth3: the kernel
+                 segments every super-packet in software and sends each
+                 1500-byte segment across the link, no GRE, no system
+                 call, no copy: the floor of what a tunnel that must
+                 segment costs here (chain-gre's reference)
     chain        chain lab: two plain TPBs back to back, both on CPU 1
     chain-gre    the same with A and B each other's tunnel end
     pop-bridge   pop lab: the Linux bridge, the pop a plain router
@@ -222,10 +228,27 @@ def duts(workdir: Path) -> list[Dut]:
             args=[*cpu, "--local", ENCAP_LOCAL, "--remote", ENCAP_REMOTE, "--match", ALL_IPV4],
             workdir=workdir,
         ),
+        KernelBridge(
+            "chain-kernel",
+            "Linux bridges in A and B",
+            baselines={"tpb": {}},
+            topo="chain",
+            skip=chain_skip,
+            nodes=("a", "b"),
+        ),
+        KernelBridge(
+            "chain-kseg",
+            "Linux bridges in A and B, A's eth3 without TSO and GSO (software segmentation)",
+            baselines={"chain-kernel": {}, "tpb": {}},
+            topo="chain",
+            skip=chain_skip,
+            nodes=("a", "b"),
+            no_gso=(("a", "eth3"),),
+        ),
         TpbChain(
             "chain",
             "A and B plain (tpb run --cpu 1 each)",
-            baselines={"tpb": {}},
+            baselines={"chain-kernel": {}, "tpb": {}},
             topo="chain",
             skip=chain_skip,
             parts=[chain_part("chain", "A", cpu), chain_part("chain", "B", cpu)],
@@ -234,7 +257,7 @@ def duts(workdir: Path) -> list[Dut]:
             "chain-gre",
             f'A --local {CHAIN_A} --remote {CHAIN_B}, B the reverse, --match "{ALL_IPV4}", '
             "--cpu 1 each",
-            baselines={"chain": {"tcp_gbps": Target(">=", 0.5)}, "tpb": {}},
+            baselines={"tpb": {"tcp_gbps": Target(">=", 0.5)}, "chain": {}, "chain-kseg": {}},
             topo="chain",
             skip=chain_skip,
             parts=[chain_part("chain-gre", "A", gre_a), chain_part("chain-gre", "B", gre_b)],
