@@ -54,12 +54,16 @@ tpb-encap: every frame leaves TPB as GRE toward 198.18.0.20 (nobody's) behind
   The sink's receive runs on the CPU that sent to it (TPB's, CPU 1).  And
   every frame takes TPB's selection path (nft ingress chain, fwd into TPB's
   veth pair) on the CPU that receives it at eth2: the gen's, CPU 0 here.
-chain lab: A and B are both pinned to CPU 1; the sink's TCP and the ACKs
-  back run there too.  The A—B link is a model of two NICs: each eth3
+chain lab: TPB's A and B are both pinned to CPU 1; the sink's TCP and the
+  ACKs back run there too.  The A—B link is a model of two NICs: each eth3
   receives through NAPI in a thread on CPU 0 (a NIC's interrupt), with GRO,
   which merges A's GRE segments for B as a NIC driver's GRO would; a pfifo
   qdisc on each holds bursts.  Without it a veth hands B one GRE packet at
-  a time.  The same link for both chain DUTs.
+  a time.  The same link for every chain DUT.  chain-kseg: the kernel's
+  bridges, with the software segmentation a tunnel needs (A's eth3 has TSO
+  and GSO off) but no GRE, no system call, no copy: what per-segment work
+  alone allows on this machine (not pinned: the kernel forwards in the
+  gen's softirq on CPU 0).
 pop lab: the gen's frames go to the pop's MAC (its gateway) and are routed
   by the pop to the sink (TTL 63).  `tpb pop`, the pop's routing and the
   sink are not pinned: with 2 CPUs they share them with the gen and TPB.
