@@ -30,6 +30,7 @@ METRICS = [
     Metric("udp64_ns", "udp64", "64 B UDP, CPU ns/frame", "{:.0f}", False),
     Metric("ring_mpps", "ringcheck", "ring check, Mpps at sink", "{:.3f}", True),
     Metric("tcp_gbps", "tcp", "TCP, Gbit/s", "{:.2f}", True),
+    Metric("tcp_cubic_gbps", "tcp-cubic", "TCP with CUBIC, Gbit/s", "{:.2f}", True),
     Metric("rtt_us", "rtt", "idle RTT, µs", "{:.0f}", False),
 ]
 
@@ -46,7 +47,11 @@ ring check: trafgen paced by a tbf qdisc on gen:eth0 (--qdisc-path) at half
   must be 0.  Not trafgen -b: it sends each second's quota in one burst at
   full speed and then sleeps out the second.
 TCP: iperf3 -c sink, one stream, client pinned to CPU 0 (the server is not
-  pinned), first second omitted; Gbit/s received.
+  pinned), first second omitted; Gbit/s received.  The machine's congestion
+  control (net.ipv4.tcp_congestion_control); here that is BBR, and with it
+  the gen's TCP tops out near 17-20 Gbit/s whichever DUT is in the path.
+  TCP with CUBIC (-C cubic; the bench lab only) runs 2-3x faster, so the
+  DUT's own cost shows more.
 RTT: median of 100 pings 20 ms apart (ping pinned to CPU 0), after 5 warm-up pings.
 tpb-encap: every frame leaves TPB as GRE toward 198.18.0.20 (nobody's) behind
   the sink's MAC; the sink counts it and its IP stack drops it (not its
@@ -113,7 +118,7 @@ def _note(rec: Record, dut: Dut, m: Metric) -> str:
     if m.key == "ring_mpps" and infos:
         offered = rec.values[dut.name].get("ring_offered_mpps", [])
         parts.insert(0, "offered " + " ".join(f"{v:.3f}" for v in offered))
-    if m.key == "tcp_gbps" and infos:
+    if m.key in ("tcp_gbps", "tcp_cubic_gbps") and infos:
         parts.append("retransmits " + _ints([i["retransmits"] for i in infos]))
     if m.key == "rtt_us" and infos:
         parts.append("min " + _ints([i["rtt_min_us"] for i in infos]))
