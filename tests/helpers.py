@@ -263,3 +263,33 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def tshark(pcap: Path, *args: str) -> str:
+    """tshark on a pcap file, checksums of IPv4, UDP and TCP checked too."""
+    res = subprocess.run(
+        [
+            "tshark",
+            "-n",
+            "-r",
+            str(pcap),
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-o",
+            "tcp.check_checksum:TRUE",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def tshark_expert(pcap: Path, *args: str) -> list[str]:
+    """tshark's expert items of severity warning or error, one per line."""
+    out = tshark(pcap, *args, "-q", "-z", "expert,warn")
+    return [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("=")]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tshark, tshark_expert
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -205,7 +206,7 @@ def drops(counters: dict) -> dict:
 KEY1 = 0xC0FFEE
 
 
-def test_encapsulation_decodes_in_scapy_and_tshark(tlab, procs, gw1, tmp_path):
+def test_encapsulation_decodes_in_scapy_andtshark(tlab, procs, gw1, tmp_path):
     """GRE with checksum, key and sequence, both ways (TPB and `tpb pop`),
     captured by tcpdump at gw2: every field right when taken apart by hand
     and by scapy, and tshark (checksums verified) has no warning."""
@@ -306,8 +307,8 @@ def test_encapsulation_decodes_in_scapy_and_tshark(tlab, procs, gw1, tmp_path):
         assert got[0].inner == ip, "inner packet changed in the tunnel"
 
     # tshark: with checksum verification on, no warning, no error ...
-    assert not _tshark_expert(pcap), _tshark_expert(pcap)
-    fields = _tshark(
+    assert not tshark_expert(pcap), tshark_expert(pcap)
+    fields = tshark(
         pcap, "-Y", "gre", "-T", "fields", "-e", "gre.checksum.status", "-e", "gre.key"
     ).split("\n")
     assert len(fields) == len(from_tpb) + len(from_pop), fields
@@ -316,7 +317,7 @@ def test_encapsulation_decodes_in_scapy_and_tshark(tlab, procs, gw1, tmp_path):
     bad = from_tpb[0][0].copy()
     bad[GRE].chksum ^= 0x0101
     wrpcap(str(tmp_path / "bad.pcap"), [bad])
-    assert "Incorrect GRE Checksum" in "\n".join(_tshark_expert(tmp_path / "bad.pcap"))
+    assert "Incorrect GRE Checksum" in "\n".join(tshark_expert(tmp_path / "bad.pcap"))
 
 
 def _wait_line(proc: subprocess.Popen, word: bytes, timeout: float, what: str) -> None:
@@ -346,35 +347,6 @@ def _pcap_count(path: Path) -> int:
         off += 16 + incl
         n += 1
     return n
-
-
-def _tshark(pcap: Path, *args: str) -> str:
-    res = subprocess.run(
-        [
-            "tshark",
-            "-n",
-            "-r",
-            str(pcap),
-            "-o",
-            "ip.check_checksum:TRUE",
-            "-o",
-            "udp.check_checksum:TRUE",
-            "-o",
-            "tcp.check_checksum:TRUE",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stdout.strip()
-
-
-def _tshark_expert(pcap: Path) -> list[str]:
-    """tshark's expert items of severity warning or error, one per line."""
-    out = _tshark(pcap, "-q", "-z", "expert,warn")
-    return [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("=")]
 
 
 # -- 2. every GRE option combination, both ways, with `tpb pop` ----------------
