@@ -278,9 +278,11 @@ def _iperf3(env: Env, key: str, extra: list[str]) -> Sample:
 
 _RTT = re.compile(r"time=([\d.]+) ms")
 # 100, not 20: with 20 pings a run's median swung between 15 and 77 us
-# with the host's phases, through the bridge and through TPB alike; over
-# 100 pings TPB held 16-28 us and the bridge 39-70.  20 ms apart is
-# still idle (50 pings a second).
+# with the host's phases, through the bridge and through TPB alike, and
+# one run's ratio read 3.6x where the runs around it read 0.5x.  Over 100
+# pings TPB read 16-44 us and the bridge 11-70 (18 runs): the host still
+# moves the bridge, but no run hangs on a handful of pings.  20 ms apart
+# is still idle (50 pings a second).
 RTT_PINGS = 100
 
 

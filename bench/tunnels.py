@@ -209,7 +209,7 @@ def _raw_gre_drops(lab: Lab) -> int | None:
 
 def duts(workdir: Path) -> list[Dut]:
     cpu = ["--cpu", "1"]
-    chain_skip = {"udp64": "the 2-TPB chain is measured with TCP and RTT only"}
+    chain_skip = {"udp64": "the chain lab is measured with TCP and RTT only"}
     gre_a = [*cpu, "--local", CHAIN_A, "--remote", CHAIN_B, "--match", ALL_IPV4]
     gre_b = [*cpu, "--local", CHAIN_B, "--remote", CHAIN_A, "--match", ALL_IPV4]
 
