@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import assert_consistent, need_tool, read_until, wait_for
+from helpers import assert_consistent, need_tool, read_until, tshark, wait_for
 from rawsock import Port
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -278,55 +278,29 @@ def test_tshark_sees_no_problems_in_crossed_frames(lab, tpb, tmp_path):
 # "Malformed Packet (Exception occurred)" on an 802.1ad frame; a broadcast
 # marker listed as RTCP).
 TSHARK_AS_DATA = ["-d", "udp.port==9,data", "-d", "udp.port==40000,data"]
-TSHARK_CHECKS = [
-    "-o",
-    "ip.check_checksum:TRUE",
-    "-o",
-    "udp.check_checksum:TRUE",
-    "-o",
-    "tcp.check_checksum:TRUE",
-    *TSHARK_AS_DATA,
-]
 
 
 def _tshark_problems(pcap) -> list[str]:
     """Expert infos of severity warning or error, one string each."""
-    res = subprocess.run(
-        [
-            "tshark",
-            "-n",
-            "-r",
-            str(pcap),
-            *TSHARK_CHECKS,
-            "-Y",
-            "_ws.expert.severity >= 6291456",  # PI_WARN
-            "-T",
-            "fields",
-            "-e",
-            "frame.number",
-            "-e",
-            "_ws.expert.message",
-            "-e",
-            "_ws.expert.severity",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    out = tshark(
+        pcap,
+        *TSHARK_AS_DATA,
+        "-Y",
+        "_ws.expert.severity >= 6291456",  # PI_WARN
+        "-T",
+        "fields",
+        "-e",
+        "frame.number",
+        "-e",
+        "_ws.expert.message",
+        "-e",
+        "_ws.expert.severity",
     )
-    assert res.returncode == 0, res.stderr
-    return [ln for ln in res.stdout.splitlines() if ln.strip()]
+    return [ln for ln in out.splitlines() if ln.strip()]
 
 
 def _tshark_protocols(pcap) -> list[str]:
-    res = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), *TSHARK_AS_DATA, "-T", "fields", "-e",
-         "frame.protocols"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stdout.splitlines()
+    return tshark(pcap, *TSHARK_AS_DATA, "-T", "fields", "-e", "frame.protocols").splitlines()
 
 
 # -- jumbo frames: a lab with a 9000-byte MTU everywhere ------------------------
