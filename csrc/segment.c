@@ -25,6 +25,7 @@
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
+#define UDP_CSUM_OFFSET 6   /* where a vnet header points for UDP */
 
 /* 1. ------------------------------------------------------------------ */
 
@@ -37,7 +38,12 @@ int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh)
         return -1;
     /* The field holds the pseudo-header sum: summing over it finishes it. */
     c = csum_finish(csum_add(0, frame + start, len - start));
-    wr16(frame + start + off, c ? c : 0xffff);
+    /* RFC 768: a UDP checksum that computes to zero goes as all ones, since
+     * zero means "none".  TCP's zero stays zero: 0xffff is -0, which no
+     * sum of real data yields (RFC 1624, 3), and decoders flag it. */
+    if (c == 0 && off == UDP_CSUM_OFFSET)
+        c = 0xffff;
+    wr16(frame + start + off, c);
     return 0;
 }
 

@@ -3,11 +3,14 @@ counters, and looking at the ports' state."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -265,6 +268,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def inet_sum(data: bytes) -> int:
+    """The Internet checksum's one's complement sum (RFC 1071), folded to
+    16 bits, not inverted: a packet checks when this is 0xffff."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
 def tshark(pcap: Path, *args: str) -> str:
     """tshark on a pcap file, checksums of IPv4, UDP and TCP checked too."""
     res = subprocess.run(
@@ -290,6 +304,31 @@ def tshark(pcap: Path, *args: str) -> str:
 
 
 def tshark_expert(pcap: Path, *args: str) -> list[str]:
-    """tshark's expert items of severity warning or error, one per line."""
+    """tshark's expert items of severity warning or error, one per line:
+    "count group protocol summary"."""
     out = tshark(pcap, *args, "-q", "-z", "expert,warn")
-    return [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("=")]
+    items, headings = [], []
+    for ln in out.splitlines():
+        first = ln.split(None, 1)
+        if first and first[0].isdigit():
+            items.append(" ".join(ln.split()))
+        elif re.match(r"(Errors|Warns) \(\d+\)", ln):
+            headings.append(ln)
+    # a heading whose rows this parser missed must still fail the caller
+    return items or headings
+
+
+# Fields of the innermost IPv4 packet and its TCP segment, or the fragment,
+# that together name one packet a sender made: a retransmission carries a
+# new IP ID, a copy of the same packet does not.
+PACKET_KEY = ("ip.src", "ip.dst", "ip.id", "ip.frag_offset", "ip.flags.mf", "ip.proto",
+              "tcp.seq_raw", "tcp.ack_raw", "tcp.len")
+
+
+def tshark_repeats(pcap: Path, *args: str) -> list[str]:
+    """Packets a pcap holds more than once (by PACKET_KEY): what a bridge
+    that sent something twice leaves, unlike a sender's retransmission."""
+    fields = [a for f in PACKET_KEY for a in ("-e", f)]
+    out = tshark(pcap, *args, "-T", "fields", "-E", "occurrence=l", *fields)
+    seen = collections.Counter(out.splitlines())
+    return [f"{n}x {row}" for row, n in seen.items() if n > 1]

@@ -22,7 +22,7 @@ import socket
 import struct
 
 import pytest
-from helpers import assert_consistent, need_tool
+from helpers import assert_consistent, inet_sum, need_tool
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
@@ -41,14 +41,6 @@ TAGS = {
 MSS = 1000
 
 
-def ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
 
 def make_partial(frame: bytes, l3: int) -> tuple[bytes, int, int]:
     """The frame as a stack hands it over CHECKSUM_PARTIAL: the L4 checksum
@@ -60,7 +52,7 @@ def make_partial(frame: bytes, l3: int) -> tuple[bytes, int, int]:
     offset = {socket.IPPROTO_UDP: 6, socket.IPPROTO_TCP: 16}[proto]
     pseudo = frame[l3 + 12 : l3 + 20] + struct.pack("!BBH", 0, proto, len(frame) - l4)
     out = bytearray(frame)
-    out[l4 + offset : l4 + offset + 2] = struct.pack("!H", ones_sum(pseudo))
+    out[l4 + offset : l4 + offset + 2] = struct.pack("!H", inet_sum(pseudo))
     return bytes(out), l4, offset
 
 

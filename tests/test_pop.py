@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+from helpers import inet_sum
 from pop_util import (
     Capture,
     Daemons,
@@ -84,14 +85,6 @@ def daemons(tmp_path):
 def gre_capture(tlab, ifname: str) -> Capture:
     return Capture(tlab, "gw2", ifname, keep=lambda f: parse_gre(f) is not None)
 
-
-def inet_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def check_site_gre(frames, bridge: str, inner_host: str, key, csum_seq: bool) -> dict:
