@@ -8,6 +8,9 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 from helpers import need_tool, ports_state, tpb_argv, wait_for
@@ -148,3 +151,11 @@ def test_sigkill_leaves_ports_as_found(lab, start_tpb):
     # the kernel closes the sockets as the process dies; allow it a moment
     wait_for(lambda: ports_state(lab) == before, 5, "ports back to their state before TPB")
     assert not tpb.counters_file.exists(), "a killed TPB cannot have written counters"
+
+
+def test_version_is_the_installed_package_version():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    res = subprocess.run(
+        [sys.executable, "-m", "tpb", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"tpb {project['version']}\n", "")

@@ -7,6 +7,7 @@ status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import signal
 import sys
 from collections.abc import Sequence
@@ -107,8 +108,16 @@ def _add_run(sub: Any) -> None:
     a("--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tpb")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tpb", description="Transparent bridge with a GRE tunnel to a POP.")
+    p.add_argument("--version", action="version", version=f"tpb {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     _add_run(sub)
     c = sub.add_parser("check", help="validate a configuration file")
