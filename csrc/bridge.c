@@ -428,6 +428,13 @@ static void fold_kernel_stats(struct tpb_bridge *br)
     }
 }
 
+int tpb_bridge_bypass_qdisc(struct tpb_bridge *br, int port, int on)
+{
+    if (port < 0 || port >= TPB_NPORTS)
+        return -EINVAL;
+    return txq_bypass(&br->q[port], on);
+}
+
 void tpb_bridge_counters(struct tpb_bridge *br, int port,
                          struct tpb_port_counters *out)
 {

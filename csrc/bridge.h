@@ -112,6 +112,7 @@ int txq_init(struct txq *q, int fd, int fd_q, int ifindex,
              struct tpb_port_counters *c);
 void txq_free(struct txq *q);
 void txq_check_mtu(struct txq *q);
+int txq_bypass(struct txq *q, int on);
 uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);

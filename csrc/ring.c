@@ -13,7 +13,8 @@
  *    small slots for ordinary frames, a few 68 KB ones for super-packets
  *    and jumbo frames (SMALL_SLOT).
  *  - PACKET_IGNORE_OUTGOING: the socket must not see what it sent itself.
- *  - PACKET_QDISC_BYPASS: a bridge port needs no qdisc of its own.
+ *  - PACKET_QDISC_BYPASS: a bridge port needs no qdisc of its own; on
+ *    while the port's root qdisc is noqueue, off while one queues (txq.c).
  *  - Promiscuous mode as a socket membership (PACKET_MR_PROMISC), not an
  *    interface flag: the kernel counts it and takes it back when the socket
  *    closes, so the port is restored even if TPB is killed.

@@ -134,6 +134,12 @@ int tpb_bridge_run(struct tpb_bridge *br);
 /* Safe from any thread: wakes the loop and makes tpb_bridge_run() return. */
 void tpb_bridge_stop(struct tpb_bridge *br);
 
+/* Whether the frames that may skip `port`'s qdisc do (PACKET_QDISC_BYPASS).
+ * Open leaves it on; the caller turns it off while the port's root qdisc
+ * is one that queues (anything but noqueue).  Safe from any thread.
+ * Returns 0 or -errno. */
+int tpb_bridge_bypass_qdisc(struct tpb_bridge *br, int port, int on);
+
 /* Copies one port's counters (after folding in PACKET_STATISTICS). */
 void tpb_bridge_counters(struct tpb_bridge *br, int port,
                          struct tpb_port_counters *out);

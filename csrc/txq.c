@@ -7,9 +7,10 @@
  *                     the VLAN tag the kernel moved out of band put back,
  *                     the vnet header's offsets shifted past it;
  *   4. txq_send()     each run of messages through its socket: past the
- *                     qdisc, frames that fit a TX ring slot are copied into
- *                     one and leave with a single send() (ring_put,
- *                     ring_kick); everything else by sendmmsg (send_mmsg);
+ *                     qdisc (while it is noqueue: txq_bypass), frames that
+ *                     fit a TX ring slot are copied into one and leave
+ *                     with a single send() (ring_put, ring_kick);
+ *                     everything else by sendmmsg (send_mmsg);
  *                     each refused message counted by reason;
  *      txq_flush()    the same, then the arena is free again.
  * Every message starts with a virtio_net_hdr: the sockets have
@@ -36,6 +37,7 @@
 #include <string.h>
 #include <net/if.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <linux/if_ether.h>
 
 #include "bridge.h"
@@ -67,6 +69,23 @@ void txq_check_mtu(struct txq *q)
     uint32_t mtu = port_mtu(q->fd, q->ifindex);
 
     q->ring_max = !mtu ? 0 : mtu + ETH_HLEN < room ? mtu + ETH_HLEN : room;
+}
+
+/* Past the qdisc only while there is none that queues (bridge.py watches
+ * the port's root qdisc).  Behind a qdisc that queues, a frame sent past
+ * it would overtake the super-packets of its own flow waiting there (TCP
+ * takes that for loss: a NIC's pfifo cost TPB's TCP a fifth, in spurious
+ * retransmits) and escape the operator's shaping.  With noqueue both
+ * paths transmit at once, in the order sent. */
+int txq_bypass(struct txq *q, int on)
+{
+    int fds[2] = { q->fd, q->ring.fd }, k;
+
+    for (k = 0; k < 2; k++)
+        if (fds[k] >= 0 &&
+            setsockopt(fds[k], SOL_PACKET, PACKET_QDISC_BYPASS, &on, sizeof(on)))
+            return -errno;
+    return 0;
 }
 
 int txq_init(struct txq *q, int fd, int fd_q, int ifindex,

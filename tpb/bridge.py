@@ -24,7 +24,7 @@ from tpb.native import (
     PortCounters,
     tunnel_struct,
 )
-from tpb.ports import lookup, require_privileges
+from tpb.ports import Port, lookup, require_privileges, root_qdisc
 from tpb.select import Selector
 
 
@@ -93,7 +93,8 @@ def run(s: Settings, counters_file: str | None = None) -> int:
             if s.tunnel
             else "plain bridge"
         )
-        return _loop(bridge, f"{s.in_if} <-> {s.out_if} ({what})", counters_file)
+        watch = QdiscWatch(bridge, {PORT_IN: ports["in"], PORT_OUT: ports["out"]})
+        return _loop(bridge, watch, f"{s.in_if} <-> {s.out_if} ({what})", counters_file)
     finally:
         if selector:
             selector.stop()
@@ -114,7 +115,43 @@ def _pm_qos() -> int:
     return fd
 
 
-def _loop(bridge: NativeBridge, what: str, counters_file: str | None) -> int:
+class QdiscWatch:
+    """Keeps each port's qdisc bypass in step with its root qdisc, read
+    again every half second: frames skip it only while it is noqueue (a
+    veth's), where skipping changes nothing.  Behind a qdisc that queues
+    (a NIC's mq or fq_codel, an operator's shaper) they would overtake
+    their own flow's super-packets queued there, and escape the shaping."""
+
+    def __init__(self, bridge: NativeBridge, ports: dict[int, Port]) -> None:
+        from pyroute2 import IPRoute  # slow to import: only when needed
+
+        self._ipr = IPRoute()
+        self._bridge = bridge
+        self._ports = ports
+        self._kind: dict[int, str | None] = {}
+
+    def check(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for p, port in self._ports.items():
+            try:
+                kind = root_qdisc(self._ipr, port.ifindex)
+            except NetlinkError:
+                continue  # the port is going away; the loop will say so
+            if p in self._kind and kind == self._kind[p]:
+                continue
+            bypass = kind == "noqueue"
+            self._bridge.bypass_qdisc(p, bypass)
+            if p in self._kind or not bypass:
+                how = "frames skip it" if bypass else "every frame goes through it"
+                print(f"tpb: {port.name}: root qdisc {kind}: {how}", file=sys.stderr, flush=True)
+            self._kind[p] = kind
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+def _loop(bridge: NativeBridge, watch: QdiscWatch, what: str, counters_file: str | None) -> int:
     failure: list[BaseException] = []
     stopping = threading.Event()
 
@@ -132,13 +169,16 @@ def _loop(bridge: NativeBridge, what: str, counters_file: str | None) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     worker = threading.Thread(target=loop, name="tpb-loop", daemon=True)
     try:
+        watch.check()
         worker.start()
         print(f"tpb: bridging {what} (ctrl-c to stop)", file=sys.stderr, flush=True)
         while not stopping.wait(0.5):
-            pass
+            watch.check()
     finally:
         bridge.stop()
-        worker.join()
+        if worker.ident is not None:
+            worker.join()
+        watch.close()
         for sig, h in old.items():
             signal.signal(sig, h)
         counters = {p: bridge.counters(p) for p in (PORT_IN, PORT_OUT)}

@@ -130,6 +130,11 @@ class NativeBridge:
     def stop(self) -> None:
         lib.tpb_bridge_stop(self._br)
 
+    def bypass_qdisc(self, port: int, on: bool) -> None:
+        rc = lib.tpb_bridge_bypass_qdisc(self._br, port, int(on))
+        if rc < 0:
+            raise TpbError(f"PACKET_QDISC_BYPASS: {os.strerror(-rc)}")
+
     def counters(self, port: int) -> PortCounters:
         out = ffi.new("struct tpb_port_counters *")
         lib.tpb_bridge_counters(self._br, port, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from tpb.errors import TpbError
 
@@ -19,6 +20,7 @@ IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
+TC_H_ROOT = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,12 @@ def lookup(names: dict[str, str]) -> dict[str, Port]:
                 mac=link.get_attr("IFLA_ADDRESS"),
             )
     return ports
+
+
+def root_qdisc(ipr: Any, ifindex: int) -> str | None:
+    """The kind of a port's root qdisc ("noqueue" on a veth, "mq",
+    "fq_codel", "pfifo_fast" ... on a NIC), or None if it has none."""
+    for msg in ipr.get_qdiscs(index=ifindex):
+        if msg["parent"] == TC_H_ROOT:
+            return msg.get_attr("TCA_KIND")
+    return None
