@@ -136,7 +136,7 @@ class QdiscWatch:
         for p, port in self._ports.items():
             try:
                 kind = root_qdisc(self._ipr, port.ifindex)
-            except NetlinkError:
+            except (NetlinkError, OSError):
                 continue  # the port is going away; the loop will say so
             if p in self._kind and kind == self._kind[p]:
                 continue
@@ -144,7 +144,11 @@ class QdiscWatch:
             self._bridge.bypass_qdisc(p, bypass)
             if p in self._kind or not bypass:
                 how = "frames skip it" if bypass else "every frame goes through it"
-                print(f"tpb: {port.name}: root qdisc {kind}: {how}", file=sys.stderr, flush=True)
+                print(
+                    f"tpb: {port.name}: root qdisc {kind or 'none'}: {how}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._kind[p] = kind
 
     def close(self) -> None:
