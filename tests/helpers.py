@@ -279,6 +279,34 @@ def inet_sum(data: bytes) -> int:
     return s
 
 
+def zero_sum_partial(ip: bytes) -> tuple[bytes, int, int]:
+    """An IPv4 TCP or UDP packet with its first payload word changed so
+    that its L4 checksum computes to zero, as a stack hands it over
+    CHECKSUM_PARTIAL: the field holds the pseudo-header sum.  Returns
+    (packet, L4 offset, checksum offset in L4)."""
+    p = bytearray(ip)
+    ihl = (p[0] & 15) * 4
+    proto = p[9]
+    coff, hl = (16, (p[ihl + 12] >> 4) * 4) if proto == 6 else (6, 8)
+    field = slice(ihl + coff, ihl + coff + 2)
+    pseudo = inet_sum(bytes(p[12:20]) + struct.pack("!BBH", 0, proto, len(p) - ihl))
+    p[field] = b"\0\0"
+    whole = inet_sum(bytes(p[ihl:])) + pseudo
+    # adding the would-be checksum to a word makes the sum all ones
+    word = struct.unpack_from("!H", p, ihl + hl)[0] + 0xFFFF - ((whole & 0xFFFF) + (whole >> 16))
+    struct.pack_into("!H", p, ihl + hl, (word & 0xFFFF) + (word >> 16))
+    p[field] = struct.pack("!H", pseudo)
+    return bytes(p), ihl, coff
+
+
+def l4_sum_ok(ip: bytes) -> bool:
+    """Whether an IPv4 packet's TCP or UDP checksum verifies."""
+    ihl = (ip[0] & 15) * 4
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, ip[9], len(ip) - ihl)
+    total = inet_sum(ip[ihl:]) + inet_sum(pseudo)
+    return (total & 0xFFFF) + (total >> 16) == 0xFFFF
+
+
 def tshark(pcap: Path, *args: str) -> str:
     """tshark on a pcap file, checksums of IPv4, UDP and TCP checked too."""
     res = subprocess.run(
@@ -316,6 +344,20 @@ def tshark_expert(pcap: Path, *args: str) -> list[str]:
             headings.append(ln)
     # a heading whose rows this parser missed must still fail the caller
     return items or headings
+
+
+# What TCP's ends do on a busy machine, not what a bridge made: a tail-loss
+# probe or a spurious timeout retransmits a segment that was only late, and
+# the receiver reports the copy with a D-SACK (RFC 2883).  That it was the
+# sender's copy, not one sent twice on the way, tshark_repeats() shows.
+ENDPOINTS_OWN = {"Sequence TCP D-SACK Sequence"}
+
+
+def tshark_problems(pcap: Path, *args: str) -> list[str]:
+    """tshark_expert() less what TCP's ends do of their own (ENDPOINTS_OWN),
+    and any packet the pcap holds twice (tshark_repeats())."""
+    items = [p for p in tshark_expert(pcap, *args) if p.split(" ", 1)[-1] not in ENDPOINTS_OWN]
+    return items + tshark_repeats(pcap, *args)
 
 
 # Fields of the innermost IPv4 packet and its TCP segment, or the fragment,

@@ -10,6 +10,7 @@ tpb, eth2 faces tpb2.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -18,7 +19,7 @@ import sys
 import time
 
 import pytest
-from helpers import inet_sum
+from helpers import inet_sum, l4_sum_ok, tshark_problems, zero_sum_partial
 from pop_util import (
     Capture,
     Daemons,
@@ -37,8 +38,10 @@ from pop_util import (
     tunnel_args,
     wait_for,
 )
-from scapy.layers.inet import ICMP, IP
+from rawsock import Port
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import GRE, Ether
+from scapy.packet import Raw
 
 from tpb import lab as labmod
 from tpb.lab import T_GW2B, T_PC, T_PC2, T_POP, T_SERVER, T_TPB, T_TPB2
@@ -214,6 +217,80 @@ def test_iperf_tcp_and_udp_from_both_sites_at_once(tlab, daemons, iperf_servers,
         assert t["decap_packets"] <= p["encap_packets"], (p, t)
         assert p["decap_packets"] >= 0.8 * t["encap_packets"], (p, t)
     assert cp["learned"] == 0, cp  # inside configured prefixes: not learned
+
+
+def test_tshark_finds_nothing_wrong_in_both_sites_tunnels(tlab, daemons, iperf_servers, tmp_path):
+    """An independent decoder over each site's GRE, both ways, whole frames:
+    site 1 with a key, site 2 with checksums and sequence numbers; pings
+    the bridges fragment and TCP and UDP that they segment.  tshark checks
+    the outer IPv4 and GRE checksums, every inner checksum, reassembles the
+    fragments itself; and no packet is there twice."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    tpb1 = daemons.run(tlab, *TPB1)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    for host in ("pc", "pc2"):  # neighbours and routers learned first
+        ping(tlab, host, T_SERVER, count=1)
+    dumps = {
+        site: Tcpdump(tlab, "gw2", ifname, tmp_path / f"{site}.pcap", "ip proto 47")
+        for site, ifname in (("site1", "eth0"), ("site2", "eth2"))
+    }
+    for host in ("pc", "pc2"):
+        assert_ping_ok(ping(tlab, host, T_SERVER, count=2, size=3000, df="dont"), 2)
+    p1, p2 = iperf_servers
+    runs = [
+        iperf(tlab, "pc", p1, "-b", "100M", seconds=1),
+        iperf(tlab, "pc2", p2, "-b", "100M", seconds=1),
+    ]
+    runs = [iperf_result(r) for r in runs]
+    runs += [
+        iperf_result(iperf(tlab, "pc", p1, "-u", "-b", "10M", "-l", "3000", seconds=1)),
+        iperf_result(iperf(tlab, "pc2", p2, "-u", "-b", "10M", "-l", "3000", seconds=1)),
+    ]
+    frames = {site: dump.stop() for site, dump in dumps.items()}
+    c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+    for r in runs:
+        assert r["end"]["sum_received" if "sum_received" in r["end"] else "sum"]["bytes"] > 0
+    for c in (c1, c2):
+        assert c["tunnel"]["fragmented"] > 0 and c["tunnel"]["gso_packets"] > 0, c["tunnel"]
+    assert all(p["drop"] == {} for p in cp["peers"].values()), cp
+    as_data = [f"{proto}.port=={p},data" for p in IPERF_PORTS for proto in ("tcp", "udp")]
+    ports = [a for d in as_data for a in ("-d", d)]
+    for site, got in frames.items():
+        assert got, f"nothing captured for {site}"
+        problems = tshark_problems(
+            tmp_path / f"{site}.pcap", "-o", "tcp.analyze_sequence_numbers:FALSE", *ports
+        )
+        assert not problems, f"{site}: {problems}"
+
+
+@pytest.mark.parametrize("l4,want", [("tcp", 0x0000), ("udp", 0xFFFF)])
+def test_partial_checksum_from_the_server_that_computes_to_zero(tlab, daemons, l4, want):
+    """The POP's TUN device takes partial checksums (checksum offload), and
+    pop.c completes them: a TCP checksum that computes to zero goes to the
+    bridge as 0x0000, where Linux's own completion would write 0xffff, and
+    a UDP one as 0xffff (RFC 768).  The server sends it CHECKSUM_PARTIAL,
+    as its stack would over a veth."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER2)
+    tpb2 = daemons.run(tlab, *TPB2, node="tpb2")
+    server, pop_if = tlab.iface("server", "eth0"), tlab.iface("pop", "eth1")
+    seg = TCP(sport=5202, dport=40000, flags="PA") if l4 == "tcp" else UDP(sport=5202, dport=40000)
+    ip = IP(src=T_SERVER, dst=T_PC2, flags="DF") / seg / Raw(os.urandom(200))
+    packet, l4_at, coff = zero_sum_partial(bytes(ip))
+    frame = bytes(Ether(src=server.mac, dst=pop_if.mac, type=0x0800)) + packet
+    cap = gre_capture(tlab, "eth2")
+    with cap, Port(tlab.ns("server"), "eth0", vnet=True) as port:
+        port.send_vnet(frame, csum_start=14 + l4_at, csum_offset=coff)
+        cap.wait(lambda fr: any(f.outgoing for f in fr), 5, "the POP's GRE at gw2")
+        frames = cap.stop()
+    tpb2.stop()
+    cp = pop.stop()
+    grams = [g for g in (parse_gre(f.data) for f in frames) if g and g.inner_dst == T_PC2]
+    assert len(grams) == 1, grams
+    inner = grams[0].inner
+    assert inner[l4_at + coff : l4_at + coff + 2] == struct.pack("!H", want), inner.hex()
+    assert l4_sum_ok(inner)
+    assert inner[l4_at + coff + 2 :] == packet[l4_at + coff + 2 :]
+    assert cp["peers"][T_TPB2]["encap_packets"] == 1 and cp["other"]["drop"] == {}, cp
 
 
 # ---- refused bridges ----------------------------------------------------------

@@ -18,7 +18,7 @@ import socket
 import struct
 
 import pytest
-from helpers import inet_sum
+from helpers import l4_sum_ok, zero_sum_partial
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -187,37 +187,20 @@ def test_partial_checksum_that_computes_to_zero(tlab, tpb, l4, want):
     0x0000 (0xffff, "-0", comes from no real sum, and decoders flag it: RFC
     1624, 3); UDP sends 0xffff, because its zero means "no checksum" (RFC
     768)."""
-    frame, cstart, coff, _ = super_packet(tlab, l4, v6=False)
-    frame = bytearray(frame[: cstart + (20 if l4 == "tcp" else 8) + 200])
-    l3 = 14
-    ip_len = len(frame) - l3
-    frame[l3 + 2 : l3 + 4] = struct.pack("!H", ip_len)
-    frame[l3 + 10 : l3 + 12] = b"\0\0"
-    frame[l3 + 10 : l3 + 12] = struct.pack("!H", 0xFFFF - inet_sum(bytes(frame[l3 : l3 + 20])))
-    if l4 == "udp":
-        frame[cstart + 4 : cstart + 6] = struct.pack("!H", len(frame) - cstart)
-    proto = socket.IPPROTO_TCP if l4 == "tcp" else socket.IPPROTO_UDP
-    # Add the would-be checksum to the first payload word: the sum becomes
-    # 0xffff, the checksum zero.
-    field = slice(cstart + coff, cstart + coff + 2)
-    frame[field] = b"\0\0"
-    whole = inet_sum(bytes(frame[cstart:])) + pseudo_sum(bytes(frame), l3, False, proto)
-    check = 0xFFFF - ((whole & 0xFFFF) + (whole >> 16))
-    at = cstart + (20 if l4 == "tcp" else 8)
-    word = struct.unpack_from("!H", frame, at)[0] + check
-    struct.pack_into("!H", frame, at, (word & 0xFFFF) + (word >> 16))
-    frame[field] = struct.pack("!H", pseudo_sum(bytes(frame), l3, False, proto))
+    gw1, gw2 = tlab.iface("gw1", "eth1"), tlab.iface("gw2", "eth0")
+    seg = TCP(sport=40000, dport=5201, flags="PA") if l4 == "tcp" else UDP(sport=40000, dport=5202)
+    ip = IP(src=labmod.T_PC, dst=labmod.T_SERVER, flags="DF") / seg / Raw(os.urandom(200))
+    packet, l4_at, coff = zero_sum_partial(bytes(ip))
+    frame = bytes(Ether(src=gw1.mac, dst=gw2.mac, type=0x0800)) + packet
     with Port(tlab.ns("gw1"), "eth1", vnet=True) as port:
-        segs = capture_gre(tlab, lambda: port.send_vnet(
-            bytes(frame), csum_start=cstart, csum_offset=coff), 1)
+        segs = capture_gre(
+            tlab, lambda: port.send_vnet(frame, csum_start=14 + l4_at, csum_offset=coff), 1
+        )
     assert len(segs) == 1
     inner = segs[0].inner
-    sent = inner[cstart - l3 + coff : cstart - l3 + coff + 2]
-    assert sent == struct.pack("!H", want), sent.hex()
-    # and the packet checks: its sum with the field in is all ones
-    total = inet_sum(inner[cstart - l3 :]) + pseudo_sum(b"\0" * l3 + inner, l3, False, proto)
-    assert (total & 0xFFFF) + (total >> 16) == 0xFFFF
-    assert inner[cstart - l3 + coff + 2 :] == bytes(frame[cstart + coff + 2 :])
+    assert inner[l4_at + coff : l4_at + coff + 2] == struct.pack("!H", want), inner.hex()
+    assert l4_sum_ok(inner)
+    assert inner[l4_at + coff + 2 :] == packet[l4_at + coff + 2 :]
     c = tpb.stop()["tunnel"]
     assert c["encap_packets"] == 1, c
     assert set(c["drop"]) <= NO_POP, c["drop"]

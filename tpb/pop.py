@@ -14,6 +14,7 @@ and reads counters.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
 import json
 import signal
@@ -27,6 +28,8 @@ from tpb import config
 from tpb.errors import TpbError
 
 DEFAULT_TUN = "tpbpop0"
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01
 
 
 @dataclass
@@ -230,6 +233,11 @@ def main(args: argparse.Namespace) -> int:
     except Exception as e:  # pytun raises its own Error for every failure
         raise TpbError(f"cannot create TUN device {s.tun}: {e}") from None
     try:
+        # Checksum offload only (no TSO: the kernel sends no super-packet).
+        # A partial checksum reaches pop.c, which completes it as RFC 1071
+        # computes it: Linux's own completion writes a TCP checksum of zero
+        # as 0xffff, which decoders flag.
+        fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM)
         _ip("link", "set", tun.name, "up")
         for peer in s.peers:
             for pfx in peer.prefixes:
