@@ -279,6 +279,16 @@ def inet_sum(data: bytes) -> int:
     return s
 
 
+def pseudo_sum(frame: bytes, l3: int, v6: bool, proto: int) -> int:
+    """The L4 pseudo-header's one's complement sum (RFC 793, RFC 8200 8.1)
+    of the IP packet at `l3` that runs to the end of `frame`."""
+    if v6:
+        l4len = len(frame) - l3 - 40
+        return inet_sum(frame[l3 + 8 : l3 + 40] + struct.pack("!IxxxB", l4len, proto))
+    ihl = (frame[l3] & 0x0F) * 4
+    return inet_sum(frame[l3 + 12 : l3 + 20] + struct.pack("!BBH", 0, proto, len(frame) - l3 - ihl))
+
+
 def zero_sum_partial(ip: bytes) -> tuple[bytes, int, int]:
     """An IPv4 TCP or UDP packet with its first payload word changed so
     that its L4 checksum computes to zero, as a stack hands it over
@@ -289,7 +299,7 @@ def zero_sum_partial(ip: bytes) -> tuple[bytes, int, int]:
     proto = p[9]
     coff, hl = (16, (p[ihl + 12] >> 4) * 4) if proto == 6 else (6, 8)
     field = slice(ihl + coff, ihl + coff + 2)
-    pseudo = inet_sum(bytes(p[12:20]) + struct.pack("!BBH", 0, proto, len(p) - ihl))
+    pseudo = pseudo_sum(bytes(p), 0, False, proto)
     p[field] = b"\0\0"
     whole = inet_sum(bytes(p[ihl:])) + pseudo
     # adding the would-be checksum to a word makes the sum all ones
@@ -302,8 +312,7 @@ def zero_sum_partial(ip: bytes) -> tuple[bytes, int, int]:
 def l4_sum_ok(ip: bytes) -> bool:
     """Whether an IPv4 packet's TCP or UDP checksum verifies."""
     ihl = (ip[0] & 15) * 4
-    pseudo = ip[12:20] + struct.pack("!BBH", 0, ip[9], len(ip) - ihl)
-    total = inet_sum(ip[ihl:]) + inet_sum(pseudo)
+    total = inet_sum(ip[ihl:]) + pseudo_sum(ip, 0, False, ip[9])
     return (total & 0xFFFF) + (total >> 16) == 0xFFFF
 
 

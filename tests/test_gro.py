@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from helpers import TpbDaemon
+from helpers import TpbDaemon, pseudo_sum
 from rawsock import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -39,7 +39,6 @@ from rawsock import (
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
-from test_segment import pseudo_sum
 from tunnel_util import Procs, exclusive_lab, gre_checksum_ok, lab_unavailable
 
 from tpb import lab as labmod

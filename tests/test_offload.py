@@ -22,7 +22,7 @@ import socket
 import struct
 
 import pytest
-from helpers import assert_consistent, inet_sum, need_tool
+from helpers import assert_consistent, need_tool, pseudo_sum
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
@@ -50,9 +50,8 @@ def make_partial(frame: bytes, l3: int) -> tuple[bytes, int, int]:
     proto = frame[l3 + 9]
     l4 = l3 + ihl
     offset = {socket.IPPROTO_UDP: 6, socket.IPPROTO_TCP: 16}[proto]
-    pseudo = frame[l3 + 12 : l3 + 20] + struct.pack("!BBH", 0, proto, len(frame) - l4)
     out = bytearray(frame)
-    out[l4 + offset : l4 + offset + 2] = struct.pack("!H", inet_sum(pseudo))
+    out[l4 + offset : l4 + offset + 2] = struct.pack("!H", pseudo_sum(frame, l3, False, proto))
     return bytes(out), l4, offset
 
 

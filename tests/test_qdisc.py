@@ -21,7 +21,7 @@ import struct
 import time
 
 import pytest
-from helpers import inet_sum
+from helpers import pseudo_sum
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -52,8 +52,7 @@ def flow_frames(src: End, dst: End) -> tuple[bytes, dict, list[bytes], bytes]:
     big = bytearray(seg(1000, data[:SUPER]))
     # CHECKSUM_PARTIAL, as a TSO stack hands it over: the field holds the
     # pseudo-header sum
-    pseudo = big[26:34] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(big) - 34)
-    big[50:52] = struct.pack("!H", inet_sum(pseudo))
+    big[50:52] = struct.pack("!H", pseudo_sum(bytes(big), 14, False, socket.IPPROTO_TCP))
     vnet = {
         "csum_start": 34,
         "csum_offset": 16,

@@ -18,7 +18,7 @@ import socket
 import struct
 
 import pytest
-from helpers import l4_sum_ok, zero_sum_partial
+from helpers import l4_sum_ok, pseudo_sum, zero_sum_partial
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -55,20 +55,6 @@ def tpb(tlab, tmp_path):
                   "--match", f"ip6 daddr {SERVER6}")
     yield p
     procs.stop_all()
-
-
-def pseudo_sum(frame: bytes, l3: int, v6: bool, proto: int) -> int:
-    if v6:
-        src_dst = frame[l3 + 8 : l3 + 40]
-        l4len = len(frame) - l3 - 40
-        data = src_dst + struct.pack("!IxxxB", l4len, proto)
-    else:
-        ihl = (frame[l3] & 0x0F) * 4
-        data = frame[l3 + 12 : l3 + 20] + struct.pack("!BBH", 0, proto, len(frame) - l3 - ihl)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def super_packet(tlab, l4: str, v6: bool, flags: str = "PA") -> tuple[bytes, int, int, bytes]:
