@@ -7,9 +7,10 @@ segment them) and other frames past it (PACKET_QDISC_BYPASS), which on a
 veth's noqueue changes nothing.  Behind a qdisc that queues, a frame sent
 past it would overtake the super-packet of its own flow still queued there.
 So TPB watches each port's root qdisc and sends everything through it
-whenever it is not noqueue.  The test's qdisc is a slow token bucket
+whenever it is not noqueue.  The tests' qdisc is a slow token bucket
 (tbf), so that a super-packet is still queued when the frames after it
-come.
+come, or so small that it refuses most of a burst: what it refuses TPB
+counts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
-from wire import End, ends
+from wire import End, ends, udp4
 
 pytestmark = pytest.mark.netns
 LAB_SUFFIX = "q"
@@ -135,3 +136,29 @@ def test_a_qdisc_added_and_removed_while_tpb_runs(lab, restore_qdisc, start_tpb)
         "tpb: eth3: root qdisc tbf: every frame goes through it",
         "tpb: eth3: root qdisc noqueue: frames skip it",
     ], tpb.stderr
+
+
+def test_what_a_full_qdisc_refuses_is_counted(lab, restore_qdisc, start_tpb):
+    """A shaper with room for a few frames only: what it refuses is counted
+    as drop_egress_full, and every frame TPB took in either went out or was
+    counted (nothing lost silently)."""
+    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", "tbf", "rate", "1mbit",
+                    "burst", "2k", "limit", "3000"])
+    tpb = start_tpb(lab)
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    markers = [os.urandom(16) for _ in range(200)]
+    with (
+        Port(lab.ns(src.node), src.ifname) as tx,
+        Port(lab.ns(dst.node), dst.ifname, capture=True) as rx,
+    ):
+        for m in markers:
+            tx.send(bytes(udp4(src, dst, m)))
+        arrived: set[bytes] = set()
+        while (f := rx.recv(2.0)) is not None:
+            arrived.update(m for m in markers if m in f.data)
+    c = tpb.stop()
+    lost = len(markers) - len(arrived)
+    assert lost > 0, "the shaper refused nothing: TPB's frames went past it"
+    assert c["out"]["drop_egress_full"] >= lost, (lost, c["out"])
+    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + c["out"]["drop_egress_full"], c
