@@ -142,7 +142,7 @@ def test_what_a_full_qdisc_refuses_is_counted(lab, restore_qdisc, start_tpb):
     """A shaper with room for a few frames only: what it refuses is counted
     as drop_egress_full, and every frame TPB took in either went out or was
     counted (nothing lost silently)."""
-    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", "tbf", "rate", "1mbit",
+    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", "tbf", "rate", "100kbit",
                     "burst", "2k", "limit", "3000"])
     tpb = start_tpb(lab)
     e = ends(lab)
