@@ -74,9 +74,8 @@ void txq_check_mtu(struct txq *q)
 /* Past the qdisc only while there is none that queues (bridge.py watches
  * the port's root qdisc).  Behind a qdisc that queues, a frame sent past
  * it would overtake the super-packets of its own flow waiting there (TCP
- * takes that for loss: a NIC's pfifo cost TPB's TCP a fifth, in spurious
- * retransmits) and escape the operator's shaping.  With noqueue both
- * paths transmit at once, in the order sent. */
+ * takes that for loss and retransmits) and escape the operator's shaping.
+ * With noqueue both paths transmit at once, in the order sent. */
 int txq_bypass(struct txq *q, int on)
 {
     int fds[2] = { q->fd, q->ring.fd }, k;

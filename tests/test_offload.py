@@ -41,7 +41,6 @@ TAGS = {
 MSS = 1000
 
 
-
 def make_partial(frame: bytes, l3: int) -> tuple[bytes, int, int]:
     """The frame as a stack hands it over CHECKSUM_PARTIAL: the L4 checksum
     field holds the pseudo-header sum only.  Returns (frame, csum_start,

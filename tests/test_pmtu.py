@@ -78,7 +78,6 @@ def is_icmp(frame: bytes) -> bool:
     return frame[12:14] == b"\x08\x00" and frame[23] == 1
 
 
-
 def reassemble(ips: list[bytes]) -> dict[object, tuple[bytes, list[tuple[int, int, bool]]]]:
     """IPv4 packets -> {key: (payload, [(offset, length, MF)])}: fragments
     grouped by IP ID (checked to tile the payload exactly), whole packets

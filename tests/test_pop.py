@@ -89,7 +89,6 @@ def gre_capture(tlab, ifname: str) -> Capture:
     return Capture(tlab, "gw2", ifname, keep=lambda f: parse_gre(f) is not None)
 
 
-
 def check_site_gre(frames, bridge: str, inner_host: str, key, csum_seq: bool) -> dict:
     """Every GRE frame on the link to one bridge is between that bridge and
     the POP, with that bridge's GRE options, and carries only that site's

@@ -166,7 +166,6 @@ def test_udp_super_packet_segmented(tlab, tpb, v6):
     assert set(c["drop"]) <= NO_POP, c["drop"]
 
 
-
 @pytest.mark.parametrize("l4,want", [("tcp", 0x0000), ("udp", 0xFFFF)])
 def test_partial_checksum_that_computes_to_zero(tlab, tpb, l4, want):
     """A CHECKSUM_PARTIAL packet whose checksum computes to zero: TCP sends

@@ -206,7 +206,7 @@ def drops(counters: dict) -> dict:
 KEY1 = 0xC0FFEE
 
 
-def test_encapsulation_decodes_in_scapy_andtshark(tlab, procs, gw1, tmp_path):
+def test_encapsulation_decodes_in_scapy_and_tshark(tlab, procs, gw1, tmp_path):
     """GRE with checksum, key and sequence, both ways (TPB and `tpb pop`),
     captured by tcpdump at gw2: every field right when taken apart by hand
     and by scapy, and tshark (checksums verified) has no warning."""
