@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,10 +43,10 @@ def lab() -> Iterator[labmod.Lab]:
         yield lab
 
 
-def boot(lab: labmod.Lab, **gre: object) -> kgre.KernelGrePeer:
+def boot(lab: labmod.Lab, inner_route: str = "192.0.2.0/26", **gre: object) -> kgre.KernelGrePeer:
     peer = kgre.KernelGrePeer(
         lab.ns("gw2"), "kgre0", "02:00:00:00:00:77", addr=f"{VM}/28", gateway=GW2_TAP,
-        remote=labmod.T_TPB, inner_addr=f"{VM_INNER}/32", inner_routes=["192.0.2.0/26"], **gre,
+        remote=labmod.T_TPB, inner_addr=f"{VM_INNER}/32", inner_routes=[inner_route], **gre,
     )
     peer.create_tap()
     lab.run("gw2", ["ip", "addr", "add", f"{GW2_TAP}/28", "dev", "kgre0"])
@@ -74,6 +75,13 @@ class Tpb:
 def ping(lab: labmod.Lab, *args: str) -> subprocess.CompletedProcess[str]:
     return lab.run("pc", ["ping", "-c", "3", "-i", "0.2", "-W", "2", *args, VM_INNER],
                    check=False, timeout=30)
+
+
+def received(r: subprocess.CompletedProcess[str]) -> int:
+    """How many replies ping counted."""
+    m = re.search(r"(\d+) received", r.stdout)
+    assert m, r.stdout
+    return int(m.group(1))
 
 
 COMBOS = {
@@ -111,12 +119,24 @@ def test_ping_and_tcp_through_linux_ip_gre(lab, tmp_path, combo):
 def test_full_size_and_fragments_both_ways(lab, tmp_path):
     """1500-byte inner packets: TPB fragments toward Linux (inner, then outer
     mode), Linux's nopmtudisc tunnel (gre1 MTU 1500) fragments the outer
-    packet toward TPB, which reassembles it."""
-    reassembled = 0
-    with boot(lab, pmtudisc=False, gre_mtu=1500):
+    packet toward TPB, which reassembles it.
+
+    Linux's tunnel caches a path MTU of 1476 for an inner destination as soon
+    as one DF packet to it passes gre1 (tnl_update_pmtu), even with
+    nopmtudisc, and from then on fragments the inner packet instead: a stray
+    RST to an earlier test's connection was enough to leave TPB nothing to
+    reassemble.  The VM's route back to the pc's network therefore has its MTU
+    locked at 1500, and the test makes Linux send such a DF packet first (an
+    RST to a SYN for a closed port)."""
+    with boot(lab, inner_route="192.0.2.0/26 mtu lock 1500", pmtudisc=False,
+              gre_mtu=1500) as peer:
         for mode in ("inner", "outer"):
             tpb = Tpb(lab, tmp_path, "--fragment", mode)
             try:
+                refused = lab.run("pc", ["bash", "-c", f"exec 3<>/dev/tcp/{VM_INNER}/1"],
+                                  check=False)
+                assert "refused" in refused.stderr, refused.stderr   # the RST came back
+                assert "1476" not in peer.sh("ip route get 192.0.2.10")
                 big = ping(lab, "-M", "dont", "-s", "1472")    # full-size inner packets
                 huge = ping(lab, "-M", "dont", "-s", "4000")   # IP-fragmented before TPB
             finally:
@@ -126,11 +146,10 @@ def test_full_size_and_fragments_both_ways(lab, tmp_path):
             t = c["tunnel"]
             assert t["fragments"] > 0 and t["fragmented"] > 0
             assert not {k for k in t["drop"] if k.startswith("reasm")}, t["drop"]
-            reassembled += t["reasm_done"]
-    # Linux sends its first 1500-byte reply as outer fragments; once its
-    # tunnel has cached the path MTU it fragments the inner packet instead,
-    # so only the first replies of the boot need reassembly.
-    assert reassembled >= 1
+            # Each 1500-byte reply (one per big ping, two of each huge reply's
+            # three inner fragments) left Linux as two outer fragments.
+            replies = received(big) + 2 * received(huge)
+            assert t["reasm_done"] == replies, (mode, replies, t)
 
 
 def test_df_too_big_gets_icmp_then_smaller_works(lab, tmp_path):
