@@ -268,6 +268,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def received(ping: subprocess.CompletedProcess[str]) -> int:
+    """How many replies ping(8) counted (0 when it printed no summary)."""
+    m = re.search(r"(\d+) received", ping.stdout)
+    return int(m.group(1)) if m else 0
+
+
 def inet_sum(data: bytes) -> int:
     """The Internet checksum's one's complement sum (RFC 1071), folded to
     16 bits, not inverted: a packet checks when this is 0xffff."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon, wait_for
+from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon, received, wait_for
 from rawsock import netns
 
 from tpb import lab as labmod
@@ -373,11 +372,6 @@ def ping(
         argv += ["-M", df]
     argv.append(dst)
     return lab.run(node, argv, check=False, timeout=count * (interval + wait) + 10)
-
-
-def received(res: subprocess.CompletedProcess[str]) -> int:
-    m = re.search(r"(\d+) received", res.stdout)
-    return int(m.group(1)) if m else 0
 
 
 def assert_ping_ok(res: subprocess.CompletedProcess[str], count: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kgre  # noqa: E402
+from helpers import received  # noqa: E402
 
 from tpb import lab as labmod  # noqa: E402
 
@@ -75,13 +75,6 @@ class Tpb:
 def ping(lab: labmod.Lab, *args: str) -> subprocess.CompletedProcess[str]:
     return lab.run("pc", ["ping", "-c", "3", "-i", "0.2", "-W", "2", *args, VM_INNER],
                    check=False, timeout=30)
-
-
-def received(r: subprocess.CompletedProcess[str]) -> int:
-    """How many replies ping counted."""
-    m = re.search(r"(\d+) received", r.stdout)
-    assert m, r.stdout
-    return int(m.group(1))
 
 
 COMBOS = {
