@@ -322,6 +322,16 @@ def l4_sum_ok(ip: bytes) -> bool:
     return (total & 0xFFFF) + (total >> 16) == 0xFFFF
 
 
+def assert_zero_sum_completed(inner: bytes, sent: bytes, l4_at: int, coff: int, want: int) -> None:
+    """That `inner`, what came of `sent` (a zero_sum_partial() packet),
+    carries the completed checksum `want` in its field, verifies, and has
+    every byte after the field unchanged."""
+    field = l4_at + coff
+    assert inner[field : field + 2] == struct.pack("!H", want), inner.hex()
+    assert l4_sum_ok(inner)
+    assert inner[field + 2 :] == sent[field + 2 :]
+
+
 def tshark(pcap: Path, *args: str) -> str:
     """tshark on a pcap file, checksums of IPv4, UDP and TCP checked too."""
     res = subprocess.run(

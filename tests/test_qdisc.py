@@ -35,7 +35,7 @@ LAB_SUFFIX = "q"
 MSS = 1000
 SUPER = 30 * MSS  # at 20 Mbit/s, 12 ms in the token bucket
 SMALL = [100, 100, 100]
-TBF = ["tbf", "rate", "20mbit", "burst", "10k", "latency", "1s"]
+TBF = ("tbf", "rate", "20mbit", "burst", "10k", "latency", "1s")
 WATCH_PERIOD = 0.5  # how often TPB reads the root qdisc again (bridge.py)
 
 
@@ -98,8 +98,8 @@ def assert_in_order(got: list[tuple[int, bytes]], data: bytes) -> None:
     assert b"".join(p for _, p in got) == data, "data lost or changed"
 
 
-def set_tbf(lab) -> None:
-    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", *TBF])
+def set_tbf(lab, spec: tuple[str, ...] = TBF) -> None:
+    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", *spec])
 
 
 @pytest.fixture
@@ -142,8 +142,7 @@ def test_what_a_full_qdisc_refuses_is_counted(lab, restore_qdisc, start_tpb):
     """A shaper with room for a few frames only: what it refuses is counted
     as drop_egress_full, and every frame TPB took in either went out or was
     counted (nothing lost silently)."""
-    lab.run("tpb", ["tc", "qdisc", "replace", "dev", "eth3", "root", "tbf", "rate", "100kbit",
-                    "burst", "2k", "limit", "3000"])
+    set_tbf(lab, ("tbf", "rate", "100kbit", "burst", "2k", "limit", "3000"))
     tpb = start_tpb(lab)
     e = ends(lab)
     src, dst = e["gw1"], e["gw2"]
