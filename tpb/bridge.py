@@ -124,19 +124,19 @@ class QdiscWatch:
 
     def __init__(self, bridge: NativeBridge, ports: dict[int, Port]) -> None:
         from pyroute2 import IPRoute  # slow to import: only when needed
+        from pyroute2.netlink.exceptions import NetlinkError
 
         self._ipr = IPRoute()
+        self._gone = (NetlinkError, OSError)
         self._bridge = bridge
         self._ports = ports
         self._kind: dict[int, str | None] = {}
 
     def check(self) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         for p, port in self._ports.items():
             try:
                 kind = root_qdisc(self._ipr, port.ifindex)
-            except (NetlinkError, OSError):
+            except self._gone:
                 continue  # the port is going away; the loop will say so
             if p in self._kind and kind == self._kind[p]:
                 continue
