@@ -319,7 +319,7 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
 
     br->tunnel = 1;
     br->cfg = *t;
-    gre_setup(&br->gtx, &br->grx, t->local, t->remote, t->key, t->has_key,
+    gre_setup(&br->gtx, &br->grx, t->local, t->remote[0], t->key, t->has_key,
               t->csum, t->seq, t->ttl, t->tos);
     br->gtx.df = t->df;
     br->gtx.ip_id = (uint16_t)now_ns();
@@ -487,8 +487,29 @@ const char *tpb_drop_name(int reason)
         "gre_seq_missing", "gre_proto", "inner_bad", "ecn", "no_router_mac",
         "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
-        "reasm_memory", "no_peer", "tun_write", "send",
+        "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";
+}
+
+/* ---- contract stubs: replaced by the keepalive/reload work ---- */
+
+int tpb_bridge_reconfigure(struct tpb_bridge *br,
+                           const struct tpb_bridge_config *cfg,
+                           char *err, size_t errlen)
+{
+    snprintf(err, errlen, "live reload is not implemented yet");
+    return -ENOSYS;
+}
+
+uint32_t tpb_bridge_remotes(struct tpb_bridge *br,
+                            struct tpb_remote_state *out, uint32_t n)
+{
+    return 0;
+}
+
+uint64_t tpb_bridge_heartbeat(struct tpb_bridge *br)
+{
+    return 0;
 }

@@ -108,7 +108,7 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
     if (ip[9] == IPPROTO_GRE_) {
-        if (rd32(ip + 12) != br->cfg.remote) {
+        if (rd32(ip + 12) != br->cfg.remote[0]) {
             br->tc.drop[TPB_DROP_NOT_PEER]++;
             return;
         }

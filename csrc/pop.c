@@ -566,3 +566,25 @@ void tpb_pop_close(struct tpb_pop *pop)
     free(pop->sbuf);
     free(pop);
 }
+
+/* ---- contract stubs: replaced by the keepalive/reload work ---- */
+
+int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
+                       struct tpb_remote_state *out)
+{
+    return -ENOSYS;
+}
+
+int tpb_pop_reconfigure(struct tpb_pop *pop, const struct tpb_pop_config *cfg,
+                        const struct tpb_pop_peer_config *peers,
+                        const struct tpb_pop_prefix *prefixes,
+                        char *err, size_t errlen)
+{
+    snprintf(err, errlen, "live reload is not implemented yet");
+    return -ENOSYS;
+}
+
+uint64_t tpb_pop_heartbeat(struct tpb_pop *pop)
+{
+    return 0;
+}

@@ -66,7 +66,15 @@ struct tpb_port_counters {
 #define TPB_DROP_NO_PEER 24         /* POP: no bridge for the destination */
 #define TPB_DROP_TUN_WRITE 25       /* POP: TUN device refused a packet */
 #define TPB_DROP_SEND 26            /* sendmmsg refused it */
-#define TPB_NDROP 27
+#define TPB_DROP_TUNNEL_DOWN 27     /* no POP up and on_tunnel_down = drop */
+#define TPB_NDROP 28
+
+/* What a selected frame becomes while no POP answers keepalives. */
+#define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */
+#define TPB_DOWN_DROP 1             /* dropped, counted tunnel_down */
+
+/* POPs a bridge may list in `remote`, in order of preference. */
+#define TPB_MAX_REMOTES 8
 
 /* Counters of one tunnel (the bridge's, or one POP peer's). */
 struct tpb_tunnel_counters {
@@ -92,7 +100,8 @@ struct tpb_tunnel_counters {
 
 struct tpb_tunnel_config {
     uint32_t local;              /* tunnel address, host byte order */
-    uint32_t remote;             /* the POP */
+    uint32_t remote[TPB_MAX_REMOTES]; /* the POPs, in order of preference */
+    uint32_t nremotes;           /* 1..TPB_MAX_REMOTES */
     uint32_t key;
     uint8_t has_key;
     uint8_t csum;
@@ -108,6 +117,25 @@ struct tpb_tunnel_config {
     uint32_t reasm_memory;       /* bytes */
     uint32_t reasm_timeout_ms;
     uint8_t out_mac[6];          /* --out's MAC: ARP answers carry it */
+    uint32_t keepalive_ms;       /* period; 0: no keepalives, every POP up */
+    uint32_t keepalive_retries;  /* down after period x retries unanswered */
+    uint8_t on_down;             /* TPB_DOWN_* */
+};
+
+/* Keepalive state of one POP (a bridge's remote, or a POP's peer).  Cisco
+ * format: outer GRE to the far end, whose inner packet is a GRE packet of
+ * protocol 0 from the far end back to us; the far end routes it back. */
+struct tpb_remote_state {
+    uint32_t addr;                 /* host order */
+    uint8_t up;                    /* answering keepalives (or they are off) */
+    uint8_t active;                /* bridge: selected traffic goes here */
+    uint64_t transitions;          /* up <-> down changes */
+    uint64_t keepalives_sent;
+    uint64_t keepalives_unsent;    /* no next-hop MAC learned yet */
+    uint64_t keepalives_received;  /* our own, come back */
+    uint64_t keepalives_reflected; /* the far end's, sent back to it */
+    uint64_t rtt_ns;               /* of the last answered one; 0: none yet */
+    uint64_t since_reply_ns;       /* time since the last answer; 0: never */
 };
 
 struct tpb_bridge_config {
@@ -133,6 +161,26 @@ int tpb_bridge_run(struct tpb_bridge *br);
 
 /* Safe from any thread: wakes the loop and makes tpb_bridge_run() return. */
 void tpb_bridge_stop(struct tpb_bridge *br);
+
+/* Live reload, safe from any thread while tpb_bridge_run() runs (or before
+ * it): a new tunnel configuration (remotes, key/csum/seq, keepalive,
+ * on_down, ICMP rate, MSS, mark ...) taken at the loop's next pass without
+ * closing a ring.  Ports (ifindex, sel_ifindex) and the mode (plain or
+ * tunnel) cannot change: refused with -EINVAL and a line in err.  State
+ * that still applies carries over (a remote kept by address keeps its
+ * keepalive state and sequence windows).  Returns 0 once applied. */
+int tpb_bridge_reconfigure(struct tpb_bridge *br,
+                           const struct tpb_bridge_config *cfg,
+                           char *err, size_t errlen);
+
+/* Keepalive state of each remote, in configured order; returns how many
+ * (0 in plain mode). */
+uint32_t tpb_bridge_remotes(struct tpb_bridge *br,
+                            struct tpb_remote_state *out, uint32_t n);
+
+/* Passes of the forwarding loop so far: it wakes at least once a second,
+ * so a value that stops moving means the loop is stuck (the watchdog). */
+uint64_t tpb_bridge_heartbeat(struct tpb_bridge *br);
 
 /* Whether the frames that may skip `port`'s qdisc do (PACKET_QDISC_BYPASS).
  * Open leaves it on; the caller turns it off while the port's root qdisc
@@ -162,6 +210,8 @@ struct tpb_pop_peer_config {
     uint8_t seq;
     int16_t ttl;                 /* -1: inherit */
     int16_t tos;                 /* -1: inherit */
+    uint32_t keepalive_ms;       /* the POP's own keepalives; 0: off */
+    uint32_t keepalive_retries;
 };
 
 /* An inner prefix behind a peer; IPv4 as ::ffff:a.b.c.d with len + 96. */
@@ -194,6 +244,20 @@ void tpb_pop_stop(struct tpb_pop *pop);
 void tpb_pop_counters(struct tpb_pop *pop, uint32_t peer,
                       struct tpb_tunnel_counters *out);
 uint32_t tpb_pop_learned(struct tpb_pop *pop);
+/* A peer's keepalive state (the POP reflects every bridge's keepalives and,
+ * where a peer has keepalive_ms, sends its own).  Returns 0, or -EINVAL
+ * for peer >= npeers. */
+int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
+                       struct tpb_remote_state *out);
+/* Live reload of the peers and prefixes, as tpb_bridge_reconfigure: the
+ * TUN device and socket stay; a peer kept by address keeps its counters,
+ * keepalive state and sequence windows; peer indexes follow the new list.
+ * Returns 0 once applied. */
+int tpb_pop_reconfigure(struct tpb_pop *pop, const struct tpb_pop_config *cfg,
+                        const struct tpb_pop_peer_config *peers,
+                        const struct tpb_pop_prefix *prefixes,
+                        char *err, size_t errlen);
+uint64_t tpb_pop_heartbeat(struct tpb_pop *pop);
 void tpb_pop_close(struct tpb_pop *pop);
 
 /* ---- ring.c: exposed for unit tests ---- */

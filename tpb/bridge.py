@@ -88,7 +88,7 @@ def run(s: Settings, counters_file: str | None = None) -> int:
             **kw,
         )
         what = (
-            f"tunnel {s.tunnel.local} -> {s.tunnel.remote}, "
+            f"tunnel {s.tunnel.local} -> {', '.join(s.tunnel.remote)}, "
             + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}")
             if s.tunnel
             else "plain bridge"

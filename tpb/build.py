@@ -25,7 +25,7 @@ SOURCES = [
     "reasm.c",
     "pop.c",
 ]
-_DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*$")
+_DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 
 
 def cdef_text(header: Path) -> str:

@@ -51,41 +51,94 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "mss": ("tunnel", "mss"),
     "icmp_rate": ("tunnel", "icmp_rate"),
     "reassembly_memory": ("tunnel", "reassembly_memory"),
+    "reassembly_timeout": ("tunnel", "reassembly_timeout"),
+    "keepalive": ("tunnel", "keepalive"),
+    "on_tunnel_down": ("tunnel", "on_tunnel_down"),
     "mark": ("select", "mark"),
     "match": ("select", "match"),
     "cpu": ("bridge", "cpu"),
     "ring_frames": ("bridge", "ring_frames"),
     "batch": ("bridge", "batch"),
-    "spin_us": ("bridge", "spin_us"), "low_latency": ("bridge", "low_latency"),
+    "spin_us": ("bridge", "spin_us"),
+    "low_latency": ("bridge", "low_latency"),
+    "metrics_listen": ("bridge", "metrics_listen"),
+    "log_level": ("bridge", "log_level"),
 }
 
 
+def _seconds_flag(text: str) -> float:
+    try:
+        return config.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_service_flags(g: Any, default_listen: str) -> None:
+    """Flags every daemon has: metrics and logging."""
+    g.add_argument(
+        "--metrics-listen",
+        metavar="ADDR:PORT|off",
+        help=f"serve Prometheus metrics here ({default_listen}); off: no endpoint",
+    )
+    g.add_argument(
+        "--no-metrics",
+        dest="metrics_listen",
+        action="store_const",
+        const="off",
+        help="no metrics endpoint (same as --metrics-listen off)",
+    )
+    g.add_argument(
+        "--log-level", choices=config.LOG_LEVELS, help="least important level logged (info)"
+    )
+
+
 def _add_run(sub: Any) -> None:
-    r = sub.add_parser("run", help="bridge two ports (and tunnel selected flows)")
+    r = sub.add_parser(
+        "run",
+        help="bridge two ports (and tunnel selected flows)",
+        description="Bridge --in and --out; with a tunnel, wrap selected IPv4 flows in GRE "
+        "toward a POP. Flags override the configuration file.",
+    )
     a = r.add_argument
     a("--config", help=f"TOML file (default {config.DEFAULT_PATH} if it exists)")
     a("--in", dest="in_if", metavar="IF", help="port facing the enterprise gateway")
     a("--out", dest="out_if", metavar="IF", help="port facing the ISP")
     g = r.add_argument_group("tunnel (GRE toward the POP)")
     g.add_argument("--local", metavar="ADDR", help="TPB's tunnel address")
-    g.add_argument("--remote", metavar="ADDR", help="the POP's address")
-    g.add_argument("--key", type=_number, metavar="N", help="GRE key (RFC 2890)")
-    g.add_argument("--csum", action="store_true", default=None, help="GRE checksums")
-    g.add_argument("--seq", action="store_true", default=None, help="GRE sequence numbers")
-    g.add_argument("--ttl", type=_number_or_inherit, metavar="N|inherit", help="outer TTL")
-    g.add_argument("--tos", type=_number_or_inherit, metavar="N|inherit", help="outer TOS")
-    g.add_argument("--df", choices=["copy", "set", "clear"], help="outer DF policy")
-    g.add_argument("--fragment", choices=["inner", "outer"], help="what to fragment")
     g.add_argument(
-        "--no-pmtud",
-        dest="pmtud",
-        action="store_false",
-        default=None,
-        help="fragment even with DF set (no ICMP)",
+        "--remote",
+        action="append",
+        metavar="ADDR[,ADDR...]",
+        help="the POP's address; several (repeated or comma-separated) in order of "
+        "preference: traffic goes to the first one up",
     )
+    g.add_argument("--key", type=_number, metavar="N", help="GRE key (RFC 2890)")
+    g.add_argument("--csum", action=argparse.BooleanOptionalAction, default=None,
+                   help="GRE checksums (off)")
+    g.add_argument("--seq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GRE sequence numbers (off)")
+    g.add_argument("--ttl", type=_number_or_inherit, metavar="N|inherit", help="outer TTL (64)")
+    g.add_argument("--tos", type=_number_or_inherit, metavar="N|inherit",
+                   help="outer TOS (inherit)")
+    g.add_argument("--df", choices=["copy", "set", "clear"], help="outer DF policy (copy)")
+    g.add_argument("--fragment", choices=["inner", "outer"],
+                   help="what to fragment when too big (inner)")
+    g.add_argument("--pmtud", action=argparse.BooleanOptionalAction, default=None,
+                   help="DF set and too big: ICMP fragmentation needed (on); "
+                   "--no-pmtud fragments instead")
     g.add_argument("--mss", type=_number, metavar="N", help="TCP MSS clamp (default MTU-H-40)")
     g.add_argument("--icmp-rate", type=_number, metavar="N", help="ICMP per second (100)")
-    g.add_argument("--reassembly-memory", type=_number, metavar="BYTES")
+    g.add_argument("--reassembly-memory", type=_number, metavar="BYTES",
+                   help="memory for GRE fragments from the POP (4 MiB)")
+    g.add_argument("--reassembly-timeout", type=_seconds_flag, metavar="SECONDS",
+                   help="fragments of an incomplete datagram expire (30s)")
+    g.add_argument("--keepalive", metavar="PERIOD,RETRIES",
+                   help='keepalives to each POP, e.g. 10s,3 (off)')
+    g.add_argument("--no-keepalive", dest="keepalive", action="store_const", const="off",
+                   help="no keepalives: every POP counts as up")
+    g.add_argument("--on-tunnel-down", choices=["bypass", "drop"],
+                   help="selected flows while no POP is up: bridged as they are (bypass, "
+                   "the default) or dropped")
     s = g.add_mutually_exclusive_group()
     s.add_argument("--mark", type=_number, metavar="N", help="select by this mark (47)")
     s.add_argument(
@@ -105,6 +158,7 @@ def _add_run(sub: Any) -> None:
     b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
                    help="keep idle CPUs polling, not halting, while TPB runs: wake-ups "
                    "cost no sleep-state exit (PM QoS; default on)")
+    add_service_flags(r.add_argument_group("service"), config.DEFAULT_METRICS_RUN)
     a("--counters", metavar="FILE", help="at exit, also write the counters to FILE as JSON")
 
 
@@ -132,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_settings(args: argparse.Namespace) -> tuple[config.Settings, config.Source]:
     path = args.config or config.DEFAULT_PATH
     data, src = config.read_file(path, required=args.config is not None)
+    if args.remote:  # repeated and comma-separated alike
+        args.remote = ",".join(args.remote)
     flags = {RUN_FLAGS[d]: getattr(args, d) for d in RUN_FLAGS}
     names = {RUN_FLAGS[d]: "--" + d.replace("_if", "").replace("_", "-") for d in RUN_FLAGS}
     config.merge_flags(data, src, flags, names)

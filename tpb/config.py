@@ -33,10 +33,22 @@ class ConfigError(TpbError):
 # ---- the settings ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """Cisco-style keepalives: one every `period` seconds; a POP that
+    leaves `retries` of them unanswered in a row is down."""
+
+    period: float
+    retries: int
+
+    def __str__(self) -> str:
+        return f"{self.period:g}s,{self.retries}"
+
+
 @dataclass
 class Tunnel:
     local: str
-    remote: str
+    remote: list[str]  # the POPs, in order of preference
     key: int | None = None
     csum: bool = False
     seq: bool = False
@@ -49,6 +61,12 @@ class Tunnel:
     icmp_rate: int = 100
     reassembly_memory: int = 4 * 1024 * 1024
     reassembly_timeout: float = 30.0
+    keepalive: Keepalive | None = None  # None: off, every POP counts as up
+    on_tunnel_down: str = "bypass"  # bypass | drop
+
+
+DEFAULT_METRICS_RUN = "127.0.0.1:9547"
+DEFAULT_METRICS_POP = "127.0.0.1:9548"
 
 
 @dataclass
@@ -63,6 +81,8 @@ class Settings:
     batch: int = 64
     spin_us: int = 0
     low_latency: bool = True
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9547)  # None: off
+    log_level: str = "info"
 
 
 # ---- checkers: value -> converted value, or raise ValueError(why) ---------
@@ -130,6 +150,67 @@ def _match(v: Any) -> list[str]:
     return [x.strip() for x in v]
 
 
+MAX_REMOTES = 8
+
+
+def _remotes(v: Any) -> list[str]:
+    """One address, a list, or a comma-separated string (flags), in order
+    of preference."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list) or not items:
+        raise ValueError('must be an address or a list of them, e.g. ["198.51.100.34"]')
+    out = [_ipv4(x.strip() if isinstance(x, str) else x) for x in items]
+    if len(set(out)) != len(out):
+        raise ValueError("lists an address twice")
+    if len(out) > MAX_REMOTES:
+        raise ValueError(f"lists more than {MAX_REMOTES} POPs")
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '500ms', '2m' or a bare number of seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 10s, 500ms)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+def _keepalive(v: Any) -> Keepalive | None:
+    """'PERIOD,RETRIES' (e.g. "10s,3"), or "off" / false."""
+    if v is False or v == "off":
+        return None
+    if not isinstance(v, str) or v.count(",") != 1:
+        raise ValueError('must be "PERIOD,RETRIES" (e.g. "10s,3") or "off"')
+    period_text, retries_text = v.split(",")
+    period = parse_duration(period_text)
+    if not 0.1 <= period <= 3600:
+        raise ValueError(f"period must be from 100ms to 3600s, not {period_text.strip()}")
+    if not retries_text.strip().isdigit() or not 1 <= int(retries_text) <= 255:
+        raise ValueError(f"retries must be from 1 to 255, not {retries_text.strip()}")
+    return Keepalive(period, int(retries_text))
+
+
+def _listen(v: Any) -> tuple[str, int] | None:
+    """'ADDR:PORT' ('[v6]:PORT' for IPv6), or "off"."""
+    if v is False or v == "off":
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", v) if isinstance(
+        v, str) else None
+    if not m:
+        raise ValueError('must be "ADDR:PORT" (e.g. "127.0.0.1:9547") or "off"')
+    addr, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValueError(f"not an IP address: {addr!r}") from None
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be from 1 to 65535, not {port}")
+    return addr, int(port)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v <= 3600:
         raise ValueError("must be a number of seconds from 1 to 3600")
@@ -140,7 +221,7 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "ports": {"in": _name, "out": _name},
     "tunnel": {
         "local": _ipv4,
-        "remote": _ipv4,
+        "remote": _remotes,
         "key": _int(0, U32),
         "csum": _bool,
         "seq": _bool,
@@ -153,13 +234,18 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "icmp_rate": _int(0, 1_000_000),
         "reassembly_memory": _int(65536, 1 << 30),
         "reassembly_timeout": _seconds,
+        "keepalive": _keepalive,
+        "on_tunnel_down": _choice("bypass", "drop"),
     },
     "select": {"mark": _int(1, U32), "match": _match},
     "bridge": {
         "cpu": _int(0, 4095),
         "ring_frames": _int(16, 65536),
         "batch": _int(1, 256),
-        "spin_us": _int(0, 100_000), "low_latency": _bool,
+        "spin_us": _int(0, 100_000),
+        "low_latency": _bool,
+        "metrics_listen": _listen,
+        "log_level": _choice(*LOG_LEVELS),
     },
 }
 
@@ -282,7 +368,8 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     s = Settings()
     ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
     s.in_if, s.out_if = ports.get("in"), ports.get("out")
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency"):
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency", "metrics_listen",
+                "log_level"):
         if key in br:
             setattr(s, key, br[key])
     if "mark" in sel and "match" in sel:
@@ -300,7 +387,7 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
                 + " and ".join(f"tunnel.{k}" for k in missing)
             )
         else:
-            if tun["local"] == tun["remote"]:
+            if tun["local"] in tun["remote"]:
                 problems.append(
                     f"{src.where('tunnel', 'remote')}: tunnel.remote equals tunnel.local"
                 )

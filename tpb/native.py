@@ -56,6 +56,8 @@ _TUNNEL_FIELDS = ffi.typeof("struct tpb_tunnel_counters").fields
 DROP_NAMES = [ffi.string(lib.tpb_drop_name(i)).decode() for i in range(lib.TPB_NDROP)]
 DF_POLICY = {"copy": lib.TPB_DF_COPY, "set": lib.TPB_DF_SET, "clear": lib.TPB_DF_CLEAR}
 FRAG_MODE = {"inner": lib.TPB_FRAG_INNER, "outer": lib.TPB_FRAG_OUTER}
+ON_DOWN = {"bypass": lib.TPB_DOWN_BYPASS, "drop": lib.TPB_DOWN_DROP}
+MAX_REMOTES = lib.TPB_MAX_REMOTES
 
 
 def _ip_int(addr: str) -> int:
@@ -65,7 +67,10 @@ def _ip_int(addr: str) -> int:
 def tunnel_struct(t: Tunnel, out_mtu: int, out_mac: str) -> Any:
     """A struct tpb_tunnel_config from the settings."""
     c = ffi.new("struct tpb_tunnel_config *")
-    c.local, c.remote = _ip_int(t.local), _ip_int(t.remote)
+    c.local = _ip_int(t.local)
+    c.nremotes = len(t.remote)
+    for i, addr in enumerate(t.remote):
+        c.remote[i] = _ip_int(addr)
     c.has_key = t.key is not None
     c.key = t.key or 0
     c.csum, c.seq, c.pmtud = t.csum, t.seq, t.pmtud
@@ -79,7 +84,42 @@ def tunnel_struct(t: Tunnel, out_mtu: int, out_mac: str) -> Any:
     c.reasm_memory = t.reassembly_memory
     c.reasm_timeout_ms = int(t.reassembly_timeout * 1000)
     c.out_mac = bytes.fromhex(out_mac.replace(":", ""))
+    if t.keepalive is not None:
+        c.keepalive_ms = max(1, round(t.keepalive.period * 1000))
+        c.keepalive_retries = t.keepalive.retries
+    c.on_down = ON_DOWN[t.on_tunnel_down]
     return c
+
+
+@dataclass(frozen=True)
+class RemoteState:
+    """A snapshot of struct tpb_remote_state: one POP's keepalive state."""
+
+    addr: str
+    up: bool
+    active: bool
+    transitions: int
+    keepalives_sent: int
+    keepalives_unsent: int
+    keepalives_received: int
+    keepalives_reflected: int
+    rtt: float | None  # seconds, of the last answered keepalive
+    since_reply: float | None  # seconds since the last answer
+
+
+def _remote_state(c: Any) -> RemoteState:
+    return RemoteState(
+        addr=str(ipaddress.IPv4Address(c.addr)),
+        up=bool(c.up),
+        active=bool(c.active),
+        transitions=c.transitions,
+        keepalives_sent=c.keepalives_sent,
+        keepalives_unsent=c.keepalives_unsent,
+        keepalives_received=c.keepalives_received,
+        keepalives_reflected=c.keepalives_reflected,
+        rtt=c.rtt_ns / 1e9 if c.rtt_ns else None,
+        since_reply=c.since_reply_ns / 1e9 if c.since_reply_ns else None,
+    )
 
 
 def tunnel_counters(c: Any) -> dict[str, Any]:
@@ -104,22 +144,44 @@ class NativeBridge:
         sel_ifindex: int = 0,
         mark: int = 0,
     ) -> None:
-        cfg = ffi.new("struct tpb_bridge_config *")
-        cfg.ifindex[PORT_IN] = in_ifindex
-        cfg.ifindex[PORT_OUT] = out_ifindex
-        cfg.ring_frames = ring_frames
-        cfg.batch = batch
-        cfg.spin_us = spin_us
-        if tunnel is not None:
-            cfg.tunnel = 1
-            cfg.sel_ifindex = sel_ifindex
-            cfg.mark = mark
-            cfg.tun = tunnel[0]
+        self._ports = (in_ifindex, out_ifindex)
+        self._data = dict(ring_frames=ring_frames, batch=batch, spin_us=spin_us)
+        cfg = self._config(tunnel, sel_ifindex, mark)
         err = ffi.new("char[256]")
         br = lib.tpb_bridge_open(cfg, err, len(err))
         if br == ffi.NULL:
             raise TpbError(_err_text(err))
         self._br = ffi.gc(br, lib.tpb_bridge_close)
+
+    def _config(self, tunnel: Any, sel_ifindex: int, mark: int) -> Any:
+        cfg = ffi.new("struct tpb_bridge_config *")
+        cfg.ifindex[PORT_IN], cfg.ifindex[PORT_OUT] = self._ports
+        cfg.ring_frames = self._data["ring_frames"]
+        cfg.batch = self._data["batch"]
+        cfg.spin_us = self._data["spin_us"]
+        if tunnel is not None:
+            cfg.tunnel = 1
+            cfg.sel_ifindex = sel_ifindex
+            cfg.mark = mark
+            cfg.tun = tunnel[0]
+        return cfg
+
+    def reconfigure(self, tunnel: Any = None, sel_ifindex: int = 0, mark: int = 0) -> None:
+        """Applies new tunnel settings at the loop's next pass (rings stay
+        open); TpbError with the C helper's reason if it refuses them."""
+        err = ffi.new("char[256]")
+        rc = lib.tpb_bridge_reconfigure(self._br, self._config(tunnel, sel_ifindex, mark),
+                                        err, len(err))
+        if rc < 0:
+            raise TpbError(_err_text(err) or os.strerror(-rc))
+
+    def remotes(self) -> list[RemoteState]:
+        out = ffi.new("struct tpb_remote_state[]", MAX_REMOTES)
+        n = lib.tpb_bridge_remotes(self._br, out, MAX_REMOTES)
+        return [_remote_state(out[i]) for i in range(n)]
+
+    def heartbeat(self) -> int:
+        return lib.tpb_bridge_heartbeat(self._br)
 
     def run(self) -> None:
         """Forward until stop(); cffi releases the GIL for the whole call."""
@@ -168,10 +230,19 @@ class NativePop:
     def __init__(
         self, s: Any, tun_fd: int, tun_mtu: int, prefixes: list[tuple[bytes, int, int]]
     ) -> None:
+        self._tun = (tun_fd, tun_mtu)
+        args = self._config(s, prefixes)
+        err = ffi.new("char[256]")
+        pop = lib.tpb_pop_open(*args, err, len(err))
+        if pop == ffi.NULL:
+            raise TpbError(_err_text(err))
+        self._pop = ffi.gc(pop, lib.tpb_pop_close)
+        self._names = [p.address for p in s.peers]
+
+    def _config(self, s: Any, prefixes: list[tuple[bytes, int, int]]) -> tuple[Any, Any, Any]:
         cfg = ffi.new("struct tpb_pop_config *")
         cfg.local = _ip_int(s.local)
-        cfg.tun_fd = tun_fd
-        cfg.tun_mtu = tun_mtu
+        cfg.tun_fd, cfg.tun_mtu = self._tun
         cfg.npeers = len(s.peers)
         cfg.nprefixes = len(prefixes)
         cfg.learn_timeout_s = s.learn_timeout
@@ -184,17 +255,15 @@ class NativePop:
             peers[i].csum, peers[i].seq = p.csum, p.seq
             peers[i].ttl = -1 if p.ttl is None else p.ttl
             peers[i].tos = -1 if p.tos is None else p.tos
+            if p.keepalive is not None:
+                peers[i].keepalive_ms = max(1, round(p.keepalive.period * 1000))
+                peers[i].keepalive_retries = p.keepalive.retries
         pfx = ffi.new("struct tpb_pop_prefix[]", max(1, len(prefixes)))
         for i, (addr, length, peer) in enumerate(prefixes):
             pfx[i].addr = addr
             pfx[i].len = length
             pfx[i].peer = peer
-        err = ffi.new("char[256]")
-        pop = lib.tpb_pop_open(cfg, peers, pfx, err, len(err))
-        if pop == ffi.NULL:
-            raise TpbError(_err_text(err))
-        self._pop = ffi.gc(pop, lib.tpb_pop_close)
-        self._names = [p.address for p in s.peers]
+        return cfg, peers, pfx
 
     def run(self) -> None:
         rc = lib.tpb_pop_run(self._pop)
@@ -203,6 +272,26 @@ class NativePop:
 
     def stop(self) -> None:
         lib.tpb_pop_stop(self._pop)
+
+    def reconfigure(self, s: Any, prefixes: list[tuple[bytes, int, int]]) -> None:
+        """New peers and prefixes at the loop's next pass; a peer kept by
+        address keeps its counters and state."""
+        err = ffi.new("char[256]")
+        rc = lib.tpb_pop_reconfigure(self._pop, *self._config(s, prefixes), err, len(err))
+        if rc < 0:
+            raise TpbError(_err_text(err) or os.strerror(-rc))
+        self._names = [p.address for p in s.peers]
+
+    def peer_states(self) -> dict[str, RemoteState]:
+        out = ffi.new("struct tpb_remote_state *")
+        states = {}
+        for i, name in enumerate(self._names):
+            if lib.tpb_pop_peer_state(self._pop, i, out) == 0:
+                states[name] = _remote_state(out)
+        return states
+
+    def heartbeat(self) -> int:
+        return lib.tpb_pop_heartbeat(self._pop)
 
     def counters(self) -> dict[str, Any]:
         out = ffi.new("struct tpb_tunnel_counters *")

@@ -41,6 +41,7 @@ class Peer:
     ttl: int | None = 64
     tos: int | None = None
     prefixes: list[str] = field(default_factory=list)
+    keepalive: config.Keepalive | None = None
 
 
 @dataclass
@@ -77,6 +78,7 @@ PEER_SCHEMA = {
     "ttl": config._int_or_inherit(1, 255),
     "tos": config._int_or_inherit(0, 255),
     "prefixes": _prefixes,
+    "keepalive": config._keepalive,
 }
 
 
