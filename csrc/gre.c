@@ -149,6 +149,38 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
     return 0;
 }
 
+int gre_check_keepalive(const struct gre_rx *r, const uint8_t *g, size_t glen)
+{
+    uint16_t flags;
+    size_t off = 4;
+
+    if (glen < 4)
+        return TPB_DROP_GRE_TRUNCATED;
+    flags = rd16(g);
+    if (flags & GRE_VER)
+        return TPB_DROP_GRE_VERSION;
+    if (flags & GRE_UNKNOWN)
+        return TPB_DROP_GRE_FLAGS;
+    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
+        return TPB_DROP_GRE_TRUNCATED;
+    if (rd16(g + 2) != 0)
+        return TPB_DROP_GRE_PROTO;
+    if (flags & GRE_C) {
+        if (csum_finish(csum_add(0, g, glen)) != 0)
+            return TPB_DROP_GRE_CSUM;
+        off += 4;
+    } else if (r->csum) {
+        return TPB_DROP_GRE_CSUM_MISSING;
+    }
+    if (flags & GRE_K) {
+        if (!r->has_key || rd32(g + off) != r->key)
+            return TPB_DROP_GRE_KEY;
+    } else if (r->has_key) {
+        return TPB_DROP_GRE_KEY;
+    }
+    return 0;
+}
+
 int ecn_decap(uint8_t outer_tos, uint8_t inner_tos)
 {
     int o = outer_tos & ECN_MASK, i = inner_tos & ECN_MASK;
