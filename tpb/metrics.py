@@ -19,6 +19,7 @@ for Python, which it runs without).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import ipaddress
 import logging
@@ -87,7 +88,10 @@ FAMILIES: dict[str, Family] = {
     "port_kernel_frames": Family(
         COUNTER, "Frames the kernel offered the port's sockets, ring drops included."
     ),
-    "port_polls": Family(COUNTER, "Times the forwarding loop slept in poll()."),
+    "port_polls": Family(
+        COUNTER, "Times the forwarding loop slept in poll() (one loop serves both ports: "
+        "counted on port in)."
+    ),
     "port_batches": Family(COUNTER, "sendmmsg batches sent out of the port."),
     "tunnel_packets": Family(
         COUNTER, "GRE packets: encap sent toward the far end, decap received and unwrapped."
@@ -221,6 +225,7 @@ def unmapped() -> dict[str, list[str]]:
     return out
 
 
+@functools.cache  # the status sampler asks every second; it cannot change
 def version() -> str:
     try:
         return importlib.metadata.version("tpb")
@@ -231,7 +236,7 @@ def version() -> str:
 # ---- building one scrape's families ---------------------------------------
 
 
-class _Scrape:
+class Scrape:
     """The families of one scrape, each made when its first sample comes,
     so a family without series (no remotes yet) is left out."""
 
@@ -308,7 +313,7 @@ class BridgeCollector(Collector):
         _warn_unmapped()
 
     def collect(self) -> Iterator[Metric]:
-        out = _Scrape()
+        out = Scrape()
         for index, role, device in self._ports:
             out.fields(
                 "struct tpb_port_counters",
@@ -338,7 +343,7 @@ class PopCollector(Collector):
         _warn_unmapped()
 
     def collect(self) -> Iterator[Metric]:
-        out = _Scrape()
+        out = Scrape()
         counters = self._pop.counters()
         for peer, c in counters["peers"].items():
             out.fields("struct tpb_tunnel_counters", c, {"peer": peer})

@@ -148,6 +148,7 @@ class StatusServer:
             self._sock.close()
             raise TpbError(_bind_error(self.address, e)) from None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closed = False
         self._sampler = Sampler(snapshot)
         self._thread = threading.Thread(target=self._serve, name="tpb-status", daemon=True)
         self._sampler.start()
@@ -166,7 +167,10 @@ class StatusServer:
                     except OSError:
                         continue
                     with conn:
-                        self._answer(conn)
+                        try:
+                            self._answer(conn)
+                        except Exception as e:  # one bad answer must not end the thread
+                            log.warning("status: %s: %s", self.address, e)
 
     def document(self) -> dict[str, Any]:
         try:
@@ -186,8 +190,9 @@ class StatusServer:
     def close(self) -> None:
         """Stops both threads; once it returns, snapshot() is not called
         again (so the bridge it reads may be closed)."""
-        if self._thread.ident is None or not self._thread.is_alive():
+        if self._closed:
             return
+        self._closed = True
         os.write(self._wake_w, b"x")
         self._thread.join()
         self._sampler.close()
