@@ -49,6 +49,8 @@ NOT_PEER = labmod.GW2  # 198.51.100.2: gw2's other address
 OUT_MTU = 1400  # tpb's eth3: a frame past it is dropped too_big
 PORT_DROP_REASONS = ("truncated", "too_big", "egress_full", "send_error", "gso_bad", "ring_full")
 UNKNOWN_MAC = "02:00:00:00:99:99"
+TUNNEL_LOCAL = "198.51.100.3"
+TUNNEL_REMOTE = "198.51.100.34"  # nobody: what goes there is only counted
 
 
 # -- the map from C fields to metrics (no lab) --------------------------------
@@ -181,9 +183,17 @@ class Driver:
         assert out.decode().strip() == "stopped", out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bridge(lab):
+    """A plain bridge; per test, since the tunnel test needs the same ports."""
     d = Driver(lab, "tpb", ["run", *map(str, RUN_LISTEN)])
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def tunnel_bridge(lab):
+    d = Driver(lab, "tpb", ["run", *map(str, RUN_LISTEN), TUNNEL_LOCAL, TUNNEL_REMOTE])
     yield d
     d.stop()
 
@@ -418,6 +428,55 @@ def test_a_taken_or_foreign_address_is_one_line(lab, bridge):
         s.close()
         with socket.create_server(("127.0.0.1", port)):
             pass
+
+
+@pytest.mark.netns
+def test_tunnel_bridge_exports_the_tunnel_families_and_status(lab, tunnel_bridge):
+    """In tunnel mode: one frame selected and encapsulated moves
+    tpb_tunnel_packets_total{direction="encap"} by one; every drop reason
+    is a series; promtool is content; `tpb status` shows the settings
+    (whether there is a key, never the key), the remote and the traffic."""
+    e = ends(lab)
+    before = scrape(lab, "tpb", RUN_LISTEN)
+    frame = bytes(udp4(e["gw1"], e["gw2"], os.urandom(16), dst_ip=labmod.SERVER))
+    with Port(lab.ns("gw1"), "eth1") as tx:
+        tx.send(frame)
+
+    def encap(got: dict) -> float:
+        return value(got, "tpb_tunnel_packets_total", direction="encap")
+
+    wait_for(lambda: encap(scrape(lab, "tpb", RUN_LISTEN)) - encap(before) >= 1, 5,
+             "the frame to be encapsulated")
+    text = scrape_text(lab, "tpb", RUN_LISTEN)
+    got = samples(text)
+    assert encap(got) - encap(before) == 1
+    assert value(got, "tpb_tunnel_bytes_total", direction="encap") >= len(frame) - 14
+    assert value(got, "tpb_tunnel_packets_total", direction="decap") == 0
+    for reason in DROP_NAMES:
+        value(got, "tpb_tunnel_drops_total", reason=reason)
+    for name in ("tpb_reassembly_memory_bytes", "tpb_reassembly_memory_peak_bytes",
+                 "tpb_tunnel_mss_clamped_total", "tpb_tunnel_fragments_total"):
+        value(got, name)
+    assert value(got, "tpb_build_info", version=metrics.version(), mode="run") == 1
+    promtool = need_tool("promtool", "prometheus")
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0 and not res.stdout and not res.stderr, res.stdout + res.stderr
+
+    res = tpb_status(lab, "tpb", "--json")
+    assert res.returncode == 0, res.stderr
+    (doc,) = json.loads(res.stdout)
+    t = doc["tunnel"]
+    assert (t["local"], t["remotes"], t["key"], t["keepalive"]) == (
+        TUNNEL_LOCAL, [TUNNEL_REMOTE], True, "10s,3")
+    assert t["counters"]["encap_packets"] >= 1
+    assert [r["addr"] for r in doc["remotes"]] == [TUNNEL_REMOTE]
+    res = tpb_status(lab, "tpb")
+    assert res.returncode == 0, res.stderr
+    assert ("  tunnel: local 198.51.100.3, key yes, keepalive 10s,3, on tunnel down bypass, "
+            "select match (1 rules)") in res.stdout, res.stdout
+    assert f"  remote {TUNNEL_REMOTE}: " in res.stdout, res.stdout
+    assert "  traffic: encap " in res.stdout, res.stdout
 
 
 # -- the POP's endpoint -------------------------------------------------------
