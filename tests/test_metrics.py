@@ -474,7 +474,7 @@ def test_tunnel_bridge_exports_the_tunnel_families_and_status(lab, tunnel_bridge
     res = tpb_status(lab, "tpb")
     assert res.returncode == 0, res.stderr
     assert ("  tunnel: local 198.51.100.3, key yes, keepalive 10s,3, on tunnel down bypass, "
-            "select match (1 rules)") in res.stdout, res.stdout
+            "select 1 match rule") in res.stdout, res.stdout
     assert f"  remote {TUNNEL_REMOTE}: " in res.stdout, res.stdout
     assert "  traffic: encap " in res.stdout, res.stdout
 

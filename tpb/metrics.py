@@ -263,7 +263,7 @@ class Scrape:
         for name in _FIELD_NAMES[struct]:
             to = mapping.get(name)
             if to is None or to is LABEL or name in skip:
-                continue  # unmapped() reports the first kind; the tests fail on it
+                continue  # unmapped: unmapped() names it, and the tests fail on it
             value = get(to.attr or name)
             if to.labels and to.labels[-1][1] == EACH_DROP:
                 drops = value or {}  # by reason; tunnel_counters() leaves out zeros

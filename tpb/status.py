@@ -42,7 +42,7 @@ SAMPLE_EVERY = 1.0  # seconds between the sampler's counter readings
 SAMPLES = 11  # kept: rates over the last 10 s
 QUERY_TIMEOUT = 2.0
 NO_INSTANCE = "tpb: no running instance in this network namespace"
-__SO_ACCEPTCON = 0x10000  # /proc/net/unix's flag of a listening socket
+SO_ACCEPTCON = 0x10000  # /proc/net/unix's flag of a listening socket
 TOP_DROPS = 3
 
 # Counters the sampler turns into rates, where the documents hold them.
@@ -241,6 +241,10 @@ def _process() -> dict[str, Any]:
     }
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _top_drops(groups: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
     """The largest non-zero drop counters over every port/tunnel/peer."""
     drops = [
@@ -291,7 +295,7 @@ def bridge_snapshot(bridge: Any, ports: dict[str, Any], settings: Any) -> dict[s
             "seq": t.seq,
             "keepalive": str(t.keepalive) if t.keepalive else None,
             "on_tunnel_down": t.on_tunnel_down,
-            "select": f"match ({len(settings.match)} rules)" if settings.match
+            "select": _plural(len(settings.match), "match rule") if settings.match
             else f"mark {settings.mark}",
             "counters": tc,
         }
@@ -348,7 +352,7 @@ def instances() -> list[str]:
             parts = line.split()
             if len(parts) < 8 or not parts[7].startswith("@" + SOCKET_PREFIX):
                 continue
-            if int(parts[3], 16) & __SO_ACCEPTCON:
+            if int(parts[3], 16) & SO_ACCEPTCON:
                 found.add(parts[7][1:])
     return sorted(found)
 
@@ -406,8 +410,7 @@ def _remote_line(what: str, addr: str, state: dict[str, Any] | None, keepalive: 
         bits.append(f"rtt {state['rtt'] * 1000:.2f} ms" if state["rtt"] else "no rtt yet")
         bits.append(f"last reply {_duration(state['since_reply'])} ago" if state["since_reply"]
                     else "no reply yet")
-    n = state["transitions"]
-    bits.append(f"{n} transition{'' if n == 1 else 's'}")
+    bits.append(_plural(state["transitions"], "transition"))
     return f"  {what} {addr}: {', '.join(bits)}"
 
 
