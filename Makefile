@@ -6,7 +6,8 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
-             nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86
+             nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
+             prometheus
 PYTEST_ARGS ?=
 
 .PHONY: all setup deps demo test lint bench clean kgre
