@@ -109,6 +109,9 @@ FAMILIES: dict[str, Family] = {
     "tunnel_gso_segments": Family(COUNTER, "Segments made of super-packets."),
     "tunnel_arp_replies": Family(COUNTER, "ARP replies sent for the tunnel address."),
     "tunnel_echo_replies": Family(COUNTER, "ICMP echo replies sent from the tunnel address."),
+    "tunnel_bypassed_packets": Family(
+        COUNTER, "Selected frames bridged unencapsulated while no POP was up (fail-open)."
+    ),
     "reassembly_fragments": Family(COUNTER, "GRE fragments taken into reassembly."),
     "reassembly_datagrams": Family(COUNTER, "Datagrams reassembled."),
     "reassembly_memory_bytes": Family(GAUGE, "Bytes reassembly holds now."),
@@ -185,6 +188,7 @@ TUNNEL_FIELDS: dict[str, To] = {
     "reasm_memory_peak": To("reassembly_memory_peak_bytes"),
     "arp_replies": To("tunnel_arp_replies"),
     "echo_replies": To("tunnel_echo_replies"),
+    "bypassed": To("tunnel_bypassed_packets"),
     "drop": To("tunnel_drops", (("reason", EACH_DROP),)),
 }
 
