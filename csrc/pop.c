@@ -391,7 +391,8 @@ static void set_up(struct peer *p, int up)
  * protocol 0x0800, around IPv4 from the peer to us (protocol 47, TTL 255,
  * DF clear) that carries a GRE header of protocol 0 with the tunnel's key
  * and checksum options, no sequence number (the peer reflects it as it
- * is, outside the sequenced data), and no payload. */
+ * is, outside the sequenced data), and no payload.  One the kernel
+ * refuses (no route, buffer full) counts as keepalives_unsent. */
 static void ka_send(struct tpb_pop *pop, struct peer *p)
 {
     uint8_t outer[16], inner[20 + 12];
@@ -489,9 +490,9 @@ static void ka_answer(struct tpb_pop *pop, struct peer *p)
 
 /* A bridge's keepalive: the decapsulated packet is IPv4 GRE from our own
  * address to the peer it came from.  Routed by the host it would be
- * dropped (a packet from one of its own addresses is a martian, RFC 1812
- * 5.3.7), so it goes back from here, as the far end of a Cisco keepalive
- * does: the kernel writes a new IPv4 header from us to the peer, the
+ * dropped (Linux takes a packet arriving with one of its own addresses as
+ * source for a martian), so it goes back from here, as the far end of a
+ * Cisco keepalive does: the kernel writes a new IPv4 header from us to the peer, the
  * inner GRE header is the payload.  Only to the peer it came from: the
  * POP reflects nothing toward any other address. */
 static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
@@ -807,7 +808,8 @@ static struct reload *reload_build(struct tpb_pop *pop,
 
 /* What a peer kept by address keeps: its counters and keepalive state;
  * its sequence windows only while key and seq settings stay the same
- * (other settings, other numbers: RFC 2890 2.2 windows are per key). */
+ * (RFC 2890: sequence numbers belong to the flow the key identifies;
+ * another key, another flow, numbered afresh). */
 static void carry(struct peer *n, const struct peer *o)
 {
     const struct tpb_pop_peer_config *a = &o->cfg, *b = &n->cfg;
