@@ -468,8 +468,10 @@ static int poll_timeout(const struct tpb_pop *pop)
 
     if (pop->ka_due_ns <= pop->now_ns)
         return 0;
-    left = (pop->ka_due_ns - pop->now_ns + 999999) / 1000000;
-    return left < IDLE_WAKE_MS ? (int)left : IDLE_WAKE_MS;
+    left = pop->ka_due_ns - pop->now_ns;          /* UINT64_MAX: none due */
+    if (left >= (uint64_t)IDLE_WAKE_MS * 1000000ull)
+        return IDLE_WAKE_MS;
+    return (int)((left + 999999) / 1000000);
 }
 
 /* 3. ------------------------------------------------------------------ */
