@@ -212,7 +212,7 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
 
     /* Protocol 0: the answer to one of our keepalives (keepalive.c). */
     if (!gso && tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {
-        rc = gre_check_keepalive(&r->grx, ip + ihl, tot - ihl);
+        rc = gre_keepalive_answer(&r->grx, ip + ihl, tot - ihl);
         if (rc) {
             br->tc.drop[rc]++;
             return;

@@ -5,6 +5,8 @@
  *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
  *   gre_decode()  validate first (version, flags, checksum, key, sequence),
  *                 and only then commit the sequence window;
+ *   gre_keepalive_answer()  the same checks for a keepalive answer
+ *                 (protocol 0, no sequence number needed, window untouched);
  *   ecn_decap()   RFC 6040 section 4.2, figure 4.
  */
 #include "proto.h"
@@ -149,7 +151,12 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
     return 0;
 }
 
-int gre_check_keepalive(const struct gre_rx *r, const uint8_t *g, size_t glen)
+/* The checks of gre_decode() for a keepalive answer: a Cisco keepalive
+ * comes back as the inner GRE header its sender wrote, protocol 0, with
+ * the tunnel's key and checksum options but no sequence number.  So none
+ * is required, and one that is there is not held against the window (the
+ * window belongs to the data packets, RFC 2890 2.2). */
+int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen)
 {
     uint16_t flags;
     size_t off = 4;
@@ -163,8 +170,6 @@ int gre_check_keepalive(const struct gre_rx *r, const uint8_t *g, size_t glen)
         return TPB_DROP_GRE_FLAGS;
     if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
         return TPB_DROP_GRE_TRUNCATED;
-    if (rd16(g + 2) != 0)
-        return TPB_DROP_GRE_PROTO;
     if (flags & GRE_C) {
         if (csum_finish(csum_add(0, g, glen)) != 0)
             return TPB_DROP_GRE_CSUM;
@@ -178,7 +183,7 @@ int gre_check_keepalive(const struct gre_rx *r, const uint8_t *g, size_t glen)
     } else if (r->has_key) {
         return TPB_DROP_GRE_KEY;
     }
-    return 0;
+    return rd16(g + 2) == 0 ? 0 : TPB_DROP_GRE_PROTO;
 }
 
 int ecn_decap(uint8_t outer_tos, uint8_t inner_tos)

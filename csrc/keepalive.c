@@ -22,7 +22,7 @@
  *                      retries goes down; every period, a keepalive to each
  *                      remote (ka_send);
  *   5. ka_answer()     a protocol-0 GRE packet from a remote that passed its
- *                      checks (gre_check_keepalive): it is up; RTT;
+ *                      checks (gre_keepalive_answer): it is up; RTT;
  *   6. ka_reflect()    a decapsulated IPv4 GRE packet from us to the remote
  *                      it came from is that POP's keepalive: sent back to it.
  * The sequence window of a remote never moves for a keepalive answer: the

@@ -122,12 +122,14 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 struct virtio_net_hdr;
 int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 
-/* A keepalive answer: GRE of protocol 0 whose version, flags, checksum and
- * key pass as in gre_decode(); a sequence number is neither required nor
- * looked at, and the window does not move.  0 or the drop reason. */
-int gre_check_keepalive(const struct gre_rx *r, const uint8_t *g, size_t glen);
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out);
+
+/* A keepalive answer (GRE protocol 0, what the far end reflects of our
+ * keepalive): version, flags, checksum and key as gre_decode() checks
+ * them; no sequence number required, the window not touched.  Returns 0
+ * or a TPB_DROP_GRE_* reason (TPB_DROP_GRE_PROTO: not protocol 0). */
+int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen);
 
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
  * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */

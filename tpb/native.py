@@ -298,11 +298,15 @@ class NativePop:
         return lib.tpb_pop_heartbeat(self._pop)
 
     def counters(self) -> dict[str, Any]:
+        """Per peer its counters, and its keepalive state under "state"."""
         out = ffi.new("struct tpb_tunnel_counters *")
+        states = self.peer_states()
         peers = {}
         for i, name in enumerate(self._names):
             lib.tpb_pop_counters(self._pop, i, out)
             peers[name] = tunnel_counters(out)
+            if name in states:
+                peers[name]["state"] = asdict(states[name])
         lib.tpb_pop_counters(self._pop, len(self._names), out)
         return {
             "peers": peers,
