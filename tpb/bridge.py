@@ -250,6 +250,7 @@ class Bridge:
         self._watch: QdiscWatch | None = None
         self._qos: int | None = None
         self._metrics: Closeable | None = None
+        self._status: Closeable | None = None
         self._stack = ExitStack()
         self._states = StateLog(
             "tunnel to",
@@ -302,14 +303,14 @@ class Bridge:
             **kw,
         )
         self._stack.callback(self.native.close)
+        log.debug("rings open on %s", ", ".join(
+            f"{p.name} (ifindex {p.ifindex}, MTU {p.mtu})" for p in self.ports.values()))
         self._watch = QdiscWatch(self.native, {PORT_IN: self.ports["in"],
                                                PORT_OUT: self.ports["out"]})
         self._stack.callback(self._watch.close)
         self._metrics = self._serve_metrics(s.metrics_listen)
         assert s.in_if
-        srv = serve_status("run", s.in_if, self._snapshot)
-        if srv is not None:
-            self._stack.callback(srv.close)
+        self._status = serve_status("run", s.in_if, self._snapshot)
 
     def _serve_metrics(self, listen: tuple[str, int] | None) -> Closeable | None:
         return serve_metrics(
@@ -319,10 +320,16 @@ class Bridge:
     def _snapshot(self) -> dict[str, Any]:
         return status.bridge_snapshot(self.native, self.ports, self.s)
 
+    def _close_servers(self) -> None:
+        """Before the C side closes: a scrape or a status request must not
+        read a closed loop's counters."""
+        for srv in (self._metrics, self._status):
+            if srv is not None:
+                srv.close()
+        self._metrics = self._status = None
+
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        self._close_servers()
         self._stack.close()
         if self._qos is not None:
             os.close(self._qos)
@@ -374,6 +381,7 @@ class Bridge:
         """Counters, sockets closed (the kernel takes promiscuous mode back),
         the summary line, the --counters file."""
         assert self.native
+        self._close_servers()
         counters = {p: self.native.counters(p) for p in (PORT_IN, PORT_OUT)}
         tunnel = self.native.tunnel_counters()
         self.native.close()

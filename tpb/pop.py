@@ -374,6 +374,7 @@ class Pop:
         self._tun: Any = None
         self.routes = TunRoutes(s.tun)
         self._metrics: Closeable | None = None
+        self._status: Closeable | None = None
         self._stack = ExitStack()
         self._states = StateLog("peer", self._retries)
 
@@ -424,20 +425,26 @@ class Pop:
             self.routes.add(pfx, peer)
         self.native = NativePop(s, self._tun.fileno(), self._tun.mtu, prefix_table(s))
         self._stack.callback(self.native.close)
+        log.debug("TUN device %s up (MTU %d), %d prefix(es) routed into it", s.tun,
+                  self._tun.mtu, len(_routed(s)))
         self._metrics = self._serve_metrics(s.metrics_listen)
-        srv = serve_status("pop", s.tun, lambda: status.pop_snapshot(self.native, self.s))
-        if srv is not None:
-            self._stack.callback(srv.close)
+        self._status = serve_status("pop", s.tun, lambda: status.pop_snapshot(self.native, self.s))
 
     def _serve_metrics(self, listen: tuple[str, int] | None) -> Closeable | None:
         from tpb.service import serve_metrics
 
         return serve_metrics(listen, lambda: metrics.PopCollector(self.native, self.reload_state))
 
+    def _close_servers(self) -> None:
+        """Before the C side closes: a scrape or a status request must not
+        read a closed loop's counters."""
+        for srv in (self._metrics, self._status):
+            if srv is not None:
+                srv.close()
+        self._metrics = self._status = None
+
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        self._close_servers()
         self._stack.close()
 
     # -- service.Daemon ----------------------------------------------------------
@@ -462,6 +469,7 @@ class Pop:
         self._states.update(self.native.peer_states())
 
     def finish(self) -> None:
+        self._close_servers()
         counters = self.native.counters()
         self.native.close()
         try:

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 
 from tpb.errors import TpbError
+from tpb.log import log
 
 PRIORITY = 500  # after the operator's chains (use priority < 500)
 VETH_MTU = 65535  # never the narrow point: jumbo frames and GSO pass
@@ -168,6 +169,8 @@ class Selector:
         if r.returncode:
             raise TpbError(_nft_error(r.stderr, match))
         self.mark, self.match = mark, list(match)
+        log.debug("nftables: table netdev %s loaded (%d match rule(s), mark %d)",
+                  self.table, len(match), mark)
 
     def stop(self) -> None:
         """Remove the table and the veth pair (quietly: they may be gone)."""

@@ -138,20 +138,26 @@ def serve(d: Daemon, notify: Notifier | None = None) -> int:
                 wake.clear()
     except TpbError as e:  # from tick(): the daemon cannot go on
         failure.append(e if isinstance(e, RuntimeFailure) else RuntimeFailure(str(e)))
+    except Exception as e:  # a bug in housekeeping: stop as cleanly as for a failure
+        log.debug("%s", traceback.format_exc().rstrip())
+        failure.append(RuntimeFailure(f"internal error: {type(e).__name__}: {e}"))
     finally:
         notify.stopping()
         d.stop()
         if worker.ident is not None:
             worker.join()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    # A second signal while the counters are written must not cut them
+    # short: the old handlers (which raise) come back only afterwards.
     try:
         d.finish()
     except RuntimeFailure as e:
         if not failure:
             raise
         log.error("%s", e)  # the loop's own failure is the one to exit with
-    notify.close()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        notify.close()
     if failure:
         e = failure[0]
         if isinstance(e, TpbError) and not isinstance(e, RuntimeFailure):
