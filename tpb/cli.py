@@ -180,7 +180,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tpb", description="Transparent bridge with a GRE tunnel to a POP.")
     p.add_argument("--version", action="version", version=f"tpb {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser,
+                           help="`tpb COMMAND --help` says more")
     _add_run(sub)
     c = sub.add_parser(
         "check",
