@@ -9,6 +9,7 @@ C call that releases the GIL and returns only when asked to stop.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -207,9 +208,13 @@ class QdiscWatch:
     def check(self) -> None:
         for p, port in self._ports.items():
             try:
+                # The link first: a port's qdiscs read as none once it is gone.
+                self._ipr.get_links(port.ifindex)
                 kind = root_qdisc(self._ipr, port.ifindex)
+                if kind is None:  # or it went between the two requests
+                    self._ipr.get_links(port.ifindex)
             except self._error as e:
-                if e.code == 19:  # ENODEV
+                if e.code == errno.ENODEV:
                     raise RuntimeFailure(f"{port.name}: the port went away") from None
                 continue  # a passing netlink hiccup: look again next time
             except OSError:
