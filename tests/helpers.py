@@ -79,6 +79,7 @@ class TpbDaemon:
         self.proc: subprocess.Popen | None = None
         self.stdout = ""
         self.stderr = ""
+        self._line = 0  # stderr lines wait_line() has passed
         self.returncode: int | None = None
 
     @property
@@ -100,7 +101,34 @@ class TpbDaemon:
             self.counters_file.unlink()
         self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
                                              timeout, self.what)
+        self._line = 0
         return self
+
+    def wait_line(self, needle: str, timeout: float = 10.0) -> str:
+        """The next line on its stderr that contains `needle`, after the
+        lines an earlier wait_line() returned; fail after `timeout` or when
+        it exits first, with what it printed.  (Everything read stays in
+        self.stderr.)"""
+        assert self.proc is not None and self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.stderr.splitlines(keepends=True)
+            for i in range(self._line, len(lines)):
+                if lines[i].endswith("\n") and needle in lines[i]:
+                    self._line = i + 1
+                    return lines[i].rstrip("\n")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.what}: no {needle!r} on stderr within {timeout}s; "
+                                     f"stderr: {self.stderr!r}")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"{self.what}: exited before {needle!r}; "
+                                     f"stderr: {self.stderr!r}")
+            self.stderr += chunk.decode(errors="replace")
 
     def _collect(self, out: bytes | None, err: bytes | None) -> None:
         assert self.proc is not None
