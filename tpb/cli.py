@@ -246,7 +246,8 @@ def _check(args: argparse.Namespace) -> int:
         except config.ConfigError as e:
             problems += e.problems
     if problems:
-        raise config.ConfigError(problems)
+        # both tables' checks may find the same thing (no privileges)
+        raise config.ConfigError(list(dict.fromkeys(problems)))
     print(f"{src.path or 'command line'}: ok")
     return 0
 
