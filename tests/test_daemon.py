@@ -269,7 +269,8 @@ def test_tunnel_settings_reloaded_ten_times_under_ping_lose_nothing(tlab, daemon
     for i in range(10):
         extra = "icmp_rate = 50\nmss = 1300\n" if i % 2 == 0 else ""
         line = hup(d, path, tunnel(TUNNEL_A, extra), "reload")[0]
-        assert "configuration reloaded: tunnel.icmp_rate" in line, line
+        assert "configuration reloaded: " in line, line
+        assert "tunnel.icmp_rate" in line and "tunnel.mss" in line, line
     res = finish_ping(ping)
     assert received(res) == PINGS, res.stdout
     c = d.stop()
@@ -292,9 +293,9 @@ def test_pop_reload_adds_a_peer_and_its_prefix(tlab, daemons):
 
 
 def test_pop_reload_keeps_running_through_refusals(tlab, daemons):
-    """Without the C side a new peer is refused by it, and the route added
-    for its prefix is taken back; a changed TUN name is refused; a log
-    level is applied (no C needed); a bad file is refused line by line."""
+    """A log level is applied (no C needed); a changed TUN name and a bad
+    file are refused line by line and change nothing; the POP keeps running
+    and then takes a new peer (its route added)."""
     pop = daemons.start("pop", "pop", config=pop_file())
     path = daemons.tmp / "pop-0.toml"
     routes = tlab.run("pop", ["ip", "route"]).stdout
@@ -305,16 +306,13 @@ def test_pop_reload_keeps_running_through_refusals(tlab, daemons):
                     "(tpbpop0 -> tpbpop7): restart tpb pop"), line
     line = hup(pop, path, pop_file(extra="learn_timeout = 0"), "reload refused")[0]
     assert "pop.learn_timeout must be from 1 to 86400, not 0" in line, line
+    assert tlab.run("pop", ["ip", "route"]).stdout == routes  # the refusals changed nothing
     peer2 = f'[[pop.peer]]\naddress = "{T_TPB2}"\nprefixes = ["{SITE2}"]\n'
     path.write_text(pop_file(peers=peer2))
     os.kill(pop.pid, signal.SIGHUP)
     line = pop.wait_line("reload")
-    # Whatever C makes of it, the routes match what it took.
-    if "configuration reloaded" in line:
-        assert SITE2 in tlab.run("pop", ["ip", "route", "show", "dev", "tpbpop0"]).stdout
-    else:
-        assert "the POP's loop refused the new peers" in line, line
-        assert tlab.run("pop", ["ip", "route"]).stdout == routes
+    assert "configuration reloaded" in line, line
+    assert SITE2 in tlab.run("pop", ["ip", "route", "show", "dev", "tpbpop0"]).stdout
     c = pop.stop()
     assert T_TPB in c["peers"]
 
