@@ -1,0 +1,634 @@
+"""The appliance: systemd units, shipped configurations, `make install`, and
+the Grafana dashboard (appliance/README.md says why each is as it is).
+
+systemd is not PID 1 here (nor in CI), so no unit is started by systemd:
+`systemd-analyze verify` and `security --offline` judge the unit files as
+installed, and the last test runs `tpb run` and `tpb pop` in the lab the
+way the units would (their user, capabilities, no new privileges, no
+writable-and-executable memory, device access as udev gives it).
+
+`make install DESTDIR=...` builds a real venv (pip, the C helper): once per
+session, shared by the tests that look at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import TpbDaemon
+
+from tpb import lab as labmod
+
+ROOT = Path(__file__).resolve().parent.parent
+APPLIANCE = ROOT / "appliance"
+UNITS = ("tpb.service", "tpb@.service", "tpb-pop.service")
+CONFIGS = ("tpb.toml", "tpb-pop.toml")
+DASHBOARD = APPLIANCE / "grafana" / "tpb-dashboard.json"
+
+# Where `make install` puts things (Makefile), and what the units name.
+TPB_HOME = "opt/tpb"
+UNITDIR = "usr/local/lib/systemd/system"
+SHAREDIR = "usr/local/share/tpb"
+CONFDIR = "etc/tpb"
+
+LAB_PREFIX = "tpbap"
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Section -> [(key, value)], repeated keys kept in order (no line
+    continuations: the units have none)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            section = m.group(1)
+            out.setdefault(section, [])
+            continue
+        key, eq, value = line.partition("=")
+        assert eq and not line.endswith("\\"), f"{path.name}: {raw!r}"
+        out[section].append((key.strip(), value.strip()))
+    return out
+
+
+def directive(unit: dict, section: str, key: str) -> list[str]:
+    return [v for k, v in unit[section] if k == key]
+
+
+def one(unit: dict, section: str, key: str) -> str:
+    values = directive(unit, section, key)
+    assert len(values) == 1, (section, key, values)
+    return values[0]
+
+
+# ---- the units ----------------------------------------------------------------
+
+
+def test_the_bridge_template_is_the_bridge_unit_but_for_its_file():
+    """tpb@NAME.service is tpb.service with /etc/tpb/NAME.toml: the
+    hardening of the two cannot drift apart."""
+    plain = parse_unit(APPLIANCE / "tpb.service")
+    template = parse_unit(APPLIANCE / "tpb@.service")
+    differ = {"Description", "SyslogIdentifier"}
+    for section in plain:
+        a = [(k, v.replace("/etc/tpb/tpb.toml", "/etc/tpb/%i.toml"))
+             for k, v in plain[section] if k not in differ]
+        b = [(k, v) for k, v in template[section] if k not in differ]
+        assert a == b, section
+    assert set(template) == set(plain)
+    assert "%i" in one(template, "Unit", "Description")
+    assert one(template, "Service", "SyslogIdentifier") == "tpb@%i"
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_unit_life_cycle_and_privileges(name):
+    """What the daemons and the issue ask of every unit."""
+    u = parse_unit(APPLIANCE / name)
+    cmd = "pop" if name == "tpb-pop.service" else "run"
+    config = {"tpb.service": "tpb", "tpb@.service": "%i", "tpb-pop.service": "tpb-pop"}[name]
+    s = dict(u["Service"])  # the keys checked here are given once
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
+    assert s["ExecStart"] == f"/opt/tpb/bin/tpb {cmd} --config /etc/tpb/{config}.toml"
+    assert directive(u, "Service", "ExecReload") == [
+        f"/opt/tpb/bin/tpb check --config /etc/tpb/{config}.toml",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    assert s["WatchdogSec"] and s["Restart"] == "on-failure"
+    assert s["RestartPreventExitStatus"] == "2"
+    assert s["User"] == "tpb" and s["NoNewPrivileges"] == "yes"
+    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(s["CapabilityBoundingSet"].split()) == caps
+    assert set(s["AmbientCapabilities"].split()) == caps
+    assert s["DevicePolicy"] == "closed"
+    device = "/dev/net/tun" if cmd == "pop" else "/dev/cpu_dma_latency"
+    assert directive(u, "Service", "DeviceAllow") == [f"{device} rw"]
+    families = set(s["RestrictAddressFamilies"].split())
+    assert families == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"} | (
+        set() if cmd == "pop" else {"AF_PACKET"})
+    for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
+                "ProtectKernelModules", "ProtectControlGroups", "RestrictNamespaces",
+                "LockPersonality", "MemoryDenyWriteExecute", "SystemCallFilter"):
+        assert s[key] in ("yes", "strict", "@system-service"), key
+    # the one sysctl the bridge writes (tpb/select.py), and nothing else
+    expect_rw = [] if cmd == "pop" else ["-/proc/sys/net/ipv6/conf"]
+    assert directive(u, "Service", "ReadWritePaths") == expect_rw
+    assert one(u, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_udev_rule_gives_the_pm_qos_device_to_the_units_user():
+    """tpb run opens /dev/cpu_dma_latency for writing (tpb/bridge.py); the
+    unit's user gets it through its group, as the sysusers file makes it."""
+    rule = [ln for ln in (APPLIANCE / "70-tpb.rules").read_text().splitlines()
+            if ln and not ln.startswith("#")]
+    assert rule == ['SUBSYSTEM=="misc", KERNEL=="cpu_dma_latency", GROUP="tpb", MODE="0660"']
+    users = [ln.split() for ln in (APPLIANCE / "tpb.sysusers").read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    assert [u[:3] for u in users] == [["u", "tpb", "-"]]
+
+
+# ---- the shipped configurations --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configuration_passes_check(name):
+    f = APPLIANCE / name
+    res = subprocess.run([sys.executable, "-m", "tpb", "check", "--config", str(f)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert res.stdout.strip() == f"{f}: ok"
+
+
+def test_shipped_bridge_configuration_shows_every_setting():
+    """Every setting of RUN_SCHEMA appears in appliance/tpb.toml, set or
+    commented out, so the annotated default documents them all."""
+    from tpb.config import RUN_SCHEMA
+
+    text = (APPLIANCE / "tpb.toml").read_text()
+    for section, keys in RUN_SCHEMA.items():
+        assert f"[{section}]" in text, section
+        for key in keys:
+            assert re.search(rf"^#? ?{key} = ", text, re.M), f"{section}.{key}"
+
+
+# ---- make install ------------------------------------------------------------------
+
+
+def make(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"make {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def need_make_install() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("make install needs root (it may install Debian packages)")
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("make install builds the venv with Debian's /usr/bin/python3")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`make install DESTDIR=...` once: the image-build way."""
+    need_make_install()
+    dest = tmp_path_factory.mktemp("destdir")
+    res = make("install", f"DESTDIR={dest}")
+    return dest, res.stdout
+
+
+def test_make_install_puts_everything_where_the_units_expect(installed):
+    dest, _ = installed
+    for name in UNITS:  # the units as they are, not copied
+        assert (dest / UNITDIR / name).read_bytes() == (APPLIANCE / name).read_bytes()
+    assert (dest / "usr/local/lib/sysusers.d/tpb.conf").read_bytes() == (
+        APPLIANCE / "tpb.sysusers").read_bytes()
+    assert (dest / "usr/local/lib/udev/rules.d/70-tpb.rules").read_bytes() == (
+        APPLIANCE / "70-tpb.rules").read_bytes()
+    for name in CONFIGS:
+        assert (dest / CONFDIR / name).read_bytes() == (APPLIANCE / name).read_bytes()
+        assert (dest / SHAREDIR / name).read_bytes() == (APPLIANCE / name).read_bytes()
+    assert (dest / SHAREDIR / "tpb-dashboard.json").read_bytes() == DASHBOARD.read_bytes()
+    # ExecStart=/opt/tpb/bin/tpb, a script of the venv, naming the venv's
+    # python by its place in the image, not in DESTDIR
+    tpb = dest / TPB_HOME / "bin" / "tpb"
+    assert os.access(tpb, os.X_OK)
+    assert tpb.read_text().splitlines()[0] == "#!/opt/tpb/bin/python"
+    assert os.readlink(dest / "usr/local/bin/tpb") == "/opt/tpb/bin/tpb"
+    cfg = (dest / TPB_HOME / "pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in cfg, cfg
+    left = subprocess.run(["grep", "-rlIF", str(dest), str(dest / TPB_HOME / "bin"),
+                           str(dest / TPB_HOME / "pyvenv.cfg")], capture_output=True, text=True)
+    assert left.stdout == "", f"DESTDIR left in: {left.stdout}"
+    # the C helper was built into the venv
+    assert list((dest / TPB_HOME).glob("lib/python3*/site-packages/tpb/_tpb_c*.so"))
+
+
+def test_installed_tpb_runs_from_opt_tpb(installed):
+    """The installed tree, mounted where the image has it (a private mount
+    namespace: nothing of this machine's /opt changes): the units' command
+    starts, and passes the installed configurations."""
+    dest, _ = installed
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    script = (f"mount --bind {dest}/opt /opt && /opt/tpb/bin/tpb --version && "
+              f"/opt/tpb/bin/tpb check --config {dest}/etc/tpb/tpb.toml && "
+              f"/opt/tpb/bin/tpb check --config {dest}/etc/tpb/tpb-pop.toml")
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "tpb 0.1.0", f"{dest}/etc/tpb/tpb.toml: ok", f"{dest}/etc/tpb/tpb-pop.toml: ok"]
+
+
+def test_make_install_again_never_overwrites_an_operators_configuration(installed):
+    """Run twice, the operator's edit in between: kept, and said so; a
+    configuration the operator removed comes back."""
+    dest, _ = installed
+    mine = dest / CONFDIR / "tpb.toml"
+    edited = mine.read_text().replace('in = "eth2"', 'in = "enp1s0"')
+    mine.write_text(edited)
+    (dest / CONFDIR / "tpb-pop.toml").unlink()
+    res = make("install", f"DESTDIR={dest}")
+    assert mine.read_text() == edited
+    assert f"{mine} exists: kept" in res.stdout
+    assert (dest / CONFDIR / "tpb-pop.toml").read_bytes() == (
+        APPLIANCE / "tpb-pop.toml").read_bytes()
+    assert os.access(dest / TPB_HOME / "bin" / "tpb", os.X_OK)
+
+
+def test_make_uninstall_keeps_only_the_configuration(installed, tmp_path):
+    dest, _ = installed
+    copy = tmp_path / "root"
+    shutil.copytree(dest, copy, symlinks=True)
+    make("uninstall", f"DESTDIR={copy}")
+    files = sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if not p.is_dir())
+    assert files == [f"{CONFDIR}/{name}" for name in sorted(CONFIGS)], files
+
+
+def systemd_root(dest: Path, tmp: Path) -> Path:
+    """A root for `systemd-analyze --root`: the installed tree plus this
+    machine's own system units (sysinit.target, network-online.target...),
+    which the units' dependencies name."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze (apt-get install systemd)")
+    system = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                   if (p / "sysinit.target").exists()), None)
+    if system is None:
+        pytest.skip("this machine has no systemd unit files to verify against")
+    root = tmp / "root"
+    shutil.copytree(dest, root, symlinks=True, copy_function=os.link)
+    shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
+    return root
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_systemd_analyze_verify_passes_on_the_installed_units(installed, tmp_path):
+    """The real unit files, installed by `make install`, against the real
+    installed tree (its ExecStart must exist and be executable): not a word
+    from systemd-analyze. Checked against an empty /opt too, to show that
+    the verification does look at ExecStart."""
+    dest, _ = installed
+    root = systemd_root(dest, tmp_path)
+    names = ["tpb.service", "tpb-pop.service", "tpb@site2.service"]
+    res = analyze("verify", "--man=no", f"--root={root}", *names)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stderr
+    shutil.rmtree(root / TPB_HOME)
+    res = analyze("verify", "--man=no", f"--root={root}", "tpb.service")
+    assert res.returncode != 0 and "/opt/tpb/bin/tpb is not executable" in res.stderr
+
+
+def test_units_exposure_stays_low(installed, tmp_path):
+    """`systemd-analyze security` rates the sandbox: 2.2-2.4 ("OK") when
+    written; above 2.5 something was loosened."""
+    dest, _ = installed
+    root = systemd_root(dest, tmp_path)
+    for name in ("tpb.service", "tpb-pop.service", "tpb@site2.service"):
+        res = analyze("security", "--offline=yes", f"--root={root}", "--threshold=25", name)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+
+
+# ---- the Grafana dashboard -----------------------------------------------------------
+
+# The metric names TPB exports (being written alongside this dashboard), by
+# label set as a bridge (`tpb run`) and a POP (`tpb pop`) export them.
+# The lead will replace this list by a scrape of a running `tpb run` and
+# `tpb pop` in the lab once the metrics land: the names (and labels) the
+# dashboard uses are then checked against the real endpoint.
+METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
+    "tpb_build_info": {
+        "bridge": [{"version": "0.1.0", "mode": "run"}],
+        "pop": [{"version": "0.1.0", "mode": "pop"}],
+    },
+    **{
+        name: {"bridge": [{"port": p, "device": d} for p, d in (("in", "eth2"), ("out", "eth3"))]}
+        for name in ("tpb_port_receive_frames_total", "tpb_port_receive_bytes_total",
+                     "tpb_port_transmit_frames_total", "tpb_port_transmit_bytes_total",
+                     "tpb_port_kernel_frames_total")
+    },
+    "tpb_port_drops_total": {
+        "bridge": [{"port": "in", "device": "eth2", "reason": "ring_full"}],
+    },
+    **{
+        name: {"bridge": [{"direction": "encap"}, {"direction": "decap"}],
+               "pop": [{"peer": "198.51.100.3", "direction": "encap"}]}
+        for name in ("tpb_tunnel_packets_total", "tpb_tunnel_bytes_total")
+    },
+    "tpb_tunnel_drops_total": {
+        "bridge": [{"reason": "gre_key"}],
+        "pop": [{"peer": "198.51.100.3", "reason": "gre_csum"}, {"reason": "no_peer"}],
+    },
+    **{
+        name: {"bridge": [{}]}
+        for name in ("tpb_tunnel_fragments_total", "tpb_tunnel_icmp_sent_total",
+                     "tpb_tunnel_mss_clamped_total", "tpb_tunnel_gso_packets_total",
+                     "tpb_reassembly_datagrams_total", "tpb_reassembly_memory_bytes")
+    },
+    **{
+        name: {"bridge": [{"remote": "198.51.100.34"}, {"remote": "198.51.100.35"}],
+               "pop": [{"peer": "198.51.100.3"}]}
+        for name in ("tpb_tunnel_up", "tpb_tunnel_active", "tpb_tunnel_transitions_total",
+                     "tpb_keepalives_sent_total", "tpb_keepalives_received_total",
+                     "tpb_keepalive_rtt_seconds")
+    },
+    "tpb_pop_learned_entries": {"pop": [{}]},
+    **{
+        name: {"bridge": [{}], "pop": [{}]}
+        for name in ("tpb_config_last_reload_successful",
+                     "tpb_config_last_reload_success_timestamp_seconds")
+    },
+}
+INSTANCES = {"bridge": "bridge1:9547", "pop": "pop1:9548"}
+
+# What the dashboard must show (the issue's list).
+REQUIRED = {
+    "tpb_port_receive_bytes_total", "tpb_port_transmit_bytes_total",
+    "tpb_port_receive_frames_total", "tpb_port_transmit_frames_total",
+    "tpb_tunnel_up", "tpb_tunnel_active", "tpb_keepalive_rtt_seconds",
+    "tpb_port_drops_total", "tpb_tunnel_drops_total", "tpb_reassembly_memory_bytes",
+    "tpb_tunnel_packets_total", "tpb_config_last_reload_successful",
+}
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
+                "or", "unless", "offset", "atan2", "inf", "nan"}
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(d: dict) -> list[dict]:
+    out = []
+    for p in d["panels"]:
+        out.append(p)
+        out += p.get("panels", [])  # a collapsed row holds its panels
+    return out
+
+
+def expressions(d: dict) -> list[str]:
+    return [t["expr"] for p in panels(d) for t in p.get("targets", [])]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Names of the series an expression selects: strings, label matchers,
+    ranges and label lists taken out, what remains that is not a function
+    call, a keyword or a number is a metric name."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\w+|\$\{\w+\}", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", e):
+        if m.group(2) or m.group(1) in PROMQL_WORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def test_metric_name_extraction():
+    """metric_names() on the shapes the dashboard uses."""
+    assert metric_names(
+        'sum by (instance, port) (rate(tpb_a_total{instance=~"$instance", x="y{z}"}'
+        "[$__rate_interval])) * 8") == {"tpb_a_total"}
+    assert metric_names("time() - tpb_b_seconds") == {"tpb_b_seconds"}
+    assert metric_names("max by (peer) (tpb_c) and on (instance) tpb_d > bool 0") == {
+        "tpb_c", "tpb_d"}
+
+
+def test_dashboard_uses_only_metrics_tpb_exports():
+    d = dashboard()
+    used: set[str] = set()
+    for expr in expressions(d):
+        names = metric_names(expr)
+        assert names, expr
+        unknown = names - set(METRICS)
+        assert not unknown, f"{expr}: not a TPB metric: {unknown}"
+        used |= names
+    for var in d["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+), instance\)", var["query"]["query"])
+            assert m and m.group(1) in METRICS, var["query"]
+            used.add(m.group(1))
+    assert REQUIRED <= used, REQUIRED - used
+
+
+def test_dashboard_structure():
+    """What Grafana needs to import it anywhere: a schema version, a
+    datasource variable every panel and query uses, an instance variable,
+    unique panel ids, panels inside the 24-column grid, none overlapping."""
+    d = dashboard()
+    assert 36 <= d["schemaVersion"] <= 41 and d["uid"] and d["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["type"] == "query"
+    ds = {"type": "prometheus", "uid": "${datasource}"}
+    for v in variables.values():
+        if v["type"] == "query":
+            assert v["datasource"] == ds
+    ids = [p["id"] for p in panels(d)]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels(d):
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == ds, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == ds, p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables as Prometheus would receive them."""
+    return (expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+            .replace("$instance", INSTANCES["bridge"]).replace("$pop", INSTANCES["pop"]))
+
+
+def test_dashboard_queries_return_data_from_tpb_shaped_series(tmp_path):
+    """promtool parses every query (Grafana's variables filled in) and runs
+    it over 20 minutes of series named and labelled as in METRICS, each
+    counter rising: every query must return something, so none names a
+    metric or label that is not there, nor filters a bridge's panel to the
+    POP or the other way round."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("needs promtool (apt-get install prometheus)")
+    series = []
+    for name, by_kind in METRICS.items():
+        for kind, label_sets in by_kind.items():
+            for labels in label_sets:
+                lab = {"job": "tpb", "instance": INSTANCES[kind], **labels}
+                text = ",".join(f'{k}="{v}"' for k, v in sorted(lab.items()))
+                values = "1+1x20" if name.endswith("_total") else "1x20"
+                series.append({"series": f"{name}{{{text}}}", "values": values})
+    exprs = expressions(dashboard())
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": f"clamp_max(count({grafana_to_promql(e)}), 1)", "eval_time": "20m",
+                 "exp_samples": [{"labels": "{}", "value": 1}]}
+                for e in exprs
+            ],
+        }],
+    }
+    f = tmp_path / "dashboard_test.yml"
+    f.write_text(json.dumps(tests))  # YAML is a superset of JSON
+    res = subprocess.run([promtool, "test", "rules", str(f)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+# ---- the daemons as the units run them --------------------------------------------
+
+SANDBOX_UID = 61234  # a uid no account has: the unit's User=tpb, without the account
+
+
+def unit_sandbox(unit_name: str, devices: Path) -> list[str]:
+    """argv prefix that runs a command as the unit would, as far as can be
+    done without systemd: another user than root, the unit's capabilities
+    (bounding, inheritable, ambient), no new privileges, no writable and
+    executable memory (PR_SET_MDWE, what MemoryDenyWriteExecute= is), and
+    its DeviceAllow= devices with the access udev gives them (Debian's 0666
+    for /dev/net/tun; appliance/70-tpb.rules' group and 0660 for
+    /dev/cpu_dma_latency), as private nodes bound over this machine's own in
+    a mount namespace of its own."""
+    u = parse_unit(APPLIANCE / unit_name)
+    assert one(u, "Service", "User") == "tpb"
+    caps = one(u, "Service", "AmbientCapabilities").split()
+    assert set(caps) == set(one(u, "Service", "CapabilityBoundingSet").split())
+    setcaps = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in caps])
+    assert one(u, "Service", "NoNewPrivileges") == "yes"
+    assert one(u, "Service", "MemoryDenyWriteExecute") == "yes"
+    binds = []
+    for allow in directive(u, "Service", "DeviceAllow"):
+        path, access = allow.split()
+        assert access == "rw"
+        st = os.stat(path)
+        node = devices / Path(path).name
+        if not node.exists():
+            os.mknod(node, 0o600 | 0o020000, st.st_rdev)
+            if path == "/dev/net/tun":
+                os.chmod(node, 0o666)
+            else:
+                os.chown(node, 0, SANDBOX_UID)
+                os.chmod(node, 0o660)
+        binds.append(f"mount --bind {node} {path}")
+    mdwe = ("import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
+            "sys.exit('PR_SET_MDWE refused') if libc.prctl(65, 1, 0, 0, 0) else "
+            "os.execvp(sys.argv[1], sys.argv[1:])")
+    inner = [
+        sys.executable, "-c", mdwe,
+        "setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
+        f"--inh-caps={setcaps}", f"--ambient-caps={setcaps}", f"--bounding-set={setcaps}",
+        "--no-new-privs", "--",
+    ]
+    script = " && ".join([*binds, 'exec "$@"'])
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *inner]
+
+
+UNIT_CAPS = 1 << 12 | 1 << 13  # CAP_NET_ADMIN, CAP_NET_RAW
+
+
+def process_identity(pid: int) -> tuple[int, int]:
+    """(effective uid, effective capabilities) of a running process."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Uid"].split()[1]), int(fields["CapEff"].strip(), 16)
+
+
+def mdwe_supported() -> bool:
+    """PR_SET_MDWE (Linux 6.3): tried in a child, as it cannot be undone."""
+    probe = ("import ctypes, sys; "
+             "sys.exit(ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0)")
+    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+@pytest.mark.netns
+def test_daemons_run_with_only_what_the_units_grant():
+    """`tpb pop` and `tpb run` (tunnel mode: veth pair, nftables table, the
+    disable_ipv6 sysctl, low latency on) with the units' user, capabilities
+    and restrictions: pc reaches the server through the tunnel, and both
+    stop cleanly. Not checked here (systemd applies them): the system call
+    filter, address families, read-only file system and device cgroup."""
+    for tool in ("setpriv", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (util-linux)")
+    if not mdwe_supported():
+        pytest.skip("this kernel has no PR_SET_MDWE (MemoryDenyWriteExecute's equivalent)")
+    work = Path(tempfile.mkdtemp(prefix="tpb-appliance-"))
+    try:
+        os.chmod(work, 0o755)
+        devices = work / "dev"
+        devices.mkdir()
+        state = work / "state"  # the daemons' counters, written as the unit's user
+        state.mkdir()
+        os.chown(state, SANDBOX_UID, SANDBOX_UID)
+        bridge_cfg = state / "tpb.toml"
+        bridge_cfg.write_text(
+            '[ports]\nin = "eth2"\nout = "eth3"\n'
+            f'[tunnel]\nlocal = "{labmod.T_TPB}"\nremote = ["{labmod.T_POP}"]\nkey = 7\n'
+            '[select]\nmatch = ["ip daddr 203.0.113.0/24"]\n'
+            '[bridge]\nlow_latency = true\nmetrics_listen = "off"\n')
+        pop_cfg = state / "tpb-pop.toml"
+        pop_cfg.write_text(
+            f'[pop]\nlocal = "{labmod.T_POP}"\n'
+            f'[[pop.peer]]\naddress = "{labmod.T_TPB}"\nkey = 7\nprefixes = ["192.0.2.0/26"]\n')
+        tpb = [sys.executable, "-m", "tpb"]
+        with labmod.tunnel(LAB_PREFIX) as lb:
+            pop = TpbDaemon(
+                lb, "pop",
+                [*unit_sandbox("tpb-pop.service", devices), *tpb, "pop", "--config",
+                 str(pop_cfg), "--counters", str(state / "pop.json")],
+                "tpb: pop ", state / "pop.json", "tpb pop as tpb-pop.service runs it")
+            run = TpbDaemon(
+                lb, "tpb",
+                [*unit_sandbox("tpb.service", devices), *tpb, "run", "--config",
+                 str(bridge_cfg), "--counters", str(state / "run.json")],
+                "tpb: bridging", state / "run.json", "tpb run as tpb.service runs it")
+            try:
+                pop.start()
+                run.start()
+                for d in (pop, run):  # every wrapper exec()s: the pid is tpb's own
+                    assert process_identity(d.pid) == (SANDBOX_UID, UNIT_CAPS), d.describe()
+                sysctl = lb.run("tpb", ["sh", "-c",
+                                        "cat /proc/sys/net/ipv6/conf/tpbsel*/disable_ipv6"])
+                assert sysctl.stdout.split() == ["1", "1"], sysctl.stdout
+                ping = lb.run("pc", ["ping", "-c", "3", "-i", "0.2", "-W", "2",
+                                     labmod.T_SERVER], check=False)
+                assert " 0% packet loss" in ping.stdout, ping.stdout + run.stderr + pop.stderr
+                counters = run.stop()
+                assert counters["tunnel"]["encap_packets"] >= 3, counters
+                assert counters["tunnel"]["decap_packets"] >= 3, counters
+                peers = pop.stop()["peers"]
+                assert peers[labmod.T_TPB]["decap_packets"] >= 3, peers
+            finally:
+                for d in (run, pop):
+                    if d.running:
+                        d.kill()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
