@@ -1,11 +1,13 @@
 """The appliance: systemd units, shipped configurations, `make install`, and
 the Grafana dashboard (appliance/README.md says why each is as it is).
 
-systemd is not PID 1 here (nor in CI), so no unit is started by systemd:
-`systemd-analyze verify` and `security --offline` judge the unit files as
-installed, and the last test runs `tpb run` and `tpb pop` in the lab the
-way the units would (their user, capabilities, no new privileges, no
-writable-and-executable memory, device access as udev gives it).
+systemd is not PID 1 here (nor in CI). `systemd-analyze verify` and
+`security --offline` judge the unit files as installed; one test runs `tpb
+run` and `tpb pop` in the lab the way the units would (their user,
+capabilities, no new privileges, no writable-and-executable memory, device
+access as udev gives it) without systemd; the last one boots this
+machine's own systemd as PID 1 of two containers (systemd-nspawn) in the
+lab's namespaces and has it start the installed units for real.
 
 `make install DESTDIR=...` builds a real venv (pip, the C helper): once per
 session, shared by the tests that look at it.
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -632,3 +635,165 @@ def test_daemons_run_with_only_what_the_units_grant():
                         d.kill()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- the units under a real systemd -------------------------------------------------
+
+
+def systemd_pid1(nspawn: subprocess.Popen, timeout: float = 30) -> int:
+    """The container's init: nspawn's child named systemd."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert nspawn.poll() is None, f"systemd-nspawn exited with {nspawn.returncode}"
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            if comm == "systemd" and ppid == nspawn.pid:
+                return int(d.name)
+        time.sleep(0.2)
+    raise AssertionError("no systemd came up in the container")
+
+
+class Container:
+    """This machine's own system booted by systemd-nspawn into a lab
+    namespace, on a throw-away overlay of /, with the installed tree
+    (`make install DESTDIR=`) bound in: its /opt/tpb, unit files and
+    sysusers.d, and /etc/tpb with the lab's configuration. systemd is PID 1
+    there and starts only `unit` (and what every service needs: journald,
+    sysusers...). All mounts are made in a mount namespace of their own."""
+
+    def __init__(self, lab: labmod.Lab, node: str, unit: str, dest: Path, etc: Path,
+                 work: Path) -> None:
+        self.unit = unit
+        root, upper = work / f"{node}-root", work / f"{node}-upper"
+        root.mkdir()
+        upper.mkdir()
+        target = work / f"{node}.target"
+        target.write_text(f"[Unit]\nDescription=TPB test\nWants={unit}\nAfter={unit}\n")
+        # udev's permissions (70-tpb.rules, Debian's 0666 for tun), on private nodes
+        binds = [(dest / TPB_HOME, "/opt/tpb"), (dest / UNITDIR, "/usr/local/lib/systemd/system"),
+                 (dest / "usr/local/lib/sysusers.d", "/usr/local/lib/sysusers.d"),
+                 (dest / SHAREDIR, "/usr/local/share/tpb"), (etc, "/etc/tpb"),
+                 (target, "/etc/systemd/system/tpbtest.target")]
+        args = [f"--bind-ro={src}:{dst}" for src, dst in binds]
+        for path in ("/dev/cpu_dma_latency", "/dev/net/tun"):
+            dev = work / f"{node}-{Path(path).name}"
+            os.mknod(dev, 0o666 | 0o020000, os.stat(path).st_rdev)
+            os.chmod(dev, 0o666)
+            args.append(f"--bind={dev}:{path}")
+        nspawn = [
+            "systemd-nspawn", "--quiet", f"--directory={root}", f"--machine={lab.ns(node)}",
+            "--register=no", "--keep-unit", "--link-journal=no",
+            f"--network-namespace-path=/run/netns/{lab.ns(node)}",
+            "--capability=CAP_NET_ADMIN", *args, "--boot", "--", "--unit=tpbtest.target",
+        ]
+        script = (
+            "set -e; mkdir -p /run/systemd/nspawn; mount -t tmpfs tmpfs /run/systemd/nspawn; "
+            f"mount -t tmpfs tmpfs {upper}; mkdir {upper}/u {upper}/w; "
+            f"mount -t overlay overlay -o lowerdir=/,upperdir={upper}/u,workdir={upper}/w "
+            f'{root}; exec "$@"')
+        self.log = work / f"{node}-console.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                 *nspawn], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.pid1 = systemd_pid1(self.proc)
+
+    def run(self, *argv: str) -> str:
+        res = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *argv],
+                             capture_output=True, text=True, timeout=60)
+        return res.stdout + res.stderr
+
+    def show(self, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", "-p", ",".join(props), self.unit)
+        return dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
+
+    def journal(self) -> str:
+        return self.run("journalctl", "--no-pager", "-o", "cat", "-u", self.unit)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.journal():
+            assert time.monotonic() < deadline, (
+                f"{self.unit}: no {text!r} in {timeout}s:\n{self.journal()}\n"
+                + self.log.read_text()[-3000:])
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # nspawn asks the container's systemd to power off
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.netns
+def test_units_run_under_systemd(installed, tmp_path):
+    """The installed tpb.service and tpb-pop.service, started by systemd
+    252 as PID 1 (in containers booted from this machine's own system into
+    the lab's tpb and pop namespaces): everything the units say applies,
+    the system call filter, address families, read-only file system with
+    the one writable sysctl directory, device cgroup and the user from
+    sysusers.d included. pc reaches the server through the tunnel; both
+    stop cleanly, their counters in the journal. Type=notify: until the
+    daemons send READY=1 the units stay `activating` (and would be killed
+    after TimeoutStartSec), so only that they run is asserted here."""
+    for tool in ("systemd-nspawn", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (apt-get install systemd-container util-linux)")
+    dest, _ = installed
+    etc = tmp_path / "etc-tpb"
+    etc.mkdir()
+    (etc / "tpb.toml").write_text(
+        '[ports]\nin = "eth2"\nout = "eth3"\n'
+        f'[tunnel]\nlocal = "{labmod.T_TPB}"\nremote = ["{labmod.T_POP}"]\nkey = 7\n'
+        '[select]\nmatch = ["ip daddr 203.0.113.0/24"]\n')
+    (etc / "tpb-pop.toml").write_text(
+        f'[pop]\nlocal = "{labmod.T_POP}"\n'
+        f'[[pop.peer]]\naddress = "{labmod.T_TPB}"\nkey = 7\nprefixes = ["192.0.2.0/26"]\n')
+    containers: list[Container] = []
+    with labmod.tunnel(LAB_PREFIX + "s") as lb:
+        try:
+            pop = Container(lb, "pop", "tpb-pop.service", dest, etc, tmp_path)
+            containers.append(pop)
+            bridge = Container(lb, "tpb", "tpb.service", dest, etc, tmp_path)
+            containers.append(bridge)
+            pop.wait_for("tpb: pop ")
+            bridge.wait_for("tpb: bridging")
+            for c in containers:
+                s = c.show("MainPID", "ActiveState", "NRestarts")
+                assert s["ActiveState"] in ("activating", "active") and s["NRestarts"] == "0", s
+                status = dict(ln.split(":", 1) for ln in c.run(
+                    "cat", f"/proc/{s['MainPID']}/status").splitlines() if ":" in ln)
+                uid = status["Uid"].split()[0]
+                assert uid != "0" and c.run("id", "-nu", uid).strip() == "tpb", status["Uid"]
+                for caps in ("CapEff", "CapBnd", "CapAmb"):
+                    assert int(status[caps], 16) == UNIT_CAPS, (c.unit, caps, status[caps])
+                assert status["NoNewPrivs"].strip() == "1"
+                assert status["Seccomp"].strip() == "2", "no system call filter"
+            sysctl = lb.run("tpb", ["sh", "-c", "cat /proc/sys/net/ipv6/conf/tpbsel*/disable_ipv6"])
+            assert sysctl.stdout.split() == ["1", "1"], sysctl.stdout
+            ping = lb.run("pc", ["ping", "-c", "3", "-i", "0.2", "-W", "2", labmod.T_SERVER],
+                          check=False)
+            assert " 0% packet loss" in ping.stdout, (
+                ping.stdout + bridge.journal() + pop.journal())
+            for c in containers:
+                c.run("systemctl", "stop", c.unit)
+                assert c.show("ActiveState")["ActiveState"] == "inactive", c.journal()
+                assert f"{c.unit}: Deactivated successfully" in c.run(
+                    "journalctl", "--no-pager", "-o", "cat", "_PID=1"), c.journal()
+            sent = re.search(r"tunnel: encap (\d+) packets", bridge.journal())
+            assert sent and int(sent.group(1)) >= 3, bridge.journal()
+            got = re.search(rf"{re.escape(labmod.T_TPB)}: in (\d+) packets", pop.journal())
+            assert got and int(got.group(1)) >= 3, pop.journal()
+        finally:
+            for c in containers:
+                c.close()
