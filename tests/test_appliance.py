@@ -306,53 +306,54 @@ def test_units_exposure_stays_low(installed, tmp_path):
 
 # ---- the Grafana dashboard -----------------------------------------------------------
 
-# The metric names TPB exports (being written alongside this dashboard), by
-# label set as a bridge (`tpb run`) and a POP (`tpb pop`) export them.
+# The metric names TPB exports, with the labels a bridge (`tpb run`) and a POP
+# (`tpb pop`) give them: the list, plus the families tpb/metrics.py
+# has on main since (FAMILIES, PORT_FIELDS, TUNNEL_FIELDS, REMOTE_FIELDS of
+# 07227af: the bridge's tunnel families unlabelled, the POP's per peer and
+# peer="none" for what belongs to no peer, no tpb_tunnel_active on a POP).
+# Checked once by hand against a scrape of main's tests/ops_driver.py in the
+# tunnel lab: the same names, and every query of the dashboard returned data
+# from it but the POP's keepalive RTT (that POP sent no keepalives of its own).
 # The lead will replace this list by a scrape of a running `tpb run` and
-# `tpb pop` in the lab once the metrics land: the names (and labels) the
-# dashboard uses are then checked against the real endpoint.
+# `tpb pop` in the lab once the daemons serve their metrics: the names (and
+# labels) the dashboard uses are then checked against the real endpoints.
+PEER = "198.51.100.3"
+_PORTS = [{"port": p, "device": d} for p, d in (("in", "eth2"), ("out", "eth3"))]
+_REMOTES = [{"remote": "198.51.100.34"}, {"remote": "198.51.100.35"}]
+_PEERS = [{"peer": PEER}, {"peer": "none"}]
 METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
-    "tpb_build_info": {
-        "bridge": [{"version": "0.1.0", "mode": "run"}],
-        "pop": [{"version": "0.1.0", "mode": "pop"}],
-    },
-    **{
-        name: {"bridge": [{"port": p, "device": d} for p, d in (("in", "eth2"), ("out", "eth3"))]}
-        for name in ("tpb_port_receive_frames_total", "tpb_port_receive_bytes_total",
-                     "tpb_port_transmit_frames_total", "tpb_port_transmit_bytes_total",
-                     "tpb_port_kernel_frames_total")
-    },
-    "tpb_port_drops_total": {
-        "bridge": [{"port": "in", "device": "eth2", "reason": "ring_full"}],
-    },
-    **{
-        name: {"bridge": [{"direction": "encap"}, {"direction": "decap"}],
-               "pop": [{"peer": "198.51.100.3", "direction": "encap"}]}
-        for name in ("tpb_tunnel_packets_total", "tpb_tunnel_bytes_total")
-    },
-    "tpb_tunnel_drops_total": {
-        "bridge": [{"reason": "gre_key"}],
-        "pop": [{"peer": "198.51.100.3", "reason": "gre_csum"}, {"reason": "no_peer"}],
-    },
-    **{
-        name: {"bridge": [{}]}
-        for name in ("tpb_tunnel_fragments_total", "tpb_tunnel_icmp_sent_total",
-                     "tpb_tunnel_mss_clamped_total", "tpb_tunnel_gso_packets_total",
-                     "tpb_reassembly_datagrams_total", "tpb_reassembly_memory_bytes")
-    },
-    **{
-        name: {"bridge": [{"remote": "198.51.100.34"}, {"remote": "198.51.100.35"}],
-               "pop": [{"peer": "198.51.100.3"}]}
-        for name in ("tpb_tunnel_up", "tpb_tunnel_active", "tpb_tunnel_transitions_total",
-                     "tpb_keepalives_sent_total", "tpb_keepalives_received_total",
-                     "tpb_keepalive_rtt_seconds")
-    },
+    "tpb_build_info": {"bridge": [{"version": "0.1.0", "mode": "run"}],
+                       "pop": [{"version": "0.1.0", "mode": "pop"}]},
+    **{f"tpb_port_{name}_total": {"bridge": _PORTS}
+       for name in ("receive_frames", "receive_bytes", "transmit_frames", "transmit_bytes",
+                    "kernel_frames", "polls", "batches")},
+    "tpb_port_drops_total": {"bridge": [{**p, "reason": r} for p in _PORTS
+                                        for r in ("ring_full", "too_big")]},
+    **{f"tpb_tunnel_{name}_total": {"bridge": [{"direction": d} for d in ("encap", "decap")],
+                                    "pop": [{**p, "direction": d} for p in _PEERS
+                                            for d in ("encap", "decap")]}
+       for name in ("packets", "bytes")},
+    "tpb_tunnel_drops_total": {"bridge": [{"reason": r} for r in ("gre_key", "tunnel_down")],
+                               "pop": [{**p, "reason": r} for p in _PEERS
+                                       for r in ("gre_csum", "no_peer")]},
+    **{name: {"bridge": [{}], "pop": _PEERS}
+       for name in ("tpb_tunnel_fragments_total", "tpb_tunnel_fragmented_packets_total",
+                    "tpb_tunnel_icmp_sent_total", "tpb_tunnel_icmp_ratelimited_total",
+                    "tpb_tunnel_mss_clamped_total", "tpb_tunnel_gso_packets_total",
+                    "tpb_tunnel_gso_segments_total", "tpb_tunnel_arp_replies_total",
+                    "tpb_tunnel_echo_replies_total", "tpb_tunnel_bypassed_packets_total",
+                    "tpb_reassembly_fragments_total", "tpb_reassembly_datagrams_total",
+                    "tpb_reassembly_memory_bytes", "tpb_reassembly_memory_peak_bytes")},
+    **{name: {"bridge": _REMOTES, "pop": [{"peer": PEER}]}
+       for name in ("tpb_tunnel_up", "tpb_tunnel_transitions_total",
+                    "tpb_keepalives_sent_total", "tpb_keepalives_unsent_total",
+                    "tpb_keepalives_received_total", "tpb_keepalives_reflected_total",
+                    "tpb_keepalive_rtt_seconds", "tpb_keepalive_last_reply_age_seconds")},
+    "tpb_tunnel_active": {"bridge": _REMOTES},
     "tpb_pop_learned_entries": {"pop": [{}]},
-    **{
-        name: {"bridge": [{}], "pop": [{}]}
-        for name in ("tpb_config_last_reload_successful",
-                     "tpb_config_last_reload_success_timestamp_seconds")
-    },
+    **{name: {"bridge": [{}], "pop": [{}]}
+       for name in ("tpb_config_last_reload_successful",
+                    "tpb_config_last_reload_success_timestamp_seconds")},
 }
 INSTANCES = {"bridge": "bridge1:9547", "pop": "pop1:9548"}
 
