@@ -276,6 +276,48 @@ class TpbRun(Dut):
             tpb.stop()
 
 
+# A scraper of TPB's metrics endpoint: what a Prometheus server polling it
+# every SCRAPE_S would cost TPB (the scrape itself runs in TPB's process).
+SCRAPE_S = 0.1
+SCRAPER = f"""
+import sys, time, urllib.request
+url = sys.argv[1]
+while True:
+    t = time.monotonic()
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+    except OSError:
+        pass
+    time.sleep(max(0.0, {SCRAPE_S} - (time.monotonic() - t)))
+"""
+METRICS = "127.0.0.1:9547"
+
+
+@dataclass
+class TpbScraped(TpbRun):
+    """TPB with its metrics endpoint scraped every SCRAPE_S seconds."""
+
+    _scraper: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def setup(self, lab: Lab) -> None:
+        super().setup(lab)
+        self._scraper = lab.spawn(
+            self.node,
+            [sys.executable, "-c", SCRAPER, f"http://{METRICS}/metrics"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=any_cpu,  # wherever the scheduler puts it, as a real scraper
+        )
+
+    def teardown(self, lab: Lab) -> dict[str, float]:
+        if self._scraper is not None:
+            self._scraper.kill()
+            self._scraper.wait()
+            self._scraper = None
+        return super().teardown(lab)
+
+
 def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]:
     """The DUT list, in order.  tpb_variants: more TPB entries (name ->
     extra `tpb run` arguments), compared with the bridge like `tpb`."""
@@ -292,6 +334,17 @@ def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]
             workdir=workdir,
         ),
     ]
+    duts.append(
+        TpbScraped(
+            "tpb-scraped",
+            f"tpb run --cpu 1, its metrics scraped every {SCRAPE_S * 1000:.0f} ms",
+            baselines={"tpb": {"udp64_mpps": Target(">=", 0.98)}},
+            args=["--cpu", "1", "--metrics-listen", METRICS],
+            workdir=workdir,
+            skip={load: "the scrape's cost is measured on the 64-byte load"
+                  for load in ("ringcheck", "tcp", "tcp-cubic", "rtt")},
+        )
+    )
     for name, extra in tpb_variants.items():
         duts.append(
             TpbRun(

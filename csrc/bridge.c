@@ -117,11 +117,14 @@ static void dispatch(struct tpb_bridge *br, struct source *s, struct frame *f)
 {
     switch (s->kind) {
     case SRC_BRIDGE:
-        if (br->tunnel && s->port == TPB_PORT_IN)
+        if (br->tunnel && s->port == TPB_PORT_IN) {
             learn_router(br, f);
+            ka_learn_hop(br, f);
+        }
         forward(br, &br->q[s->to], f);
         break;
     case SRC_ENCAP:
+        ka_learn_hop(br, f);
         encap_frame(br, f);
         break;
     case SRC_FROM_OUT:
@@ -193,10 +196,22 @@ static int spin(struct tpb_bridge *br)
     return 0;
 }
 
+static void apply_pending(struct tpb_bridge *br);
+
+/* Drains an eventfd that only wakes the loop. */
+static void drain(int fd)
+{
+    uint64_t v;
+
+    if (read(fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: someone else drained it; nothing is lost */
+    }
+}
+
 int tpb_bridge_run(struct tpb_bridge *br)
 {
-    struct pollfd pfd[7];
-    int i, e, timeout, nfd = 2 * br->nsrc;
+    struct pollfd pfd[8];
+    int i, e, nfd = 2 * br->nsrc;
     socklen_t elen = sizeof(e);
 
     for (i = 0; i < nfd; i++) {
@@ -205,13 +220,17 @@ int tpb_bridge_run(struct tpb_bridge *br)
     }
     pfd[nfd].fd = br->stop_fd;
     pfd[nfd].events = POLLIN;
-    /* Reassembly needs a clock even when nothing arrives. */
-    timeout = br->reasm ? 1000 : -1;
+    pfd[nfd + 1].fd = br->wake_fd;
+    pfd[nfd + 1].events = POLLIN;
+    __atomic_store_n(&br->running, 1, __ATOMIC_RELEASE);
 
     while (!__atomic_load_n(&br->stop, __ATOMIC_ACQUIRE)) {
         uint32_t work = 0;
 
         br->now_ns = now_ns();
+        __atomic_store_n(&br->passes, br->passes + 1, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&br->pending, __ATOMIC_ACQUIRE))
+            apply_pending(br);
         if (br->now_ns - br->mtu_checked_ns >= 1000000000ull) {
             br->mtu_checked_ns = br->now_ns;
             txq_check_mtu(&br->q[TPB_PORT_IN]);
@@ -221,18 +240,34 @@ int tpb_bridge_run(struct tpb_bridge *br)
             work += pass(br, &br->src[i]);
         if (br->reasm)
             reasm_expire(br->reasm, &br->tc, br->now_ns);
+        if (br->tunnel) {
+            ka_tick(br);
+            if (br->q[TPB_PORT_OUT].n)
+                txq_flush(&br->q[TPB_PORT_OUT]);
+        }
         if (work || spin(br))
             continue;
         br->c[TPB_PORT_IN].polls++;
-        if (poll(pfd, (nfds_t)nfd + 1, timeout) < 0) {
+        /* At least once a second: reassembly and keepalives need a clock,
+         * and the heartbeat shows a watchdog the loop is alive. */
+        if (poll(pfd, (nfds_t)nfd + 2, ka_timeout_ms(br, 1000)) < 0) {
             if (errno == EINTR)
                 continue;
+            __atomic_store_n(&br->running, 0, __ATOMIC_RELEASE);
             return -errno;
         }
+        if (pfd[nfd + 1].revents & POLLIN)
+            drain(br->wake_fd);
         for (i = 0; i < nfd; i++)
             if (pfd[i].revents & POLLERR)
                 getsockopt(pfd[i].fd, SOL_SOCKET, SO_ERROR, &e, &elen);
     }
+    /* A reconfigure still waiting is taken, so its caller need not time out. */
+    pthread_mutex_lock(&br->stats_lock);
+    __atomic_store_n(&br->running, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&br->stats_lock);
+    if (__atomic_load_n(&br->pending, __ATOMIC_ACQUIRE))
+        apply_pending(br);
     return 0;
 }
 
@@ -312,23 +347,62 @@ static int open_gso(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
     return 0;
 }
 
+static int tunnel_config_ok(const struct tpb_tunnel_config *t, char *err,
+                            size_t errlen)
+{
+    if (t->nremotes < 1 || t->nremotes > TPB_MAX_REMOTES) {
+        snprintf(err, errlen, "from 1 to %d remotes, not %u", TPB_MAX_REMOTES,
+                 t->nremotes);
+        return -1;
+    }
+    if (t->keepalive_ms && !t->keepalive_retries) {
+        snprintf(err, errlen, "keepalive retries must be at least 1");
+        return -1;
+    }
+    return 0;
+}
+
+/* Everything a tunnel configuration decides, at open and on reload; the
+ * sequence number and IP ID go on counting, and a remote kept by address
+ * keeps its state (ka_setup). */
+static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_config *t)
+{
+    uint32_t seqno = br->gtx.seqno;
+    uint16_t ip_id = br->gtx.ip_id;
+    struct gre_rx unused;
+
+    ka_setup(br, t);            /* compares with the old br->cfg first */
+    br->cfg = *t;
+    gre_setup(&br->gtx, &unused, t->local, br->gtx.remote, t->key, t->has_key,
+              t->csum, t->seq, t->ttl, t->tos);
+    br->gtx.seqno = seqno;
+    br->gtx.ip_id = ip_id;
+    br->gtx.df = t->df;
+    br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
+    /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
+    br->mss4 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 40);
+    br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
+    if (br->icmp_tokens > t->icmp_rate)
+        br->icmp_tokens = t->icmp_rate;
+    if (br->reasm)
+        reasm_limits(br->reasm, t->reasm_memory, t->reasm_timeout_ms);
+}
+
 static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                        char *err, size_t errlen)
 {
     const struct tpb_tunnel_config *t = &cfg->tun;
 
+    if (tunnel_config_ok(t, err, errlen))
+        return -1;
     br->tunnel = 1;
-    br->cfg = *t;
-    gre_setup(&br->gtx, &br->grx, t->local, t->remote[0], t->key, t->has_key,
-              t->csum, t->seq, t->ttl, t->tos);
-    br->gtx.df = t->df;
-    br->gtx.ip_id = (uint16_t)now_ns();
-    br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
-    /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
-    br->mss4 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 40);
-    br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
+    br->sel_ifindex = cfg->sel_ifindex;
+    br->mark = cfg->mark;
+    br->now_ns = now_ns();
+    br->gtx.ip_id = (uint16_t)br->now_ns;
+    tunnel_settings(br, t);
     br->icmp_tokens = t->icmp_rate;
-    br->icmp_last_ns = now_ns();
+    br->icmp_last_ns = br->now_ns;
     br->reasm = reasm_new(t->reasm_memory, t->reasm_timeout_ms);
     if (!br->reasm) {
         snprintf(err, errlen, "out of memory (reassembly)");
@@ -390,14 +464,16 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
     }
     for (i = 0; i < 3; i++)
         br->src[i].ring[0].fd = br->src[i].ring[1].fd = -1;
-    br->txfd_in = br->gsofd[0] = br->gsofd[1] = -1;
+    br->txfd_in = br->gsofd[0] = br->gsofd[1] = br->wake_fd = -1;
     br->batch = cfg->batch ? cfg->batch : 64;
     if (br->batch > MAX_BATCH)
         br->batch = MAX_BATCH;
     br->spin_us = cfg->spin_us;
     pthread_mutex_init(&br->stats_lock, NULL);
+    pthread_cond_init(&br->applied_cv, NULL);
     br->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (br->stop_fd < 0) {
+    br->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (br->stop_fd < 0 || br->wake_fd < 0) {
         snprintf(err, errlen, "eventfd: %s", strerror(errno));
         goto fail;
     }
@@ -475,6 +551,10 @@ void tpb_bridge_close(struct tpb_bridge *br)
         reasm_free(br->reasm);
     if (br->stop_fd > 0)
         close(br->stop_fd);
+    if (br->wake_fd > 0)
+        close(br->wake_fd);
+    free(br->pending);
+    pthread_cond_destroy(&br->applied_cv);
     pthread_mutex_destroy(&br->stats_lock);
     free(br);
 }
@@ -493,23 +573,119 @@ const char *tpb_drop_name(int reason)
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";
 }
 
-/* ---- contract stubs: replaced by the keepalive/reload work ---- */
+/* ---- live reload -------------------------------------------------------- */
+
+/* A new selection mark: each ring of the two selecting sources gets its
+ * filter again (SO_ATTACH_FILTER swaps it atomically, per socket). */
+static void set_mark(struct tpb_bridge *br, uint32_t mark)
+{
+    struct sock_filter prog[6];
+    struct sock_fprog fp = {0, prog};
+    int i, big;
+
+    for (i = 0; i < br->nsrc; i++) {
+        struct source *s = &br->src[i];
+
+        if (s->kind == SRC_FROM_OUT)
+            continue;
+        for (big = 0; big < 2; big++) {
+            fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
+            setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
+                       sizeof(fp));
+        }
+    }
+    br->mark = mark;
+}
+
+/* In the loop's thread, between passes: no frame is half-way through. */
+static void apply_pending(struct tpb_bridge *br)
+{
+    pthread_mutex_lock(&br->stats_lock);
+    if (br->pending) {
+        if (br->tunnel) {
+            if (br->pending->mark != br->mark)
+                set_mark(br, br->pending->mark);
+            tunnel_settings(br, &br->pending->tun);
+        }
+        free(br->pending);
+        __atomic_store_n(&br->pending, NULL, __ATOMIC_RELEASE);
+        br->applied++;
+        pthread_cond_broadcast(&br->applied_cv);
+    }
+    pthread_mutex_unlock(&br->stats_lock);
+}
 
 int tpb_bridge_reconfigure(struct tpb_bridge *br,
                            const struct tpb_bridge_config *cfg,
                            char *err, size_t errlen)
 {
-    snprintf(err, errlen, "live reload is not implemented yet");
-    return -ENOSYS;
+    struct tpb_bridge_config *c;
+    struct timespec until;
+    uint64_t one = 1, want;
+    int rc = 0;
+
+    if (!!cfg->tunnel != br->tunnel) {
+        snprintf(err, errlen, "plain and tunnel mode cannot change on reload");
+        return -EINVAL;
+    }
+    if (cfg->ifindex[0] != br->q[0].ifindex || cfg->ifindex[1] != br->q[1].ifindex ||
+        (br->tunnel && cfg->sel_ifindex != br->sel_ifindex)) {
+        snprintf(err, errlen, "the ports cannot change on reload");
+        return -EINVAL;
+    }
+    if (br->tunnel && tunnel_config_ok(&cfg->tun, err, errlen))
+        return -EINVAL;
+    c = malloc(sizeof(*c));
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    *c = *cfg;
+    pthread_mutex_lock(&br->stats_lock);
+    free(br->pending);          /* a newer one replaces one not yet taken */
+    __atomic_store_n(&br->pending, c, __ATOMIC_RELEASE);
+    want = br->applied + 1;
+    if (!__atomic_load_n(&br->running, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_unlock(&br->stats_lock);
+        br->now_ns = now_ns();
+        apply_pending(br);
+        return 0;
+    }
+    if (write(br->wake_fd, &one, sizeof(one)) < 0) {
+        /* the counter is full only if the loop never drains: it will */
+    }
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 2;
+    while (br->applied < want && rc == 0)
+        rc = pthread_cond_timedwait(&br->applied_cv, &br->stats_lock, &until);
+    pthread_mutex_unlock(&br->stats_lock);
+    if (rc) {
+        snprintf(err, errlen, "the forwarding loop did not take the new configuration");
+        return -ETIMEDOUT;
+    }
+    return 0;
 }
 
 uint32_t tpb_bridge_remotes(struct tpb_bridge *br,
                             struct tpb_remote_state *out, uint32_t n)
 {
-    return 0;
+    uint64_t now = now_ns();
+    uint32_t i;
+
+    pthread_mutex_lock(&br->stats_lock);
+    for (i = 0; i < br->nremotes && i < n; i++) {
+        const struct remote *r = &br->remote[i];
+
+        out[i] = r->st;
+        out[i].since_reply_ns = r->st.keepalives_received && now > r->reply_ns
+                                    ? now - r->reply_ns
+                                    : 0;
+    }
+    pthread_mutex_unlock(&br->stats_lock);
+    return i;
 }
 
 uint64_t tpb_bridge_heartbeat(struct tpb_bridge *br)
 {
-    return 0;
+    return __atomic_load_n(&br->passes, __ATOMIC_RELAXED);
 }

@@ -69,6 +69,18 @@ struct source {
 
 struct reasm;                  /* reasm.c */
 
+/* keepalive.c: one POP of `remote`, its keepalive state and the sequence
+ * window of what it sends us. */
+struct remote {
+    uint32_t addr;
+    struct gre_rx grx;
+    uint8_t up;
+    uint16_t ka_id;            /* inner IP ID of the last keepalive sent */
+    uint64_t sent_ns;          /* when it was sent */
+    uint64_t reply_ns;         /* last answer (or when the clock started) */
+    struct tpb_remote_state st;   /* counters Python reads */
+};
+
 /* segment.c: forward()'s state while it segments a tunnel's super-packet. */
 struct transit {
     struct txq *q;
@@ -90,10 +102,19 @@ struct tpb_bridge {
     int stop;
     /* tunnel */
     int tunnel;
+    int sel_ifindex;
+    uint32_t mark;
     struct tpb_tunnel_config cfg;
     struct tpb_tunnel_counters tc;
-    struct gre_tx gtx;
-    struct gre_rx grx;
+    struct gre_tx gtx;         /* toward the active remote */
+    struct remote remote[TPB_MAX_REMOTES];
+    uint32_t nremotes;
+    int active;                /* index into remote[], -1: none up */
+    uint64_t ka_due_ns;        /* next round of keepalives */
+    uint8_t hop[12];           /* --out's next hop and our source MAC ... */
+    uint8_t hop_tag[4];        /* ... and VLAN tag, from --in's IPv4 frames */
+    int hop_tagged;
+    int have_hop;
     size_t overhead;           /* outer IPv4 + GRE */
     uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
     uint8_t router_mac[6];     /* the in-side router, learned */
@@ -103,6 +124,12 @@ struct tpb_bridge {
     struct reasm *reasm;
     struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */
+    uint64_t passes;           /* the heartbeat */
+    int wake_fd;               /* reconfigure wakes the loop */
+    int running;
+    struct tpb_bridge_config *pending;   /* reconfigure's, under stats_lock */
+    uint64_t applied;          /* reconfigurations taken by the loop */
+    pthread_cond_t applied_cv;
     uint64_t mtu_checked_ns;
     pthread_mutex_t stats_lock;
 };
@@ -146,6 +173,17 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
 /* Bridges a frame out of q unchanged; a tunnel's super-packet segmented. */
 void forward(struct tpb_bridge *br, struct txq *q, struct frame *f);
 
+/* keepalive.c */
+void ka_setup(struct tpb_bridge *br, const struct tpb_tunnel_config *t);
+void ka_learn_hop(struct tpb_bridge *br, const struct frame *f);
+void ka_tick(struct tpb_bridge *br);
+int ka_timeout_ms(const struct tpb_bridge *br, int max_ms);
+struct remote *ka_remote(struct tpb_bridge *br, uint32_t addr);
+void ka_answer(struct tpb_bridge *br, struct remote *r, const uint8_t *inner_ip);
+int ka_reflect(struct tpb_bridge *br, struct frame *f, struct remote *r,
+               const uint8_t *in, size_t ilen);
+void tunnel_down(struct tpb_bridge *br, struct frame *f);
+
 /* decap.c */
 void from_out_frame(struct tpb_bridge *br, struct frame *f);
 
@@ -157,6 +195,7 @@ void reasm_free(struct reasm *r);
 uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
                    struct txq *q, const uint8_t *ip, size_t len,
                    uint64_t now_ns, size_t *out_len);
+void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms);
 void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
                   uint64_t now_ns);
 

@@ -10,9 +10,12 @@
  *                        (a partial inner checksum completed, reassembled
  *                        first if fragmented, reasm.c), an echo request
  *                        (echo_reply), or a counted drop;
- *   4. decap()           gre_decode() (version, flags, checksum, key,
- *                        sequence), inner header valid, a super-packet's
- *                        offsets inside it (gso_inner_ok), RFC 6040 ECN, MSS;
+ *   4. decap()           from one of the remotes: a keepalive answer
+ *                        (protocol 0, keepalive.c), else gre_decode()
+ *                        (version, flags, checksum, key, sequence), inner
+ *                        header valid, the POP's own keepalive reflected
+ *                        (ka_reflect), a super-packet's offsets inside it
+ *                        (gso_inner_ok), RFC 6040 ECN, MSS;
  *   5. deliver()         the inner packet out --in behind the received
  *                        Ethernet header — readdressed to the in-side router
  *                        when the frame was sent to TPB's own MAC (it found
@@ -92,8 +95,8 @@ static void arp_reply(struct tpb_bridge *br, struct frame *f)
 
 /* 3. ------------------------------------------------------------------ */
 
-static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
-                  size_t tot, const struct virtio_net_hdr *gso);
+static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                  uint8_t *ip, size_t tot, const struct virtio_net_hdr *gso);
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot);
 
@@ -108,12 +111,14 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
     if (ip[9] == IPPROTO_GRE_) {
-        if (rd32(ip + 12) != br->cfg.remote[0]) {
+        struct remote *r = ka_remote(br, rd32(ip + 12));
+
+        if (!r) {
             br->tc.drop[TPB_DROP_NOT_PEER]++;
             return;
         }
         if (f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-            decap(br, f, ip, tot, f->vh);
+            decap(br, r, f, ip, tot, f->vh);
             return;
         }
         /* A sender on this host leaves the inner checksum partial (a NIC
@@ -130,7 +135,7 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             if (!ip)
                 return;             /* kept for later, or counted as dropped */
         }
-        decap(br, f, ip, tot, NULL);
+        decap(br, r, f, ip, tot, NULL);
         return;
     }
     if (ip[9] == IPPROTO_ICMP_ && !(rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
@@ -197,14 +202,25 @@ static int gso_inner_ok(const struct frame *f, const uint8_t *in, size_t ilen,
            start >= ioff + l3 && start + vh->csum_offset + 2 <= ioff + ilen;
 }
 
-static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
-                  size_t tot, const struct virtio_net_hdr *gso)
+static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                  uint8_t *ip, size_t tot, const struct virtio_net_hdr *gso)
 {
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen;
     struct gre_pkt g;
     uint8_t *in;
-    int rc = gre_decode(&br->grx, ip + ihl, tot - ihl, gso != NULL, &g);
+    int rc;
 
+    /* Protocol 0: the answer to one of our keepalives (keepalive.c). */
+    if (!gso && tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {
+        rc = gre_keepalive_answer(&r->grx, ip + ihl, tot - ihl);
+        if (rc) {
+            br->tc.drop[rc]++;
+            return;
+        }
+        ka_answer(br, r, ip);
+        return;
+    }
+    rc = gre_decode(&r->grx, ip + ihl, tot - ihl, gso != NULL, &g);
     if (rc) {
         br->tc.drop[rc]++;
         return;
@@ -215,6 +231,9 @@ static void decap(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
         br->tc.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
+    /* The POP's keepalive: an IPv4 GRE packet from us back to it. */
+    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen))
+        return;
     if (gso && !gso_inner_ok(f, in, ilen, gso)) {
         br->tc.drop[TPB_DROP_GSO_BAD]++;
         return;

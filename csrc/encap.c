@@ -1,7 +1,8 @@
 /* encap.c — a selected frame into GRE toward the POP.
  *
  * A frame passes these stages, in the order the functions below appear:
- *   1. encap_frame()   validate the inner IP header (trimming Ethernet
+ *   1. encap_frame()   no POP up: bypass or drop (keepalive.c: tunnel_down);
+ *                      validate the inner IP header (trimming Ethernet
  *                      padding), learn_router(): the in-side router's MAC;
  *   2. clamp_mss()     SYN / SYN-ACK MSS down to what fits the tunnel,
  *                      checksum updated per RFC 1624;
@@ -54,6 +55,10 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
     struct inner p;
     size_t len;
 
+    if (br->active < 0) {          /* no POP answers: keepalive.c */
+        tunnel_down(br, f);
+        return;
+    }
     if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6) {
         br->tc.drop[TPB_DROP_ENCAP_NOT_IP]++;
         return;

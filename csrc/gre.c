@@ -5,6 +5,8 @@
  *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
  *   gre_decode()  validate first (version, flags, checksum, key, sequence),
  *                 and only then commit the sequence window;
+ *   gre_keepalive_answer()  the same checks for a keepalive answer
+ *                 (protocol 0, no sequence number needed, window untouched);
  *   ecn_decap()   RFC 6040 section 4.2, figure 4.
  */
 #include "proto.h"
@@ -147,6 +149,41 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
     out->proto = proto;
     out->off = (uint16_t)off;
     return 0;
+}
+
+/* The checks of gre_decode() for a keepalive answer: a Cisco keepalive
+ * comes back as the inner GRE header its sender wrote, protocol 0, with
+ * the tunnel's key and checksum options but no sequence number.  So none
+ * is required, and one that is there is not held against the window (the
+ * window belongs to the data packets, RFC 2890 2.2). */
+int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen)
+{
+    uint16_t flags;
+    size_t off = 4;
+
+    if (glen < 4)
+        return TPB_DROP_GRE_TRUNCATED;
+    flags = rd16(g);
+    if (flags & GRE_VER)
+        return TPB_DROP_GRE_VERSION;
+    if (flags & GRE_UNKNOWN)
+        return TPB_DROP_GRE_FLAGS;
+    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
+        return TPB_DROP_GRE_TRUNCATED;
+    if (flags & GRE_C) {
+        if (csum_finish(csum_add(0, g, glen)) != 0)
+            return TPB_DROP_GRE_CSUM;
+        off += 4;
+    } else if (r->csum) {
+        return TPB_DROP_GRE_CSUM_MISSING;
+    }
+    if (flags & GRE_K) {
+        if (!r->has_key || rd32(g + off) != r->key)
+            return TPB_DROP_GRE_KEY;
+    } else if (r->has_key) {
+        return TPB_DROP_GRE_KEY;
+    }
+    return rd16(g + 2) == 0 ? 0 : TPB_DROP_GRE_PROTO;
 }
 
 int ecn_decap(uint8_t outer_tos, uint8_t inner_tos)

@@ -3,31 +3,58 @@
  * bridge by the inner destination address (one-to-many), not by a tunnel
  * device per bridge.
  *
+ * Each pass of the loop (tpb_pop_run):
+ *   0. take_reload()   a new configuration handed over by
+ *                      tpb_pop_reconfigure() is swapped in here, at the
+ *                      start of a pass, under the lock the readers take;
+ *      keepalives()    the POP's own keepalives to the peers that have
+ *                      keepalive_ms (send due ones, mark silent peers down);
+ *      poll() sleeps until the next keepalive is due, at most a second
+ *      (the heartbeat moves even when idle).
  * From the bridges (raw IPv4 socket, protocol 47; the host kernel has
  * already reassembled fragments):
  *   1. from_bridges()  recvmmsg a batch; per packet:
  *   2. peer_by_addr()  the outer source must be a configured bridge;
- *   3. gre_decode()    (gre.c) version, flags, checksum, key, sequence;
- *   4. learn()         inner source -> that bridge, with expiry (sources
+ *   3. ka_answer()     GRE of protocol 0 is the answer to one of our
+ *                      keepalives (gre_keepalive_answer(): key and
+ *                      checksum checked, no sequence number): the peer is
+ *                      up, its RTT measured; never to the TUN device;
+ *   4. gre_decode()    (gre.c) version, flags, checksum, key, sequence;
+ *   5. reflect()       an inner IPv4 GRE packet from our own address to
+ *                      that same peer is the bridge's keepalive: sent back
+ *                      to it, never to the TUN device, never learned;
+ *   6. learn()         inner source -> that bridge, with expiry (sources
  *                      inside a configured prefix are not learned);
- *   5. tun_write()     into the TUN device behind a vnet header: the host
+ *   7. tun_write()     into the TUN device behind a vnet header: the host
  *                      routes the inner packet on; what the host's GRO
  *                      merged goes as a TCP super-packet (tcp_super), and
  *                      its GRE checksum, only the first segment's, is not
  *                      held against it (gro_merged).
  * Toward the bridges (TUN device):
- *   6. to_bridges()    read a batch (a partial checksum completed); per packet:
- *   7. route()         the longest configured prefix for the inner
+ *   8. to_bridges()    read a batch (a partial checksum completed); per packet:
+ *   9. route()         the longest configured prefix for the inner
  *                      destination, else a learned entry; none -> counted drop;
- *   8. gre_header()    GRE with the peer's key/csum/seq; the kernel writes
+ *  10. gre_header()    GRE with the peer's key/csum/seq; the kernel writes
  *                      the outer IPv4 header (TTL/TOS per packet by cmsg,
  *                      DF clear: too big is fragmented, the bridge
  *                      reassembles) and sendmmsg sends the batch.
+ *
+ * Keepalives are Cisco's (what Linux ip_gre reflects too; there is no RFC
+ * for them): outer GRE to the far end F whose inner packet is IPv4 from F
+ * back to the sender, protocol 47, carrying a bare GRE header of protocol
+ * 0.  F decapsulates and routes the inner packet, which goes back as plain
+ * GRE of protocol 0.
+ *
+ * Threads: only the loop touches packets and writes counters.  Readers
+ * (tpb_pop_counters, tpb_pop_peer_state, tpb_pop_learned) and the swap of
+ * a new configuration take pop->lock, so no reader sees a freed peer
+ * array; the loop takes it only when a reload is pending, never per packet.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +76,22 @@
 #define TCP_CWR 0x80
 #define LEARN_SLOTS 4096
 #define LEARN_PROBE 8
+#define MAX_PEERS 4096
+#define IDLE_WAKE_MS 1000      /* the loop passes at least this often */
+#define RELOAD_WAIT_S 2        /* tpb_pop_reconfigure() waits this long */
+#define NO_PEER UINT32_MAX
+#define NSEC 1000000000ull
+
+/* One peer's keepalive state (struct tpb_remote_state's source). */
+struct ka {
+    uint8_t up;                 /* answering, or keepalives off */
+    uint64_t transitions, sent, unsent, received, reflected;
+    uint64_t next_ns;           /* next keepalive due; 0: at once */
+    uint64_t sent_ns;           /* the last one sent; 0: none yet */
+    uint64_t reply_ns;          /* the last answer; 0: never */
+    uint64_t rtt_ns;
+    uint16_t ip_id;             /* inner IPv4 ID of our keepalives */
+};
 
 struct peer {
     struct tpb_pop_peer_config cfg;
@@ -56,6 +99,19 @@ struct peer {
     struct gre_rx rx;
     struct sockaddr_in sa;
     struct tpb_tunnel_counters c;
+    struct ka ka;
+};
+
+/* A new configuration, built by tpb_pop_reconfigure(), swapped in by
+ * apply(); afterwards it holds the old arrays, for the caller to free. */
+struct reload {
+    struct peer *peers;
+    struct tpb_pop_prefix *prefixes;
+    uint32_t npeers, nprefixes, batch, tun_mtu;
+    uint64_t learn_ns;
+    uint32_t *from;             /* new peer -> old index, or NO_PEER */
+    uint32_t *to;               /* old peer -> new index, or NO_PEER */
+    int done;
 };
 
 struct learned {
@@ -73,13 +129,22 @@ struct out_msg {
 };
 
 struct tpb_pop {
-    int raw, tun, stop_fd, stop;
+    int raw, tun, stop_fd, stop;  /* stop_fd: an eventfd that wakes poll() */
+    uint32_t local;
     uint32_t npeers, nprefixes, batch, tun_mtu;
     struct peer *peers;
     struct tpb_pop_prefix *prefixes;
     struct tpb_tunnel_counters global;      /* belongs to no peer */
     struct learned learn[LEARN_SLOTS];
     uint64_t learn_ns, now_ns;
+    uint64_t ka_due_ns;         /* keepalives() has nothing to do before */
+    uint64_t passes;            /* the heartbeat */
+    /* reload: lock guards peers/prefixes against readers; reload_lock
+     * serializes tpb_pop_reconfigure() calls */
+    pthread_mutex_t lock, reload_lock;
+    pthread_cond_t applied;
+    int running;                /* under lock: tpb_pop_run() is looping */
+    struct reload *pending;     /* under lock; read unlocked as a hint */
     /* receive side */
     struct mmsghdr rmsg[MAX_BATCH];
     struct iovec riov[MAX_BATCH];
@@ -128,7 +193,7 @@ static struct peer *peer_by_addr(struct tpb_pop *pop, uint32_t addr)
     return NULL;
 }
 
-/* 4. ------------------------------------------------------------------ */
+/* 6. ------------------------------------------------------------------ */
 
 static int prefix_match(const uint8_t *a, const uint8_t *p, unsigned len)
 {
@@ -187,7 +252,7 @@ static void learn(struct tpb_pop *pop, const uint8_t a[16], uint32_t peer)
     victim->expires = pop->now_ns + pop->learn_ns;
 }
 
-/* 5. ------------------------------------------------------------------ */
+/* 7. ------------------------------------------------------------------ */
 
 /* A TCP packet with nothing between the IP and TCP headers: where its
  * TCP header starts (*l4) and how long it is (*thl). */
@@ -271,6 +336,191 @@ static int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in,
     return writev(pop->tun, iov, 2) == (ssize_t)(VNET_LEN + ilen) ? 0 : -1;
 }
 
+static void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v)
+{
+    *c = *c ? CMSG_NXTHDR(m, *c) : CMSG_FIRSTHDR(m);
+    (*c)->cmsg_level = IPPROTO_IP;
+    (*c)->cmsg_type = type;
+    (*c)->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(*c), &v, sizeof(int));
+}
+
+/* Sends one IPv4 packet's payload (GRE) to a peer through the raw socket,
+ * the kernel writing the outer header from our address; TTL and TOS by
+ * cmsg.  Returns 0 or -1. */
+static int send_gre(struct tpb_pop *pop, struct peer *p, struct iovec *iov,
+                    size_t iovlen, int ttl, int tos)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int)) * 2];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr m;
+    struct cmsghdr *c = NULL;
+    ssize_t want = 0, n;
+    size_t i;
+
+    for (i = 0; i < iovlen; i++)
+        want += (ssize_t)iov[i].iov_len;
+    memset(&m, 0, sizeof(m));
+    m.msg_name = &p->sa;
+    m.msg_namelen = sizeof(p->sa);
+    m.msg_iov = iov;
+    m.msg_iovlen = iovlen;
+    m.msg_control = ctl.buf;
+    m.msg_controllen = sizeof(ctl.buf);
+    add_cmsg_int(&m, &c, IP_TTL, ttl);
+    add_cmsg_int(&m, &c, IP_TOS, tos);
+    do
+        n = sendmsg(pop->raw, &m, 0);
+    while (n < 0 && errno == EINTR);
+    return n == want ? 0 : -1;
+}
+
+static void set_up(struct peer *p, int up)
+{
+    if (p->ka.up != up) {
+        p->ka.up = (uint8_t)up;
+        p->ka.transitions++;
+    }
+}
+
+/* 0. ------------------------------------------------------------------ */
+
+/* One Cisco keepalive to peer p: outer GRE with the tunnel's key/csum/seq,
+ * protocol 0x0800, around IPv4 from the peer to us (protocol 47, TTL 255,
+ * DF clear) that carries a GRE header of protocol 0 with the tunnel's key
+ * and checksum options, no sequence number (the peer reflects it as it
+ * is, outside the sequenced data), and no payload.  One the kernel
+ * refuses (no route, buffer full) counts as keepalives_unsent. */
+static void ka_send(struct tpb_pop *pop, struct peer *p)
+{
+    uint8_t outer[16], inner[20 + 12];
+    struct gre_tx bare = p->tx;
+    struct iovec iov[2];
+    size_t ilen;
+
+    bare.seq = 0;                          /* only its seq differs */
+    ilen = 20 + gre_header(&bare, inner + 20, 0, 0, 0);
+    inner[0] = 0x45;
+    inner[1] = 0;
+    wr16(inner + 2, (uint16_t)ilen);
+    wr16(inner + 4, p->ka.ip_id++);
+    wr16(inner + 6, 0);                    /* DF clear, not a fragment */
+    inner[8] = 255;
+    inner[9] = IPPROTO_GRE_;
+    wr32(inner + 12, p->cfg.addr);
+    wr32(inner + 16, pop->local);
+    ip4_set_csum(inner);
+    iov[0].iov_base = outer;
+    iov[0].iov_len = gre_header(&p->tx, outer, ETYPE_IPV4, ilen,
+                                p->tx.csum ? csum_add(0, inner, ilen) : 0);
+    iov[1].iov_base = inner;
+    iov[1].iov_len = ilen;
+    if (send_gre(pop, p, iov, 2, outer_ttl(&p->tx, ETYPE_IPV4, inner),
+                 outer_tos(&p->tx, ETYPE_IPV4, inner))) {
+        p->ka.unsent++;                    /* the kernel refused it */
+        return;
+    }
+    p->ka.sent++;
+    p->ka.sent_ns = pop->now_ns;
+}
+
+/* Every keepalive_ms a keepalive to each peer that has them; a peer up
+ * whose last answer is more than keepalive_ms x retries old goes down.
+ * The earliest next event is kept in ka_due_ns, so a pass with nothing
+ * due costs one comparison. */
+static void keepalives(struct tpb_pop *pop)
+{
+    uint64_t now = pop->now_ns, due = UINT64_MAX, period, dead;
+    struct peer *p;
+    uint32_t i;
+
+    if (now < pop->ka_due_ns)
+        return;
+    for (i = 0; i < pop->npeers; i++) {
+        p = &pop->peers[i];
+        if (!p->cfg.keepalive_ms)
+            continue;
+        period = (uint64_t)p->cfg.keepalive_ms * 1000000ull;
+        dead = p->ka.reply_ns + period * p->cfg.keepalive_retries;
+        if (p->ka.up && now > dead)
+            set_up(p, 0);
+        if (now >= p->ka.next_ns) {
+            ka_send(pop, p);
+            /* on the period's grid; after a stall, from now */
+            p->ka.next_ns = p->ka.next_ns && p->ka.next_ns + period > now
+                                ? p->ka.next_ns + period : now + period;
+        }
+        if (p->ka.next_ns < due)
+            due = p->ka.next_ns;
+        if (p->ka.up && dead + 1 < due)
+            due = dead + 1;
+    }
+    pop->ka_due_ns = due;
+}
+
+/* Milliseconds poll() may sleep: until the next keepalive event, at most
+ * IDLE_WAKE_MS, rounded up (waking early would only spin). */
+static int poll_timeout(const struct tpb_pop *pop)
+{
+    uint64_t left;
+
+    if (pop->ka_due_ns <= pop->now_ns)
+        return 0;
+    left = pop->ka_due_ns - pop->now_ns;          /* UINT64_MAX: none due */
+    if (left >= (uint64_t)IDLE_WAKE_MS * 1000000ull)
+        return IDLE_WAKE_MS;
+    return (int)((left + 999999) / 1000000);
+}
+
+/* 3. ------------------------------------------------------------------ */
+
+/* The answer to one of our keepalives (it passed gre_keepalive_answer()). */
+static void ka_answer(struct tpb_pop *pop, struct peer *p)
+{
+    p->ka.received++;
+    p->ka.reply_ns = pop->now_ns;
+    if (!p->cfg.keepalive_ms)
+        return;                 /* a late one after a reload: up anyway */
+    if (p->ka.sent_ns)
+        p->ka.rtt_ns = pop->now_ns - p->ka.sent_ns;
+    set_up(p, 1);
+}
+
+/* 5. ------------------------------------------------------------------ */
+
+/* A bridge's keepalive: the decapsulated packet is IPv4 GRE from our own
+ * address to the peer it came from.  Routed by the host it would be
+ * dropped (Linux takes a packet arriving with one of its own addresses as
+ * source for a martian), so it goes back from here, as the far end of a
+ * Cisco keepalive does: the kernel writes a new IPv4 header from us to the peer, the
+ * inner GRE header is the payload.  Only to the peer it came from: the
+ * POP reflects nothing toward any other address. */
+static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
+                        const uint8_t *in, uint16_t proto)
+{
+    return proto == ETYPE_IPV4 && in[9] == IPPROTO_GRE_ &&
+           rd32(in + 12) == pop->local && rd32(in + 16) == p->cfg.addr;
+}
+
+static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen)
+{
+    size_t ihl = (size_t)(in[0] & 0x0f) * 4;
+    struct iovec iov = {in + ihl, ilen - ihl};
+
+    /* a fragment, or no room for a GRE header: not a keepalive */
+    if ((rd16(in + 6) & (IP_MF | IP_OFFMASK)) || ilen < ihl + 4) {
+        p->c.drop[TPB_DROP_INNER_BAD]++;
+        return;
+    }
+    if (send_gre(pop, p, &iov, 1, in[8], in[1])) {
+        p->c.drop[TPB_DROP_SEND]++;
+        return;
+    }
+    p->ka.reflected++;
+}
+
 /* 1. ------------------------------------------------------------------ */
 
 static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
@@ -291,6 +541,14 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
+    if (tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {    /* protocol 0 */
+        rc = gre_keepalive_answer(&p->rx, ip + ihl, tot - ihl);
+        if (rc)
+            p->c.drop[rc]++;
+        else
+            ka_answer(pop, p);
+        return;
+    }
     rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 0, &g);
     if (rc == TPB_DROP_GRE_CSUM && gro_merged(pop, ip + ihl, tot - ihl))
         rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 1, &g);
@@ -302,6 +560,10 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
     ilen = ip_len(in, tot - ihl - g.off, g.proto);
     if (!ilen || inner_addr(in, ilen, 0, a) != g.proto) {
         p->c.drop[TPB_DROP_INNER_BAD]++;
+        return;
+    }
+    if (is_keepalive(pop, p, in, g.proto)) {
+        reflect(pop, p, in, ilen);
         return;
     }
     if (ecn_decap_inner(ip[1], in, g.proto)) {    /* RFC 6040 4.2 */
@@ -334,7 +596,7 @@ static int from_bridges(struct tpb_pop *pop)
     return n > 0 ? n : 0;
 }
 
-/* 7. ------------------------------------------------------------------ */
+/* 9. ------------------------------------------------------------------ */
 
 /* Configured prefixes win: a bridge cannot draw another site's traffic to
  * itself by sending from that site's addresses.  Learned entries serve
@@ -355,16 +617,7 @@ static struct peer *route(struct tpb_pop *pop, const uint8_t dst[16])
     return NULL;
 }
 
-/* 6. ------------------------------------------------------------------ */
-
-static void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v)
-{
-    *c = *c ? CMSG_NXTHDR(m, *c) : CMSG_FIRSTHDR(m);
-    (*c)->cmsg_level = IPPROTO_IP;
-    (*c)->cmsg_type = type;
-    (*c)->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(*c), &v, sizeof(int));
-}
+/* 8. ------------------------------------------------------------------ */
 
 static int to_bridges(struct tpb_pop *pop)
 {
@@ -435,25 +688,240 @@ static int to_bridges(struct tpb_pop *pop)
     return (int)n;
 }
 
-/* ------------------------------------------------------------------ */
+/* ---- configuration: checked, built, swapped in ---------------------- */
+
+static void gre_side(struct peer *p, uint32_t local)
+{
+    const struct tpb_pop_peer_config *c = &p->cfg;
+
+    gre_setup(&p->tx, &p->rx, local, c->addr, c->key, c->has_key, c->csum,
+              c->seq, c->ttl, c->tos);
+    p->sa.sin_family = AF_INET;
+    p->sa.sin_addr.s_addr = htonl(c->addr);
+}
+
+static void peer_init(struct peer *p, const struct tpb_pop_peer_config *c,
+                      uint32_t local)
+{
+    p->cfg = *c;
+    gre_side(p, local);
+    p->ka.up = !c->keepalive_ms;    /* without keepalives a peer is up */
+}
+
+static const char *ip4_text(uint32_t a, char buf[INET_ADDRSTRLEN])
+{
+    uint32_t n = htonl(a);
+
+    return inet_ntop(AF_INET, &n, buf, INET_ADDRSTRLEN);
+}
+
+/* Everything tpb_pop_open() and tpb_pop_reconfigure() rely on: the peer
+ * count, one peer per address, keepalive retries, every prefix behind a
+ * peer of the list.  -EINVAL and one line in err, or 0. */
+static int check_config(const struct tpb_pop_config *cfg,
+                        const struct tpb_pop_peer_config *peers,
+                        const struct tpb_pop_prefix *prefixes,
+                        char *err, size_t errlen)
+{
+    char a[INET_ADDRSTRLEN];
+    uint32_t i, j;
+
+    if (cfg->npeers < 1 || cfg->npeers > MAX_PEERS || !peers) {
+        snprintf(err, errlen, "%u peers: from 1 to %u", cfg->npeers, MAX_PEERS);
+        return -EINVAL;
+    }
+    if (cfg->nprefixes && !prefixes) {
+        snprintf(err, errlen, "%u prefixes but no list", cfg->nprefixes);
+        return -EINVAL;
+    }
+    for (i = 0; i < cfg->npeers; i++) {
+        for (j = 0; j < i; j++)
+            if (peers[j].addr == peers[i].addr) {
+                snprintf(err, errlen, "peer %s is given twice", ip4_text(peers[i].addr, a));
+                return -EINVAL;
+            }
+        if (peers[i].keepalive_ms && !peers[i].keepalive_retries) {
+            snprintf(err, errlen, "peer %s: keepalives need at least one retry",
+                     ip4_text(peers[i].addr, a));
+            return -EINVAL;
+        }
+    }
+    for (i = 0; i < cfg->nprefixes; i++)
+        if (prefixes[i].peer >= cfg->npeers || prefixes[i].len > 128) {
+            snprintf(err, errlen, "prefix %u: /%u behind peer %u of %u", i,
+                     prefixes[i].len, prefixes[i].peer, cfg->npeers);
+            return -EINVAL;
+        }
+    return 0;
+}
+
+static void reload_free(struct reload *r)
+{
+    if (!r)
+        return;
+    free(r->peers);
+    free(r->prefixes);
+    free(r->from);
+    free(r->to);
+    free(r);
+}
+
+/* The new peer array, built beside the running one; which new peer is
+ * which old one (by address).  pop->peers cannot change meanwhile: only
+ * a reconfigure call swaps it, and the caller holds reload_lock. */
+static struct reload *reload_build(struct tpb_pop *pop,
+                                   const struct tpb_pop_config *cfg,
+                                   const struct tpb_pop_peer_config *peers,
+                                   const struct tpb_pop_prefix *prefixes)
+{
+    struct reload *r = calloc(1, sizeof(*r));
+    uint32_t i, j;
+
+    if (!r)
+        return NULL;
+    r->npeers = cfg->npeers;
+    r->nprefixes = cfg->nprefixes;
+    r->peers = calloc(cfg->npeers + 1, sizeof(*r->peers));
+    r->prefixes = calloc(cfg->nprefixes + 1, sizeof(*r->prefixes));
+    r->from = calloc(cfg->npeers + 1, sizeof(*r->from));
+    r->to = calloc(pop->npeers + 1, sizeof(*r->to));
+    if (!r->peers || !r->prefixes || !r->from || !r->to) {
+        reload_free(r);
+        return NULL;
+    }
+    for (j = 0; j < pop->npeers; j++)
+        r->to[j] = NO_PEER;
+    for (i = 0; i < cfg->npeers; i++) {
+        peer_init(&r->peers[i], &peers[i], pop->local);
+        r->from[i] = NO_PEER;
+        for (j = 0; j < pop->npeers; j++)
+            if (pop->peers[j].cfg.addr == peers[i].addr) {
+                r->from[i] = j;
+                r->to[j] = i;
+                break;
+            }
+    }
+    memcpy(r->prefixes, prefixes, cfg->nprefixes * sizeof(*prefixes));
+    r->batch = cfg->batch && cfg->batch <= MAX_BATCH ? cfg->batch : MAX_BATCH;
+    r->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
+    r->learn_ns = (uint64_t)cfg->learn_timeout_s * NSEC;
+    return r;
+}
+
+/* What a peer kept by address keeps: its counters and keepalive state;
+ * its sequence windows only while key and seq settings stay the same
+ * (RFC 2890: sequence numbers belong to the flow the key identifies;
+ * another key, another flow, numbered afresh). */
+static void carry(struct peer *n, const struct peer *o)
+{
+    const struct tpb_pop_peer_config *a = &o->cfg, *b = &n->cfg;
+
+    n->c = o->c;
+    n->ka = o->ka;
+    if (a->has_key == b->has_key && a->key == b->key && a->seq == b->seq) {
+        n->rx.seq_started = o->rx.seq_started;
+        n->rx.next_seq = o->rx.next_seq;
+        n->tx.seqno = o->tx.seqno;
+        n->tx.ip_id = o->tx.ip_id;
+    }
+    if (!b->keepalive_ms) {
+        set_up(n, 1);                      /* off: up */
+    } else if (!a->keepalive_ms) {
+        set_up(n, 0);                      /* on now: down until answered */
+        n->ka.next_ns = 0;
+    } else if (a->keepalive_ms != b->keepalive_ms) {
+        n->ka.next_ns = o->ka.sent_ns
+                            ? o->ka.sent_ns + (uint64_t)b->keepalive_ms * 1000000ull : 0;
+    }
+}
+
+/* Swaps the new configuration in; pop->lock held, the loop between passes
+ * (or not running).  Learned entries behind a peer that is gone are
+ * dropped, the others follow their peer's new index; an entry now inside
+ * a configured prefix goes too (such sources are never learned). */
+static void apply(struct tpb_pop *pop, struct reload *r)
+{
+    struct peer *old = pop->peers;
+    struct tpb_pop_prefix *old_prefixes = pop->prefixes;
+    struct learned *e;
+    uint32_t i, to;
+
+    for (i = 0; i < r->npeers; i++)
+        if (r->from[i] != NO_PEER)
+            carry(&r->peers[i], &old[r->from[i]]);
+    pop->peers = r->peers;
+    pop->npeers = r->npeers;
+    pop->prefixes = r->prefixes;
+    pop->nprefixes = r->nprefixes;
+    pop->batch = r->batch;
+    pop->tun_mtu = r->tun_mtu;
+    pop->learn_ns = r->learn_ns;
+    for (i = 0; i < LEARN_SLOTS; i++) {
+        e = &pop->learn[i];
+        if (!e->expires)
+            continue;
+        to = r->to[e->peer];
+        if (to == NO_PEER || by_prefix(pop, e->addr))
+            e->expires = 0;
+        else
+            e->peer = to;
+    }
+    pop->ka_due_ns = 0;                    /* keepalives(): look again */
+    r->peers = old;                        /* for reload_free() */
+    r->prefixes = old_prefixes;
+    r->done = 1;
+}
+
+/* 0. A reload handed over by tpb_pop_reconfigure(), at a pass's start. */
+static void take_reload(struct tpb_pop *pop)
+{
+    pthread_mutex_lock(&pop->lock);
+    if (pop->pending) {
+        apply(pop, pop->pending);
+        __atomic_store_n(&pop->pending, NULL, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&pop->applied);
+    }
+    pthread_mutex_unlock(&pop->lock);
+}
+
+/* ---- the loop --------------------------------------------------------- */
 
 int tpb_pop_run(struct tpb_pop *pop)
 {
     struct pollfd pfd[3] = {
         {pop->raw, POLLIN, 0}, {pop->tun, POLLIN, 0}, {pop->stop_fd, POLLIN, 0},
     };
-    int work;
+    uint64_t wakes;
+    int work, rc = 0;
 
+    pthread_mutex_lock(&pop->lock);
+    pop->running = 1;
+    pthread_mutex_unlock(&pop->lock);
     while (!__atomic_load_n(&pop->stop, __ATOMIC_ACQUIRE)) {
         pop->now_ns = now_ns();
+        __atomic_store_n(&pop->passes, pop->passes + 1, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&pop->pending, __ATOMIC_ACQUIRE))
+            take_reload(pop);
+        keepalives(pop);
         work = from_bridges(pop);
         work += to_bridges(pop);
         if (work)
             continue;
-        if (poll(pfd, 3, -1) < 0 && errno != EINTR)
-            return -errno;
+        if (poll(pfd, 3, poll_timeout(pop)) < 0 && errno != EINTR) {
+            rc = -errno;
+            break;
+        }
+        if ((pfd[2].revents & POLLIN) &&
+            read(pop->stop_fd, &wakes, sizeof(wakes)) < 0) {
+            /* EAGAIN: someone else's wake-up was read already */
+        }
     }
-    return 0;
+    /* A reload handed over as the loop ended is applied here. */
+    pthread_mutex_lock(&pop->lock);
+    pop->running = 0;
+    pthread_mutex_unlock(&pop->lock);
+    take_reload(pop);
+    return rc;
 }
 
 void tpb_pop_stop(struct tpb_pop *pop)
@@ -466,33 +934,34 @@ void tpb_pop_stop(struct tpb_pop *pop)
     }
 }
 
-static void gre_side(struct peer *p, uint32_t local)
-{
-    const struct tpb_pop_peer_config *c = &p->cfg;
-
-    gre_setup(&p->tx, &p->rx, local, c->addr, c->key, c->has_key, c->csum,
-              c->seq, c->ttl, c->tos);
-    p->sa.sin_family = AF_INET;
-    p->sa.sin_addr.s_addr = htonl(c->addr);
-}
-
 struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
                              const struct tpb_pop_peer_config *peers,
                              const struct tpb_pop_prefix *prefixes,
                              char *err, size_t errlen)
 {
-    struct tpb_pop *pop = calloc(1, sizeof(*pop));
+    struct tpb_pop *pop;
     struct sockaddr_in sa;
+    pthread_condattr_t ca;
     int v = IP_PMTUDISC_DONT, rcv = 8 << 20;
     uint32_t i;
 
+    if (check_config(cfg, peers, prefixes, err, errlen))
+        return NULL;
+    pop = calloc(1, sizeof(*pop));
     if (!pop)
         goto oom;
+    pthread_mutex_init(&pop->lock, NULL);
+    pthread_mutex_init(&pop->reload_lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&pop->applied, &ca);
+    pthread_condattr_destroy(&ca);
     pop->raw = pop->stop_fd = -1;
     pop->tun = cfg->tun_fd;
+    pop->local = cfg->local;
     pop->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
     pop->batch = cfg->batch && cfg->batch <= MAX_BATCH ? cfg->batch : MAX_BATCH;
-    pop->learn_ns = (uint64_t)cfg->learn_timeout_s * 1000000000ull;
+    pop->learn_ns = (uint64_t)cfg->learn_timeout_s * NSEC;
     pop->npeers = cfg->npeers;
     pop->nprefixes = cfg->nprefixes;
     pop->peers = calloc(cfg->npeers + 1, sizeof(*pop->peers));
@@ -501,10 +970,8 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     pop->sbuf = malloc((size_t)MAX_BATCH * (BUF_SIZE + VNET_LEN));
     if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf)
         goto oom;
-    for (i = 0; i < cfg->npeers; i++) {
-        pop->peers[i].cfg = peers[i];
-        gre_side(&pop->peers[i], cfg->local);
-    }
+    for (i = 0; i < cfg->npeers; i++)
+        peer_init(&pop->peers[i], &peers[i], cfg->local);
     memcpy(pop->prefixes, prefixes, cfg->nprefixes * sizeof(*prefixes));
     if (fcntl(pop->tun, F_SETFL, fcntl(pop->tun, F_GETFL) | O_NONBLOCK) < 0) {
         snprintf(err, errlen, "TUN device: %s", strerror(errno));
@@ -535,21 +1002,120 @@ fail:
     return NULL;
 }
 
+/* Live reload (tpb.h).  Checked whole before anything changes; built
+ * beside the running configuration; swapped in by the loop at the start
+ * of its next pass (woken through stop_fd), or here if it is not running.
+ * Calls are serialized by reload_lock. */
+int tpb_pop_reconfigure(struct tpb_pop *pop, const struct tpb_pop_config *cfg,
+                        const struct tpb_pop_peer_config *peers,
+                        const struct tpb_pop_prefix *prefixes,
+                        char *err, size_t errlen)
+{
+    struct reload *r;
+    struct timespec ts;
+    uint64_t one = 1;
+    char a[INET_ADDRSTRLEN];
+    int rc;
+
+    if (cfg->tun_fd != pop->tun) {
+        snprintf(err, errlen, "the TUN device cannot change on reload (fd %d, not %d)",
+                 cfg->tun_fd, pop->tun);
+        return -EINVAL;
+    }
+    if (cfg->local != pop->local) {
+        snprintf(err, errlen, "the local address cannot change on reload (%s)",
+                 ip4_text(pop->local, a));
+        return -EINVAL;
+    }
+    rc = check_config(cfg, peers, prefixes, err, errlen);
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&pop->reload_lock);
+    r = reload_build(pop, cfg, peers, prefixes);
+    if (!r) {
+        pthread_mutex_unlock(&pop->reload_lock);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    pthread_mutex_lock(&pop->lock);
+    if (!pop->running) {
+        apply(pop, r);
+    } else {
+        __atomic_store_n(&pop->pending, r, __ATOMIC_RELEASE);
+        if (write(pop->stop_fd, &one, sizeof(one)) < 0) {
+            /* the counter is full: the loop is being woken anyway */
+        }
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += RELOAD_WAIT_S;
+        while (!r->done &&
+               pthread_cond_timedwait(&pop->applied, &pop->lock, &ts) != ETIMEDOUT) {
+        }
+        if (!r->done) {
+            __atomic_store_n(&pop->pending, NULL, __ATOMIC_RELEASE);
+            snprintf(err, errlen, "the loop did not take the new configuration "
+                     "within %d s", RELOAD_WAIT_S);
+            rc = -ETIMEDOUT;
+        }
+    }
+    pthread_mutex_unlock(&pop->lock);
+    reload_free(r);            /* the old arrays, or the refused new ones */
+    pthread_mutex_unlock(&pop->reload_lock);
+    return rc;
+}
+
+/* ---- readers, from any thread ------------------------------------------ */
+
 void tpb_pop_counters(struct tpb_pop *pop, uint32_t peer,
                       struct tpb_tunnel_counters *out)
 {
+    pthread_mutex_lock(&pop->lock);
     *out = peer < pop->npeers ? pop->peers[peer].c : pop->global;
+    pthread_mutex_unlock(&pop->lock);
 }
 
 uint32_t tpb_pop_learned(struct tpb_pop *pop)
 {
     uint32_t i, n = 0;
-
     uint64_t now = now_ns();
 
+    pthread_mutex_lock(&pop->lock);
     for (i = 0; i < LEARN_SLOTS; i++)
         n += pop->learn[i].expires > now;
+    pthread_mutex_unlock(&pop->lock);
     return n;
+}
+
+int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
+                       struct tpb_remote_state *out)
+{
+    const struct ka *k;
+    uint64_t now;
+
+    pthread_mutex_lock(&pop->lock);
+    if (peer >= pop->npeers) {
+        pthread_mutex_unlock(&pop->lock);
+        return -EINVAL;
+    }
+    now = now_ns();
+    k = &pop->peers[peer].ka;
+    memset(out, 0, sizeof(*out));
+    out->addr = pop->peers[peer].cfg.addr;
+    out->up = out->active = k->up;
+    out->transitions = k->transitions;
+    out->keepalives_sent = k->sent;
+    out->keepalives_unsent = k->unsent;
+    out->keepalives_received = k->received;
+    out->keepalives_reflected = k->reflected;
+    out->rtt_ns = k->rtt_ns;
+    if (k->reply_ns)   /* never 0 once answered, even within a clock tick */
+        out->since_reply_ns = now > k->reply_ns ? now - k->reply_ns : 1;
+    pthread_mutex_unlock(&pop->lock);
+    return 0;
+}
+
+uint64_t tpb_pop_heartbeat(struct tpb_pop *pop)
+{
+    return __atomic_load_n(&pop->passes, __ATOMIC_RELAXED);
 }
 
 void tpb_pop_close(struct tpb_pop *pop)
@@ -564,27 +1130,8 @@ void tpb_pop_close(struct tpb_pop *pop)
     free(pop->prefixes);
     free(pop->rbuf);
     free(pop->sbuf);
+    pthread_cond_destroy(&pop->applied);
+    pthread_mutex_destroy(&pop->reload_lock);
+    pthread_mutex_destroy(&pop->lock);
     free(pop);
-}
-
-/* ---- contract stubs: replaced by the keepalive/reload work ---- */
-
-int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
-                       struct tpb_remote_state *out)
-{
-    return -ENOSYS;
-}
-
-int tpb_pop_reconfigure(struct tpb_pop *pop, const struct tpb_pop_config *cfg,
-                        const struct tpb_pop_peer_config *peers,
-                        const struct tpb_pop_prefix *prefixes,
-                        char *err, size_t errlen)
-{
-    snprintf(err, errlen, "live reload is not implemented yet");
-    return -ENOSYS;
-}
-
-uint64_t tpb_pop_heartbeat(struct tpb_pop *pop)
-{
-    return 0;
 }

@@ -125,6 +125,12 @@ int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out);
 
+/* A keepalive answer (GRE protocol 0, what the far end reflects of our
+ * keepalive): version, flags, checksum and key as gre_decode() checks
+ * them; no sequence number required, the window not touched.  Returns 0
+ * or a TPB_DROP_GRE_* reason (TPB_DROP_GRE_PROTO: not protocol 0). */
+int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen);
+
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
  * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */
 int ecn_decap(uint8_t outer_tos, uint8_t inner_tos);

@@ -58,6 +58,12 @@ struct reasm *reasm_new(uint32_t memory, uint32_t timeout_ms)
     return r;
 }
 
+void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms)
+{
+    r->limit = memory;
+    r->timeout_ns = (uint64_t)timeout_ms * 1000000ull;
+}
+
 static void drop_dgram(struct reasm *r, struct tpb_tunnel_counters *tc,
                        struct dgram *d, int reason)
 {

@@ -95,6 +95,7 @@ struct tpb_tunnel_counters {
     uint64_t reasm_memory_peak;
     uint64_t arp_replies;
     uint64_t echo_replies;
+    uint64_t bypassed;           /* selected, no POP up: bridged as they are */
     uint64_t drop[TPB_NDROP];
 };
 

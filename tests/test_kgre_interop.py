@@ -158,3 +158,33 @@ def test_df_too_big_gets_icmp_then_smaller_works(lab, tmp_path):
     assert "mtu = 1476" in r.stdout + r.stderr, r.stdout + r.stderr
     assert ok.returncode == 0, ok.stdout
     assert c["tunnel"]["icmp_sent"] >= 1
+
+
+@pytest.mark.parametrize("accept_local", [1, 0])
+def test_keepalives_reflected_by_linux_ip_gre(lab, tmp_path, accept_local):
+    """Linux's ip_gre sends a Cisco keepalive back only with accept_local=1
+    on the tunnel (its inner source is the VM's own address, a martian
+    otherwise): TPB's tunnel is up with it, and stays down without it."""
+    with boot(lab, key=0x1234, forwarding=True) as peer:    # it routes the keepalive back
+        peer.sh(f"sysctl -qw net.ipv4.conf.gre1.accept_local={accept_local}")
+        tpb = Tpb(lab, tmp_path, "--key=4660", "--keepalive", "0.2s,3")
+        try:
+            # an IPv4 frame from --in teaches TPB the MACs keepalives leave with
+            lab.run("gw1", ["ping", "-c", "1", "-W", "1", labmod.T_GW2], check=False)
+            time.sleep(1.5)
+            r = ping(lab)
+        finally:
+            c = tpb.stop()
+    (remote,) = c["tunnel"]["remotes"]
+    assert remote["addr"] == VM and remote["keepalives_sent"] >= 5, remote
+    if accept_local:
+        assert remote["up"] and remote["active"], remote
+        assert remote["keepalives_received"] >= remote["keepalives_sent"] - 2, remote
+        assert remote["rtt"] is not None and 0 < remote["rtt"] < 0.2, remote
+        assert r.returncode == 0, r.stdout + r.stderr      # through the tunnel
+        assert c["tunnel"]["encap_packets"] >= 3, c["tunnel"]
+    else:
+        assert not remote["up"] and remote["keepalives_received"] == 0, remote
+        # fail-open: the selected flow was bridged as it is (and the VM,
+        # which has 203.0.113.99 only behind its tunnel, answers nothing)
+        assert c["tunnel"]["bypassed"] >= 3 and c["tunnel"]["encap_packets"] == 0, c["tunnel"]

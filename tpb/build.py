@@ -23,6 +23,7 @@ SOURCES = [
     "segment.c",
     "decap.c",
     "reasm.c",
+    "keepalive.c",
     "pop.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tpb.pop import add_parser as add_pop
 
     add_pop(sub)
+    from tpb.status import add_parser as add_status
+
+    add_status(sub)
     sub.add_parser("demo", help="run TPB on the built-in lab topology")
     return p
 
@@ -249,6 +252,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from tpb.pop import main as pop_main
 
             return pop_main(args)
+        if args.cmd == "status":
+            from tpb.status import main as status_main
+
+            return status_main(args)
         if args.cmd == "demo":
             from tpb.demo import demo
 

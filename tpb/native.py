@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from tpb._tpb_c import ffi, lib
@@ -203,9 +203,13 @@ class NativeBridge:
         return PortCounters(**{f.name: getattr(out, f.name) for f in fields(PortCounters)})
 
     def tunnel_counters(self) -> dict[str, Any]:
+        """The tunnel's counters, and each remote's keepalive state under
+        "remotes" (in configured order)."""
         out = ffi.new("struct tpb_tunnel_counters *")
         lib.tpb_bridge_tunnel_counters(self._br, out)
-        return tunnel_counters(out)
+        c = tunnel_counters(out)
+        c["remotes"] = [asdict(r) for r in self.remotes()]
+        return c
 
     def close(self) -> None:
         """Closes the sockets now (the kernel drops promiscuous mode)."""
@@ -294,11 +298,15 @@ class NativePop:
         return lib.tpb_pop_heartbeat(self._pop)
 
     def counters(self) -> dict[str, Any]:
+        """Per peer its counters, and its keepalive state under "state"."""
         out = ffi.new("struct tpb_tunnel_counters *")
+        states = self.peer_states()
         peers = {}
         for i, name in enumerate(self._names):
             lib.tpb_pop_counters(self._pop, i, out)
             peers[name] = tunnel_counters(out)
+            if name in states:
+                peers[name]["state"] = asdict(states[name])
         lib.tpb_pop_counters(self._pop, len(self._names), out)
         return {
             "peers": peers,

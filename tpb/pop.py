@@ -1,6 +1,7 @@
 """`tpb pop`: the far end of many bridges' tunnels.
 
-    tpb pop --local ADDR --peer ADDR[,key=N][,csum][,seq][,prefix=CIDR...] ... [--tun NAME]
+    tpb pop --local ADDR --peer ADDR[,key=N][,csum][,seq][,keepalive=10s,3][,prefix=CIDR...] ...
+            [--tun NAME]
 
 or the same in the TOML file's [pop] table with [[pop.peer]] entries.  GRE
 arrives on a raw IPv4 socket (the host reassembles fragments), inner
@@ -83,15 +84,26 @@ PEER_SCHEMA = {
 
 
 def parse_peer_flag(text: str) -> dict[str, Any]:
-    """ADDR[,key=N][,csum][,seq][,ttl=N|inherit][,tos=N|inherit][,prefix=CIDR...]"""
+    """ADDR[,key=N][,csum][,seq][,ttl=N|inherit][,tos=N|inherit][,keepalive=PERIOD,RETRIES|off]
+    [,prefix=CIDR...]; keepalive's value has a comma of its own ("keepalive=10s,3")."""
     parts = [p.strip() for p in text.split(",")]
     out: dict[str, Any] = {"address": parts[0], "prefixes": []}
-    for part in parts[1:]:
+    i = 1
+    while i < len(parts):
+        part = parts[i]
+        i += 1
         name, eq, value = part.partition("=")
         if name in ("csum", "seq") and not eq:
             out[name] = True
         elif name == "prefix" and eq:
             out["prefixes"].append(value)
+        elif name == "keepalive" and eq:
+            if value != "off" and i < len(parts) and "=" not in parts[i] and parts[i] not in (
+                "csum", "seq"
+            ):
+                value += "," + parts[i]  # the RETRIES half
+                i += 1
+            out[name] = value  # the schema says what is wrong with it
         elif name in ("key", "ttl", "tos") and eq:
             try:
                 out[name] = value if value == "inherit" else int(value, 0)
@@ -164,7 +176,10 @@ def add_parser(sub: Any) -> None:
         "--peer",
         action="append",
         metavar="SPEC",
-        help="ADDR[,key=N][,csum][,seq][,prefix=CIDR...] (repeatable)",
+        help="ADDR[,key=N][,csum][,seq][,ttl=N|inherit][,tos=N|inherit]"
+        "[,keepalive=PERIOD,RETRIES][,prefix=CIDR...] (repeatable); keepalive=10s,3 sends"
+        " the POP's own keepalives to that bridge every 10 s and counts it down after 3"
+        " unanswered periods (off by default; the POP always reflects a bridge's)",
     )
     p.add_argument("--tun", metavar="NAME", help=f"TUN device to create ({DEFAULT_TUN})")
     p.add_argument("--learn-timeout", type=int, metavar="S", help="learned entries expire (300)")
