@@ -7,7 +7,8 @@ run` and `tpb pop` in the lab the way the units would (their user,
 capabilities, no new privileges, no writable-and-executable memory, device
 access as udev gives it) without systemd; the last one boots this
 machine's own systemd as PID 1 of two containers (systemd-nspawn) in the
-lab's namespaces and has it start the installed units for real.
+lab's namespaces and has it start, reload and stop the installed units for
+real, their metrics scraped through the dashboard's queries.
 
 `make install DESTDIR=...` builds a real venv (pip, the C helper): once per
 session, shared by the tests that look at it.
@@ -103,7 +104,7 @@ def test_unit_life_cycle_and_privileges(name):
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert s["ExecStart"] == f"/opt/tpb/bin/tpb {cmd} --config /etc/tpb/{config}.toml"
     assert directive(u, "Service", "ExecReload") == [
-        f"/opt/tpb/bin/tpb check --config /etc/tpb/{config}.toml",
+        f"/opt/tpb/bin/tpb check --offline --config /etc/tpb/{config}.toml",
         "/bin/kill -HUP $MAINPID",
     ]
     assert s["WatchdogSec"] and s["Restart"] == "on-failure"
@@ -145,7 +146,7 @@ def test_udev_rule_gives_the_pm_qos_device_to_the_units_user():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configuration_passes_check(name):
     f = APPLIANCE / name
-    res = subprocess.run([sys.executable, "-m", "tpb", "check", "--config", str(f)],
+    res = subprocess.run([sys.executable, "-m", "tpb", "check", "--offline", "--config", str(f)],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert res.stdout.strip() == f"{f}: ok"
@@ -224,8 +225,8 @@ def test_installed_tpb_runs_from_opt_tpb(installed):
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux)")
     script = (f"mount --bind {dest}/opt /opt && /opt/tpb/bin/tpb --version && "
-              f"/opt/tpb/bin/tpb check --config {dest}/etc/tpb/tpb.toml && "
-              f"/opt/tpb/bin/tpb check --config {dest}/etc/tpb/tpb-pop.toml")
+              f"/opt/tpb/bin/tpb check --offline --config {dest}/etc/tpb/tpb.toml && "
+              f"/opt/tpb/bin/tpb check --offline --config {dest}/etc/tpb/tpb-pop.toml")
     res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -470,24 +471,13 @@ def grafana_to_promql(expr: str) -> str:
             .replace("$instance", INSTANCES["bridge"]).replace("$pop", INSTANCES["pop"]))
 
 
-def test_dashboard_queries_return_data_from_tpb_shaped_series(tmp_path):
-    """promtool parses every query (Grafana's variables filled in) and runs
-    it over 20 minutes of series named and labelled as in METRICS, each
-    counter rising: every query must return something, so none names a
-    metric or label that is not there, nor filters a bridge's panel to the
-    POP or the other way round."""
+def dashboard_queries_without_data(series: list[dict[str, str]], tmp: Path) -> str:
+    """promtool runs every query of the dashboard (Grafana's variables
+    filled in) over `series` (promtool's input_series: 20 minutes of
+    samples); what it says about the queries that returned nothing, or ""."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("needs promtool (apt-get install prometheus)")
-    series = []
-    for name, by_kind in METRICS.items():
-        for kind, label_sets in by_kind.items():
-            for labels in label_sets:
-                lab = {"job": "tpb", "instance": INSTANCES[kind], **labels}
-                text = ",".join(f'{k}="{v}"' for k, v in sorted(lab.items()))
-                values = "1+1x20" if name.endswith("_total") else "1x20"
-                series.append({"series": f"{name}{{{text}}}", "values": values})
-    exprs = expressions(dashboard())
     tests = {
         "rule_files": [],
         "evaluation_interval": "1m",
@@ -497,15 +487,36 @@ def test_dashboard_queries_return_data_from_tpb_shaped_series(tmp_path):
             "promql_expr_test": [
                 {"expr": f"clamp_max(count({grafana_to_promql(e)}), 1)", "eval_time": "20m",
                  "exp_samples": [{"labels": "{}", "value": 1}]}
-                for e in exprs
+                for e in expressions(dashboard())
             ],
         }],
     }
-    f = tmp_path / "dashboard_test.yml"
+    f = tmp / "dashboard_test.yml"
     f.write_text(json.dumps(tests))  # YAML is a superset of JSON
     res = subprocess.run([promtool, "test", "rules", str(f)], capture_output=True, text=True,
                          timeout=120)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    return "" if res.returncode == 0 else res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def series_of(kind: str, name: str, labels: dict[str, str], value: float = 1) -> dict[str, str]:
+    """One input series as Prometheus would store a scrape of instance
+    `kind`: counters rising, gauges flat."""
+    lab = {"job": "tpb", "instance": INSTANCES[kind], **labels}
+    text = ",".join(f'{k}="{v}"' for k, v in sorted(lab.items()))
+    values = f"{value:g}+1x20" if name.endswith("_total") else f"{value:g}x20"
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
+def test_dashboard_queries_return_data_from_tpb_shaped_series(tmp_path):
+    """Every query, parsed and run by promtool over series named and
+    labelled as in METRICS, returns something: none names a metric or label
+    that is not there, nor filters a bridge's panel to the POP or the other
+    way round. (test_units_run_under_systemd does the same over a scrape of
+    the real daemons.)"""
+    series = [series_of(kind, name, labels) for name, by_kind in METRICS.items()
+              for kind, label_sets in by_kind.items() for labels in label_sets]
+    failed = dashboard_queries_without_data(series, tmp_path)
+    assert not failed, failed
 
 
 # ---- the daemons as the units run them --------------------------------------------
@@ -718,6 +729,14 @@ class Container:
     def journal(self) -> str:
         return self.run("journalctl", "--no-pager", "-o", "cat", "-u", self.unit)
 
+    def wait_active(self, timeout: float = 30) -> None:
+        """Until the unit is active: the daemon said READY=1."""
+        deadline = time.monotonic() + timeout
+        while (state := self.show("ActiveState")).get("ActiveState") != "active":
+            assert time.monotonic() < deadline, (
+                f"{self.unit}: {state}:\n{self.journal()}\n" + self.log.read_text()[-3000:])
+            time.sleep(0.3)
+
     def wait_for(self, text: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.journal():
@@ -736,6 +755,27 @@ class Container:
                 self.proc.wait()
 
 
+def scrape(lab: labmod.Lab, node: str, port: int) -> str:
+    """GET /metrics from inside a lab namespace (the daemons listen on
+    loopback, as the shipped configurations have them)."""
+    get = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+           f"'http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
+    return lab.run(node, [sys.executable, "-c", get]).stdout
+
+
+def scraped_series(kind: str, text: str) -> list[dict[str, str]]:
+    """The tpb_* samples of a scrape as promtool input series."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("tpb_"):
+            continue
+        m = re.fullmatch(r'(\w+)(?:\{(.*)\})? (\S+)', line)
+        assert m, line
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out.append(series_of(kind, m.group(1), labels, float(m.group(3))))
+    return out
+
+
 @pytest.mark.netns
 def test_units_run_under_systemd(installed, tmp_path):
     """The installed tpb.service and tpb-pop.service, started by systemd
@@ -743,23 +783,27 @@ def test_units_run_under_systemd(installed, tmp_path):
     the lab's tpb and pop namespaces): everything the units say applies,
     the system call filter, address families, read-only file system with
     the one writable sysctl directory, device cgroup and the user from
-    sysusers.d included. pc reaches the server through the tunnel; both
-    stop cleanly, their counters in the journal. Type=notify: until the
-    daemons send READY=1 the units stay `activating` (and would be killed
-    after TimeoutStartSec), so only that they run is asserted here."""
+    sysusers.d included. Both become active (READY=1); pc reaches the
+    server through the tunnel; every query of the dashboard returns data
+    from their metrics endpoints; `systemctl reload` refuses a bad file
+    and leaves the daemon as it was, and reloads a good one; the watchdog
+    (10 s) is fed; `systemctl stop` leaves both inactive, their counters in
+    the journal."""
     for tool in ("systemd-nspawn", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (apt-get install systemd-container util-linux)")
     dest, _ = installed
     etc = tmp_path / "etc-tpb"
     etc.mkdir()
-    (etc / "tpb.toml").write_text(
+    bridge_toml = (
         '[ports]\nin = "eth2"\nout = "eth3"\n'
         f'[tunnel]\nlocal = "{labmod.T_TPB}"\nremote = ["{labmod.T_POP}"]\nkey = 7\n'
-        '[select]\nmatch = ["ip daddr 203.0.113.0/24"]\n')
+        'keepalive = "1s,3"\n[select]\nmatch = ["ip daddr 203.0.113.0/24"]\n')
+    (etc / "tpb.toml").write_text(bridge_toml)
     (etc / "tpb-pop.toml").write_text(
         f'[pop]\nlocal = "{labmod.T_POP}"\n'
-        f'[[pop.peer]]\naddress = "{labmod.T_TPB}"\nkey = 7\nprefixes = ["192.0.2.0/26"]\n')
+        f'[[pop.peer]]\naddress = "{labmod.T_TPB}"\nkey = 7\nprefixes = ["192.0.2.0/26"]\n'
+        'keepalive = "1s,3"\n')
     containers: list[Container] = []
     with labmod.tunnel(LAB_PREFIX + "s") as lb:
         try:
@@ -767,11 +811,14 @@ def test_units_run_under_systemd(installed, tmp_path):
             containers.append(pop)
             bridge = Container(lb, "tpb", "tpb.service", dest, etc, tmp_path)
             containers.append(bridge)
-            pop.wait_for("tpb: pop ")
-            bridge.wait_for("tpb: bridging")
+            started = time.monotonic()
+            main_pid = {}
             for c in containers:
-                s = c.show("MainPID", "ActiveState", "NRestarts")
-                assert s["ActiveState"] in ("activating", "active") and s["NRestarts"] == "0", s
+                c.wait_active()
+                s = c.show("MainPID", "NRestarts", "WatchdogUSec", "StatusText")
+                assert s["NRestarts"] == "0" and s["WatchdogUSec"] == "10s", s
+                assert s["StatusText"], "no STATUS= from the daemon"
+                main_pid[c.unit] = s["MainPID"]
                 status = dict(ln.split(":", 1) for ln in c.run(
                     "cat", f"/proc/{s['MainPID']}/status").splitlines() if ":" in ln)
                 uid = status["Uid"].split()[0]
@@ -786,15 +833,49 @@ def test_units_run_under_systemd(installed, tmp_path):
                           check=False)
             assert " 0% packet loss" in ping.stdout, (
                 ping.stdout + bridge.journal() + pop.journal())
+
+            # the dashboard over what the daemons really export
+            deadline = time.monotonic() + 15
+            while True:
+                texts = {"bridge": scrape(lb, "tpb", 9547), "pop": scrape(lb, "pop", 9548)}
+                if all("tpb_keepalive_rtt_seconds{" in x for x in texts.values()):
+                    break
+                assert time.monotonic() < deadline, texts
+                time.sleep(0.5)
+            series = [s for kind, x in texts.items() for s in scraped_series(kind, x)]
+            assert {s["series"].split("{")[0] for s in series} == set(METRICS)
+            failed = dashboard_queries_without_data(series, tmp_path)
+            assert not failed, failed
+
+            # systemctl reload: a bad file is refused before the daemon sees it
+            (etc / "tpb.toml").write_text(bridge_toml.replace("key = 7", "key = -7"))
+            bad = bridge.run("systemctl", "reload", "tpb.service")
+            assert "failed" in bad, bad
+            assert bridge.show("ActiveState", "MainPID") == {
+                "ActiveState": "active", "MainPID": main_pid["tpb.service"]}
+            (etc / "tpb.toml").write_text(bridge_toml.replace("1s,3", "2s,3"))
+            good = bridge.run("systemctl", "reload", "tpb.service")
+            assert good == "", good
+            bridge.wait_for("tpb: configuration reloaded: ")
+
+            # the watchdog is fed: still the same processes after 10 s and more
+            time.sleep(max(0.0, started + 12 - time.monotonic()))
+            for c in containers:
+                s = c.show("ActiveState", "MainPID", "NRestarts")
+                assert s == {"ActiveState": "active", "MainPID": main_pid[c.unit],
+                             "NRestarts": "0"}, (s, c.journal())
+
             for c in containers:
                 c.run("systemctl", "stop", c.unit)
                 assert c.show("ActiveState")["ActiveState"] == "inactive", c.journal()
                 assert f"{c.unit}: Deactivated successfully" in c.run(
                     "journalctl", "--no-pager", "-o", "cat", "_PID=1"), c.journal()
+            # (the first echo request may pass bypassed: keepalives start once a
+            # frame from --in has shown TPB the next hop's MAC)
             sent = re.search(r"tunnel: encap (\d+) packets", bridge.journal())
-            assert sent and int(sent.group(1)) >= 3, bridge.journal()
+            assert sent and int(sent.group(1)) >= 2, bridge.journal()
             got = re.search(rf"{re.escape(labmod.T_TPB)}: in (\d+) packets", pop.journal())
-            assert got and int(got.group(1)) >= 3, pop.journal()
+            assert got and int(got.group(1)) >= 2, pop.journal()
         finally:
             for c in containers:
                 c.close()
