@@ -784,7 +784,7 @@ def test_units_run_under_systemd(installed, tmp_path):
     the system call filter, address families, read-only file system with
     the one writable sysctl directory, device cgroup and the user from
     sysusers.d included. Both become active (READY=1); pc reaches the
-    server through the tunnel; every query of the dashboard returns data
+    server through the tunnel; `tpb status` finds them; every query of the dashboard returns data
     from their metrics endpoints; `systemctl reload` refuses a bad file
     and leaves the daemon as it was, and reloads a good one; the watchdog
     (10 s) is fed; `systemctl stop` leaves both inactive, their counters in
@@ -833,6 +833,12 @@ def test_units_run_under_systemd(installed, tmp_path):
                           check=False)
             assert " 0% packet loss" in ping.stdout, (
                 ping.stdout + bridge.journal() + pop.journal())
+
+            # `tpb status` from another shell in the namespace finds each daemon
+            # (an abstract Unix socket, which the sandbox leaves alone)
+            for node, what in (("tpb", "eth2"), ("pop", labmod.T_TPB)):
+                res = lb.run(node, [sys.executable, "-m", "tpb", "status", "--json"])
+                assert what in res.stdout, res.stdout + res.stderr
 
             # the dashboard over what the daemons really export
             deadline = time.monotonic() + 15
