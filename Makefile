@@ -1,5 +1,6 @@
 # TPB — the two commands a newcomer needs: `make demo` and `make test`.
 # Both install what they need first (Debian packages, then a venv with TPB).
+# `make install` puts TPB on this machine as a service (appliance/README.md).
 
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -7,18 +8,22 @@ STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
              nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
-             prometheus
+             systemd systemd-container prometheus
+# What `make install` needs on the machine it installs on: to build the C
+# helper into the venv, and what TPB runs (ip, nft).
+INSTALL_PKGS := python3 python3-venv python3-dev gcc libffi-dev iproute2 nftables
 PYTEST_ARGS ?=
 
-.PHONY: all setup deps demo test lint bench clean kgre
+.PHONY: all setup deps install-deps demo test lint bench clean kgre install uninstall
 
 all: setup
 
 setup: deps $(STAMP)
 
-# Only what is missing, so a machine that has everything is not touched.
-deps:
-	@missing=""; for p in $(DEB_PKGS); do \
+# $(call apt-install,PACKAGES): only what is missing, so a machine that has
+# everything is not touched.
+define apt-install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -26,6 +31,13 @@ deps:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt-install,$(DEB_PKGS))
+
+install-deps:
+	$(call apt-install,$(INSTALL_PKGS))
 
 $(STAMP): pyproject.toml setup.py tpb/build.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,3 +64,90 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info tpb/_tpb_c*.so tpb/_tpb_c.c
+
+# ---- make install / make uninstall -------------------------------------------
+# The layout the units in appliance/ expect (their ExecStart= is
+# /opt/tpb/bin/tpb): installed from this checkout, as root.
+#   /opt/tpb                        a venv: TPB (C helper built) and its dependencies
+#   /usr/local/bin/tpb              -> /opt/tpb/bin/tpb
+#   $(UNITDIR)                      tpb.service, tpb@.service, tpb-pop.service
+#   $(SYSUSERSDIR)/tpb.conf         the user tpb the services run as
+#   $(UDEVRULESDIR)/70-tpb.rules    /dev/cpu_dma_latency for group tpb
+#   /usr/local/share/tpb            the appliance README, the default configurations,
+#                                   the Grafana dashboard
+#   /etc/tpb                        tpb.toml and tpb-pop.toml, only where absent
+# Nothing is enabled or started. DESTDIR=/abs/path installs into an image
+# instead (its systemd-sysusers and udev do their part at its first boot; the
+# venv is moved into place by rewriting its scripts' paths, so the image needs
+# the same Debian release's python3, plus iproute2 and nftables).
+# The units name /opt/tpb, /usr/local/share/tpb and /etc/tpb: those are fixed.
+TPB_HOME     := /opt/tpb
+SHAREDIR     := /usr/local/share/tpb
+CONFDIR      := /etc/tpb
+BINDIR       := /usr/local/bin
+UNITDIR      ?= /usr/local/lib/systemd/system
+SYSUSERSDIR  ?= /usr/local/lib/sysusers.d
+UDEVRULESDIR ?= /usr/local/lib/udev/rules.d
+UNITS        := appliance/tpb.service appliance/tpb@.service appliance/tpb-pop.service
+CONFIGS      := appliance/tpb.toml appliance/tpb-pop.toml
+SHARED       := appliance/README.md $(CONFIGS) appliance/grafana/tpb-dashboard.json
+# systemd runs this machine (sd_booted(3)), and this is not an image build.
+LIVE         := $(if $(DESTDIR),,$(shell [ -d /run/systemd/system ] && echo yes))
+# Debian's interpreter, never one first on PATH (pyenv...): the venv names it
+# and the image has it.
+SYSTEM_PYTHON := /usr/bin/python3
+PIP          := env PIP_DISABLE_PIP_VERSION_CHECK=1 $(DESTDIR)$(TPB_HOME)/bin/python -m pip
+
+install: install-deps
+	@case "$(DESTDIR)" in ""|/*) ;; *) echo "make: DESTDIR must be an absolute path"; exit 2;; esac
+	test -x $(DESTDIR)$(TPB_HOME)/bin/python || $(SYSTEM_PYTHON) -m venv $(DESTDIR)$(TPB_HOME)
+	$(PIP) install -q .
+ifneq ($(DESTDIR),)
+	@# The venv's scripts name its interpreter by the path it was built at.
+	grep -rlIF "$(abspath $(DESTDIR)$(TPB_HOME))" $(DESTDIR)$(TPB_HOME)/bin $(DESTDIR)$(TPB_HOME)/pyvenv.cfg \
+	  | xargs -r sed -i "s|$(abspath $(DESTDIR)$(TPB_HOME))|$(TPB_HOME)|g"
+endif
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+	  $(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(CONFDIR)
+	ln -sfn $(TPB_HOME)/bin/tpb $(DESTDIR)$(BINDIR)/tpb
+	install -m 0644 $(UNITS) $(DESTDIR)$(UNITDIR)/
+	install -m 0644 appliance/tpb.sysusers $(DESTDIR)$(SYSUSERSDIR)/tpb.conf
+	install -m 0644 appliance/70-tpb.rules $(DESTDIR)$(UDEVRULESDIR)/70-tpb.rules
+	install -m 0644 $(SHARED) $(DESTDIR)$(SHAREDIR)/
+	@# An operator's configuration is never overwritten.
+	@for f in $(CONFIGS); do \
+	  dst=$(DESTDIR)$(CONFDIR)/$$(basename $$f); \
+	  if [ -e $$dst ] || [ -L $$dst ]; then \
+	    echo "make: $$dst exists: kept (the new default is $(SHAREDIR)/$$(basename $$f))"; \
+	  else \
+	    echo "install -m 0644 $$f $$dst"; install -m 0644 $$f $$dst; \
+	  fi; \
+	done
+ifeq ($(DESTDIR),)
+	if command -v systemd-sysusers >/dev/null; then systemd-sysusers $(SYSUSERSDIR)/tpb.conf; fi
+endif
+ifeq ($(LIVE),yes)
+	systemctl daemon-reload
+	if command -v udevadm >/dev/null; then udevadm control --reload && \
+	  udevadm trigger --action=add --subsystem-match=misc --sysname-match=cpu_dma_latency; fi
+endif
+	@echo "make: installed. Edit $(CONFDIR)/tpb.toml, then: systemctl enable --now tpb"
+	@echo "      (on a POP: $(CONFDIR)/tpb-pop.toml, then: systemctl enable --now tpb-pop)"
+
+# Everything `make install` put down, but $(CONFDIR) (the operator's) and the
+# user tpb (files may still belong to it).
+uninstall:
+	@case "$(DESTDIR)" in ""|/*) ;; *) echo "make: DESTDIR must be an absolute path"; exit 2;; esac
+ifeq ($(LIVE),yes)
+	-systemctl stop tpb.service tpb-pop.service 'tpb@*.service'
+	-systemctl disable tpb.service tpb-pop.service tpb@.service
+endif
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/tpb.conf $(DESTDIR)$(UDEVRULESDIR)/70-tpb.rules
+	rm -f $(DESTDIR)$(BINDIR)/tpb
+	rm -rf $(DESTDIR)$(TPB_HOME) $(DESTDIR)$(SHAREDIR)
+ifeq ($(LIVE),yes)
+	systemctl daemon-reload
+	if command -v udevadm >/dev/null; then udevadm control --reload; fi
+endif
+	@echo "make: uninstalled; kept $(DESTDIR)$(CONFDIR) and the user tpb"
