@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TpbDaemon
+from helpers import TpbDaemon, unprivileged_python
 
 from tpb import lab as labmod
 
@@ -613,7 +613,9 @@ def test_daemons_run_with_only_what_the_units_grant():
         pop_cfg.write_text(
             f'[pop]\nlocal = "{labmod.T_POP}"\n'
             f'[[pop.peer]]\naddress = "{labmod.T_TPB}"\nkey = 7\nprefixes = ["192.0.2.0/26"]\n')
-        tpb = [sys.executable, "-m", "tpb"]
+        # the unit's user may not read the checkout (a mode-0700 home): a
+        # world-readable copy of TPB and what it needs, as an install has it
+        tpb = [*unprivileged_python(work / "py"), "-m", "tpb"]
         with labmod.tunnel(LAB_PREFIX) as lb:
             pop = TpbDaemon(
                 lb, "pop",
