@@ -183,9 +183,9 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 /* 4. ------------------------------------------------------------------ */
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso);
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
@@ -232,8 +232,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     /* The POP's keepalive: an IPv4 GRE packet from us back to it. */
-    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen))
+    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen)) {
+        gre_commit_seq(&r->grx, &g);
         return;
+    }
     if (gso && !gso_inner_ok(f, in, ilen, gso)) {
         br->tc.drop[TPB_DROP_GSO_BAD]++;
         return;
@@ -243,7 +245,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     clamp_mss(br, in, ilen, g.proto, 0);
-    deliver(br, f, in, ilen, g.proto, gso);
+    /* Every check passed and the packet is on its way: only now does its
+     * sequence number count as received (gre.c: gre_commit_seq). */
+    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
+        gre_commit_seq(&r->grx, &g);
 }
 
 /* 5. ------------------------------------------------------------------ */
@@ -268,9 +273,10 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
                                  : elen + ilen);
 }
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso)
+/* Returns 0 once the packet is queued, -1 if it was dropped (counted). */
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -281,7 +287,7 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     if (!memcmp(f->mac, br->cfg.out_mac, 6)) {
         if (!br->have_router_mac) {
             br->tc.drop[TPB_DROP_NO_ROUTER_MAC]++;
-            return;
+            return -1;
         }
         dst = br->router_mac;
     }
@@ -303,4 +309,5 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
         txq_commit(q, i, 2);
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
+    return 0;
 }

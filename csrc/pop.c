@@ -504,7 +504,8 @@ static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
            rd32(in + 12) == pop->local && rd32(in + 16) == p->cfg.addr;
 }
 
-static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen)
+static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
+                    const struct gre_pkt *g)
 {
     size_t ihl = (size_t)(in[0] & 0x0f) * 4;
     struct iovec iov = {in + ihl, ilen - ihl};
@@ -518,6 +519,7 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
         p->c.drop[TPB_DROP_SEND]++;
         return;
     }
+    gre_commit_seq(&p->rx, g);
     p->ka.reflected++;
 }
 
@@ -563,7 +565,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     if (is_keepalive(pop, p, in, g.proto)) {
-        reflect(pop, p, in, ilen);
+        reflect(pop, p, in, ilen, &g);
         return;
     }
     if (ecn_decap_inner(ip[1], in, g.proto)) {    /* RFC 6040 4.2 */
@@ -575,6 +577,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         p->c.drop[TPB_DROP_TUN_WRITE]++;
         return;
     }
+    gre_commit_seq(&p->rx, &g);            /* delivered: the window moves */
     p->c.decap_packets++;
     p->c.decap_bytes += ilen;
 }

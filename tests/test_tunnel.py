@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tshark, tshark_expert
+from helpers import assert_balance, tshark, tshark_expert
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -436,14 +436,15 @@ def _bad(name: str):
             lambda m: gre_to_tpb(to_pc(m), outer_csum=0xBEEF, key=KEY3, seq=ahead, csum=True),
             "outer_bad",
         ),
-        # inner problems are found after the GRE header was accepted: as in
-        # Linux (ip_tunnel_rcv), its sequence number counts as received.
+        # inner problems are found after the GRE header passed: the packet
+        # is not delivered, so its number (far ahead) is not received and
+        # the fence, numbered S0 + 1, is still fresh (gre_commit_seq).
         "inner_header_bad": (
-            lambda m: gre_to_tpb(_break_ip_csum(to_pc(m)), key=KEY3, seq=S0 + 1, csum=True),
+            lambda m: gre_to_tpb(_break_ip_csum(to_pc(m)), key=KEY3, seq=ahead, csum=True),
             "inner_bad",
         ),
         "ce_on_not_ect": (
-            lambda m: gre_to_tpb(to_pc(m), tos=0x03, key=KEY3, seq=S0 + 1, csum=True),
+            lambda m: gre_to_tpb(to_pc(m), tos=0x03, key=KEY3, seq=ahead, csum=True),
             "ecn",
         ),
     }
@@ -488,16 +489,17 @@ BAD_CASES = [
 def test_bad_gre_is_dropped_and_counted(tlab, procs, gw1, gw2, case):
     """TPB with key, checksums and sequence numbers: a valid GRE packet from
     the POP is delivered at gw1 (positive control), the bad one is not and
-    is counted under its reason, and the valid one after it still is."""
+    is counted under its reason, and the valid one after it still is: the
+    bad one, numbered far ahead, did not move the sequence window (only a
+    delivered packet does), so the fence's S0 + 1 is fresh."""
     build, reason = _bad(case)
     tpb = procs.tpb(*SELECT_SERVER, *gre_flags_args(KEY3, True, True))
     learn_router_mac(gw1, gw2)
     ok1, bad, ok2 = marker("ok1"), marker("bad"), marker("ok2")
-    fence_seq = S0 + 2 if reason in ("inner_bad", "ecn") else S0 + 1
     gw1.drain()
     gw2.send(gre_to_tpb(to_pc(ok1), key=KEY3, seq=S0, csum=True))
     gw2.send(build(bad))
-    gw2.send(gre_to_tpb(to_pc(ok2), key=KEY3, seq=fence_seq, csum=True))
+    gw2.send(gre_to_tpb(to_pc(ok2), key=KEY3, seq=S0 + 1, csum=True))
     fence_to(gw1, ok2)
     c = tpb.stop()
     first = gw1.with_marker(ok1)
@@ -511,6 +513,9 @@ def test_bad_gre_is_dropped_and_counted(tlab, procs, gw1, gw2, case):
     assert ip_payload_of(f) == to_pc(ok1)
     assert drops(c) == {reason: 1}, c["tunnel"]
     assert c["tunnel"]["decap_packets"] == 2, c["tunnel"]
+    delivered = sum(len(gw1.with_marker(x)) for x in (ok1, bad, ok2))
+    assert_balance(3, drops(c), delivered)
+    assert delivered == c["tunnel"]["decap_packets"]
 
 
 def test_no_router_mac_yet(tlab, procs, gw1, gw2):
@@ -554,6 +559,31 @@ def test_arp_and_echo_for_the_tunnel_address(tlab, procs, gw1, gw2):
         assert not (ARP in e and e[ARP].pdst == T_TPB), "ARP for the tunnel address bridged"
         assert not (IP in e and T_TPB in (e[IP].src, e[IP].dst)), "tunnel address traffic bridged"
     assert c["tunnel"]["arp_replies"] >= 1 and c["tunnel"]["echo_replies"] == 2, c["tunnel"]
+
+
+def test_no_router_mac_does_not_move_the_sequence_window(tlab, procs, gw1, gw2):
+    """With --seq: a GRE packet numbered far ahead that is dropped after
+    its GRE header passed (no in-side router MAC yet) is not delivered, so
+    its number is not received: once the router is known, a packet with a
+    much lower number, still fresh, is delivered, byte for byte."""
+    tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000", "--seq")
+    early, late = marker("early"), marker("late")
+    gw1.drain()
+    gw2.send(gre_to_tpb(to_pc(early), seq=50000))
+    fence = marker("fence")
+    gw2.send(eth(to_pc(fence), src=GW2_MAC, dst=GW1_MAC))
+    fence_to(gw1, fence)
+    learn_router_mac(gw1, gw2)
+    gw2.send(gre_to_tpb(to_pc(late), seq=7))
+    f = fence_to(gw1, late)
+    c = tpb.stop()
+    assert not gw1.with_marker(early)
+    assert len(gw1.with_marker(late)) == 1
+    assert f.data[:14] == bytes.fromhex(
+        GW1_MAC.replace(":", "") + GW2_MAC.replace(":", "") + "0800")
+    assert ip_payload_of(f.data) == to_pc(late)
+    assert drops(c) == {"no_router_mac": 1}, c["tunnel"]
+    assert_balance(2, drops(c), c["tunnel"]["decap_packets"])
 
 
 # -- 4. everything else crosses untouched ------------------------------------
