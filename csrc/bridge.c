@@ -428,6 +428,7 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
+    br->q[TPB_PORT_OUT].tc = &br->tc;      /* encap counted as it leaves */
     return 0;
 }
 

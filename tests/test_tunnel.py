@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_balance, tshark, tshark_expert
+from helpers import assert_balance, port_drops, tshark, tshark_expert
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -584,6 +584,38 @@ def test_no_router_mac_does_not_move_the_sequence_window(tlab, procs, gw1, gw2):
     assert ip_payload_of(f.data) == to_pc(late)
     assert drops(c) == {"no_router_mac": 1}, c["tunnel"]
     assert_balance(2, drops(c), c["tunnel"]["decap_packets"])
+
+
+def test_encapsulated_packets_count_when_they_leave(tlab, procs, gw1, gw2):
+    """encap_packets counts the GRE packets that left, not the ones queued:
+    with --out's MTU lowered under TPB (which took 1500 at start), the long
+    GRE packets are refused (too_big, on port out) and do not count as
+    encapsulated; the short ones cross, byte for byte, and do."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1000"])
+    try:
+        small = [marker(f"s{i}") for i in range(3)]
+        big = [marker(f"b{i}") for i in range(2)]
+        inner = {m: udp4(m, size=200, ip_id=0x700 + i) for i, m in enumerate(small)}
+        inner.update({m: udp4(m, size=1200, df=False, ip_id=0x710 + i) for i, m in enumerate(big)})
+        gw2.drain()
+        for m in (small[0], big[0], small[1], big[1], small[2]):
+            gw1.send(eth(inner[m]))
+        fence_to(gw2, small[2])
+    finally:
+        tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1500"])
+    c = tpb.stop()
+    for m in small:
+        got = [parse_gre(f.data) for f in gw2.with_marker(m)]
+        assert len(got) == 1 and got[0] is not None and got[0].inner == inner[m], m
+    for m in big:
+        assert not gw2.with_marker(m), "a GRE packet past the MTU left"
+    t = c["tunnel"]
+    assert t["encap_packets"] == 3, t
+    assert t["encap_bytes"] == sum(len(inner[m]) for m in small), t
+    assert c["out"]["drop_too_big"] == 2, c["out"]
+    assert_balance(5, [drops(c), {"too_big": c["out"]["drop_too_big"]}], t["encap_packets"])
+    assert port_drops(c["in"]) == dict.fromkeys(port_drops(c["in"]), 0), c["in"]
 
 
 # -- 4. everything else crosses untouched ------------------------------------
