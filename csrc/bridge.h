@@ -133,6 +133,8 @@ struct tpb_bridge {
     int have_router_mac;
     double icmp_tokens;
     uint64_t icmp_last_ns;
+    double echo_tokens;        /* echo replies: a bucket of their own */
+    uint64_t echo_last_ns;
     struct reasm *reasm;
     struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */

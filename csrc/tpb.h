@@ -73,7 +73,9 @@ struct tpb_port_counters {
 #define TPB_DROP_RCVBUF_FULL 31     /* POP: the raw socket overflowed (SO_RXQ_OVFL) */
 #define TPB_DROP_TUN_FULL 32        /* POP: TUN write EAGAIN/ENOBUFS/ENOMEM */
 #define TPB_DROP_TUN_INVALID 33     /* POP: TUN write EINVAL */
-#define TPB_NDROP 34
+#define TPB_DROP_ECHO_CSUM 34       /* echo request to the tunnel address, bad checksum */
+#define TPB_DROP_ECHO_RATELIMITED 35 /* echo request over icmp_rate: no reply */
+#define TPB_NDROP 36
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */

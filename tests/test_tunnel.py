@@ -586,6 +586,90 @@ def test_no_router_mac_does_not_move_the_sequence_window(tlab, procs, gw1, gw2):
     assert_balance(2, drops(c), c["tunnel"]["decap_packets"])
 
 
+def _echo_request(ident: int, seq: int, data: bytes, wrong_csum: bool = False) -> bytes:
+    """An echo request from gw2 to TPB's tunnel address, as gw2 sends it."""
+    icmp = ICMP(type=8, id=ident, seq=seq) / Raw(data)
+    if wrong_csum:
+        icmp = ICMP(bytes(icmp))
+        icmp.chksum ^= 0x0101
+    return bytes(
+        Ether(src=GW2_MAC, dst=TPB_OUT_MAC) / IP(src=T_GW2, dst=T_TPB, ttl=64, id=0x6100 + seq)
+        / icmp
+    )
+
+
+def _echo_replies(w: Wire, ident: int) -> list[bytes]:
+    """The IPv4 packets of the echo replies to `ident` seen at gw2."""
+    out = []
+    for f in w.seen:
+        ip = f.data[14:]
+        if f.data[12:14] == b"\x08\x00" and ip[9] == 1 and ip[20] == 0:
+            if struct.unpack("!H", ip[24:26])[0] == ident:
+                out.append(ip_payload_of(f.data))
+    return out
+
+
+def _check_echo_reply(reply: bytes, request_frame: bytes) -> None:
+    """RFC 792 byte for byte: from the tunnel address back to the asker,
+    the request's ID, sequence number and data, both checksums right."""
+    req = request_frame[14:]
+    assert reply[0] == 0x45 and reply[8] == 64 and reply[9] == 1
+    assert reply[12:16] == req[16:20] and reply[16:20] == req[12:16]
+    assert inet_csum(reply[:20]) == 0
+    assert reply[20:22] == b"\x00\x00" and inet_csum(reply[20:]) == 0
+    assert reply[24:] == req[24:], "ID, sequence number or data changed"
+
+
+def test_echo_request_with_a_bad_checksum_is_not_answered(tlab, procs, gw2):
+    """RFC 792: the ICMP checksum covers the whole message.  A request whose
+    checksum does not verify is dropped and counted (echo_csum); a good one
+    beside it is answered, byte for byte, once."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    ident = 0x4A4A
+    bad = _echo_request(ident, 1, marker("ebad") * 3, wrong_csum=True)
+    good = _echo_request(ident, 2, marker("egood") * 3)
+    gw2.drain()
+    gw2.send(bad)
+    gw2.send(good)
+    gw2.until(lambda f: len(_echo_replies(gw2, ident)) >= 1, 5.0, "the echo reply")
+    gw2.settle(0.3)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, ident)
+    assert len(replies) == 1, replies
+    _check_echo_reply(replies[0], good)
+    t = c["tunnel"]
+    assert t["echo_replies"] == 1, t
+    assert drops(c) == {"echo_csum": 1}, t
+    assert_balance(2, drops(c), t["echo_replies"])
+
+
+def test_echo_replies_are_rate_limited(tlab, procs, gw2):
+    """Echo replies at most --icmp-rate a second (a burst of one second's):
+    of 40 requests at once, the first 5 are answered (6 if the bucket
+    refilled one meanwhile), the others dropped and counted
+    echo_ratelimited."""
+    tpb = procs.tpb(*SELECT_SERVER, "--icmp-rate", "5")
+    ident = 0x4B4B
+    sent = [_echo_request(ident, i + 1, marker(f"r{i}") * 2) for i in range(40)]
+    gw2.drain()
+    t0 = time.monotonic()
+    for f in sent:
+        gw2.send(f)
+    took = time.monotonic() - t0
+    gw2.until(lambda f: len(_echo_replies(gw2, ident)) >= 5, 5.0, "5 echo replies")
+    gw2.settle(0.5)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, ident)
+    assert took < 0.15, f"sending took {took:.3f}s: the bucket refilled"
+    assert len(replies) in (5, 6), len(replies)
+    for r, req in zip(replies, sent, strict=False):
+        _check_echo_reply(r, req)  # the first ones, in order
+    t = c["tunnel"]
+    assert t["echo_replies"] == len(replies), t
+    assert drops(c) == {"echo_ratelimited": 40 - len(replies)}, t
+    assert_balance(40, drops(c), t["echo_replies"])
+
+
 def test_encapsulated_packets_count_when_they_leave(tlab, procs, gw1, gw2):
     """encap_packets counts the GRE packets that left, not the ones queued:
     with --out's MTU lowered under TPB (which took 1500 at start), the long
