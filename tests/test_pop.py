@@ -464,6 +464,8 @@ def test_a_bridge_cannot_take_over_another_sites_prefix(tlab, daemons):
         f"{ {a: p['encap_packets'] for a, p in cp['peers'].items()} }"
     )
     assert cp["peers"][T_TPB2]["encap_packets"] == 0, cp["peers"]
+    # and the spoofed packet itself went nowhere: its replies would go to tpb
+    assert cp["peers"][T_TPB2]["drop"] == {"source_owned": 1}, cp["peers"][T_TPB2]
 
 
 def test_no_matching_bridge_is_dropped_and_counted(tlab, daemons):
