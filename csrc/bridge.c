@@ -384,6 +384,8 @@ static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_confi
     br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
     if (br->icmp_tokens > t->icmp_rate)
         br->icmp_tokens = t->icmp_rate;
+    if (br->echo_tokens > t->icmp_rate)
+        br->echo_tokens = t->icmp_rate;
     if (br->reasm)
         reasm_limits(br->reasm, t->reasm_memory, t->reasm_timeout_ms);
 }
@@ -403,6 +405,8 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
     tunnel_settings(br, t);
     br->icmp_tokens = t->icmp_rate;
     br->icmp_last_ns = br->now_ns;
+    br->echo_tokens = t->icmp_rate;
+    br->echo_last_ns = br->now_ns;
     br->reasm = reasm_new(t->reasm_memory, t->reasm_timeout_ms);
     if (!br->reasm) {
         snprintf(err, errlen, "out of memory (reassembly)");
@@ -428,6 +432,7 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
+    br->q[TPB_PORT_OUT].tc = &br->tc;      /* encap counted as it leaves */
     return 0;
 }
 
@@ -568,6 +573,8 @@ const char *tpb_drop_name(int reason)
         "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
+        "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
+        "tun_invalid", "echo_csum", "echo_ratelimited",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

@@ -43,7 +43,19 @@ struct txq {
     uint8_t qdisc[TXQ_MAX];      /* 1: send through fd_q */
     uint8_t *arena;
     size_t arena_used;
+    /* What a message counts in the tunnel's counters once it has left
+     * (txq_account): TXQ_ACCT_* and its inner bytes. */
+    struct tpb_tunnel_counters *tc;
+    uint8_t acct[TXQ_MAX];
+    uint32_t acct_bytes[TXQ_MAX];
+    uint8_t acct_broken;         /* a fragment of the packet was refused */
+    uint32_t fault_skip;         /* tests: every Nth TX ring slot invalid */
+    uint32_t fault_n;
 };
+
+#define TXQ_ACCT_NONE 0
+#define TXQ_ACCT_ENCAP 1         /* a GRE packet, or its last fragment */
+#define TXQ_ACCT_ENCAP_FRAG 2    /* a GRE packet's fragment but the last */
 
 /* One received frame: the Ethernet header in the ring (untagged: the
  * kernel moved any outer tag into the slot header) and its tag, if any. */
@@ -121,6 +133,8 @@ struct tpb_bridge {
     int have_router_mac;
     double icmp_tokens;
     uint64_t icmp_last_ns;
+    double echo_tokens;        /* echo replies: a bucket of their own */
+    uint64_t echo_last_ns;
     struct reasm *reasm;
     struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */
@@ -144,6 +158,10 @@ uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);
 void txq_commit_queued(struct txq *q, uint32_t i, int niov);
+/* Message i, once sent, counts as one encapsulated packet of `bytes` inner
+ * bytes (kind TXQ_ACCT_ENCAP), or as a fragment of one (the packet counts
+ * when its last fragment leaves, and not if any fragment was refused). */
+void txq_account(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes);
 void txq_flush(struct txq *q);
 void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,

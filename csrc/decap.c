@@ -9,7 +9,8 @@
  *   3. to_local()        validate the outer IPv4 header; GRE from the POP
  *                        (a partial inner checksum completed, reassembled
  *                        first if fragmented, reasm.c), an echo request
- *                        (echo_reply), or a counted drop;
+ *                        (echo_reply: its checksum verified, replies
+ *                        rate-limited), or a counted drop;
  *   4. decap()           from one of the remotes: a keepalive answer
  *                        (protocol 0, keepalive.c), else gre_decode()
  *                        (version, flags, checksum, key, sequence), inner
@@ -146,13 +147,45 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
     br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
 }
 
+/* Echo replies at most icmp_rate a second, a burst of one second's: a
+ * bucket of their own, so that a flood of pings cannot use up what
+ * fragmentation-needed messages need (encap.c: icmp_too_big; RFC 1812
+ * 4.3.2.8: a router limits the rate of the ICMP it sends). */
+static int echo_allowed(struct tpb_bridge *br)
+{
+    double rate = br->cfg.icmp_rate;
+
+    br->echo_tokens += (double)(br->now_ns - br->echo_last_ns) * rate / 1e9;
+    br->echo_last_ns = br->now_ns;
+    if (br->echo_tokens > rate)
+        br->echo_tokens = rate;
+    if (br->echo_tokens < 1.0)
+        return 0;
+    br->echo_tokens -= 1.0;
+    return 1;
+}
+
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot)
 {
     struct txq *q = &br->q[TPB_PORT_OUT];
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, n;
-    uint32_t i = txq_reserve(q);
-    uint8_t *h = q->hdr[i], *rip, *ic;
+    uint32_t i;
+    uint8_t *h, *rip, *ic;
+
+    /* RFC 792: the checksum covers the whole ICMP message; the reply's is
+     * derived from the request's (RFC 1624), so a wrong one would go back
+     * out wrong.  A request that does not verify is not answered. */
+    if (csum_finish(csum_add(0, ip + ihl, tot - ihl)) != 0) {
+        br->tc.drop[TPB_DROP_ECHO_CSUM]++;
+        return;
+    }
+    if (!echo_allowed(br)) {
+        br->tc.drop[TPB_DROP_ECHO_RATELIMITED]++;
+        return;
+    }
+    i = txq_reserve(q);
+    h = q->hdr[i];
 
     memset(h, 0, VNET_LEN);
     /* From the MAC the request was sent to: TPB's own, or the router's
@@ -183,9 +216,9 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 /* 4. ------------------------------------------------------------------ */
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso);
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
@@ -232,8 +265,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     /* The POP's keepalive: an IPv4 GRE packet from us back to it. */
-    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen))
+    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen)) {
+        gre_commit_seq(&r->grx, &g);
         return;
+    }
     if (gso && !gso_inner_ok(f, in, ilen, gso)) {
         br->tc.drop[TPB_DROP_GSO_BAD]++;
         return;
@@ -243,7 +278,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     clamp_mss(br, in, ilen, g.proto, 0);
-    deliver(br, f, in, ilen, g.proto, gso);
+    /* Every check passed and the packet is on its way: only now does its
+     * sequence number count as received (gre.c: gre_commit_seq). */
+    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
+        gre_commit_seq(&r->grx, &g);
 }
 
 /* 5. ------------------------------------------------------------------ */
@@ -268,9 +306,10 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
                                  : elen + ilen);
 }
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso)
+/* Returns 0 once the packet is queued, -1 if it was dropped (counted). */
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -281,7 +320,7 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     if (!memcmp(f->mac, br->cfg.out_mac, 6)) {
         if (!br->have_router_mac) {
             br->tc.drop[TPB_DROP_NO_ROUTER_MAC]++;
-            return;
+            return -1;
         }
         dst = br->router_mac;
     }
@@ -303,4 +342,5 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
         txq_commit(q, i, 2);
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
+    return 0;
 }

@@ -206,8 +206,8 @@ static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
         niov = 3;
     }
     txq_commit_queued(q, i, niov);
-    br->tc.encap_packets++;
-    br->tc.encap_bytes += p->hlen + p->dlen;
+    /* encap_packets/bytes: counted once it has left (txq.c: account) */
+    txq_account(q, i, TXQ_ACCT_ENCAP, (uint32_t)(p->hlen + p->dlen));
 }
 
 /* 6. ------------------------------------------------------------------ */

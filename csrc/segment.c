@@ -164,6 +164,12 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
     s.payload = ip + s.hl;
     s.plen = len - s.hl;
     n = (uint32_t)((s.plen + s.mss - 1) / s.mss);
+    /* No payload: no segment to make (the caller's gso_bad), where the
+     * loop below would emit nothing and the packet vanish uncounted.  No
+     * stack makes such a super-packet (tcp_gso_segment sends one of at
+     * most gso_size bytes as it is). */
+    if (!n)
+        goto bad;
     for (k = 0; k < n; k++) {
         d = s.plen - (size_t)k * s.mss;
         if (d > s.mss)

@@ -291,6 +291,32 @@ def assert_consistent(c: dict, ring_full_ok: bool = False) -> None:
     assert c["out"]["rx_frames"] == c["in"]["tx_frames"], c
 
 
+def port_drops(port: dict) -> dict[str, int]:
+    """A port's drops by reason from its --counters section (the kernel's
+    ring drops as ring_full), for assert_balance()."""
+    out = {k[5:]: v for k, v in port.items() if k.startswith("drop_")}
+    out["ring_full"] = port["kernel_drops"]
+    return out
+
+
+def assert_balance(sent: int, counters: dict | list[dict], delivered: int) -> None:
+    """"Every drop has a counter": of `sent` frames offered, `delivered`
+    arrived and each of the others is in exactly one drop counter.
+    `counters`: drops by reason ({"gre_key": 3}, a --counters "drop"
+    section, port_drops()), or a list of such dicts, summed."""
+    dicts = [counters] if isinstance(counters, dict) else counters
+    total: collections.Counter[str] = collections.Counter()
+    for d in dicts:
+        for reason, n in d.items():
+            assert isinstance(n, int) and n >= 0, (reason, n, d)
+            total[reason] += n
+    dropped = sum(total.values())
+    assert sent == delivered + dropped, (
+        f"{sent} offered != {delivered} delivered + {dropped} dropped "
+        f"{ {k: v for k, v in total.items() if v} }"
+    )
+
+
 def port_state(lab: Lab, node: str, ifname: str) -> dict:
     """What TPB must leave as it found it: flags and promiscuity count."""
     res = lab.run(node, ["ip", "-d", "-j", "link", "show", "dev", ifname])

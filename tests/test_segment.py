@@ -18,7 +18,7 @@ import socket
 import struct
 
 import pytest
-from helpers import assert_zero_sum_completed, pseudo_sum, zero_sum_partial
+from helpers import assert_balance, assert_zero_sum_completed, pseudo_sum, zero_sum_partial
 from rawsock import VIRTIO_NET_HDR_GSO_TCPV4, Port
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -187,3 +187,41 @@ def test_partial_checksum_that_computes_to_zero(tlab, tpb, l4, want):
     c = tpb.stop()["tunnel"]
     assert c["encap_packets"] == 1, c
     assert set(c["drop"]) <= NO_POP, c["drop"]
+
+
+def test_super_packet_without_payload_is_dropped_and_counted(tlab, tpb):
+    """A TCP super-packet whose IPv4 total length leaves no payload (the rest
+    of the frame is then padding): there is no segment to make, and the
+    packet is dropped and counted gso_bad, where it used to vanish (counted
+    as segmented into nothing).  A small packet after it crosses."""
+    frame, cstart, coff, _ = super_packet(tlab, "tcp", False)
+    ip = bytearray(frame[14:34])
+    ip[2:4] = struct.pack("!H", 40)  # IP and TCP headers only
+    ip[10:12] = b"\0\0"
+    s = sum(struct.unpack("!10H", bytes(ip)))
+    s = (s & 0xFFFF) + (s >> 16)
+    ip[10:12] = struct.pack("!H", ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF)
+    empty = frame[:14] + bytes(ip) + frame[34:]
+    gw1, gw2 = tlab.iface("gw1", "eth1"), tlab.iface("gw2", "eth0")
+    fence = os.urandom(16)
+    small = bytes(
+        Ether(src=gw1.mac, dst=gw2.mac)
+        / IP(src=labmod.T_PC, dst=labmod.T_SERVER, id=0x2D2D)
+        / UDP(sport=40000, dport=5202)
+        / Raw(fence)
+    )
+
+    def send():
+        with Port(tlab.ns("gw1"), "eth1", vnet=True) as port:
+            port.send_vnet(empty, csum_start=cstart, csum_offset=coff,
+                           gso_type=VIRTIO_NET_HDR_GSO_TCPV4, gso_size=MSS, hdr_len=cstart + 20)
+            port.send_vnet(small)
+
+    segs = capture_gre(tlab, send, 1)
+    c = tpb.stop()
+    assert len(segs) == 1 and segs[0].inner == small[14:], segs
+    t = c["tunnel"]
+    dropped = {k: v for k, v in t["drop"].items() if k not in NO_POP}
+    assert dropped == {"gso_bad": 1}, t
+    assert t["gso_packets"] == 0 and t["gso_segments"] == 0, t
+    assert_balance(2, dropped, t["encap_packets"])
