@@ -14,8 +14,8 @@
  *                        (protocol 0, keepalive.c), else gre_decode()
  *                        (version, flags, checksum, key, sequence), inner
  *                        header valid, the POP's own keepalive reflected
- *                        (ka_reflect), a super-packet's offsets inside it
- *                        (gso_inner_ok), RFC 6040 ECN, MSS;
+ *                        (ka_reflect), a super-packet's offsets and L4
+ *                        header inside it (gso_inner_ok), RFC 6040 ECN, MSS;
  *   5. deliver()         the inner packet out --in behind the received
  *                        Ethernet header — readdressed to the in-side router
  *                        when the frame was sent to TPB's own MAC (it found
@@ -191,15 +191,23 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
  * checked every checksum on the way.  The vnet header's offsets count from
  * the outer Ethernet header; the inner L4 header must lie inside the inner
- * packet, or the kernel could not segment it on the way out. */
+ * packet, whole (a TCP one with a data offset of at least 5, RFC 9293
+ * 3.1), or the kernel could not segment it on the way out. */
 static int gso_inner_ok(const struct frame *f, const uint8_t *in, size_t ilen,
                         const struct virtio_net_hdr *vh)
 {
-    size_t ioff = (size_t)(in - f->mac), start = vh->csum_start;
+    size_t ioff = (size_t)(in - f->mac), start = vh->csum_start, l4len;
     size_t l3 = in[0] >> 4 == 4 ? (size_t)(in[0] & 0x0f) * 4 : 40;
 
-    return (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && vh->gso_size &&
-           start >= ioff + l3 && start + vh->csum_offset + 2 <= ioff + ilen;
+    if (!(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !vh->gso_size ||
+        start < ioff + l3 || start + vh->csum_offset + 2 > ioff + ilen)
+        return 0;
+    if ((vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_UDP_L4)
+        return start + 8 <= ioff + ilen;
+    if (start + 20 > ioff + ilen)
+        return 0;
+    l4len = (size_t)(f->mac[start + 12] >> 4) * 4;
+    return l4len >= 20 && start + l4len <= ioff + ilen;
 }
 
 static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
