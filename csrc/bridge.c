@@ -568,6 +568,7 @@ const char *tpb_drop_name(int reason)
         "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
+        "reasm_evicted",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

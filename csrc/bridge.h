@@ -190,13 +190,23 @@ void from_out_frame(struct tpb_bridge *br, struct frame *f);
 /* reasm.c */
 struct reasm *reasm_new(uint32_t memory, uint32_t timeout_ms);
 void reasm_free(struct reasm *r);
-/* Takes one outer IPv4 fragment; returns the whole datagram (in the txq
+/* Takes one outer IPv4 fragment (ip4_check'd, len its total length); a
+ * first fragment (offset 0) must have passed the caller's GRE checks, as
+ * it makes its datagram verified.  Returns the whole datagram (in the txq
  * arena) when this fragment completed it, else NULL. */
 uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
                    struct txq *q, const uint8_t *ip, size_t len,
                    uint64_t now_ns, size_t *out_len);
+/* Drops, uncounted, the datagram the fragment at ip belongs to (the caller
+ * counts why: a first fragment that failed its GRE checks). */
+void reasm_forget(struct reasm *r, struct tpb_tunnel_counters *tc,
+                  const uint8_t *ip);
 void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms);
 void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
                   uint64_t now_ns);
+/* The memory the datagrams held now account for, recomputed from them:
+ * always equal to tc->reasm_memory (checked after every fragment when
+ * built with -DTPB_DEBUG; for a fuzz harness). */
+size_t reasm_memory_held(const struct reasm *r);
 
 #endif
