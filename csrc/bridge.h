@@ -33,6 +33,7 @@ struct txq {
     int fd_q;                  /* through the qdisc: see qdisc[] */
     struct tpb_txring ring;    /* fd's frames that fit a slot go by it */
     uint32_t ring_max;         /* the longest frame the TX ring takes */
+    uint32_t mtu;              /* the port's, read every second; 0: unknown */
     int ifindex;
     struct tpb_port_counters *c;
     uint32_t n;
@@ -116,6 +117,7 @@ struct tpb_bridge {
     int hop_tagged;
     int have_hop;
     size_t overhead;           /* outer IPv4 + GRE */
+    int mtu_ok;                /* cfg.mtu (--out's, followed) carries the tunnel */
     uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
     uint8_t router_mac[6];     /* the in-side router, learned */
     int have_router_mac;
@@ -150,6 +152,12 @@ size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 
 /* encap.c */
+/* The smallest --out MTU that carries the tunnel with this overhead. */
+size_t encap_min_mtu(size_t overhead);
+/* --out's MTU, at open, on reload and whenever txq_check_mtu() finds it
+ * changed: the fragment size, the ICMP next-hop MTU and the MSS clamp
+ * follow it; below encap_min_mtu() selected frames are dropped. */
+void encap_mtu(struct tpb_bridge *br, uint32_t mtu);
 void learn_router(struct tpb_bridge *br, const struct frame *f);
 void encap_frame(struct tpb_bridge *br, struct frame *f);
 int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
