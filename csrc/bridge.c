@@ -32,6 +32,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <net/if.h>
 #include <linux/filter.h>
 #include <linux/if_ether.h>
 #include <sys/eventfd.h>
@@ -235,6 +236,9 @@ int tpb_bridge_run(struct tpb_bridge *br)
             br->mtu_checked_ns = br->now_ns;
             txq_check_mtu(&br->q[TPB_PORT_IN]);
             txq_check_mtu(&br->q[TPB_PORT_OUT]);
+            if (br->tunnel && br->q[TPB_PORT_OUT].mtu &&
+                br->q[TPB_PORT_OUT].mtu != br->cfg.mtu)
+                encap_mtu(br, br->q[TPB_PORT_OUT].mtu);
         }
         for (i = 0; i < br->nsrc; i++)
             work += pass(br, &br->src[i]);
@@ -379,9 +383,8 @@ static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_confi
     br->gtx.ip_id = ip_id;
     br->gtx.df = t->df;
     br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
-    /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
-    br->mss4 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 40);
-    br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
+    /* The port's own MTU, once the loop has read it, over the caller's. */
+    encap_mtu(br, br->q[TPB_PORT_OUT].mtu ? br->q[TPB_PORT_OUT].mtu : t->mtu);
     if (br->icmp_tokens > t->icmp_rate)
         br->icmp_tokens = t->icmp_rate;
     if (br->echo_tokens > t->icmp_rate)
@@ -394,9 +397,18 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
                        char *err, size_t errlen)
 {
     const struct tpb_tunnel_config *t = &cfg->tun;
+    size_t min = encap_min_mtu(20 + gre_hlen(t->csum, t->has_key, t->seq));
+    char name[IF_NAMESIZE];
 
     if (tunnel_config_ok(t, err, errlen))
         return -1;
+    if (t->mtu < min) {
+        snprintf(err, errlen, "--out %s: MTU %u is too small for the tunnel "
+                 "(needs at least %zu)",
+                 if_indextoname((unsigned)cfg->ifindex[TPB_PORT_OUT], name)
+                     ? name : "?", t->mtu, min);
+        return -1;
+    }
     br->tunnel = 1;
     br->sel_ifindex = cfg->sel_ifindex;
     br->mark = cfg->mark;
@@ -574,7 +586,7 @@ const char *tpb_drop_name(int reason)
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
         "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
-        "tun_invalid", "echo_csum", "echo_ratelimited",
+        "tun_invalid", "echo_csum", "echo_ratelimited", "reasm_evicted", "mtu_too_small",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

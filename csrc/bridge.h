@@ -33,6 +33,7 @@ struct txq {
     int fd_q;                  /* through the qdisc: see qdisc[] */
     struct tpb_txring ring;    /* fd's frames that fit a slot go by it */
     uint32_t ring_max;         /* the longest frame the TX ring takes */
+    uint32_t mtu;              /* the port's, read every second; 0: unknown */
     int ifindex;
     struct tpb_port_counters *c;
     uint32_t n;
@@ -128,6 +129,7 @@ struct tpb_bridge {
     int hop_tagged;
     int have_hop;
     size_t overhead;           /* outer IPv4 + GRE */
+    int mtu_ok;                /* cfg.mtu (--out's, followed) carries the tunnel */
     uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
     uint8_t router_mac[6];     /* the in-side router, learned */
     int have_router_mac;
@@ -168,6 +170,12 @@ size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 
 /* encap.c */
+/* The smallest --out MTU that carries the tunnel with this overhead. */
+size_t encap_min_mtu(size_t overhead);
+/* --out's MTU, at open, on reload and whenever txq_check_mtu() finds it
+ * changed: the fragment size, the ICMP next-hop MTU and the MSS clamp
+ * follow it; below encap_min_mtu() selected frames are dropped. */
+void encap_mtu(struct tpb_bridge *br, uint32_t mtu);
 void learn_router(struct tpb_bridge *br, const struct frame *f);
 void encap_frame(struct tpb_bridge *br, struct frame *f);
 int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
@@ -208,13 +216,23 @@ void from_out_frame(struct tpb_bridge *br, struct frame *f);
 /* reasm.c */
 struct reasm *reasm_new(uint32_t memory, uint32_t timeout_ms);
 void reasm_free(struct reasm *r);
-/* Takes one outer IPv4 fragment; returns the whole datagram (in the txq
+/* Takes one outer IPv4 fragment (ip4_check'd, len its total length); a
+ * first fragment (offset 0) must have passed the caller's GRE checks, as
+ * it makes its datagram verified.  Returns the whole datagram (in the txq
  * arena) when this fragment completed it, else NULL. */
 uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
                    struct txq *q, const uint8_t *ip, size_t len,
                    uint64_t now_ns, size_t *out_len);
+/* Drops, uncounted, the datagram the fragment at ip belongs to (the caller
+ * counts why: a first fragment that failed its GRE checks). */
+void reasm_forget(struct reasm *r, struct tpb_tunnel_counters *tc,
+                  const uint8_t *ip);
 void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms);
 void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
                   uint64_t now_ns);
+/* The memory the datagrams held now account for, recomputed from them:
+ * always equal to tc->reasm_memory (checked after every fragment when
+ * built with -DTPB_DEBUG; for a fuzz harness). */
+size_t reasm_memory_held(const struct reasm *r);
 
 #endif

@@ -1,7 +1,11 @@
 /* encap.c — a selected frame into GRE toward the POP.
  *
  * A frame passes these stages, in the order the functions below appear:
+ *   0. encap_mtu()     (not per frame) --out's MTU, followed while running:
+ *                      below RFC 791's 68 bytes plus the overhead the
+ *                      tunnel carries nothing; the MSS clamps;
  *   1. encap_frame()   no POP up: bypass or drop (keepalive.c: tunnel_down);
+ *                      MTU too small: drop (mtu_too_small);
  *                      validate the inner IP header (trimming Ethernet
  *                      padding), learn_router(): the in-side router's MAC;
  *   2. clamp_mss()     SYN / SYN-ACK MSS down to what fits the tunnel,
@@ -32,6 +36,35 @@
 
 static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
 
+/* 0. ------------------------------------------------------------------ */
+
+/* RFC 791: "Every internet module must be able to forward a datagram of 68
+ * octets without further fragmentation" — a header of up to 60 bytes and
+ * the smallest fragment, 8.  Inside the tunnel that is what an inner
+ * fragment needs (frag_inner cuts at multiples of 8 behind the inner
+ * header), and the least next-hop MTU an ICMP "fragmentation needed" may
+ * announce (RFC 1191, 3).  So --out must carry 68 + the outer IPv4 and GRE
+ * headers: 92 bytes without GRE options, 104 with checksum, key and
+ * sequence number.  (IPv6 inner packets, whose links must carry 1280
+ * bytes, RFC 8200 5, are fragmented in the outer header below that.) */
+size_t encap_min_mtu(size_t overhead)
+{
+    return 68 + overhead;
+}
+
+void encap_mtu(struct tpb_bridge *br, uint32_t mtu)
+{
+    br->cfg.mtu = mtu;
+    br->mtu_ok = mtu >= encap_min_mtu(br->overhead);
+    if (br->cfg.mss) {
+        br->mss4 = br->mss6 = br->cfg.mss;
+    } else if (br->mtu_ok) {
+        /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
+        br->mss4 = (uint16_t)(mtu - br->overhead - 40);
+        br->mss6 = (uint16_t)(mtu - br->overhead - 60);
+    }   /* else: nothing selected leaves; the clamp of the way back stays */
+}
+
 /* 1. ------------------------------------------------------------------ */
 
 /* --in faces one router, the enterprise gateway: whatever it sends
@@ -57,6 +90,10 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
 
     if (br->active < 0) {          /* no POP answers: keepalive.c */
         tunnel_down(br, f);
+        return;
+    }
+    if (!br->mtu_ok) {             /* the loop goes on; ARP, echo, decap too */
+        br->tc.drop[TPB_DROP_MTU_TOO_SMALL]++;
         return;
     }
     if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6) {

@@ -64,12 +64,14 @@ static uint32_t port_mtu(int fd, int ifindex)
 }
 
 /* The MTU is read again every second (bridge.c), so that a port whose MTU
- * an operator lowers refuses the longer frames from then on. */
+ * an operator lowers refuses the longer frames from then on (and the
+ * tunnel follows it: encap_mtu). */
 void txq_check_mtu(struct txq *q)
 {
     uint32_t room = TPB_TXRING_SLOT - (uint32_t)TPB_TXRING_OFF - (uint32_t)VNET_LEN;
     uint32_t mtu = port_mtu(q->fd, q->ifindex);
 
+    q->mtu = mtu;
     q->ring_max = !mtu ? 0 : mtu + ETH_HLEN < room ? mtu + ETH_HLEN : room;
 }
 
