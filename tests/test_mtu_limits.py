@@ -95,8 +95,11 @@ def test_mtu_too_small_at_start_refused(mlab, daemons, opts, need):
     argv = [sys.executable, "-m", "tpb", "run", "--in", "eth2", "--out", "eth3", *TPB, *opts]
     res = mlab.run("tpb", argv, check=False, timeout=30)
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    # tpb run's own start checks (the same as `tpb check`'s) refuse it
+    # before the C helper's would
     assert res.stderr.splitlines() == [
-        f"tpb: --out eth3: MTU {need - 1} is too small for the tunnel (needs at least {need})"
+        f"tpb: --out eth3: MTU {need - 1} leaves 67 bytes inside the tunnel "
+        f"(overhead {need - 68}); at least {need} is needed"
     ], res.stderr
     assert res.stdout == ""
     assert tpb_leftovers(mlab) == []
