@@ -236,8 +236,7 @@ int tpb_bridge_run(struct tpb_bridge *br)
             br->mtu_checked_ns = br->now_ns;
             txq_check_mtu(&br->q[TPB_PORT_IN]);
             txq_check_mtu(&br->q[TPB_PORT_OUT]);
-            if (br->tunnel && br->q[TPB_PORT_OUT].mtu &&
-                br->q[TPB_PORT_OUT].mtu != br->cfg.mtu)
+            if (br->tunnel && br->q[TPB_PORT_OUT].mtu)
                 encap_mtu(br, br->q[TPB_PORT_OUT].mtu);
         }
         for (i = 0; i < br->nsrc; i++)
@@ -580,7 +579,7 @@ const char *tpb_drop_name(int reason)
         "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
-        "reasm_evicted", "mtu_too_small",
+        "reasm_evicted", "mtu_too_small", "frag_overflow",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

@@ -69,7 +69,8 @@ struct tpb_port_counters {
 #define TPB_DROP_TUNNEL_DOWN 27     /* no POP up and on_tunnel_down = drop */
 #define TPB_DROP_REASM_EVICTED 28   /* oldest datagram evicted for a newer one */
 #define TPB_DROP_MTU_TOO_SMALL 29   /* --out's MTU below the tunnel's minimum */
-#define TPB_NDROP 30
+#define TPB_DROP_FRAG_OVERFLOW 30   /* no IPv4 header can describe it: > 65535 */
+#define TPB_NDROP 31
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */
