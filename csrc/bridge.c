@@ -11,7 +11,10 @@
  *   3. pass()      flush both ports' queues (txq_flush, one sendmmsg per
  *                  batch), then hand the slots back to the kernel;
  *   4. run()       go round the sources; when all rings are empty, spin
- *                  briefly, then sleep in poll() on them and the stop fd.
+ *                  briefly, then sleep in poll() on them and the stop fd;
+ *                  every second the ports' MTUs are read again
+ *                  (txq_check_mtu) and the tunnel follows --out's
+ *                  (encap_mtu), reassembly and keepalives get their clock.
  *
  * Sources.  Each is two rings, split by frame length (ring.h) and merged
  * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
