@@ -11,7 +11,10 @@
  *   3. pass()      flush both ports' queues (txq_flush, one sendmmsg per
  *                  batch), then hand the slots back to the kernel;
  *   4. run()       go round the sources; when all rings are empty, spin
- *                  briefly, then sleep in poll() on them and the stop fd.
+ *                  briefly, then sleep in poll() on them and the stop fd;
+ *                  every second the ports' MTUs are read again
+ *                  (txq_check_mtu) and the tunnel follows --out's
+ *                  (encap_mtu), reassembly and keepalives get their clock.
  *
  * Sources.  Each is two rings, split by frame length (ring.h) and merged
  * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
@@ -236,8 +239,7 @@ int tpb_bridge_run(struct tpb_bridge *br)
             br->mtu_checked_ns = br->now_ns;
             txq_check_mtu(&br->q[TPB_PORT_IN]);
             txq_check_mtu(&br->q[TPB_PORT_OUT]);
-            if (br->tunnel && br->q[TPB_PORT_OUT].mtu &&
-                br->q[TPB_PORT_OUT].mtu != br->cfg.mtu)
+            if (br->tunnel && br->q[TPB_PORT_OUT].mtu)
                 encap_mtu(br, br->q[TPB_PORT_OUT].mtu);
         }
         for (i = 0; i < br->nsrc; i++)
@@ -587,6 +589,7 @@ const char *tpb_drop_name(int reason)
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
         "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
         "tun_invalid", "echo_csum", "echo_ratelimited", "reasm_evicted", "mtu_too_small",
+        "frag_overflow",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

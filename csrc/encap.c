@@ -14,7 +14,9 @@
  *                      segments, partial checksums completed — a GRE packet
  *                      can carry neither on to the POP;
  *   4. fit()           fits the --out MTU: push_gre(); too big with DF and
- *                      pmtud: icmp_too_big(); otherwise fragment;
+ *                      pmtud: icmp_too_big(); fragments no IPv4 header can
+ *                      describe (past 65535 bytes): dropped; otherwise
+ *                      fragment;
  *   5. push_gre()      one message: vnet | Ethernet as received | outer
  *                      IPv4 + GRE | inner packet, zero copy from the ring;
  *   6. frag_inner()    RFC 791 fragments of the inner IPv4 packet, each
@@ -33,6 +35,7 @@
 
 #define TCP_SYN 0x02
 #define ICMP_QUOTE_MAX (576 - 20 - 8)   /* RFC 1812 4.3.2.3 */
+#define IP_MAX 65535u                   /* RFC 791: the total length field */
 
 static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
 
@@ -54,6 +57,11 @@ size_t encap_min_mtu(size_t overhead)
 
 void encap_mtu(struct tpb_bridge *br, uint32_t mtu)
 {
+    /* No outer IPv4 datagram is longer than 65535 bytes, whatever the link
+     * carries (lo: 65536): the fit, the ICMP next-hop MTU and the MSS clamp
+     * stay within what the 16-bit fields hold. */
+    if (mtu > IP_MAX)
+        mtu = IP_MAX;
     br->cfg.mtu = mtu;
     br->mtu_ok = mtu >= encap_min_mtu(br->overhead);
     if (br->cfg.mss) {
@@ -191,8 +199,25 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p);
 static void icmp_too_big(struct tpb_bridge *br, struct frame *f,
                          struct inner *p);
 
+/* Whether IPv4 headers can describe the fragments (RFC 791): an inner
+ * fragment's offset counts in the inner datagram, which with its header
+ * ends by 65535 bytes — the packet being cut may be a fragment already,
+ * claiming more; an outer datagram is at most 65535 bytes, GRE included,
+ * which a near-64 KiB inner packet (IPv6's payload alone may be 65535)
+ * exceeds.  Past that the offset would reach 8192 x 8 and spill into the
+ * flag bits (8192 reads as MF with offset 0). */
+static int fragments_fit(const struct tpb_bridge *br, const struct inner *p)
+{
+    size_t ilen = p->hlen + p->dlen;
+
+    if (br->cfg.frag_mode == TPB_FRAG_INNER && p->proto == ETYPE_IPV4)
+        return (size_t)(rd16(p->hdr + 6) & IP_OFFMASK) * 8 + ilen <= IP_MAX;
+    return br->overhead + ilen <= IP_MAX;
+}
+
 static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
 {
+    /* cfg.mtu <= 65535 (encap_mtu): what fits is one outer datagram. */
     if (p->hlen + p->dlen + br->overhead <= br->cfg.mtu) {
         push_gre(br, f, p);
         return;
@@ -200,6 +225,10 @@ static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
     if (p->proto == ETYPE_IPV4 && (rd16(p->hdr + 6) & IP_DF) && br->cfg.pmtud) {
         icmp_too_big(br, f, p);
         br->tc.drop[TPB_DROP_TOO_BIG]++;
+        return;
+    }
+    if (!fragments_fit(br, p)) {
+        br->tc.drop[TPB_DROP_FRAG_OVERFLOW]++;
         return;
     }
     br->tc.fragmented++;

@@ -77,7 +77,8 @@ struct tpb_port_counters {
 #define TPB_DROP_ECHO_RATELIMITED 35 /* echo request over icmp_rate: no reply */
 #define TPB_DROP_REASM_EVICTED 36   /* oldest datagram evicted for a newer one */
 #define TPB_DROP_MTU_TOO_SMALL 37   /* --out's MTU below the tunnel's minimum */
-#define TPB_NDROP 38
+#define TPB_DROP_FRAG_OVERFLOW 38   /* no IPv4 header can describe it: > 65535 */
+#define TPB_NDROP 39
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */

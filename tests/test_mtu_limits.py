@@ -1,5 +1,5 @@
 """--out's MTU at its limits: too small for the tunnel at start and while
-running, followed when it changes.
+running, followed when it changes, and packets no IPv4 header can describe.
 
 The tunnel's smallest MTU is RFC 791's 68 bytes (a 60-byte header and the
 smallest fragment, 8) plus the outer IPv4 and GRE headers: 92 without GRE
@@ -33,7 +33,8 @@ from pop_util import (
     ping,
     tunnel_args,
 )
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from tunnel_util import exclusive_lab, parse_gre, tpb_leftovers
 
@@ -209,3 +210,149 @@ def test_mtu_lowered_while_running_is_followed(mlab, daemons):
     c = tpb.stop()["tunnel"]
     assert c["icmp_sent"] >= 1 and c["mss_clamped"] == 1 and c["fragments"] == 2, c
 
+
+# ---- what no IPv4 header can describe: past 65535 bytes ----------------------------
+#
+# An IPv4 datagram is at most 65535 bytes and a fragment offset at most
+# 8191 x 8 (RFC 791).  Near-64 KiB inner packets arrive whole on a jumbo
+# link (MTU 65535 here, everywhere but where a test lowers the out link):
+# with 24 bytes of GRE around them they are longer than any outer IPv4
+# datagram, and cut into fragments an offset of 65536 or more would run
+# into the flag bits (offset 8192 reads as MF with offset 0).  TPB drops
+# them (frag_overflow) and sends nothing of them; what still fits goes.
+
+JUMBO = 65535
+SERVER6 = "2001:db8:99::10"
+PC6 = "2001:db8:1::10"
+
+
+@pytest.fixture(scope="module")
+def jlab():
+    need_root()
+    with exclusive_lab(lambda p: labmod.tunnel(p, mtu=JUMBO), "tpbmtj") as lb:
+        # No `tpb pop`: the pop's kernel must not answer GRE with ICMP.
+        lb.run(
+            "pop",
+            [
+                "nft",
+                "add table ip tpbmtj; "
+                "add chain ip tpbmtj input { type filter hook input priority 0; policy accept; }; "
+                "add rule ip tpbmtj input ip protocol gre drop",
+            ],
+        )
+        yield lb
+
+
+@pytest.fixture
+def jdaemons(jlab, tmp_path):
+    d = Daemons(tmp_path)
+    try:
+        yield d
+    finally:
+        d.close()
+        set_out_mtu(jlab, JUMBO)
+
+
+def big_ipv6(lab, ilen: int, marker: bytes) -> bytes:
+    """An IPv6 UDP packet of ilen bytes from pc to the server's v6 address."""
+    body = (marker * (ilen // len(marker) + 1))[: ilen - 48]
+    ip = IPv6(src=PC6, dst=SERVER6, hlim=64) / UDP(sport=40000, dport=9) / body
+    frame = bytes(Ether(src=mac(lab, "gw1", "eth1"), dst=mac(lab, "gw2", "eth0")) / ip)
+    assert len(frame) == 14 + ilen
+    return frame
+
+
+def big_ipv4(lab, ilen: int, marker: bytes, frag: int = 0) -> bytes:
+    """An IPv4 packet of ilen bytes from pc to the server, DF clear; `frag`
+    its flags/offset field (a fragment already, maybe one that claims to
+    reach past 65535)."""
+    body = (marker * (ilen // len(marker) + 1))[: ilen - 20]
+    ip = bytearray(bytes(IP(src=T_PC, dst=T_SERVER, ttl=64, proto=17, id=0x4242) / body))
+    struct.pack_into("!H", ip, 6, frag)
+    ip[10:12] = b"\0\0"
+    ip[10:12] = struct.pack("!H", 0xFFFF - inet_sum(bytes(ip[:20])))
+    eth = Ether(src=mac(lab, "gw1", "eth1"), dst=mac(lab, "gw2", "eth0"), type=0x0800)
+    frame = bytes(eth) + bytes(ip)
+    assert len(frame) == 14 + ilen
+    return frame
+
+
+def gre_after(lab, frame: bytes) -> list:
+    """The GRE packets TPB sends for `frame`, sent from gw1: up to a small
+    selected packet sent after it (TPB keeps their order)."""
+    fence = b"FENCE-" + frame[-8:].hex().encode()
+    with Capture(lab, "gw2", "eth0", keep=from_tpb, incoming_only=True) as cap:
+        with FrameSender(lab, "gw1", "eth1") as tx:
+            tx.send(frame)
+            tx.send(big_ipv4(lab, 100, fence))
+        cap.wait(lambda fr: any(fence in f.data for f in fr), 5, "the fence")
+        time.sleep(0.2)
+        frames = cap.stop()
+    return [parse_gre(f.data) for f in frames if fence not in f.data]
+
+
+def outer_datagrams(grams: list) -> dict[int, tuple[int, list[tuple[int, int, bool]]]]:
+    """Outer IPv4 fragments by IP ID: (the datagram's length as the
+    fragments describe it, [(offset, data length, MF)])."""
+    out: dict[int, list[tuple[int, int, bool]]] = {}
+    for g in grams:
+        ff = struct.unpack_from("!H", g.outer, 6)[0]
+        tot = struct.unpack_from("!H", g.outer, 2)[0]
+        out.setdefault(g.ip_id, []).append(((ff & 0x1FFF) * 8, tot - 20, bool(ff & 0x2000)))
+    return {k: (20 + max(o + n for o, n, _ in v), sorted(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("ilen,out_mtu,fits", [
+    (65535, 1044, False),  # cut at 1024: a fragment at 65536 (offset field 0x2000)
+    (65535, JUMBO, False),  # 65559 bytes of outer datagram
+    (65511, 1044, True),  # 65535 with GRE: the largest that fits
+], ids=["offset-65536", "outer-65559", "largest-that-fits"])
+def test_near_64k_ipv6_inner_packet(jlab, jdaemons, ilen, out_mtu, fits):
+    set_out_mtu(jlab, out_mtu)
+    tpb = jdaemons.run(jlab, *TPB, "--match", f"ip6 daddr {SERVER6}")
+    frame = big_ipv6(jlab, ilen, b"V6-%d-" % ilen)
+    grams = gre_after(jlab, frame)
+    c = tpb.stop()["tunnel"]
+    if not fits:
+        assert grams == [], f"{len(grams)} fragments sent"
+        assert c["drop"] == {"frag_overflow": 1}, c["drop"]
+        return
+    (length, pieces), = outer_datagrams(grams).values()
+    assert length == 65535 and all(20 + n <= out_mtu for _, n, _ in pieces), pieces
+    assert [o for o, _, _ in pieces] == list(range(0, 65515, 1024)), pieces
+    assert [mf for _, _, mf in pieces] == [True] * (len(pieces) - 1) + [False]
+    # the fragments' payloads in order: the GRE header and the packet
+    whole = b"".join(g.gre for g in sorted(
+        grams, key=lambda g: struct.unpack_from("!H", g.outer, 6)[0] & 0x1FFF))
+    assert whole == b"\x00\x00\x86\xdd" + frame[14:], "the GRE payload is not the packet"
+    assert c["drop"] == {} and c["fragments"] == len(pieces), c
+
+
+@pytest.mark.parametrize("mode,fits", [("outer", False), ("inner", True)])
+def test_near_64k_ipv4_inner_packet(jlab, jdaemons, mode, fits):
+    """65535 bytes of IPv4 on a 65535-byte link: the outer datagram would be
+    65559 bytes (dropped); fragmenting the inner packet instead fits."""
+    tpb = jdaemons.run(jlab, *TPB, "--fragment", mode)
+    frame = big_ipv4(jlab, 65535, b"V4-" + mode.encode())
+    grams = gre_after(jlab, frame)
+    c = tpb.stop()["tunnel"]
+    if not fits:
+        assert grams == [] and c["drop"] == {"frag_overflow": 1}, (len(grams), c["drop"])
+        return
+    inner = [g.inner for g in grams]
+    assert [len(p) for p in inner] == [20 + 65488, 20 + 27], [len(p) for p in inner]
+    assert [struct.unpack_from("!H", p, 6)[0] for p in inner] == [0x2000, 65488 // 8]
+    assert inner[0][20:] + inner[1][20:] == frame[34:]
+    assert c["drop"] == {} and c["fragments"] == 2, c
+
+
+def test_inner_fragment_reaching_past_64k_dropped(jlab, jdaemons):
+    """An inner fragment at offset 65528 with 2000 bytes claims to end past
+    65535; cut for a 1044-byte link, its second piece's offset (66528 / 8)
+    would spill into the flag bits.  Dropped, nothing sent."""
+    set_out_mtu(jlab, 1044)
+    tpb = jdaemons.run(jlab, *TPB)
+    grams = gre_after(jlab, big_ipv4(jlab, 2020, b"PAST-64K", frag=0x1FFF))
+    c = tpb.stop()["tunnel"]
+    assert grams == [], f"{len(grams)} fragments sent"
+    assert c["drop"] == {"frag_overflow": 1}, c["drop"]
