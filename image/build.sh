@@ -138,7 +138,8 @@ hook_customize() {
 
     # The user tpb now, so that udev applies 70-tpb.rules at the first boot.
     chroot "$root" systemd-sysusers
-    chroot "$root" systemctl enable systemd-networkd.service tpb.service tpb-provision.service
+    chroot "$root" systemctl enable systemd-networkd.service tpb.service tpb-provision.service \
+        tpb-ifnames.service
     chroot "$root" systemctl disable ssh.service
     rm -f "$root"/etc/ssh/ssh_host_*
 
