@@ -1,6 +1,7 @@
 # TPB — the two commands a newcomer needs: `make demo` and `make test`.
 # Both install what they need first (Debian packages, then a venv with TPB).
-# `make install` puts TPB on this machine as a service (appliance/README.md).
+# `make install` puts TPB on this machine as a service (appliance/README.md);
+# `make image` builds the bootable appliance image (image/README.md).
 
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -8,13 +9,16 @@ STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
              nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
-             systemd systemd-container prometheus
+             systemd systemd-container prometheus qemu-utils ovmf dnsmasq-base
 # What `make install` needs on the machine it installs on: to build the C
 # helper into the venv, and what TPB runs (ip, nft).
 INSTALL_PKGS := python3 python3-venv python3-dev gcc libffi-dev iproute2 nftables
+# What `make image` needs besides what `make install` needs (it runs it).
+IMAGE_PKGS := mmdebstrap e2fsprogs dosfstools mtools fdisk
 PYTEST_ARGS ?=
 
-.PHONY: all setup deps install-deps demo test lint bench clean kgre install uninstall
+.PHONY: all setup deps install-deps demo test lint bench clean kgre install uninstall \
+        image image-deps test-image wheel
 
 all: setup
 
@@ -53,7 +57,7 @@ demo: setup
 kgre: deps
 	$(SUDO) tests/kgre/build.sh
 
-test: setup lint kgre
+test: setup lint kgre image
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -63,7 +67,36 @@ bench: setup
 	$(SUDO) $(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info tpb/_tpb_c*.so tpb/_tpb_c.c
+	rm -rf $(VENV) build dist *.egg-info tpb/_tpb_c*.so tpb/_tpb_c.c image/out
+
+# ---- make image / make test-image --------------------------------------------
+# The appliance's disk image, image/out/tpb.img: Debian 12 with the kernel of
+# bookworm-backports, systemd-boot, TPB installed by `make install
+# DESTDIR=...` (image/README.md). A second run with the same sources says "up
+# to date". Settings (TPB_IMAGE_IN_MATCH=..., see image/build.sh) on the
+# command line: `make image TPB_IMAGE_IN_MATCH=MACAddress=00:11:22:33:44:55`.
+IMAGE_VARS := TPB_IMAGE_IN_MATCH TPB_IMAGE_OUT_MATCH TPB_IMAGE_MGMT_MATCH TPB_IMAGE_ROOT_SIZE \
+              TPB_IMAGE_ROOT_PASSWORD TPB_IMAGE_KERNEL TPB_IMAGE_MIRROR TPB_IMAGE_SECURITY_MIRROR \
+              TPB_IMAGE_OUT TPB_IMAGE_CACHE
+
+image-deps:
+	$(call apt-install,$(IMAGE_PKGS) $(INSTALL_PKGS))
+
+image: image-deps
+	$(SUDO) env $(foreach v,$(IMAGE_VARS),$(if $($(v)),$(v)='$($(v))')) image/build.sh
+
+# TPB and its dependencies as wheels in dist/, built with Debian's python3 like
+# `make install` (the C helper compiled for Debian 12's Python 3.11): to
+# update TPB on an installed appliance (image/README.md, "Updating").
+wheel: install-deps
+	rm -rf dist build/wheel-venv
+	$(SYSTEM_PYTHON) -m venv build/wheel-venv
+	env PIP_DISABLE_PIP_VERSION_CHECK=1 build/wheel-venv/bin/pip wheel -q -w dist .
+	@ls dist
+
+# The image booted under qemu (TCG) and tested: tests/test_image.py.
+test-image: setup image
+	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS) tests/test_image.py
 
 # ---- make install / make uninstall -------------------------------------------
 # The layout the units in appliance/ expect (their ExecStart= is
