@@ -113,30 +113,12 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 static int first_fragment_gre(const struct gre_rx *r, const uint8_t *g,
                               size_t glen)
 {
-    uint16_t flags, proto;
-    size_t off = 4;
+    struct gre_pkt p;
+    uint16_t proto;
+    int rc = gre_check(r, g, glen, GRE_CHECK_SEQ, &p);
 
-    if (glen < 4)
-        return TPB_DROP_GRE_TRUNCATED;
-    flags = rd16(g);
-    if (flags & GRE_VER)
-        return TPB_DROP_GRE_VERSION;
-    if (flags & GRE_UNKNOWN)
-        return TPB_DROP_GRE_FLAGS;
-    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
-        return TPB_DROP_GRE_TRUNCATED;
-    if (flags & GRE_C)
-        off += 4;
-    else if (r->csum)
-        return TPB_DROP_GRE_CSUM_MISSING;
-    if (flags & GRE_K) {
-        if (!r->has_key || rd32(g + off) != r->key)
-            return TPB_DROP_GRE_KEY;
-    } else if (r->has_key) {
-        return TPB_DROP_GRE_KEY;
-    }
-    if (!(flags & GRE_S) && r->seq)
-        return TPB_DROP_GRE_SEQ_MISSING;
+    if (rc)
+        return rc;
     proto = rd16(g + 2);
     if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6 && proto != 0)
         return TPB_DROP_GRE_PROTO;

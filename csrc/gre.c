@@ -3,12 +3,14 @@
  *   gre_encap()   outer IPv4 (RFC 791) + GRE (RFC 2784, key and sequence
  *                 number per RFC 2890), TOS/TTL/DF per the tunnel settings,
  *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
- *   gre_decode()  validate (version, flags, checksum, key, sequence)
- *                 without touching the sequence window;
+ *   gre_check()   what every GRE header from a remote gets (version,
+ *                 flags, length, checksum, key, sequence number present);
+ *   gre_decode()  gre_check(), the protocol, the sequence window, without
+ *                 moving it;
  *   gre_commit_seq()  move the window, called by whoever delivers the
  *                 packet, only once it is delivered;
- *   gre_keepalive_answer()  the same checks for a keepalive answer
- *                 (protocol 0, no sequence number needed, window untouched);
+ *   gre_keepalive_answer()  gre_check() for a keepalive answer (protocol
+ *                 0, no sequence number needed, window untouched);
  *   ka_id_check() and the answer's IP ID is one we sent lately;
  *   ecn_decap()   RFC 6040 section 4.2, figure 4.
  */
@@ -105,10 +107,15 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
     return 20 + gre_header(t, out + 20, proto, plen, psum);
 }
 
-int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
-               int csum_checked, struct gre_pkt *out)
+/* What every GRE header from a remote gets, in this order: version,
+ * flags, length, the checksum (verified with GRE_CHECK_CSUM, required
+ * when this side wants them), the key, a sequence number (required with
+ * GRE_CHECK_SEQ when this side wants them).  Fills out's off, has_seq and
+ * seq (not proto); the window is left to the callers. */
+int gre_check(const struct gre_rx *r, const uint8_t *g, size_t glen,
+              unsigned what, struct gre_pkt *out)
 {
-    uint16_t flags, proto;
+    uint16_t flags;
     size_t off = 4;
     uint32_t seq = 0;
 
@@ -122,7 +129,7 @@ int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
     if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
         return TPB_DROP_GRE_TRUNCATED;
     if (flags & GRE_C) {
-        if (!csum_checked && csum_finish(csum_add(0, g, glen)) != 0)
+        if ((what & GRE_CHECK_CSUM) && csum_finish(csum_add(0, g, glen)) != 0)
             return TPB_DROP_GRE_CSUM;
         off += 4;
     } else if (r->csum) {
@@ -138,21 +145,31 @@ int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
     if (flags & GRE_S) {
         seq = rd32(g + off);
         off += 4;
-    } else if (r->seq) {
+    } else if ((what & GRE_CHECK_SEQ) && r->seq) {
         return TPB_DROP_GRE_SEQ_MISSING;
     }
-    proto = rd16(g + 2);
-    if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6)
+    out->has_seq = r->seq && (flags & GRE_S);
+    out->seq = seq;
+    out->off = (uint16_t)off;
+    return 0;
+}
+
+int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
+               int csum_checked, struct gre_pkt *out)
+{
+    int rc = gre_check(r, g, glen, (csum_checked ? 0 : GRE_CHECK_CSUM) | GRE_CHECK_SEQ,
+                       out);
+
+    if (rc)
+        return rc;
+    out->proto = rd16(g + 2);
+    if (out->proto != ETYPE_IPV4 && out->proto != ETYPE_IPV6)
         return TPB_DROP_GRE_PROTO;
     /* RFC 2890 2.2: a number not after the last one accepted is stale (as
      * Linux, serial arithmetic; duplicates are stale too).  "Accepted" is
      * delivered: the window moves in gre_commit_seq(). */
-    out->has_seq = r->seq && (flags & GRE_S);
-    out->seq = seq;
-    if (out->has_seq && r->seq_started && (int32_t)(seq - r->next_seq) < 0)
+    if (out->has_seq && r->seq_started && (int32_t)(out->seq - r->next_seq) < 0)
         return TPB_DROP_GRE_SEQ_STALE;
-    out->proto = proto;
-    out->off = (uint16_t)off;
     return 0;
 }
 
@@ -173,31 +190,11 @@ void gre_commit_seq(struct gre_rx *r, const struct gre_pkt *p)
  * window belongs to the data packets, RFC 2890 2.2). */
 int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen)
 {
-    uint16_t flags;
-    size_t off = 4;
+    struct gre_pkt p;
+    int rc = gre_check(r, g, glen, GRE_CHECK_CSUM, &p);
 
-    if (glen < 4)
-        return TPB_DROP_GRE_TRUNCATED;
-    flags = rd16(g);
-    if (flags & GRE_VER)
-        return TPB_DROP_GRE_VERSION;
-    if (flags & GRE_UNKNOWN)
-        return TPB_DROP_GRE_FLAGS;
-    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
-        return TPB_DROP_GRE_TRUNCATED;
-    if (flags & GRE_C) {
-        if (csum_finish(csum_add(0, g, glen)) != 0)
-            return TPB_DROP_GRE_CSUM;
-        off += 4;
-    } else if (r->csum) {
-        return TPB_DROP_GRE_CSUM_MISSING;
-    }
-    if (flags & GRE_K) {
-        if (!r->has_key || rd32(g + off) != r->key)
-            return TPB_DROP_GRE_KEY;
-    } else if (r->has_key) {
-        return TPB_DROP_GRE_KEY;
-    }
+    if (rc)
+        return rc;
     return rd16(g + 2) == 0 ? 0 : TPB_DROP_GRE_PROTO;
 }
 

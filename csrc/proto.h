@@ -116,17 +116,23 @@ size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
 uint8_t outer_tos(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 
-/* Validates GRE at g (glen bytes, to the end of the outer IP payload) for
- * this tunnel; returns 0 or a TPB_GRE_* drop reason. */
-/* csum_checked: the kernel already verified the GRE checksum while it
- * merged the packet (GRO), and the field now holds the first segment's. */
 /* segment.c: completes a CHECKSUM_PARTIAL packet's L4 checksum from the
  * vnet header's csum_start/csum_offset (counted from `frame`); -1 if they
  * point outside it. */
 struct virtio_net_hdr;
 int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 
-/* Checks only: the sequence window is not moved (gre_commit_seq()). */
+/* The checks shared by every GRE header from a remote (gre.c); `what`: */
+#define GRE_CHECK_CSUM 1u   /* verify a checksum present over glen bytes */
+#define GRE_CHECK_SEQ 2u    /* require a sequence number where r->seq */
+int gre_check(const struct gre_rx *r, const uint8_t *g, size_t glen,
+              unsigned what, struct gre_pkt *out);
+
+/* Validates GRE at g (glen bytes, to the end of the outer IP payload) for
+ * this tunnel; returns 0 or a TPB_DROP_GRE_* reason.  csum_checked: the
+ * kernel already verified the GRE checksum while it merged the packet
+ * (GRO), and the field now holds the first segment's.  Checks only: the
+ * sequence window is not moved (gre_commit_seq()). */
 int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out);
 
