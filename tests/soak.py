@@ -59,9 +59,11 @@ PREFIX = "tpbsoak"
 KEY = 7
 LISTEN = "127.0.0.1:9547"
 REPORT_EVERY = 10.0
-FLOOD_PPS = 50000
-ATTACK_PPS = 1000
-TCP_RATE = "200M"
+# The mix's rates; SOAK_FLOOD_PPS, SOAK_ATTACK_PPS, SOAK_TCP_RATE override
+# them (to find which part of the mix a finding comes from).
+FLOOD_PPS = int(os.environ.get("SOAK_FLOOD_PPS", "50000"))
+ATTACK_PPS = int(os.environ.get("SOAK_ATTACK_PPS", "1000"))
+TCP_RATE = os.environ.get("SOAK_TCP_RATE", "200M")
 PING_INTERVAL = 0.05
 FLAT = 0.05
 FLOOD_MAC = "02:00:00:00:00:77"
