@@ -191,10 +191,12 @@ def test_link_down_and_up_forwarding_resumes_within_a_second(flab, procs, port, 
         assert not lost, f"{k}: frames lost a second after the link came back: {lost}"
         assert gaps[k] is not None and gaps[k] < RETURN_LIMIT, (k, gaps[k])
     assert d.running and d.proc.poll() is None, d.stderr
-    d.stop()  # exit 0, one summary line, no traceback
+    c = d.stop()  # exit 0, one summary line, no traceback
+    drops = {f"{p}.{k[5:]}": v for p in ("in", "out") for k, v in c[p].items()
+             if k.startswith("drop_") and v}
     print(f"\nfault {port} {how} ({node} {dev}) for {t_up - t_down:.2f} s: forwarding back "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in gaps.items())
-          + " after `ip link set up`")
+          + f" after `ip link set up`; TPB's drops {drops}, tunnel {c['tunnel']['drop']}")
 
 
 # -- a port deleted ------------------------------------------------------------------------
