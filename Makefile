@@ -16,8 +16,9 @@ INSTALL_PKGS := python3 python3-venv python3-dev gcc libffi-dev iproute2 nftable
 # What `make image` needs besides what `make install` needs (it runs it).
 IMAGE_PKGS := mmdebstrap e2fsprogs dosfstools mtools fdisk
 PYTEST_ARGS ?=
+SOAK_SECONDS ?= 600
 
-.PHONY: all setup deps install-deps demo test lint bench clean kgre install uninstall \
+.PHONY: all setup deps install-deps demo test lint bench soak clean kgre install uninstall \
         image image-deps test-image wheel
 
 all: setup
@@ -65,6 +66,12 @@ lint: setup
 
 bench: setup
 	$(SUDO) $(PY) -m bench
+
+# Mixed traffic and attacks for SOAK_SECONDS (default 600): RSS, descriptors,
+# reassembly memory and the frame balance every 10 s (tests/soak.py). Not
+# part of `make test`; run it alone on the machine.
+soak: setup
+	$(SUDO) env SOAK_SECONDS=$(SOAK_SECONDS) $(PY) tests/soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info tpb/_tpb_c*.so tpb/_tpb_c.c image/out

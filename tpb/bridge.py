@@ -29,6 +29,7 @@ from tpb.native import (
     PortCounters,
     tunnel_struct,
 )
+from tpb.nftguard import TableGuard
 from tpb.ports import Port, host_addresses, lookup, refresh, require_privileges, root_qdisc
 from tpb.select import Selector
 from tpb.service import (
@@ -251,6 +252,7 @@ class Bridge:
         self.reload_state = ReloadState()
         self.ports: dict[str, Port] = {}
         self.selector: Selector | None = None
+        self.guard: TableGuard | None = None
         self.native: NativeBridge | None = None
         self._watch: QdiscWatch | None = None
         self._qos: int | None = None
@@ -299,6 +301,8 @@ class Bridge:
                 "sel_ifindex": self.selector.start(),
                 "mark": s.mark,
             }
+            self.guard = TableGuard(self.selector)
+            self._stack.callback(self.guard.close)
         self.native = NativeBridge(
             self.ports["in"].ifindex,
             self.ports["out"].ifindex,
@@ -320,9 +324,13 @@ class Bridge:
     def _serve_metrics(self, listen: tuple[str, int] | None) -> Closeable | None:
         return serve_metrics(
             listen, lambda: metrics.BridgeCollector(
-                self.native, self.ports, self.reload_state, tunnel=self.s.tunnel is not None
+                self.native, self.ports, self.reload_state, tunnel=self.s.tunnel is not None,
+                nft_restored=self._nft_restored if self.guard is not None else None,
             )
         )
+
+    def _nft_restored(self) -> int:
+        return self.guard.restored if self.guard is not None else 0
 
     def _snapshot(self) -> dict[str, Any]:
         return status.bridge_snapshot(self.native, self.ports, self.s)
@@ -376,6 +384,8 @@ class Bridge:
     def tick(self) -> None:
         assert self._watch and self.native
         self._watch.check()
+        if self.guard is not None:
+            self.guard.check()
         if self.s.tunnel is not None:
             self._states.update({r.addr: r for r in self.native.remotes()})
 

@@ -27,7 +27,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 from wsgiref.simple_server import WSGIRequestHandler
@@ -126,6 +126,10 @@ FAMILIES: dict[str, Family] = {
     "keepalive_rtt_seconds": Family(GAUGE, "Round-trip time of the last answered keepalive."),
     "keepalive_last_reply_age_seconds": Family(
         GAUGE, "Time since the last answered keepalive."
+    ),
+    "nft_restored": Family(
+        COUNTER, "Times TPB found its nftables table deleted or changed by someone else and "
+        "loaded it again."
     ),
     "pop_learned_entries": Family(GAUGE, "Learned inner source -> bridge entries."),
     "config_last_reload_successful": Family(
@@ -308,9 +312,13 @@ class BridgeCollector(Collector):
         reload: ReloadState,
         *,
         tunnel: bool | None = None,
+        nft_restored: Callable[[], int] | None = None,
     ) -> None:
-        """bridge: tpb.native.NativeBridge; ports: {"in": Port, "out": Port}."""
+        """bridge: tpb.native.NativeBridge; ports: {"in": Port, "out": Port};
+        nft_restored: how often the table was restored (tpb/nftguard.py;
+        a Python counter, the control plane's), None without a table."""
         self._bridge = bridge
+        self._nft_restored = nft_restored
         self._ports = [(PORT_IN, "in", ports["in"].name), (PORT_OUT, "out", ports["out"].name)]
         self._reload = reload
         self._tunnel = tunnel
@@ -329,6 +337,8 @@ class BridgeCollector(Collector):
             out.fields("struct tpb_tunnel_counters", self._bridge.tunnel_counters(), {})
             for r in remotes:
                 out.fields("struct tpb_remote_state", r, {"remote": r.addr})
+        if self._nft_restored is not None:
+            out.add("nft_restored", {}, float(self._nft_restored()))
         out.reload(self._reload)
         return out.families()
 
