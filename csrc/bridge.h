@@ -43,6 +43,10 @@ struct txq {
     uint8_t qdisc[TXQ_MAX];      /* 1: send through fd_q */
     uint8_t *arena;
     size_t arena_used;
+#ifdef TPB_FUZZ
+    uint8_t **fz_bufs;         /* txq_alloc()'s, each its own malloc() */
+    uint32_t fz_nbufs, fz_cap;
+#endif
 };
 
 /* One received frame: the Ethernet header in the ring (untagged: the
@@ -149,6 +153,19 @@ void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 
+#ifdef TPB_FUZZ
+/* Fuzzing builds only (fuzz/README.md): no socket is opened; every message
+ * txq_send() would send goes to this sink instead, then counts as sent. */
+extern void (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
+/* A bridge without sockets or rings (tunnel mode if cfg->tunnel), its
+ * clock at now_ns; NULL if cfg is refused.  tpb_bridge_close() frees it. */
+struct tpb_bridge *tpb_fuzz_bridge_open(const struct tpb_bridge_config *cfg,
+                                        uint64_t now_ns);
+/* What a live reload does between passes (tunnel mode). */
+void tpb_fuzz_bridge_reconfigure(struct tpb_bridge *br,
+                                 const struct tpb_tunnel_config *t);
+#endif
+
 /* encap.c */
 void learn_router(struct tpb_bridge *br, const struct frame *f);
 void encap_frame(struct tpb_bridge *br, struct frame *f);
@@ -198,5 +215,10 @@ uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
 void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms);
 void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
                   uint64_t now_ns);
+#ifdef TPB_FUZZ
+/* The bytes the datagrams in progress hold, counted afresh (fuzz/reasm.c
+ * compares it with the accounting). */
+size_t reasm_memory_held(const struct reasm *r);
+#endif
 
 #endif

@@ -259,3 +259,16 @@ void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
         if (r->d[i].used && r->d[i].deadline <= now_ns)
             drop_dgram(r, tc, &r->d[i], TPB_DROP_REASM_TIMEOUT);
 }
+
+#ifdef TPB_FUZZ
+size_t reasm_memory_held(const struct reasm *r)
+{
+    size_t held = 0;
+    int i;
+
+    for (i = 0; i < SLOTS; i++)
+        if (r->d[i].used)
+            held += r->d[i].cap;
+    return held;
+}
+#endif
