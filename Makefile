@@ -52,3 +52,5 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info tpb/_tpb_c*.so tpb/_tpb_c.c
+
+include fuzz/fuzz.mk
