@@ -975,8 +975,15 @@ static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
     pop->nprefixes = cfg->nprefixes;
     pop->peers = calloc(cfg->npeers + 1, sizeof(*pop->peers));
     pop->prefixes = calloc(cfg->nprefixes + 1, sizeof(*pop->prefixes));
+#ifndef TPB_FUZZ
     pop->rbuf = malloc((size_t)MAX_BATCH * BUF_SIZE);
     pop->sbuf = malloc((size_t)MAX_BATCH * (BUF_SIZE + VNET_LEN));
+#else
+    /* fuzz/pop.c hands over one packet per call: one slot of each (and
+     * 8 MB allocated and freed per input would be most of the time) */
+    pop->rbuf = malloc(BUF_SIZE);
+    pop->sbuf = malloc(BUF_SIZE + VNET_LEN);
+#endif
     if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf) {
         tpb_pop_close(pop);
         return NULL;
