@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
              nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
-             prometheus
+             prometheus clang-14 libclang-rt-14-dev
 PYTEST_ARGS ?=
 
 .PHONY: all setup deps demo test lint bench clean kgre
@@ -45,7 +45,7 @@ test: setup lint kgre
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check tpb tests bench
+	$(VENV)/bin/ruff check tpb tests bench fuzz
 
 bench: setup
 	$(SUDO) $(PY) -m bench

@@ -36,6 +36,7 @@ $(FUZZ_DIR)/%: $(FUZZ_DIR)/obj/h_%.o $(FUZZ_DIR)/libtpbfuzz.a
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $< $(FUZZ_DIR)/libtpbfuzz.a -lpthread -o $@
 
 .PHONY: fuzz fuzz-build fuzz-deps
+.SECONDARY: $(FUZZ_HARNESS:%=$(FUZZ_DIR)/obj/h_%.o)
 
 # clang-14 and its libFuzzer runtime (Debian 12), only if missing.
 fuzz-deps:
@@ -45,14 +46,27 @@ fuzz-deps:
 
 fuzz-build: fuzz-deps $(FUZZ_BINS)
 
-# Each harness for FUZZ_SECONDS, one after the other; new inputs go to
-# build/fuzz/corpus/<harness> (fuzz/corpus/<harness> is only read), a
-# finding to build/fuzz/artifacts/<harness>/ and stops the run.
+# Each harness for FUZZ_SECONDS, one after the other (FUZZ_HARNESS=pop for
+# one); new inputs go to build/fuzz/corpus/<harness> (fuzz/corpus/<harness>
+# is only read), findings to build/fuzz/artifacts/<harness>/.  A finding
+# ends that harness's run, unless FUZZ_KEEP_GOING=1 (libFuzzer's fork mode:
+# it goes on and collects them all; fuzz/triage.py sorts them out).
+FUZZ_KEEP_GOING ?=
+FUZZ_OPTS := -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+             $(if $(FUZZ_KEEP_GOING),-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
+
 fuzz: fuzz-build
-	@for h in $(FUZZ_HARNESS); do \
-	  mkdir -p $(FUZZ_DIR)/corpus/$$h $(FUZZ_DIR)/artifacts/$$h; \
+	@failed=""; for h in $(FUZZ_HARNESS); do \
+	  rm -rf $(FUZZ_DIR)/artifacts/$$h; mkdir -p $(FUZZ_DIR)/corpus/$$h $(FUZZ_DIR)/artifacts/$$h; \
 	  echo "fuzz: $$h for $(FUZZ_SECONDS) s"; \
-	  $(FUZZ_DIR)/$$h -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  $(FUZZ_DIR)/$$h -max_total_time=$(FUZZ_SECONDS) $(FUZZ_OPTS) \
 	    -artifact_prefix=$(FUZZ_DIR)/artifacts/$$h/ \
-	    $(FUZZ_DIR)/corpus/$$h fuzz/corpus/$$h || exit 1; \
-	done
+	    $(FUZZ_DIR)/corpus/$$h fuzz/corpus/$$h 2>$(FUZZ_DIR)/$$h.log || failed="$$failed $$h"; \
+	  grep -E "^stat::number_of_executed_units|^stat::average_exec_per_sec|^#[0-9]+: cov" \
+	    $(FUZZ_DIR)/$$h.log | tail -2; \
+	  [ -z "$$(ls -A $(FUZZ_DIR)/artifacts/$$h)" ] || failed="$$failed $$h"; \
+	done; \
+	if [ -n "$$failed" ]; then \
+	  echo "fuzz: findings in:$$failed (see build/fuzz/<harness>.log, build/fuzz/artifacts/)"; \
+	  exit 1; \
+	fi
