@@ -10,7 +10,7 @@ DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-pi
              prometheus clang-14 libclang-rt-14-dev
 PYTEST_ARGS ?=
 
-.PHONY: all setup deps demo test lint bench clean kgre
+.PHONY: all setup deps demo test test-asan lint bench clean kgre
 
 all: setup
 
@@ -43,6 +43,29 @@ kgre: deps
 
 test: setup lint kgre
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite on a helper built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (gcc; TPB_SANITIZE=1 in tpb/build.py) into
+# build/asan, which every Python process of the run loads instead of the
+# production build (tests/asan/sitecustomize.py).  The ASan runtime must
+# come first in a process: python-asan preloads it into Python, and only
+# Python.  Python leaks by design: no leak detection.  Any sanitizer
+# report from any process fails the run, even one no test noticed.
+ASAN_DIR := build/asan
+ASAN_PY  := $(VENV)/bin/python-asan
+test-asan: setup lint kgre
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/reports
+	TPB_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_DIR)/lib \
+	  --build-temp $(ASAN_DIR)/tmp 2>$(ASAN_DIR)/build.log || { cat $(ASAN_DIR)/build.log; exit 1; }
+	printf '#!/bin/bash\nexport LD_PRELOAD=%s\nexec -a "$$0" "$$(dirname "$$0")/python" "$$@"\n' \
+	  "$$(gcc -print-file-name=libasan.so)" > $(ASAN_PY) && chmod +x $(ASAN_PY)
+	@rc=0; $(SUDO) env TPB_C_DIR=$(CURDIR)/$(ASAN_DIR)/lib/tpb PYTHONPATH=$(CURDIR)/tests/asan \
+	  ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(ASAN_DIR)/reports/asan \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(ASAN_DIR)/reports/ubsan \
+	  $(ASAN_PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ -n "$$(ls -A $(ASAN_DIR)/reports)" ]; then \
+	  echo "test-asan: sanitizer reports in $(ASAN_DIR)/reports:"; head -c 20000 $(ASAN_DIR)/reports/*; rc=1; \
+	fi; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check tpb tests bench fuzz
