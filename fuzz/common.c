@@ -9,6 +9,15 @@
 
 #define VER_UNKNOWN (GRE_VER | GRE_UNKNOWN)
 
+/* AddressSanitizer's defaults, tuned for throughput: a smaller quarantine
+ * (freed memory is reused sooner, fewer page faults) and shorter
+ * allocation stacks.  ASAN_OPTIONS still overrides them. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void)
+{
+    return "quarantine_size_mb=32:malloc_context_size=8";
+}
+
 /* ---- input ---- */
 
 uint8_t fz_u8(struct fz_in *in)
@@ -335,7 +344,8 @@ void fz_vnet(struct virtio_net_hdr *vh, int mode, struct fz_in *in,
         else
             vh->gso_type = l4->ver == 4 ? VIRTIO_NET_HDR_GSO_TCPV4
                                         : VIRTIO_NET_HDR_GSO_TCPV6;
-        vh->gso_size = size;
+        /* sizes below 256 (thousands of segments, slow) 1 time in 4 */
+        vh->gso_size = size < 256 && !(sel & 0x60) ? (uint16_t)(size + 256) : size;
         vh->hdr_len = (uint16_t)(vh->csum_start + (l4->proto == IPPROTO_TCP_ ? 20 : 8));
         return;
     case FZ_VNET_PARTIAL:
@@ -546,18 +556,18 @@ static int is_tunnel(const uint8_t *fr, size_t len)
     return proto == 4 || proto == 41 || proto == IPPROTO_GRE_;
 }
 
-/* Header bytes equal but for the listed offsets. */
+/* Header bytes equal but for the listed offsets (all below 64). */
 static int same_but(const uint8_t *a, const uint8_t *b, size_t n,
                     const size_t *skip, size_t nskip)
 {
-    size_t i, k;
+    uint64_t mask = 0;
+    size_t i;
 
-    for (i = 0; i < n; i++) {
-        for (k = 0; k < nskip && skip[k] != i; k++)
-            ;
-        if (k == nskip && a[i] != b[i])
+    for (i = 0; i < nskip; i++)
+        mask |= 1ull << skip[i];
+    for (i = 0; i < n; i++)
+        if (a[i] != b[i] && (i >= 64 || !(mask >> i & 1)))
             return 0;
-    }
     return 1;
 }
 

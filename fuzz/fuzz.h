@@ -115,7 +115,8 @@ void fz_frame_free(struct fz_frame *z);
 /* How the harness makes a vnet header for a frame (2 bits of the input). */
 enum { FZ_VNET_NONE, FZ_VNET_RAW, FZ_VNET_GSO, FZ_VNET_PARTIAL };
 /* The vnet header of mode for the frame data (its L4 as fz_fix_ip found):
- * raw takes 10 bytes of the input, GSO a type and size from it. */
+ * raw takes 10 bytes of the input, GSO a selector (bit 7: any type, bits
+ * 0-2 which; bits 5-6: a size below 256 as it is) and a size. */
 void fz_vnet(struct virtio_net_hdr *vh, int mode, struct fz_in *in,
              const struct fz_l4 *l4, uint32_t l2);
 
