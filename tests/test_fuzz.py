@@ -21,6 +21,10 @@ BUILD = ROOT / "build" / "fuzz"
 HARNESSES = ("from_out", "encap", "forward", "reasm", "pop", "gre")
 SECONDS = int(os.environ.get("TPB_FUZZ_SECONDS", "10"))
 CC = "clang-14"
+# The harnesses' own sanitizers report to their stderr, whatever the run
+# around them asks of its processes (make test-asan: log files, a preload).
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("ASAN_OPTIONS", "UBSAN_OPTIONS", "LD_PRELOAD")}
 
 
 def reproducers() -> list[Path]:
@@ -59,7 +63,7 @@ def test_fuzz(built: Path, harness: str, tmp_path: Path) -> None:
         [str(built / harness), f"-max_total_time={SECONDS}", "-timeout=10",
          "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
          str(corpus), str(ROOT / "fuzz" / "corpus" / harness)],
-        capture_output=True, text=True, errors="replace", timeout=SECONDS + 120,
+        capture_output=True, text=True, errors="replace", timeout=SECONDS + 120, env=ENV,
     )
     found = sorted(p.name for p in artifacts.iterdir())
     if res.returncode != 0 or found:
@@ -75,7 +79,7 @@ def test_reproducer(built: Path, path: Path) -> None:
     """A kept finding no longer fails (fuzz/crashes/<harness>/<what>)."""
     res = subprocess.run(
         [str(built / path.parent.name), "-timeout=10", "-rss_limit_mb=2048", str(path)],
-        capture_output=True, text=True, errors="replace", timeout=120,
+        capture_output=True, text=True, errors="replace", timeout=120, env=ENV,
     )
     if res.returncode != 0:
         pytest.fail(f"{path.parent.name}/{path.name} fails again:\n{report(res.stderr)}",
