@@ -48,21 +48,21 @@ test: setup lint kgre
 # UndefinedBehaviorSanitizer (gcc; TPB_SANITIZE=1 in tpb/build.py) into
 # build/asan, which every Python process of the run loads instead of the
 # production build (tests/asan/sitecustomize.py).  The ASan runtime must
-# come first in a process: python-asan preloads it into Python, and only
-# Python.  Python leaks by design: no leak detection.  Any sanitizer
-# report from any process fails the run, even one no test noticed.
+# come first in a process: it is preloaded into Python, and only Python
+# (sitecustomize hands it on to the Python processes a test starts, not to
+# ip, qemu, prometheus...).  Python leaks by design: no leak detection.
+# Any sanitizer report from any process fails the run, even one no test
+# noticed.
 ASAN_DIR := build/asan
-ASAN_PY  := $(VENV)/bin/python-asan
 test-asan: setup lint kgre
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/reports
 	TPB_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_DIR)/lib \
 	  --build-temp $(ASAN_DIR)/tmp 2>$(ASAN_DIR)/build.log || { cat $(ASAN_DIR)/build.log; exit 1; }
-	printf '#!/bin/bash\nexport LD_PRELOAD=%s\nexec -a "$$0" "$$(dirname "$$0")/python" "$$@"\n' \
-	  "$$(gcc -print-file-name=libasan.so)" > $(ASAN_PY) && chmod +x $(ASAN_PY)
 	@rc=0; $(SUDO) env TPB_C_DIR=$(CURDIR)/$(ASAN_DIR)/lib/tpb PYTHONPATH=$(CURDIR)/tests/asan \
+	  LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
 	  ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(ASAN_DIR)/reports/asan \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(ASAN_DIR)/reports/ubsan \
-	  $(ASAN_PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	  $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$$(ls -A $(ASAN_DIR)/reports)" ]; then \
 	  echo "test-asan: sanitizer reports in $(ASAN_DIR)/reports:"; head -c 20000 $(ASAN_DIR)/reports/*; rc=1; \
 	fi; exit $$rc

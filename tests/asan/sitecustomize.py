@@ -1,16 +1,38 @@
 """make test-asan: imported by every Python process of the run (PYTHONPATH).
 
 The C helper a process loads is the sanitized build in TPB_C_DIR (before
-tpb's own).  The ASan runtime, which must come first in a process, is
-preloaded by the interpreter the run uses (.venv/bin/python-asan, which
-the tests' sys.executable is, so the Python processes they start get it
-too); it is not handed on to what Python starts otherwise: ip, nft,
-tcpdump, qemu, prometheus... run as they always do.
+tpb's own).  The ASan runtime must come first in a process that loads it:
+the run starts Python with it preloaded (LD_PRELOAD), and each Python
+process hands the preload on only to the Python processes it starts (a
+command line with sys.executable in it: `ip netns exec NS python -m tpb`),
+not to ip, nft, tcpdump, qemu, prometheus... which run as they always do.
 """
 
 import os
+import subprocess
+import sys
+from typing import Any
 
-os.environ.pop("LD_PRELOAD", None)
+_PRELOAD = os.environ.pop("LD_PRELOAD", None)
+_PATHS = (str, bytes, os.PathLike)
+
+
+def _starts_python(args: Any) -> bool:
+    argv = [args] if isinstance(args, _PATHS) else list(args)
+    return any(isinstance(a, _PATHS) and os.fsdecode(a) == sys.executable for a in argv)
+
+
+if _PRELOAD:
+    _popen_init = subprocess.Popen.__init__
+
+    def _init(self: subprocess.Popen, args: Any, *a: Any, **kw: Any) -> None:
+        if _starts_python(args):
+            env = kw.get("env")
+            kw["env"] = {**(os.environ if env is None else env), "LD_PRELOAD": _PRELOAD}
+        _popen_init(self, args, *a, **kw)
+
+    subprocess.Popen.__init__ = _init  # type: ignore[method-assign]
+
 if os.environ.get("TPB_C_DIR"):
     import tpb
 
