@@ -11,7 +11,10 @@
  *   3. pass()      flush both ports' queues (txq_flush, one sendmmsg per
  *                  batch), then hand the slots back to the kernel;
  *   4. run()       go round the sources; when all rings are empty, spin
- *                  briefly, then sleep in poll() on them and the stop fd.
+ *                  briefly, then sleep in poll() on them and the stop fd;
+ *                  every second the ports' MTUs are read again
+ *                  (txq_check_mtu) and the tunnel follows --out's
+ *                  (encap_mtu), reassembly and keepalives get their clock.
  *
  * Sources.  Each is two rings, split by frame length (ring.h) and merged
  * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
@@ -32,6 +35,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <net/if.h>
 #include <linux/filter.h>
 #include <linux/if_ether.h>
 #include <sys/eventfd.h>
@@ -235,6 +239,8 @@ int tpb_bridge_run(struct tpb_bridge *br)
             br->mtu_checked_ns = br->now_ns;
             txq_check_mtu(&br->q[TPB_PORT_IN]);
             txq_check_mtu(&br->q[TPB_PORT_OUT]);
+            if (br->tunnel && br->q[TPB_PORT_OUT].mtu)
+                encap_mtu(br, br->q[TPB_PORT_OUT].mtu);
         }
         for (i = 0; i < br->nsrc; i++)
             work += pass(br, &br->src[i]);
@@ -379,11 +385,12 @@ static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_confi
     br->gtx.ip_id = ip_id;
     br->gtx.df = t->df;
     br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
-    /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
-    br->mss4 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 40);
-    br->mss6 = t->mss ? t->mss : (uint16_t)(t->mtu - br->overhead - 60);
+    /* The port's own MTU, once the loop has read it, over the caller's. */
+    encap_mtu(br, br->q[TPB_PORT_OUT].mtu ? br->q[TPB_PORT_OUT].mtu : t->mtu);
     if (br->icmp_tokens > t->icmp_rate)
         br->icmp_tokens = t->icmp_rate;
+    if (br->echo_tokens > t->icmp_rate)
+        br->echo_tokens = t->icmp_rate;
     if (br->reasm)
         reasm_limits(br->reasm, t->reasm_memory, t->reasm_timeout_ms);
 }
@@ -393,9 +400,18 @@ static int tunnel_state(struct tpb_bridge *br, const struct tpb_bridge_config *c
                         uint64_t now, char *err, size_t errlen)
 {
     const struct tpb_tunnel_config *t = &cfg->tun;
+    size_t min = encap_min_mtu(20 + gre_hlen(t->csum, t->has_key, t->seq));
+    char name[IF_NAMESIZE];
 
     if (tunnel_config_ok(t, err, errlen))
         return -1;
+    if (t->mtu < min) {
+        snprintf(err, errlen, "--out %s: MTU %u is too small for the tunnel "
+                 "(needs at least %zu)",
+                 if_indextoname((unsigned)cfg->ifindex[TPB_PORT_OUT], name)
+                     ? name : "?", t->mtu, min);
+        return -1;
+    }
     br->tunnel = 1;
     br->sel_ifindex = cfg->sel_ifindex;
     br->mark = cfg->mark;
@@ -404,6 +420,8 @@ static int tunnel_state(struct tpb_bridge *br, const struct tpb_bridge_config *c
     tunnel_settings(br, t);
     br->icmp_tokens = t->icmp_rate;
     br->icmp_last_ns = br->now_ns;
+    br->echo_tokens = t->icmp_rate;
+    br->echo_last_ns = br->now_ns;
     br->reasm = reasm_new(t->reasm_memory, t->reasm_timeout_ms);
     if (!br->reasm) {
         snprintf(err, errlen, "out of memory (reassembly)");
@@ -437,6 +455,7 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         snprintf(err, errlen, "out of memory (tx queues)");
         return -1;
     }
+    br->q[TPB_PORT_OUT].tc = &br->tc;      /* encap counted as it leaves */
     return 0;
 }
 
@@ -587,6 +606,9 @@ const char *tpb_drop_name(int reason)
         "local_other", "encap_not_ip", "encap_bad", "too_big", "gso_bad",
         "reasm_timeout", "reasm_overlap", "reasm_duplicate", "reasm_bad",
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
+        "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
+        "tun_invalid", "echo_csum", "echo_ratelimited", "reasm_evicted", "mtu_too_small",
+        "frag_overflow",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";
@@ -727,6 +749,8 @@ struct tpb_bridge *tpb_fuzz_bridge_open(const struct tpb_bridge_config *cfg,
     for (p = 0; p < TPB_NPORTS; p++)
         if (txq_init(&br->q[p], -1, -1, cfg->ifindex[p], &br->c[p]))
             goto fail;
+    if (cfg->tunnel)
+        br->q[TPB_PORT_OUT].tc = &br->tc;  /* as open_tunnel() */
     return br;
 fail:
     tpb_bridge_close(br);

@@ -33,6 +33,7 @@ struct txq {
     int fd_q;                  /* through the qdisc: see qdisc[] */
     struct tpb_txring ring;    /* fd's frames that fit a slot go by it */
     uint32_t ring_max;         /* the longest frame the TX ring takes */
+    uint32_t mtu;              /* the port's, read every second; 0: unknown */
     int ifindex;
     struct tpb_port_counters *c;
     uint32_t n;
@@ -43,11 +44,23 @@ struct txq {
     uint8_t qdisc[TXQ_MAX];      /* 1: send through fd_q */
     uint8_t *arena;
     size_t arena_used;
+    /* What a message counts in the tunnel's counters once it has left
+     * (txq_account): TXQ_ACCT_* and its inner bytes. */
+    struct tpb_tunnel_counters *tc;
+    uint8_t acct[TXQ_MAX];
+    uint32_t acct_bytes[TXQ_MAX];
+    uint8_t acct_broken;         /* a fragment of the packet was refused */
+    uint32_t fault_skip;         /* tests: every Nth TX ring slot invalid */
+    uint32_t fault_n;
 #ifdef TPB_FUZZ
     uint8_t **fz_bufs;         /* txq_alloc()'s, each its own malloc() */
     uint32_t fz_nbufs, fz_cap;
 #endif
 };
+
+#define TXQ_ACCT_NONE 0
+#define TXQ_ACCT_ENCAP 1         /* a GRE packet, or its last fragment */
+#define TXQ_ACCT_ENCAP_FRAG 2    /* a GRE packet's fragment but the last */
 
 /* One received frame: the Ethernet header in the ring (untagged: the
  * kernel moved any outer tag into the slot header) and its tag, if any. */
@@ -120,11 +133,14 @@ struct tpb_bridge {
     int hop_tagged;
     int have_hop;
     size_t overhead;           /* outer IPv4 + GRE */
+    int mtu_ok;                /* cfg.mtu (--out's, followed) carries the tunnel */
     uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
     uint8_t router_mac[6];     /* the in-side router, learned */
     int have_router_mac;
     double icmp_tokens;
     uint64_t icmp_last_ns;
+    double echo_tokens;        /* echo replies: a bucket of their own */
+    uint64_t echo_last_ns;
     struct reasm *reasm;
     struct transit transit;
     uint64_t now_ns;           /* refreshed once per loop pass */
@@ -148,6 +164,10 @@ uint32_t txq_reserve(struct txq *q);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);
 void txq_commit_queued(struct txq *q, uint32_t i, int niov);
+/* Message i, once sent, counts as one encapsulated packet of `bytes` inner
+ * bytes (kind TXQ_ACCT_ENCAP), or as a fragment of one (the packet counts
+ * when its last fragment leaves, and not if any fragment was refused). */
+void txq_account(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes);
 void txq_flush(struct txq *q);
 void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
@@ -167,6 +187,12 @@ void tpb_fuzz_bridge_reconfigure(struct tpb_bridge *br,
 #endif
 
 /* encap.c */
+/* The smallest --out MTU that carries the tunnel with this overhead. */
+size_t encap_min_mtu(size_t overhead);
+/* --out's MTU, at open, on reload and whenever txq_check_mtu() finds it
+ * changed: the fragment size, the ICMP next-hop MTU and the MSS clamp
+ * follow it; below encap_min_mtu() selected frames are dropped. */
+void encap_mtu(struct tpb_bridge *br, uint32_t mtu);
 void learn_router(struct tpb_bridge *br, const struct frame *f);
 void encap_frame(struct tpb_bridge *br, struct frame *f);
 int clamp_mss(struct tpb_bridge *br, uint8_t *ip, size_t len, uint16_t proto,
@@ -207,18 +233,23 @@ void from_out_frame(struct tpb_bridge *br, struct frame *f);
 /* reasm.c */
 struct reasm *reasm_new(uint32_t memory, uint32_t timeout_ms);
 void reasm_free(struct reasm *r);
-/* Takes one outer IPv4 fragment; returns the whole datagram (in the txq
+/* Takes one outer IPv4 fragment (ip4_check'd, len its total length); a
+ * first fragment (offset 0) must have passed the caller's GRE checks, as
+ * it makes its datagram verified.  Returns the whole datagram (in the txq
  * arena) when this fragment completed it, else NULL. */
 uint8_t *reasm_add(struct reasm *r, struct tpb_tunnel_counters *tc,
                    struct txq *q, const uint8_t *ip, size_t len,
                    uint64_t now_ns, size_t *out_len);
+/* Drops, uncounted, the datagram the fragment at ip belongs to (the caller
+ * counts why: a first fragment that failed its GRE checks). */
+void reasm_forget(struct reasm *r, struct tpb_tunnel_counters *tc,
+                  const uint8_t *ip);
 void reasm_limits(struct reasm *r, uint32_t memory, uint32_t timeout_ms);
 void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
                   uint64_t now_ns);
-#ifdef TPB_FUZZ
-/* The bytes the datagrams in progress hold, counted afresh (fuzz/reasm.c
- * compares it with the accounting). */
+/* The memory the datagrams held now account for, recomputed from them:
+ * always equal to tc->reasm_memory (checked after every fragment when
+ * built with -DTPB_DEBUG; for a fuzz harness). */
 size_t reasm_memory_held(const struct reasm *r);
-#endif
 
 #endif

@@ -8,14 +8,17 @@
  *   2. arp_reply()       RFC 826: the tunnel address is at --out's MAC;
  *   3. to_local()        validate the outer IPv4 header; GRE from the POP
  *                        (a partial inner checksum completed, reassembled
- *                        first if fragmented, reasm.c), an echo request
- *                        (echo_reply), or a counted drop;
+ *                        first if fragmented, reasm.c, a first fragment's
+ *                        GRE header checked before it is kept:
+ *                        first_fragment_gre), an echo request (echo_reply:
+ *                        its checksum verified, replies rate-limited), or a
+ *                        counted drop;
  *   4. decap()           from one of the remotes: a keepalive answer
  *                        (protocol 0, keepalive.c), else gre_decode()
  *                        (version, flags, checksum, key, sequence), inner
  *                        header valid, the POP's own keepalive reflected
- *                        (ka_reflect), a super-packet's offsets inside it
- *                        (gso_inner_ok), RFC 6040 ECN, MSS;
+ *                        (ka_reflect), a super-packet's offsets and L4
+ *                        header inside it (gso_inner_ok), RFC 6040 ECN, MSS;
  *   5. deliver()         the inner packet out --in behind the received
  *                        Ethernet header — readdressed to the in-side router
  *                        when the frame was sent to TPB's own MAC (it found
@@ -100,6 +103,46 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot);
 
+/* The GRE header in a first fragment (offset 0), checked as far as it can
+ * be before reassembly: version, flags, the options this remote must send,
+ * its key, the protocol (gre_decode() and gre_keepalive_answer() check all
+ * of it again on the whole).  The checksum covers the whole packet and the
+ * sequence window moves only for a whole one.  A first fragment too short
+ * to hold its GRE header is refused as RFC 1858 (3.2) refuses one too
+ * short for its TCP header: any real sender's first fragment holds it. */
+static int first_fragment_gre(const struct gre_rx *r, const uint8_t *g,
+                              size_t glen)
+{
+    uint16_t flags, proto;
+    size_t off = 4;
+
+    if (glen < 4)
+        return TPB_DROP_GRE_TRUNCATED;
+    flags = rd16(g);
+    if (flags & GRE_VER)
+        return TPB_DROP_GRE_VERSION;
+    if (flags & GRE_UNKNOWN)
+        return TPB_DROP_GRE_FLAGS;
+    if (glen < gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), !!(flags & GRE_S)))
+        return TPB_DROP_GRE_TRUNCATED;
+    if (flags & GRE_C)
+        off += 4;
+    else if (r->csum)
+        return TPB_DROP_GRE_CSUM_MISSING;
+    if (flags & GRE_K) {
+        if (!r->has_key || rd32(g + off) != r->key)
+            return TPB_DROP_GRE_KEY;
+    } else if (r->has_key) {
+        return TPB_DROP_GRE_KEY;
+    }
+    if (!(flags & GRE_S) && r->seq)
+        return TPB_DROP_GRE_SEQ_MISSING;
+    proto = rd16(g + 2);
+    if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6 && proto != 0)
+        return TPB_DROP_GRE_PROTO;
+    return 0;
+}
+
 static void to_local(struct tpb_bridge *br, struct frame *f)
 {
     uint8_t *ip = f->mac + ETH_HLEN;
@@ -133,6 +176,15 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             return;
         }
         if (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) {
+            int rc = (rd16(ip + 6) & IP_OFFMASK)
+                         ? 0 : first_fragment_gre(&r->grx, ip + ihl, tot - ihl);
+
+            if (rc) {
+                /* Refused at once, and what its datagram held with it. */
+                br->tc.drop[rc]++;
+                reasm_forget(br->reasm, &br->tc, ip);
+                return;
+            }
             ip = reasm_add(br->reasm, &br->tc, &br->q[TPB_PORT_IN], ip, tot,
                            br->now_ns, &tot);
             if (!ip)
@@ -149,14 +201,46 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
     br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
 }
 
+/* Echo replies at most icmp_rate a second, a burst of one second's: a
+ * bucket of their own, so that a flood of pings cannot use up what
+ * fragmentation-needed messages need (encap.c: icmp_too_big; RFC 1812
+ * 4.3.2.8: a router limits the rate of the ICMP it sends). */
+static int echo_allowed(struct tpb_bridge *br)
+{
+    double rate = br->cfg.icmp_rate;
+
+    br->echo_tokens += (double)(br->now_ns - br->echo_last_ns) * rate / 1e9;
+    br->echo_last_ns = br->now_ns;
+    if (br->echo_tokens > rate)
+        br->echo_tokens = rate;
+    if (br->echo_tokens < 1.0)
+        return 0;
+    br->echo_tokens -= 1.0;
+    return 1;
+}
+
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot)
 {
     struct txq *q = &br->q[TPB_PORT_OUT];
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, n;
-    uint32_t i = txq_reserve(q);
-    uint8_t *h = q->hdr[i], *rip, *ic;
+    uint32_t i;
+    uint8_t *h, *rip, *ic;
     uint16_t c;
+
+    /* RFC 792: the checksum covers the whole ICMP message; the reply's is
+     * derived from the request's (RFC 1624), so a wrong one would go back
+     * out wrong.  A request that does not verify is not answered. */
+    if (csum_finish(csum_add(0, ip + ihl, tot - ihl)) != 0) {
+        br->tc.drop[TPB_DROP_ECHO_CSUM]++;
+        return;
+    }
+    if (!echo_allowed(br)) {
+        br->tc.drop[TPB_DROP_ECHO_RATELIMITED]++;
+        return;
+    }
+    i = txq_reserve(q);
+    h = q->hdr[i];
 
     memset(h, 0, VNET_LEN);
     /* From the MAC the request was sent to: TPB's own, or the router's
@@ -191,23 +275,31 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 /* 4. ------------------------------------------------------------------ */
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso);
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
  * checked every checksum on the way.  The vnet header's offsets count from
  * the outer Ethernet header; the inner L4 header must lie inside the inner
- * packet, or the kernel could not segment it on the way out. */
+ * packet, whole (a TCP one with a data offset of at least 5, RFC 9293
+ * 3.1), or the kernel could not segment it on the way out. */
 static int gso_inner_ok(const struct frame *f, const uint8_t *in, size_t ilen,
                         const struct virtio_net_hdr *vh)
 {
-    size_t ioff = (size_t)(in - f->mac), start = vh->csum_start;
+    size_t ioff = (size_t)(in - f->mac), start = vh->csum_start, l4len;
     size_t l3 = in[0] >> 4 == 4 ? (size_t)(in[0] & 0x0f) * 4 : 40;
 
-    return (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && vh->gso_size &&
-           start >= ioff + l3 && start + vh->csum_offset + 2 <= ioff + ilen;
+    if (!(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !vh->gso_size ||
+        start < ioff + l3 || start + vh->csum_offset + 2 > ioff + ilen)
+        return 0;
+    if ((vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_UDP_L4)
+        return start + 8 <= ioff + ilen;
+    if (start + 20 > ioff + ilen)
+        return 0;
+    l4len = (size_t)(f->mac[start + 12] >> 4) * 4;
+    return l4len >= 20 && start + l4len <= ioff + ilen;
 }
 
 static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
@@ -240,8 +332,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     /* The POP's keepalive: an IPv4 GRE packet from us back to it. */
-    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen))
+    if (!gso && g.proto == ETYPE_IPV4 && ka_reflect(br, f, r, in, ilen)) {
+        gre_commit_seq(&r->grx, &g);
         return;
+    }
     if (gso && !gso_inner_ok(f, in, ilen, gso)) {
         br->tc.drop[TPB_DROP_GSO_BAD]++;
         return;
@@ -251,7 +345,10 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         return;
     }
     clamp_mss(br, in, ilen, g.proto, 0);
-    deliver(br, f, in, ilen, g.proto, gso);
+    /* Every check passed and the packet is on its way: only now does its
+     * sequence number count as received (gre.c: gre_commit_seq). */
+    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
+        gre_commit_seq(&r->grx, &g);
 }
 
 /* 5. ------------------------------------------------------------------ */
@@ -276,9 +373,10 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
                                  : elen + ilen);
 }
 
-static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                    size_t ilen, uint16_t proto,
-                    const struct virtio_net_hdr *gso)
+/* Returns 0 once the packet is queued, -1 if it was dropped (counted). */
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -289,7 +387,7 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     if (!memcmp(f->mac, br->cfg.out_mac, 6)) {
         if (!br->have_router_mac) {
             br->tc.drop[TPB_DROP_NO_ROUTER_MAC]++;
-            return;
+            return -1;
         }
         dst = br->router_mac;
     }
@@ -311,4 +409,5 @@ static void deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
         txq_commit(q, i, 2);
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
+    return 0;
 }

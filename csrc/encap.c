@@ -1,7 +1,11 @@
 /* encap.c — a selected frame into GRE toward the POP.
  *
  * A frame passes these stages, in the order the functions below appear:
+ *   0. encap_mtu()     (not per frame) --out's MTU, followed while running:
+ *                      below RFC 791's 68 bytes plus the overhead the
+ *                      tunnel carries nothing; the MSS clamps;
  *   1. encap_frame()   no POP up: bypass or drop (keepalive.c: tunnel_down);
+ *                      MTU too small: drop (mtu_too_small);
  *                      validate the inner IP header (trimming Ethernet
  *                      padding), learn_router(): the in-side router's MAC;
  *   2. clamp_mss()     SYN / SYN-ACK MSS down to what fits the tunnel,
@@ -10,7 +14,9 @@
  *                      segments, partial checksums completed — a GRE packet
  *                      can carry neither on to the POP;
  *   4. fit()           fits the --out MTU: push_gre(); too big with DF and
- *                      pmtud: icmp_too_big(); otherwise fragment;
+ *                      pmtud: icmp_too_big(); fragments no IPv4 header can
+ *                      describe (past 65535 bytes): dropped; otherwise
+ *                      fragment;
  *   5. push_gre()      one message: vnet | Ethernet as received | outer
  *                      IPv4 + GRE | inner packet, zero copy from the ring;
  *   6. frag_inner()    RFC 791 fragments of the inner IPv4 packet, each
@@ -29,8 +35,43 @@
 
 #define TCP_SYN 0x02
 #define ICMP_QUOTE_MAX (576 - 20 - 8)   /* RFC 1812 4.3.2.3 */
+#define IP_MAX 65535u                   /* RFC 791: the total length field */
 
 static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
+
+/* 0. ------------------------------------------------------------------ */
+
+/* RFC 791: "Every internet module must be able to forward a datagram of 68
+ * octets without further fragmentation" — a header of up to 60 bytes and
+ * the smallest fragment, 8.  Inside the tunnel that is what an inner
+ * fragment needs (frag_inner cuts at multiples of 8 behind the inner
+ * header), and the least next-hop MTU an ICMP "fragmentation needed" may
+ * announce (RFC 1191, 3).  So --out must carry 68 + the outer IPv4 and GRE
+ * headers: 92 bytes without GRE options, 104 with checksum, key and
+ * sequence number.  (IPv6 inner packets, whose links must carry 1280
+ * bytes, RFC 8200 5, are fragmented in the outer header below that.) */
+size_t encap_min_mtu(size_t overhead)
+{
+    return 68 + overhead;
+}
+
+void encap_mtu(struct tpb_bridge *br, uint32_t mtu)
+{
+    /* No outer IPv4 datagram is longer than 65535 bytes, whatever the link
+     * carries (lo: 65536): the fit, the ICMP next-hop MTU and the MSS clamp
+     * stay within what the 16-bit fields hold. */
+    if (mtu > IP_MAX)
+        mtu = IP_MAX;
+    br->cfg.mtu = mtu;
+    br->mtu_ok = mtu >= encap_min_mtu(br->overhead);
+    if (br->cfg.mss) {
+        br->mss4 = br->mss6 = br->cfg.mss;
+    } else if (br->mtu_ok) {
+        /* RFC 879 / RFC 6691: MSS = MTU - IP header - TCP header */
+        br->mss4 = (uint16_t)(mtu - br->overhead - 40);
+        br->mss6 = (uint16_t)(mtu - br->overhead - 60);
+    }   /* else: nothing selected leaves; the clamp of the way back stays */
+}
 
 /* 1. ------------------------------------------------------------------ */
 
@@ -57,6 +98,10 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
 
     if (br->active < 0) {          /* no POP answers: keepalive.c */
         tunnel_down(br, f);
+        return;
+    }
+    if (!br->mtu_ok) {             /* the loop goes on; ARP, echo, decap too */
+        br->tc.drop[TPB_DROP_MTU_TOO_SMALL]++;
         return;
     }
     if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6) {
@@ -154,8 +199,25 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p);
 static void icmp_too_big(struct tpb_bridge *br, struct frame *f,
                          struct inner *p);
 
+/* Whether IPv4 headers can describe the fragments (RFC 791): an inner
+ * fragment's offset counts in the inner datagram, which with its header
+ * ends by 65535 bytes — the packet being cut may be a fragment already,
+ * claiming more; an outer datagram is at most 65535 bytes, GRE included,
+ * which a near-64 KiB inner packet (IPv6's payload alone may be 65535)
+ * exceeds.  Past that the offset would reach 8192 x 8 and spill into the
+ * flag bits (8192 reads as MF with offset 0). */
+static int fragments_fit(const struct tpb_bridge *br, const struct inner *p)
+{
+    size_t ilen = p->hlen + p->dlen;
+
+    if (br->cfg.frag_mode == TPB_FRAG_INNER && p->proto == ETYPE_IPV4)
+        return (size_t)(rd16(p->hdr + 6) & IP_OFFMASK) * 8 + ilen <= IP_MAX;
+    return br->overhead + ilen <= IP_MAX;
+}
+
 static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
 {
+    /* cfg.mtu <= 65535 (encap_mtu): what fits is one outer datagram. */
     if (p->hlen + p->dlen + br->overhead <= br->cfg.mtu) {
         push_gre(br, f, p);
         return;
@@ -163,6 +225,10 @@ static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
     if (p->proto == ETYPE_IPV4 && (rd16(p->hdr + 6) & IP_DF) && br->cfg.pmtud) {
         icmp_too_big(br, f, p);
         br->tc.drop[TPB_DROP_TOO_BIG]++;
+        return;
+    }
+    if (!fragments_fit(br, p)) {
+        br->tc.drop[TPB_DROP_FRAG_OVERFLOW]++;
         return;
     }
     br->tc.fragmented++;
@@ -206,8 +272,8 @@ static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
         niov = 3;
     }
     txq_commit_queued(q, i, niov);
-    br->tc.encap_packets++;
-    br->tc.encap_bytes += p->hlen + p->dlen;
+    /* encap_packets/bytes: counted once it has left (txq.c: account) */
+    txq_account(q, i, TXQ_ACCT_ENCAP, (uint32_t)(p->hlen + p->dlen));
 }
 
 /* 6. ------------------------------------------------------------------ */

@@ -3,8 +3,10 @@
  *   gre_encap()   outer IPv4 (RFC 791) + GRE (RFC 2784, key and sequence
  *                 number per RFC 2890), TOS/TTL/DF per the tunnel settings,
  *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
- *   gre_decode()  validate first (version, flags, checksum, key, sequence),
- *                 and only then commit the sequence window;
+ *   gre_decode()  validate (version, flags, checksum, key, sequence)
+ *                 without touching the sequence window;
+ *   gre_commit_seq()  move the window, called by whoever delivers the
+ *                 packet, only once it is delivered;
  *   gre_keepalive_answer()  the same checks for a keepalive answer
  *                 (protocol 0, no sequence number needed, window untouched);
  *   ecn_decap()   RFC 6040 section 4.2, figure 4.
@@ -99,7 +101,7 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
     return 20 + gre_header(t, out + 20, proto, plen, psum);
 }
 
-int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
+int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out)
 {
     uint16_t flags, proto;
@@ -139,16 +141,25 @@ int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
     if (proto != ETYPE_IPV4 && proto != ETYPE_IPV6)
         return TPB_DROP_GRE_PROTO;
     /* RFC 2890 2.2: a number not after the last one accepted is stale (as
-     * Linux, serial arithmetic; duplicates are stale too). */
-    if (r->seq && (flags & GRE_S)) {
-        if (r->seq_started && (int32_t)(seq - r->next_seq) < 0)
-            return TPB_DROP_GRE_SEQ_STALE;
-        r->next_seq = seq + 1;
-        r->seq_started = 1;
-    }
+     * Linux, serial arithmetic; duplicates are stale too).  "Accepted" is
+     * delivered: the window moves in gre_commit_seq(). */
+    out->has_seq = r->seq && (flags & GRE_S);
+    out->seq = seq;
+    if (out->has_seq && r->seq_started && (int32_t)(seq - r->next_seq) < 0)
+        return TPB_DROP_GRE_SEQ_STALE;
     out->proto = proto;
     out->off = (uint16_t)off;
     return 0;
+}
+
+void gre_commit_seq(struct gre_rx *r, const struct gre_pkt *p)
+{
+    /* Only forward: a packet checked before a later one was committed
+     * (none today: one packet at a time) must not pull the window back. */
+    if (!p->has_seq || (r->seq_started && (int32_t)(p->seq - r->next_seq) < 0))
+        return;
+    r->next_seq = p->seq + 1;
+    r->seq_started = 1;
 }
 
 /* The checks of gre_decode() for a keepalive answer: a Cisco keepalive

@@ -23,13 +23,19 @@
  *   5. reflect()       an inner IPv4 GRE packet from our own address to
  *                      that same peer is the bridge's keepalive: sent back
  *                      to it, never to the TUN device, never learned;
- *   6. learn()         inner source -> that bridge, with expiry (sources
- *                      inside a configured prefix are not learned);
+ *   6. learn_check()   the inner source: never a martian; not one another
+ *                      peer owns (its prefix, its live learned entry: a
+ *                      fresh entry never moves); within the peer's budget
+ *                      of entries (sources inside its own prefixes are
+ *                      not learned);
  *   7. tun_write()     into the TUN device behind a vnet header: the host
  *                      routes the inner packet on; what the host's GRO
  *                      merged goes as a TCP super-packet (tcp_super), and
  *                      its GRE checksum, only the first segment's, is not
- *                      held against it (gro_merged).
+ *                      held against it (gro_merged); only once it is
+ *                      written: the sequence window moves
+ *                      (gre_commit_seq) and the source is learned
+ *                      (learn_put), with expiry.
  * Toward the bridges (TUN device):
  *   8. to_bridges()    read a batch (a partial checksum completed); per packet:
  *   9. route()         the longest configured prefix for the inner
@@ -88,8 +94,15 @@ int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
 #define BUF_SIZE 65536
 #define VNET_LEN sizeof(struct virtio_net_hdr)
 #define TCP_CWR 0x80
-#define LEARN_SLOTS 4096
-#define LEARN_PROBE 8
+/* The learned table: each peer may hold LEARN_PER_PEER entries (fewer
+ * when many peers would make it larger than LEARN_SLOTS_MAX slots), the
+ * table has twice the slots all peers may hold (a power of two), so an
+ * entry finds a free slot within LEARN_PROBE of its hash.  Sized at open
+ * and on reload, by the number of peers. */
+#define LEARN_PER_PEER 1024u
+#define LEARN_SLOTS_MIN 64u
+#define LEARN_SLOTS_MAX (1u << 21)     /* 64 MiB of entries */
+#define LEARN_PROBE 32
 #define MAX_PEERS 4096
 #define IDLE_WAKE_MS 1000      /* the loop passes at least this often */
 #define RELOAD_WAIT_S 2        /* tpb_pop_reconfigure() waits this long */
@@ -114,6 +127,23 @@ struct peer {
     struct sockaddr_in sa;
     struct tpb_tunnel_counters c;
     struct ka ka;
+    uint32_t learned;           /* slots of the learned table it holds */
+};
+
+struct learned {
+    uint8_t addr[16];
+    uint32_t peer;
+    uint8_t used;               /* has held an entry: lookups go on past it */
+    uint64_t expires;           /* 0: free */
+};
+
+/* The learned table: open addressing, an entry within LEARN_PROBE slots
+ * of its hash (the first free one when it was made, so a lookup can stop
+ * at a slot never used). */
+struct learn_table {
+    struct learned *e;
+    uint32_t mask;              /* slots - 1 */
+    uint32_t budget;            /* entries one peer may hold */
 };
 
 /* A new configuration, built by tpb_pop_reconfigure(), swapped in by
@@ -125,13 +155,8 @@ struct reload {
     uint64_t learn_ns;
     uint32_t *from;             /* new peer -> old index, or NO_PEER */
     uint32_t *to;               /* old peer -> new index, or NO_PEER */
+    struct learn_table learn;   /* sized for the new peers */
     int done;
-};
-
-struct learned {
-    uint8_t addr[16];
-    uint32_t peer;
-    uint64_t expires;           /* 0: free */
 };
 
 struct out_msg {
@@ -149,8 +174,10 @@ struct tpb_pop {
     struct peer *peers;
     struct tpb_pop_prefix *prefixes;
     struct tpb_tunnel_counters global;      /* belongs to no peer */
-    struct learned learn[LEARN_SLOTS];
+    struct learn_table learn;
     uint64_t learn_ns, now_ns;
+    uint64_t reclaim_ns;        /* the last sweep of expired entries */
+    uint32_t rx_drops;          /* the socket's drop count last seen */
     uint64_t ka_due_ns;         /* keepalives() has nothing to do before */
     uint64_t passes;            /* the heartbeat */
     /* reload: lock guards peers/prefixes against readers; reload_lock
@@ -162,6 +189,10 @@ struct tpb_pop {
     /* receive side */
     struct mmsghdr rmsg[MAX_BATCH];
     struct iovec riov[MAX_BATCH];
+    union {                     /* SO_RXQ_OVFL: the socket's drop count */
+        char buf[CMSG_SPACE(sizeof(uint32_t))];
+        struct cmsghdr align;
+    } rctl[MAX_BATCH];
     uint8_t *rbuf;
     /* send side */
     struct mmsghdr smsg[MAX_BATCH];
@@ -243,27 +274,154 @@ static uint32_t addr_hash(const uint8_t a[16])
     return h;
 }
 
-static void learn(struct tpb_pop *pop, const uint8_t a[16], uint32_t peer)
+/* Sources that are never learned, and never written to the TUN device:
+ * no router forwards a packet from them (RFC 1812 5.3.7: 0/8, 127/8,
+ * class D and E, 255.255.255.255; RFC 3927 2.7: 169.254/16; RFC 4291:
+ * 2.7 no multicast source, 2.5.2 the unspecified ::, 2.5.3 ::1, 2.5.6
+ * fe80::/10 (whose scope is one link, and every site is another one),
+ * 2.5.5.2 ::ffff:0:0/96 on the wire, which would also alias an IPv4
+ * entry here) and the POP's own address (Linux drops it as a martian
+ * source after the TUN write, where no counter sees it). */
+static int martian(const struct tpb_pop *pop, const uint8_t a[16], int proto)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    static const uint8_t zero[15];
+
+    if (proto == ETYPE_IPV4)
+        return a[12] == 0 || a[12] == 127 || a[12] >= 224 ||
+               (a[12] == 169 && a[13] == 254) || rd32(a + 12) == pop->local;
+    return a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) ||
+           !memcmp(a, mapped, 12) || (!memcmp(a, zero, 15) && a[15] <= 1);
+}
+
+static uint32_t learn_budget(uint32_t npeers)
+{
+    uint32_t most = LEARN_SLOTS_MAX / 2 / (npeers ? npeers : 1);
+
+    return most < LEARN_PER_PEER ? most : LEARN_PER_PEER;
+}
+
+/* A table for npeers: twice the entries they may hold, a power of two. */
+static int learn_alloc(struct learn_table *t, uint32_t npeers)
+{
+    uint64_t want;
+    uint32_t slots = LEARN_SLOTS_MIN;
+
+    t->budget = learn_budget(npeers);
+    want = 2ull * npeers * t->budget;
+    while (slots < want && slots < LEARN_SLOTS_MAX)
+        slots <<= 1;
+    t->e = calloc(slots, sizeof(*t->e));
+    t->mask = slots - 1;
+    return t->e ? 0 : -1;
+}
+
+/* Where a's entry is (live or not), or NULL; *free_slot: the first slot
+ * of its window an entry could take (free, or expired), or NULL. */
+static struct learned *learn_find(const struct learn_table *t, const uint8_t a[16],
+                                  uint64_t now, struct learned **free_slot)
 {
     uint32_t h = addr_hash(a), i;
-    struct learned *e, *victim = NULL;
+    struct learned *e, *found = NULL;
 
-    if (by_prefix(pop, a))
-        return;                 /* configured: nothing to learn */
+    *free_slot = NULL;
     for (i = 0; i < LEARN_PROBE; i++) {
-        e = &pop->learn[(h + i) % LEARN_SLOTS];
-        if (e->expires && !memcmp(e->addr, a, 16)) {
-            e->peer = peer;
-            e->expires = pop->now_ns + pop->learn_ns;
-            return;
-        }
-        /* Take a free or expired slot, else the one closest to expiry. */
-        if (!victim || e->expires < victim->expires)
-            victim = e;
+        e = &t->e[(h + i) & t->mask];
+        if (!found && e->used && !memcmp(e->addr, a, 16))
+            found = e;
+        if (!*free_slot && e->expires <= now)
+            *free_slot = e;
+        if (!e->used || (found && *free_slot))
+            break;
     }
-    memcpy(victim->addr, a, 16);
-    victim->peer = peer;
-    victim->expires = pop->now_ns + pop->learn_ns;
+    return found;
+}
+
+/* a's entry, if it is live. */
+static struct learned *learn_live(const struct tpb_pop *pop, const uint8_t a[16])
+{
+    struct learned *slot, *e = learn_find(&pop->learn, a, pop->now_ns, &slot);
+
+    return e && e->expires > pop->now_ns ? e : NULL;
+}
+
+/* Takes slot e for a behind peer (an index of peers[]); e is free or
+ * expired (its old owner gives it up) or already a's. */
+static void learn_put(struct learned *e, struct peer *peers, const uint8_t a[16],
+                      uint32_t peer, uint64_t expires)
+{
+    if (e->expires && (e->peer != peer || memcmp(e->addr, a, 16))) {
+        peers[e->peer].learned--;
+        e->expires = 0;
+    }
+    if (!e->expires)
+        peers[peer].learned++;
+    memcpy(e->addr, a, 16);
+    e->peer = peer;
+    e->used = 1;
+    e->expires = expires;
+}
+
+/* Frees every expired entry, so that a peer's budget counts live ones;
+ * at most once a second (it reads the whole table). */
+static void learn_reclaim(struct tpb_pop *pop)
+{
+    uint32_t i;
+    struct learned *e;
+
+    if (pop->reclaim_ns && pop->now_ns - pop->reclaim_ns < NSEC)
+        return;
+    pop->reclaim_ns = pop->now_ns;
+    for (i = 0; i <= pop->learn.mask; i++) {
+        e = &pop->learn.e[i];
+        if (e->expires && e->expires <= pop->now_ns) {
+            pop->peers[e->peer].learned--;
+            e->expires = 0;
+        }
+    }
+}
+
+/* 6. Whether peer p may send from inner source a (proto: its family),
+ * before the packet goes anywhere.  0, with *slot the entry to make or
+ * refresh once the packet is delivered (NULL: nothing to learn), or the
+ * drop reason:
+ *   inner_martian  a is a source no router forwards (martian());
+ *   source_owned   a is routed to another peer, by its configured prefix
+ *                  or its live learned entry: a fresh entry never moves,
+ *                  and the packet is dropped, since its replies would go
+ *                  to that other peer (RFC 3704 2.2, strict reverse path
+ *                  forwarding: a peer is believed only for the sources
+ *                  the POP would route back to it; BCP 38);
+ *   learn_full     p holds its budget of entries, or no slot is free near
+ *                  a's hash: the reply could not find p either. */
+static int learn_check(struct tpb_pop *pop, struct peer *p, const uint8_t a[16],
+                       int proto, struct learned **slot)
+{
+    uint32_t idx = (uint32_t)(p - pop->peers);
+    struct peer *owner;
+    struct learned *e, *free_slot;
+
+    *slot = NULL;
+    if (martian(pop, a, proto))
+        return TPB_DROP_INNER_MARTIAN;
+    owner = by_prefix(pop, a);
+    if (owner)                  /* configured: nothing to learn */
+        return owner == p ? 0 : TPB_DROP_SOURCE_OWNED;
+    e = learn_find(&pop->learn, a, pop->now_ns, &free_slot);
+    if (e && e->expires > pop->now_ns) {
+        if (e->peer != idx)
+            return TPB_DROP_SOURCE_OWNED;
+        *slot = e;              /* refreshed */
+        return 0;
+    }
+    if (p->learned >= pop->learn.budget) {
+        learn_reclaim(pop);
+        e = learn_find(&pop->learn, a, pop->now_ns, &free_slot);
+    }
+    if (p->learned >= pop->learn.budget || !free_slot)
+        return TPB_DROP_LEARN_FULL;
+    *slot = e ? e : free_slot;  /* a's own expired entry, else a free one */
+    return 0;
 }
 
 /* 7. ------------------------------------------------------------------ */
@@ -331,6 +489,7 @@ static int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in,
     struct virtio_net_hdr vh;
     struct iovec iov[2] = {{&vh, VNET_LEN}, {in, ilen}};
     size_t l4, thl;
+    ssize_t n;
 
     memset(&vh, 0, sizeof(vh));
     if (ilen > pop->tun_mtu && tcp_super(in, ilen, proto, &l4, &thl) &&
@@ -345,9 +504,32 @@ static int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in,
             vh.gso_type |= VIRTIO_NET_HDR_GSO_ECN;
         vh.gso_size = (uint16_t)(pop->tun_mtu - l4 - thl);
         vh.hdr_len = (uint16_t)(l4 + thl);
-        p->c.gso_packets++;
     }
-    return writev(pop->tun, iov, 2) == (ssize_t)(VNET_LEN + ilen) ? 0 : -1;
+    do
+        n = writev(pop->tun, iov, 2);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)(VNET_LEN + ilen))
+        return n < 0 ? errno : EIO;        /* a short write: not the packet */
+    if (vh.gso_type != VIRTIO_NET_HDR_GSO_NONE)
+        p->c.gso_packets++;
+    return 0;
+}
+
+/* A TUN write's failure, by what the device said: full (the device's
+ * send buffer or the host's memory: the next one may pass), refused as
+ * malformed, or anything else (the device down, gone). */
+static int tun_drop(int e)
+{
+    switch (e) {
+    case EAGAIN:
+    case ENOBUFS:
+    case ENOMEM:
+        return TPB_DROP_TUN_FULL;
+    case EINVAL:
+        return TPB_DROP_TUN_INVALID;
+    default:
+        return TPB_DROP_TUN_WRITE;
+    }
 }
 
 static void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v)
@@ -518,7 +700,8 @@ static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
            rd32(in + 12) == pop->local && rd32(in + 16) == p->cfg.addr;
 }
 
-static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen)
+static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
+                    const struct gre_pkt *g)
 {
     size_t ihl = (size_t)(in[0] & 0x0f) * 4;
     struct iovec iov = {in + ihl, ilen - ihl};
@@ -532,6 +715,7 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
         p->c.drop[TPB_DROP_SEND]++;
         return;
     }
+    gre_commit_seq(&p->rx, g);
     p->ka.reflected++;
 }
 
@@ -542,6 +726,7 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
     size_t tot = ip4_check(ip, n), ihl, ilen;
     struct gre_pkt g;
     struct peer *p;
+    struct learned *slot;
     uint8_t *in, a[16];
     int rc;
 
@@ -577,36 +762,70 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
         return;
     }
     if (is_keepalive(pop, p, in, g.proto)) {
-        reflect(pop, p, in, ilen);
+        reflect(pop, p, in, ilen, &g);
         return;
     }
     if (ecn_decap_inner(ip[1], in, g.proto)) {    /* RFC 6040 4.2 */
         p->c.drop[TPB_DROP_ECN]++;
         return;
     }
-    learn(pop, a, (uint32_t)(p - pop->peers));
-    if (tun_write(pop, p, in, ilen, g.proto)) {
-        p->c.drop[TPB_DROP_TUN_WRITE]++;
+    rc = learn_check(pop, p, a, g.proto, &slot);
+    if (!rc && (rc = tun_write(pop, p, in, ilen, g.proto)) != 0)
+        rc = tun_drop(rc);
+    if (rc) {
+        p->c.drop[rc]++;
         return;
     }
+    /* Delivered: only now does the packet count, move the sequence window
+     * and teach the POP where its source is. */
+    gre_commit_seq(&p->rx, &g);
+    if (slot)
+        learn_put(slot, pop->peers, a, (uint32_t)(p - pop->peers),
+                  pop->now_ns + pop->learn_ns);
     p->c.decap_packets++;
     p->c.decap_bytes += ilen;
 }
 
+/* SO_RXQ_OVFL: the packet carries the socket's drop count (sk_drops) as
+ * it stood when the packet was queued; what grew since the last one seen
+ * is what the kernel dropped meanwhile, its receive buffer full.  (So the
+ * count of an overflow arrives with the first packet queued after it.) */
+static void rx_drops(struct tpb_pop *pop, struct msghdr *m)
+{
+    struct cmsghdr *c;
+    uint32_t v;
+
+    for (c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL &&
+            c->cmsg_len >= CMSG_LEN(sizeof(v))) {
+            memcpy(&v, CMSG_DATA(c), sizeof(v));
+            if ((int32_t)(v - pop->rx_drops) > 0) {
+                pop->global.drop[TPB_DROP_RCVBUF_FULL] += v - pop->rx_drops;
+                pop->rx_drops = v;
+            }
+        }
+}
+
 static int from_bridges(struct tpb_pop *pop)
 {
+    struct msghdr *m;
     int n, i;
 
     for (i = 0; i < (int)pop->batch; i++) {
+        m = &pop->rmsg[i].msg_hdr;
         pop->riov[i].iov_base = pop->rbuf + (size_t)i * BUF_SIZE;
         pop->riov[i].iov_len = BUF_SIZE;
-        memset(&pop->rmsg[i].msg_hdr, 0, sizeof(pop->rmsg[i].msg_hdr));
-        pop->rmsg[i].msg_hdr.msg_iov = &pop->riov[i];
-        pop->rmsg[i].msg_hdr.msg_iovlen = 1;
+        memset(m, 0, sizeof(*m));
+        m->msg_iov = &pop->riov[i];
+        m->msg_iovlen = 1;
+        m->msg_control = pop->rctl[i].buf;
+        m->msg_controllen = sizeof(pop->rctl[i].buf);
     }
     n = recvmmsg(pop->raw, pop->rmsg, pop->batch, MSG_DONTWAIT, NULL);
-    for (i = 0; i < n; i++)
+    for (i = 0; i < n; i++) {
+        rx_drops(pop, &pop->rmsg[i].msg_hdr);
         from_bridge(pop, pop->riov[i].iov_base, pop->rmsg[i].msg_len);
+    }
     return n > 0 ? n : 0;
 }
 
@@ -617,18 +836,13 @@ static int from_bridges(struct tpb_pop *pop)
  * addresses no prefix covers. */
 static struct peer *route(struct tpb_pop *pop, const uint8_t dst[16])
 {
-    uint32_t h = addr_hash(dst), i;
     struct peer *p = by_prefix(pop, dst);
     struct learned *e;
 
     if (p)
         return p;
-    for (i = 0; i < LEARN_PROBE; i++) {
-        e = &pop->learn[(h + i) % LEARN_SLOTS];
-        if (e->expires > pop->now_ns && !memcmp(e->addr, dst, 16))
-            return &pop->peers[e->peer];
-    }
-    return NULL;
+    e = learn_live(pop, dst);
+    return e ? &pop->peers[e->peer] : NULL;
 }
 
 /* 8. ------------------------------------------------------------------ */
@@ -777,6 +991,7 @@ static void reload_free(struct reload *r)
     free(r->prefixes);
     free(r->from);
     free(r->to);
+    free(r->learn.e);
     free(r);
 }
 
@@ -799,7 +1014,8 @@ static struct reload *reload_build(struct tpb_pop *pop,
     r->prefixes = calloc(cfg->nprefixes + 1, sizeof(*r->prefixes));
     r->from = calloc(cfg->npeers + 1, sizeof(*r->from));
     r->to = calloc(pop->npeers + 1, sizeof(*r->to));
-    if (!r->peers || !r->prefixes || !r->from || !r->to) {
+    if (!r->peers || !r->prefixes || !r->from || !r->to ||
+        learn_alloc(&r->learn, cfg->npeers)) {
         reload_free(r);
         return NULL;
     }
@@ -850,14 +1066,18 @@ static void carry(struct peer *n, const struct peer *o)
 }
 
 /* Swaps the new configuration in; pop->lock held, the loop between passes
- * (or not running).  Learned entries behind a peer that is gone are
- * dropped, the others follow their peer's new index; an entry now inside
- * a configured prefix goes too (such sources are never learned). */
+ * (or not running).  The learned table is made anew, sized for the new
+ * peers: live entries behind a peer that is gone are dropped, the others
+ * follow their peer's new index, as long as its (new) budget lasts; an
+ * entry now inside a configured prefix goes too (such sources are never
+ * learned). */
 static void apply(struct tpb_pop *pop, struct reload *r)
 {
     struct peer *old = pop->peers;
     struct tpb_pop_prefix *old_prefixes = pop->prefixes;
-    struct learned *e;
+    struct learn_table old_learn = pop->learn;
+    struct learned *e, *slot;
+    uint64_t now = now_ns();
     uint32_t i, to;
 
     for (i = 0; i < r->npeers; i++)
@@ -870,19 +1090,24 @@ static void apply(struct tpb_pop *pop, struct reload *r)
     pop->batch = r->batch;
     pop->tun_mtu = r->tun_mtu;
     pop->learn_ns = r->learn_ns;
-    for (i = 0; i < LEARN_SLOTS; i++) {
-        e = &pop->learn[i];
-        if (!e->expires)
+    for (i = 0; i <= old_learn.mask; i++) {
+        e = &old_learn.e[i];
+        if (e->expires <= now)
             continue;
         to = r->to[e->peer];
-        if (to == NO_PEER || by_prefix(pop, e->addr))
-            e->expires = 0;
-        else
-            e->peer = to;
+        if (to == NO_PEER || by_prefix(pop, e->addr) ||
+            r->peers[to].learned >= r->learn.budget)
+            continue;
+        learn_find(&r->learn, e->addr, now, &slot);
+        if (slot)
+            learn_put(slot, r->peers, e->addr, to, e->expires);
     }
+    pop->learn = r->learn;
+    pop->reclaim_ns = 0;
     pop->ka_due_ns = 0;                    /* keepalives(): look again */
     r->peers = old;                        /* for reload_free() */
     r->prefixes = old_prefixes;
+    r->learn = old_learn;
     r->done = 1;
 }
 
@@ -984,7 +1209,8 @@ static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
     pop->rbuf = malloc(BUF_SIZE);
     pop->sbuf = malloc(BUF_SIZE + VNET_LEN);
 #endif
-    if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf) {
+    if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf ||
+        learn_alloc(&pop->learn, cfg->npeers)) {
         tpb_pop_close(pop);
         return NULL;
     }
@@ -1001,7 +1227,7 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
 {
     struct tpb_pop *pop;
     struct sockaddr_in sa;
-    int v = IP_PMTUDISC_DONT, rcv = 8 << 20;
+    int v = IP_PMTUDISC_DONT, rcv = 8 << 20, one = 1;
 
     if (check_config(cfg, peers, prefixes, err, errlen))
         return NULL;
@@ -1029,6 +1255,11 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     setsockopt(pop->raw, IPPROTO_IP, IP_MTU_DISCOVER, &v, sizeof(v));
     if (setsockopt(pop->raw, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof(rcv)))
         setsockopt(pop->raw, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+    /* Each packet then carries the socket's drop count (rx_drops()). */
+    if (setsockopt(pop->raw, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(one))) {
+        snprintf(err, errlen, "SO_RXQ_OVFL: %s", strerror(errno));
+        goto fail;
+    }
     return pop;
 oom:
     snprintf(err, errlen, "out of memory");
@@ -1114,8 +1345,8 @@ uint32_t tpb_pop_learned(struct tpb_pop *pop)
     uint64_t now = now_ns();
 
     pthread_mutex_lock(&pop->lock);
-    for (i = 0; i < LEARN_SLOTS; i++)
-        n += pop->learn[i].expires > now;
+    for (i = 0; i <= pop->learn.mask; i++)
+        n += pop->learn.e[i].expires > now;
     pthread_mutex_unlock(&pop->lock);
     return n;
 }
@@ -1163,6 +1394,7 @@ void tpb_pop_close(struct tpb_pop *pop)
         close(pop->stop_fd);
     free(pop->peers);
     free(pop->prefixes);
+    free(pop->learn.e);
     free(pop->rbuf);
     free(pop->sbuf);
     pthread_cond_destroy(&pop->applied);

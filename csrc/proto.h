@@ -87,10 +87,13 @@ struct gre_rx {
     uint32_t next_seq;             /* lowest sequence number still fresh */
 };
 
-/* What gre_decode() found: where the inner packet is and its type. */
+/* What gre_decode() found: where the inner packet is and its type, and
+ * the sequence number to commit once the packet is accepted. */
 struct gre_pkt {
     uint16_t proto;
     uint16_t off;                  /* inner packet offset from the GRE header */
+    uint8_t has_seq;               /* a number the window checked (r->seq) */
+    uint32_t seq;
 };
 
 /* GRE header length for these options: 4 + 4 per optional field. */
@@ -122,8 +125,17 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 struct virtio_net_hdr;
 int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 
-int gre_decode(struct gre_rx *r, const uint8_t *g, size_t glen,
+/* Checks only: the sequence window is not moved (gre_commit_seq()). */
+int gre_decode(const struct gre_rx *r, const uint8_t *g, size_t glen,
                int csum_checked, struct gre_pkt *out);
+
+/* Moves the window past what gre_decode() accepted, once the packet is
+ * delivered (sent on, written to the TUN device, reflected): a packet
+ * dropped by a later check (inner header, ECN, a refused source, a full
+ * device) leaves the window as it was, so it cannot make the next genuine
+ * packets stale.  (WireGuard moves its replay counter only after
+ * authentication, for the same reason.) */
+void gre_commit_seq(struct gre_rx *r, const struct gre_pkt *p);
 
 /* A keepalive answer (GRE protocol 0, what the far end reflects of our
  * keepalive): version, flags, checksum and key as gre_decode() checks

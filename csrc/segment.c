@@ -5,7 +5,8 @@
  *
  *   1. finish_csum()   a CHECKSUM_PARTIAL packet's L4 checksum, completed
  *                      from csum_start/csum_offset;
- *   2. segment()       checks the super-packet, then per gso_size piece:
+ *   2. segment()       checks the super-packet (a TCP data offset below 5
+ *                      refused: RFC 9293), then per gso_size piece:
  *   3. tcp_seg()       copy IP+TCP header, IP length/ID (+1 per segment,
  *                      as Linux without FIXEDID), TCP sequence, CWR only
  *                      on the first, FIN/PSH only on the last, checksums;
@@ -151,6 +152,11 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
         if (len < s.ihl + 20)
             goto bad;
         s.l4hl = (size_t)(ip[s.ihl + 12] >> 4) * 4;
+        /* RFC 9293 3.1: the data offset counts 32-bit words and is at least
+         * 5.  Below that, tcp_seg() would write the flags and checksum past
+         * the header copied for each segment (txq_alloc'd to s.hl bytes). */
+        if (s.l4hl < 20)
+            goto bad;
         seg = tcp_seg;
     } else if (gso == VIRTIO_NET_HDR_GSO_UDP_L4 && l4 == IPPROTO_UDP_) {
         s.l4hl = 8;
@@ -164,6 +170,12 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
     s.payload = ip + s.hl;
     s.plen = len - s.hl;
     n = (uint32_t)((s.plen + s.mss - 1) / s.mss);
+    /* No payload: no segment to make (the caller's gso_bad), where the
+     * loop below would emit nothing and the packet vanish uncounted.  No
+     * stack makes such a super-packet (tcp_gso_segment sends one of at
+     * most gso_size bytes as it is). */
+    if (!n)
+        goto bad;
     for (k = 0; k < n; k++) {
         d = s.plen - (size_t)k * s.mss;
         if (d > s.mss)
@@ -197,7 +209,8 @@ bad:
 
 /* Where the inner IP header of a GRE or IP-in-IP packet starts (from the
  * MAC header); 0 if the frame is no such packet, -1 if it is one TPB does
- * not take apart (GRE with a sequence number, or carrying Ethernet). */
+ * not take apart (GRE with a sequence number, or carrying Ethernet) or one
+ * whose outer headers the frame does not hold. */
 static long tunnel_inner(const struct frame *f, uint16_t *iproto,
                          size_t *ohl, size_t *gre_off)
 {
@@ -209,6 +222,8 @@ static long tunnel_inner(const struct frame *f, uint16_t *iproto,
     if (type == ETYPE_IPV4 && avail >= 20 && (ip[0] >> 4) == 4 &&
         !(rd16(ip + 6) & (IP_MF | IP_OFFMASK))) {
         *ohl = (size_t)(ip[0] & 0x0f) * 4;
+        if (*ohl < 20 || *ohl > avail)
+            return -1;
         proto = ip[9];
     } else if (type == ETYPE_IPV6 && avail >= 40 && (ip[0] >> 4) == 6) {
         *ohl = 40;
@@ -232,6 +247,10 @@ static long tunnel_inner(const struct frame *f, uint16_t *iproto,
      * merge those); an inner Ethernet header is not parsed here. */
     if ((flags & (GRE_VER | GRE_UNKNOWN | GRE_S)) ||
         (*iproto != ETYPE_IPV4 && *iproto != ETYPE_IPV6))
+        return -1;
+    /* The whole GRE header inside the frame, options included: forward()
+     * reads the inner packet from behind it. */
+    if (avail < *ohl + gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), 0))
         return -1;
     *gre_off = *ohl;
     return (long)(ETH_HLEN + *ohl + gre_hlen(!!(flags & GRE_C), !!(flags & GRE_K), 0));

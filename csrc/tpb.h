@@ -64,10 +64,21 @@ struct tpb_port_counters {
 #define TPB_DROP_REASM_BAD 22       /* inconsistent fragment / too large */
 #define TPB_DROP_REASM_MEMORY 23    /* reassembly memory bound reached */
 #define TPB_DROP_NO_PEER 24         /* POP: no bridge for the destination */
-#define TPB_DROP_TUN_WRITE 25       /* POP: TUN device refused a packet */
+#define TPB_DROP_TUN_WRITE 25       /* POP: TUN write failed otherwise (down, gone) */
 #define TPB_DROP_SEND 26            /* sendmmsg refused it */
 #define TPB_DROP_TUNNEL_DOWN 27     /* no POP up and on_tunnel_down = drop */
-#define TPB_NDROP 28
+#define TPB_DROP_SOURCE_OWNED 28    /* POP: inner source routed to another peer */
+#define TPB_DROP_INNER_MARTIAN 29   /* POP: inner source no router forwards */
+#define TPB_DROP_LEARN_FULL 30      /* POP: the peer's learned entries at budget */
+#define TPB_DROP_RCVBUF_FULL 31     /* POP: the raw socket overflowed (SO_RXQ_OVFL) */
+#define TPB_DROP_TUN_FULL 32        /* POP: TUN write EAGAIN/ENOBUFS/ENOMEM */
+#define TPB_DROP_TUN_INVALID 33     /* POP: TUN write EINVAL */
+#define TPB_DROP_ECHO_CSUM 34       /* echo request to the tunnel address, bad checksum */
+#define TPB_DROP_ECHO_RATELIMITED 35 /* echo request over icmp_rate: no reply */
+#define TPB_DROP_REASM_EVICTED 36   /* oldest datagram evicted for a newer one */
+#define TPB_DROP_MTU_TOO_SMALL 37   /* --out's MTU below the tunnel's minimum */
+#define TPB_DROP_FRAG_OVERFLOW 38   /* no IPv4 header can describe it: > 65535 */
+#define TPB_NDROP 39
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */

@@ -11,7 +11,9 @@
  *                     fit a TX ring slot are copied into one and leave
  *                     with a single send() (ring_put, ring_kick);
  *                     everything else by sendmmsg (send_mmsg);
- *                     each refused message counted by reason;
+ *                     each refused message counted by reason, a slot the
+ *                     kernel skipped too (ring_reap); an encapsulated
+ *                     packet counted only once it has left (txq_account);
  *      txq_flush()    the same, then the arena is free again.
  * Every message starts with a virtio_net_hdr: the sockets have
  * PACKET_VNET_HDR, so GSO super-packets and partial checksums travel on.
@@ -76,17 +78,20 @@ static uint32_t port_mtu(int fd, int ifindex)
 }
 
 /* The MTU is read again every second (bridge.c), so that a port whose MTU
- * an operator lowers refuses the longer frames from then on. */
+ * an operator lowers refuses the longer frames from then on (and the
+ * tunnel follows it: encap_mtu). */
 void txq_check_mtu(struct txq *q)
 {
     uint32_t room = TPB_TXRING_SLOT - (uint32_t)TPB_TXRING_OFF - (uint32_t)VNET_LEN;
     uint32_t mtu;
 
 #ifdef TPB_FUZZ
+    q->mtu = 0;                 /* unknown: the configured MTU holds */
     q->ring_max = 0;
     return;
 #endif
     mtu = port_mtu(q->fd, q->ifindex);
+    q->mtu = mtu;
     q->ring_max = !mtu ? 0 : mtu + ETH_HLEN < room ? mtu + ETH_HLEN : room;
 }
 
@@ -118,6 +123,13 @@ int txq_init(struct txq *q, int fd, int fd_q, int ifindex,
     q->n = 0;
     q->arena_used = 0;
     q->ring.fd = -1;
+    q->tc = NULL;
+    q->acct_broken = 0;
+    /* Fault injection for the tests only: every Nth frame put in the TX
+     * ring is made one the kernel skips (ring_put), to show it counted. */
+    q->fault_skip = getenv("TPB_FAULT_TXRING_SKIP")
+                        ? (uint32_t)strtoul(getenv("TPB_FAULT_TXRING_SKIP"), NULL, 10) : 0;
+    q->fault_n = 0;
 #ifndef TPB_FUZZ
     q->arena = malloc(ARENA_SIZE);
 #else
@@ -179,7 +191,35 @@ void txq_commit(struct txq *q, uint32_t i, int niov)
         len += (uint32_t)q->iov[i][k].iov_len;
     q->len[i] = len - (uint32_t)VNET_LEN;
     q->qdisc[i] = 0;
+    q->acct[i] = TXQ_ACCT_NONE;
     q->n = i + 1;
+}
+
+void txq_account(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes)
+{
+    q->acct[i] = kind;
+    q->acct_bytes[i] = bytes;
+}
+
+/* Message k left (sent) or was refused: what it counts in the tunnel's
+ * counters.  A packet whose fragment was refused is lost whole: it counts
+ * neither when its last fragment leaves (the refusal is counted by the
+ * port's drop reason). */
+static void account(struct txq *q, uint32_t k, int sent)
+{
+    switch (q->acct[k]) {
+    case TXQ_ACCT_ENCAP:
+        if (sent && !q->acct_broken && q->tc) {
+            q->tc->encap_packets++;
+            q->tc->encap_bytes += q->acct_bytes[k];
+        }
+        q->acct_broken = 0;
+        break;
+    case TXQ_ACCT_ENCAP_FRAG:
+        if (!sent)
+            q->acct_broken = 1;
+        break;
+    }
 }
 
 /* Through the qdisc: super-packets, which only a socket that keeps the
@@ -301,8 +341,10 @@ static void send_mmsg(struct txq *q, int fd, uint32_t i, uint32_t end)
     while (i < end) {
         sent = sendmmsg(fd, &q->msg[i], end - i, 0);
         if (sent > 0) {
-            for (k = i; k < i + (uint32_t)sent; k++)
+            for (k = i; k < i + (uint32_t)sent; k++) {
                 c->tx_bytes += q->len[k];
+                account(q, k, 1);
+            }
             c->tx_frames += (uint64_t)sent;
             c->batches++;
             i += (uint32_t)sent;
@@ -314,6 +356,7 @@ static void send_mmsg(struct txq *q, int fd, uint32_t i, uint32_t end)
          * rest.  A refusal after a partial batch is parked in sk_err,
          * which would make poll() report POLLERR forever: clear it. */
         count_refused(c, errno);
+        account(q, i, 0);
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen);
         i++;
     }
@@ -330,19 +373,40 @@ static inline uint32_t txstatus(const struct tpb_txring *t, uint32_t i)
     return __atomic_load_n(&txslot(t, i)->tp_status, __ATOMIC_ACQUIRE);
 }
 
+/* The kernel's checks of a TX ring slot (tpacket_snd: the length, the
+ * vnet header, the link-layer header; virtio_net_hdr_to_skb: a partial
+ * checksum inside the frame, after at least an IPv4 header's worth): the
+ * errno sendmmsg would report for the same frame, or 0.  A slot it
+ * refuses is skipped without a word (PACKET_LOSS). */
+static int ring_refuses(const struct tpb_txring *t, uint32_t tp_len,
+                        const struct virtio_net_hdr *vh)
+{
+    uint32_t len;
+
+    if (tp_len > t->frame_size - (uint32_t)TPB_TXRING_OFF)
+        return EMSGSIZE;
+    if (tp_len < VNET_LEN + ETH_HLEN)
+        return EINVAL;
+    len = tp_len - (uint32_t)VNET_LEN;
+    if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE)
+        return EINVAL;          /* never put there: not segmented here */
+    if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+        (vh->csum_start < 20 || (uint32_t)vh->csum_start + vh->csum_offset + 2 > len))
+        return EINVAL;
+    return 0;
+}
+
 /* Whether message i may go by a TX ring: not a super-packet (only
- * sendmmsg's path segments those), no longer than the port's MTU, and a
- * partial checksum that lies inside the frame (the kernel would skip a
- * slot it rejects without a word; sendmmsg reports it). */
+ * sendmmsg's path segments those), no longer than the port's MTU, and
+ * nothing the kernel would refuse (it would skip the slot without a word;
+ * sendmmsg reports it). */
 static int ring_fits(const struct txq *q, uint32_t i)
 {
     const struct virtio_net_hdr *vh = q->iov[i][0].iov_base;
 
-    if (q->len[i] > q->ring_max || q->iov[i][0].iov_len < VNET_LEN ||
-        vh->gso_type != VIRTIO_NET_HDR_GSO_NONE)
+    if (q->len[i] > q->ring_max || q->iov[i][0].iov_len < VNET_LEN)
         return 0;
-    return !(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) ||
-           (uint32_t)vh->csum_start + vh->csum_offset + 2 <= q->len[i];
+    return !ring_refuses(&q->ring, (uint32_t)VNET_LEN + q->len[i], vh);
 }
 
 /* Copies message i into the ring's next slot; 0 if that slot is still in
@@ -364,6 +428,8 @@ static int ring_put(struct txq *q, struct tpb_txring *t, uint32_t i)
     ((struct virtio_net_hdr *)((uint8_t *)h + TPB_TXRING_OFF))->hdr_len =
         (uint16_t)q->len[i];
     h->tp_len = (uint32_t)VNET_LEN + q->len[i];
+    if (q->fault_skip && ++q->fault_n % q->fault_skip == 0)
+        h->tp_len = 1;          /* tests only: a slot the kernel skips */
     t->len[t->head] = q->len[i];
     __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
     t->head = t->head + 1 == t->frame_nr ? 0 : t->head + 1;
@@ -378,20 +444,44 @@ static inline void ring_pop(struct tpb_txring *t)
     t->pending--;
 }
 
-/* Counts the slots the kernel has taken since the last look: it takes
- * them in order, so they run from tail to the first still requested.
- * Returns how many of them were sent (not given up). */
-static uint32_t ring_reap(struct txq *q, struct tpb_txring *t)
+/* Counts the slots the kernel has taken since the last look (in the
+ * send() that returned `n`): it takes them in order, so they run from tail
+ * to the first still requested.  Each was sent, or skipped: the kernel
+ * marks a skipped slot available as it does a sent one (PACKET_LOSS; no
+ * TP_STATUS_WRONG_FORMAT, which would stall the ring at that slot for
+ * good), so a skipped one is found by the kernel's own checks, read from
+ * the slot as it was handed over (ring_refuses), and counted by the reason
+ * sendmmsg would have given.  A send() that succeeded also says how many
+ * bytes left (the frames' lengths): anything it skipped for a reason the
+ * checks do not know is still caught there, and counted as one frame
+ * refused (send_error) with its bytes.  Returns how many were sent. */
+static uint32_t ring_reap(struct txq *q, struct tpb_txring *t, ssize_t n)
 {
+    uint64_t bytes = 0;
     uint32_t sent = 0;
+    int e;
 
     while (t->pending && txstatus(t, t->tail) != TP_STATUS_SEND_REQUEST) {
+        struct tpacket2_hdr *h = txslot(t, t->tail);
+
         if (t->len[t->tail] != TXRING_GAVE_UP) {
-            q->c->tx_bytes += t->len[t->tail];
-            sent++;
+            e = ring_refuses(t, h->tp_len, (const struct virtio_net_hdr *)
+                                               ((uint8_t *)h + TPB_TXRING_OFF));
+            if (e) {
+                count_refused(q->c, e);
+            } else {
+                bytes += t->len[t->tail];
+                sent++;
+            }
         }
         ring_pop(t);
     }
+    if (n >= 0 && (uint64_t)n < bytes && sent) {
+        count_refused(q->c, EINVAL);
+        sent--;
+        bytes = (uint64_t)n;
+    }
+    q->c->tx_bytes += bytes;
     q->c->tx_frames += sent;
     return sent;
 }
@@ -412,11 +502,13 @@ static void ring_kick(struct txq *q, struct tpb_txring *t)
 {
     int tries = 0, e;
     uint32_t before;
+    ssize_t n;
 
     while (t->pending) {
         before = t->pending;
-        e = send(t->fd, NULL, 0, MSG_DONTWAIT) < 0 ? errno : 0;
-        if (ring_reap(q, t))
+        n = send(t->fd, NULL, 0, MSG_DONTWAIT);
+        e = n < 0 ? errno : 0;
+        if (ring_reap(q, t, n))
             q->c->batches++;
         if (t->pending < before)
             tries = 0;
@@ -481,6 +573,7 @@ void txq_send(struct txq *q)
         tpb_fuzz_tx(q, i);
         q->c->tx_frames++;
         q->c->tx_bytes += q->len[i];
+        account(q, i, 1);
     }
     if (q->n)
         q->c->batches++;

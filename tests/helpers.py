@@ -58,6 +58,77 @@ def need_tool(name: str, package: str | None = None) -> str:
     return path
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def _runtime_distributions(name: str, seen: set[str]) -> None:
+    """`name` and what it needs at run time (extras left out), installed."""
+    import importlib.metadata as md
+
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        return
+    try:
+        md.distribution(name)
+    except md.PackageNotFoundError:
+        return  # a requirement for another platform (win_inet_pton, say)
+    seen.add(key)
+    for req in md.requires(name) or []:
+        if "extra ==" not in req:
+            m = re.match(r"[A-Za-z0-9_.\-]+", req)
+            if m:
+                _runtime_distributions(m.group(0), seen)
+
+
+def unprivileged_python(dest: Path) -> list[str]:
+    """An argv prefix that runs `-m tpb` as nobody from a copy of TPB and of
+    what it needs at run time, made world-readable in `dest` (a fresh
+    directory).  The checkout and its venv may sit where nobody can read
+    them (a mode-0700 home), which would make the test fail with "No
+    module named tpb" instead of TPB's own refusal.
+
+    The interpreter is one nobody can run, of this Python's version (the
+    compiled modules are built for it); the test is skipped, saying so,
+    if there is none."""
+    import importlib.metadata as md
+
+    import tpb
+
+    shutil.copytree(Path(tpb.__file__).parent, dest / "tpb",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    dists: set[str] = set()
+    for dep in md.requires("tpb") or []:
+        if "extra ==" not in dep:
+            _runtime_distributions(re.match(r"[A-Za-z0-9_.\-]+", dep).group(0), dists)
+    for name in dists:
+        dist = md.distribution(name)
+        for f in dist.files or []:
+            if f.parts[0] == ".." or "__pycache__" in f.parts:
+                continue  # scripts in bin/, byte code
+            src = Path(str(dist.locate_file(f)))
+            if src.is_file():
+                (dest / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / f)
+    for root, _dirs, files in os.walk(dest):
+        os.chmod(root, 0o755)
+        for n in files:
+            os.chmod(os.path.join(root, n), 0o644)
+    dest.chmod(0o755)
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = [sys.executable, os.path.realpath(sys.executable),
+                  getattr(sys, "_base_executable", ""), f"/usr/bin/python{version}",
+                  f"/usr/local/bin/python{version}"]
+    env = ["env", "--chdir=/", f"PYTHONPATH={dest}"]
+    for py in dict.fromkeys(c for c in candidates if c):
+        probe = subprocess.run(
+            [*NOBODY, *env, py, "-s", "-c", "import sys, tpb.errors; print(sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=30,
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
+            return [*env, py, "-s"]
+    pytest.skip(f"no Python {version} that user nobody may run")
+
+
 def tpb_argv(*args: str) -> list[str]:
     """`python -m tpb run ...` with this interpreter (the venv's)."""
     return [sys.executable, "-m", "tpb", "run", *args]
@@ -79,6 +150,7 @@ class TpbDaemon:
         self.proc: subprocess.Popen | None = None
         self.stdout = ""
         self.stderr = ""
+        self._line = 0  # stderr lines wait_line() has passed
         self.returncode: int | None = None
 
     @property
@@ -100,7 +172,34 @@ class TpbDaemon:
             self.counters_file.unlink()
         self.proc, self.stderr = spawn_until(self.lab, self.node, self.argv, self.ready,
                                              timeout, self.what)
+        self._line = 0
         return self
+
+    def wait_line(self, needle: str, timeout: float = 10.0) -> str:
+        """The next line on its stderr that contains `needle`, after the
+        lines an earlier wait_line() returned; fail after `timeout` or when
+        it exits first, with what it printed.  (Everything read stays in
+        self.stderr.)"""
+        assert self.proc is not None and self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.stderr.splitlines(keepends=True)
+            for i in range(self._line, len(lines)):
+                if lines[i].endswith("\n") and needle in lines[i]:
+                    self._line = i + 1
+                    return lines[i].rstrip("\n")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.what}: no {needle!r} on stderr within {timeout}s; "
+                                     f"stderr: {self.stderr!r}")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"{self.what}: exited before {needle!r}; "
+                                     f"stderr: {self.stderr!r}")
+            self.stderr += chunk.decode(errors="replace")
 
     def _collect(self, out: bytes | None, err: bytes | None) -> None:
         assert self.proc is not None
@@ -190,6 +289,32 @@ def assert_consistent(c: dict, ring_full_ok: bool = False) -> None:
         assert delivered >= c[port]["rx_frames"], c
     assert c["in"]["rx_frames"] == c["out"]["tx_frames"], c
     assert c["out"]["rx_frames"] == c["in"]["tx_frames"], c
+
+
+def port_drops(port: dict) -> dict[str, int]:
+    """A port's drops by reason from its --counters section (the kernel's
+    ring drops as ring_full), for assert_balance()."""
+    out = {k[5:]: v for k, v in port.items() if k.startswith("drop_")}
+    out["ring_full"] = port["kernel_drops"]
+    return out
+
+
+def assert_balance(sent: int, counters: dict | list[dict], delivered: int) -> None:
+    """"Every drop has a counter": of `sent` frames offered, `delivered`
+    arrived and each of the others is in exactly one drop counter.
+    `counters`: drops by reason ({"gre_key": 3}, a --counters "drop"
+    section, port_drops()), or a list of such dicts, summed."""
+    dicts = [counters] if isinstance(counters, dict) else counters
+    total: collections.Counter[str] = collections.Counter()
+    for d in dicts:
+        for reason, n in d.items():
+            assert isinstance(n, int) and n >= 0, (reason, n, d)
+            total[reason] += n
+    dropped = sum(total.values())
+    assert sent == delivered + dropped, (
+        f"{sent} offered != {delivered} delivered + {dropped} dropped "
+        f"{ {k: v for k, v in total.items() if v} }"
+    )
 
 
 def port_state(lab: Lab, node: str, ifname: str) -> dict:

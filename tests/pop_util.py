@@ -281,6 +281,66 @@ def read_pcap(path: Path) -> list[bytes]:
     return out
 
 
+# ---- another process's file descriptors (pidfd_getfd) -----------------------
+
+SYS_PIDFD_GETFD = 438  # x86_64, arm64 and the rest of the generic table
+TUNSETVNETHDRSZ = 0x400454D8
+
+
+def steal_fd(pid: int, fd: int) -> int:
+    """A duplicate of process pid's file descriptor fd in this process
+    (pidfd_getfd(2)): the same open file, so a socket option or ioctl set
+    on it holds for that process too.  The caller closes it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        n = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if n < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"pidfd_getfd({pid}, {fd}): {os.strerror(e)}")
+        return n
+    finally:
+        os.close(pidfd)
+
+
+def tun_fd_of(pid: int) -> int:
+    """A duplicate of the TUN device's descriptor of process pid."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/net/tun":
+                return steal_fd(pid, int(name))
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"process {pid} has no TUN device open")
+
+
+def raw_socket_of(pid: int, proto: int) -> socket.socket:
+    """A duplicate of process pid's raw IPv4 socket of protocol proto."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                continue
+        except FileNotFoundError:
+            continue
+        s = socket.socket(fileno=steal_fd(pid, int(name)))
+        if s.family == socket.AF_INET and s.type == socket.SOCK_RAW and s.proto == proto:
+            return s
+        s.close()
+    raise AssertionError(f"process {pid} has no raw socket of protocol {proto}")
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (SIGSTOP reaches each thread
+    a little after kill() returns)."""
+    states = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(st in ("T", "t") for st in states)
+
+
 # ---- parsing frames by hand (byte by byte) ----------------------------------
 
 

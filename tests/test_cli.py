@@ -9,11 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import need_tool, ports_state, tpb_argv, wait_for
+from helpers import NOBODY, need_tool, ports_state, tpb_argv, unprivileged_python, wait_for
 
 pytestmark = pytest.mark.netns
 LAB_SUFFIX = "c"
@@ -98,9 +99,15 @@ def test_admin_down_port_is_refused(lab, eth3_down):
 
 def test_unprivileged_user_is_refused(lab):
     need_tool("setpriv", "util-linux")
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-    before = ports_state(lab, ifnames=PORTS)
-    line = assert_refused(run_tpb(lab, ["--in", "eth2", "--out", "eth3"], nobody), "needs root")
+    # Not in pytest's tmp_path: its parents are mode 0700.
+    copy = Path(tempfile.mkdtemp(prefix="tpb-nobody-", dir="/tmp"))
+    try:
+        python = unprivileged_python(copy)
+        before = ports_state(lab, ifnames=PORTS)
+        argv = [*NOBODY, *python, "-m", "tpb", "run", "--in", "eth2", "--out", "eth3"]
+        line = assert_refused(lab.run("tpb", argv, check=False, timeout=60), "needs root")
+    finally:
+        shutil.rmtree(copy)
     assert "CAP_NET_RAW" in line, line
     assert ports_state(lab, ifnames=PORTS) == before
 

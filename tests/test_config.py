@@ -5,7 +5,8 @@ traceback.  A flag wins over the file (checked on the wire in the lab).
 
 Only the last test needs the lab (root, namespaces); the others run the
 CLI as any user: a configuration is refused before privileges or
-interfaces are looked at.
+interfaces are looked at, and `tpb check --offline` checks the settings
+alone (tests/test_service.py checks the host checks, in the lab).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ BAD_PROBLEMS = [
 @pytest.mark.parametrize("path", ["good", "shipped"])
 def test_check_valid(tmp_path, path):
     f = write(tmp_path, "good.toml", GOOD) if path == "good" else SHIPPED
-    res = tpb("check", "--config", str(f))
+    res = tpb("check", "--offline", "--config", str(f))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"{f}: ok" and res.stderr == ""
 
@@ -344,7 +345,7 @@ def test_check_validates_a_pop_file(tmp_path):
             'address = "198.51.100.19"\nprefixes = ["192.0.2.64/26"]',
         ),
     )
-    res = tpb("check", "--config", str(good))
+    res = tpb("check", "--offline", "--config", str(good))
     assert res.returncode == 0 and res.stdout.strip() == f"{good}: ok", res.stderr
     bad = write(tmp_path, "pop.toml", POP_FILE)
     res = tpb("check", "--config", str(bad))

@@ -23,7 +23,15 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import assert_consistent, need_tool, read_until, tshark, wait_for
+from helpers import (
+    assert_balance,
+    assert_consistent,
+    need_tool,
+    port_drops,
+    read_until,
+    tshark,
+    wait_for,
+)
 from rawsock import Port
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -490,6 +498,53 @@ def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
         assert c[other]["tx_frames"] == len(frames), (other, c[other])
         assert c[other]["tx_bytes"] == sum(len(f) for f in frames), (other, c[other])
         assert c[other]["batches"] >= 1
+
+
+def test_tx_ring_slots_the_kernel_skips_are_counted_as_dropped(
+    quiet_lab, start_tpb, monkeypatch
+):
+    """A TX ring slot the kernel refuses is skipped without a word
+    (PACKET_LOSS) and marked available like a sent one: TPB finds it by the
+    kernel's own checks and counts it refused (send_error, as sendmmsg
+    would say EINVAL), never sent.  The fault is injected (every third
+    slot of each port's ring made too short, TPB_FAULT_TXRING_SKIP): no
+    frame a sender's kernel lets through makes it.  Of 9 frames each way,
+    6 arrive, byte for byte, and the counters say so."""
+    monkeypatch.setenv("TPB_FAULT_TXRING_SKIP", "3")
+    tpb = start_tpb(quiet_lab)
+    e = ends(quiet_lab)
+    sent: dict[str, list[bytes]] = {}
+    for a, b in DIRECTIONS.values():
+        src, dst = e[a], e[b]
+        frames = [build(src, dst, os.urandom(16)) for build in SILENT]
+        frames.append(FRAMES["unknown-ethertype"](src, dst, os.urandom(16)))
+        with Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx:
+            with Port(quiet_lab.ns(src.node), src.ifname) as tx:
+                for f in frames:
+                    tx.send(f)
+            # (the tpb node's own stack may speak on the link too: MLD)
+            arrived = []
+            deadline = time.monotonic() + 5
+            while len(arrived) < 6 and time.monotonic() < deadline:
+                got = rx.recv(deadline - time.monotonic())
+                if got is not None and got.data in frames:
+                    arrived.append(got.data)
+            while (got := rx.recv(0.3)) is not None:
+                if got.data in frames:
+                    arrived.append(got.data)
+        # the ring's slots 3, 6 and 9 were skipped: the 3rd, 6th and 9th frame
+        kept = [f for i, f in enumerate(frames) if (i + 1) % 3]
+        assert arrived == kept, (src.tpb_port, len(arrived))
+        sent[src.tpb_port] = frames
+    c = tpb.stop()
+    for port, other in (("in", "out"), ("out", "in")):
+        frames = sent[port]
+        kept = [f for i, f in enumerate(frames) if (i + 1) % 3]
+        assert c[port]["rx_frames"] == len(frames), (port, c[port])
+        assert c[other]["tx_frames"] == len(kept), (other, c[other])
+        assert c[other]["tx_bytes"] == sum(len(f) for f in kept), (other, c[other])
+        assert c[other]["drop_send_error"] == 3, (other, c[other])
+        assert_balance(len(frames), port_drops(c[other]), c[other]["tx_frames"])
 
 
 def _all_stopped(pid: int) -> bool:

@@ -19,12 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kgre  # noqa: E402
-from helpers import received  # noqa: E402
+from helpers import TpbDaemon, received  # noqa: E402
 
 from tpb import lab as labmod  # noqa: E402
 
@@ -54,22 +55,16 @@ def boot(lab: labmod.Lab, inner_route: str = "192.0.2.0/26", **gre: object) -> k
     return peer  # `with` boots it
 
 
-class Tpb:
-    def __init__(self, lab: labmod.Lab, tmp_path: object, *extra: str) -> None:
-        self.counters = f"{tmp_path}/counters.json"
-        self.proc = lab.spawn("tpb", [sys.executable, "-m", "tpb", "run", "--in", "eth2",
-                                      "--out", "eth3", *TPB_ARGS, *extra,
-                                      "--counters", self.counters],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        assert "bridging" in line, line + self.proc.stderr.read()
+class Tpb(TpbDaemon):
+    """`tpb run` in tunnel mode toward the VM, started until its ready line
+    (bounded: whatever it prints first) and stopped cleanly."""
 
-    def stop(self) -> dict:
-        self.proc.terminate()
-        out, err = self.proc.communicate(timeout=15)
-        assert self.proc.returncode == 0, err
-        with open(self.counters) as f:
-            return json.load(f)
+    def __init__(self, lab: labmod.Lab, tmp_path: object, *extra: str) -> None:
+        counters = Path(f"{tmp_path}/counters.json")
+        argv = [sys.executable, "-m", "tpb", "run", "--in", "eth2", "--out", "eth3", *TPB_ARGS,
+                *extra, "--counters", str(counters)]
+        super().__init__(lab, "tpb", argv, "tpb: bridging", counters, "tpb run")
+        self.start()
 
 
 def ping(lab: labmod.Lab, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ tpb, eth2 faces tpb2.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -19,13 +20,21 @@ import sys
 import time
 
 import pytest
-from helpers import assert_zero_sum_completed, inet_sum, tshark_problems, zero_sum_partial
+from helpers import (
+    assert_balance,
+    assert_zero_sum_completed,
+    inet_sum,
+    tshark_problems,
+    zero_sum_partial,
+)
 from pop_util import (
+    TUNSETVNETHDRSZ,
     Capture,
     Daemons,
     FrameSender,
     IpSender,
     Tcpdump,
+    all_stopped,
     assert_ping_ok,
     iperf,
     iperf_result,
@@ -33,15 +42,19 @@ from pop_util import (
     need_root,
     parse_gre,
     ping,
+    raw_socket_of,
     received,
     start_iperf_servers,
+    tun_fd_of,
     tunnel_args,
     wait_for,
 )
 from rawsock import Port
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
+from tunnel_util import gre_header
 
 from tpb import lab as labmod
 from tpb.lab import T_GW2B, T_PC, T_PC2, T_POP, T_SERVER, T_TPB, T_TPB2
@@ -302,6 +315,8 @@ def test_wrong_key_is_refused_and_counted(tlab, daemons):
     assert received(bad) == 0, bad.stdout
     assert_ping_ok(good, 2)
     c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
+    assert_balance(5, [p["drop"] for p in cp["peers"].values()] + [cp["other"]["drop"]],
+                   sum(p["decap_packets"] for p in cp["peers"].values()))
     assert_only(cp["peers"][T_TPB2], decap_packets=0, encap_packets=0, drop={"gre_key": 3})
     assert_only(cp["peers"][T_TPB], decap_packets=2, encap_packets=2, drop={})
     assert cp["other"]["drop"] == {}, cp
@@ -342,6 +357,8 @@ def test_unknown_bridge_address_is_refused_and_counted(tlab, daemons):
     c1, c2, cp = tpb1.stop(), tpb2.stop(), pop.stop()
     sources = {socket.inet_ntoa(f.data[26:30]) for f in frames}
     assert sources == {T_PC}, f"ICMP at the server from {sources}"
+    assert_balance(3 + 4 + 1, [p["drop"] for p in cp["peers"].values()] + [cp["other"]["drop"]],
+                   sum(p["decap_packets"] for p in cp["peers"].values()))
     assert cp["other"]["drop"] == {"not_peer": 3 + 4}, cp["other"]
     assert_only(cp["peers"][T_TPB], decap_packets=1, encap_packets=1, drop={})
     assert cp["learned"] == 0, cp  # inside a configured prefix: not learned
@@ -447,6 +464,8 @@ def test_a_bridge_cannot_take_over_another_sites_prefix(tlab, daemons):
         f"{ {a: p['encap_packets'] for a, p in cp['peers'].items()} }"
     )
     assert cp["peers"][T_TPB2]["encap_packets"] == 0, cp["peers"]
+    # and the spoofed packet itself went nowhere: its replies would go to tpb
+    assert cp["peers"][T_TPB2]["drop"] == {"source_owned": 1}, cp["peers"][T_TPB2]
 
 
 def test_no_matching_bridge_is_dropped_and_counted(tlab, daemons):
@@ -463,6 +482,279 @@ def test_no_matching_bridge_is_dropped_and_counted(tlab, daemons):
     for p in cp["peers"].values():
         assert_only(p, encap_packets=0, decap_packets=0, drop={})
     assert cp["learned"] == 0
+
+
+# ---- hostile bridges: what the POP believes of a peer ---------------------------
+
+HOST = "192.0.2.77"  # behind tpb2's site, no prefix configured for it
+
+
+class PeerWire:
+    """GRE as one bridge would send it to the POP, made byte by byte and
+    sent from that bridge's node (no `tpb run` there): out of its eth3,
+    to gw2, which routes it to the POP."""
+
+    def __init__(self, tlab, node: str, addr: str, gw_if: str, key=None, csum=False) -> None:
+        self.addr, self.key, self.csum = addr, key, csum
+        self.src_mac = tlab.iface(node, "eth3").mac
+        self.dst_mac = tlab.iface("gw2", gw_if).mac
+        self.tx = FrameSender(tlab, node, "eth3")
+
+    def send(self, inner: bytes, seq=None, tos: int = 0, proto: int | None = None) -> None:
+        if proto is None:
+            proto = 0x86DD if inner[0] >> 4 == 6 else 0x0800
+        g = gre_header(proto=proto, key=self.key, seq=seq, csum=self.csum, payload=inner)
+        outer = IP(src=self.addr, dst=T_POP, proto=47, ttl=64, tos=tos)
+        self.tx.send(bytes(Ether(src=self.src_mac, dst=self.dst_mac) / outer / Raw(g)))
+
+    def close(self) -> None:
+        self.tx.close()
+
+
+def tpb2_wire(tlab, key=None, csum=True) -> PeerWire:
+    return PeerWire(tlab, "tpb2", T_TPB2, "eth2", key=key, csum=csum)
+
+
+def tpb1_wire(tlab, key=KEY1) -> PeerWire:
+    return PeerWire(tlab, "tpb", T_TPB, "eth0", key=key)
+
+
+def echo_reply(src: str, m: bytes, dst: str = T_SERVER, tos: int = 0) -> bytes:
+    """An inner packet the server takes silently: an ICMP echo reply."""
+    return bytes(IP(src=src, dst=dst, ttl=64, tos=tos, id=0x5A5A) / ICMP(type=0, id=0x5A5A)
+                 / Raw(m + bytes(20)))
+
+
+def routed(inner: bytes) -> bytes:
+    """The inner IPv4 packet as the server gets it: one router (the POP's
+    host) on the way, TTL one less, header checksum again."""
+    p = IP(inner)
+    p.ttl -= 1
+    del p.chksum
+    return bytes(p)
+
+
+def server_capture(tlab) -> Capture:
+    return Capture(tlab, "server", "eth0",
+                   keep=lambda f: f[12:14] == b"\x08\x00" and f[14 + 9] == 1, incoming_only=True)
+
+
+def arrived(frames, m: bytes) -> list[bytes]:
+    return [f.data[14:] for f in frames if m in f.data]
+
+
+def peer_drops(cp: dict) -> list[dict]:
+    return [p["drop"] for p in cp["peers"].values()] + [cp["other"]["drop"]]
+
+
+def test_pop_sequence_window_moves_only_for_delivered_packets(tlab, daemons):
+    """tpb2's peer with checksums and sequence numbers: packets numbered
+    far ahead but refused after their GRE header passed (inner header bad,
+    a martian source, another site's source, CE on Not-ECT) leave the
+    window as it was, so the next packet, numbered just after the first
+    good one, is still fresh and reaches the server, byte for byte."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1, "--peer", PEER2)
+    ok1, ok2 = b"POPSEQ-ok1-" + os.urandom(4), b"POPSEQ-ok2-" + os.urandom(4)
+    good1, good2 = echo_reply(T_PC2, ok1), echo_reply(T_PC2, ok2)
+    bad_ip = bytearray(echo_reply(T_PC2, b"POPSEQ-bad"))
+    bad_ip[10] ^= 0xFF  # header checksum
+    w = tpb2_wire(tlab)
+    cap = server_capture(tlab)
+    with cap:
+        w.send(good1, seq=100)
+        w.send(bytes(bad_ip), seq=1000)
+        w.send(echo_reply("0.0.0.0", b"POPSEQ-martian"), seq=2000)
+        w.send(echo_reply(T_PC, b"POPSEQ-owned"), seq=3000)  # site 1's, behind tpb
+        w.send(echo_reply(T_PC2, b"POPSEQ-ce"), seq=4000, tos=0x03)
+        w.send(good2, seq=101)
+        cap.wait(lambda fr: arrived(fr, ok2), 5, "the second good packet at the server")
+        frames = cap.stop()
+    w.close()
+    cp = pop.stop()
+    assert arrived(frames, ok1) == [routed(good1)]
+    assert arrived(frames, ok2) == [routed(good2)]
+    assert not [f for f in frames if b"POPSEQ-" in f.data and ok1 not in f.data
+                and ok2 not in f.data]
+    p2 = cp["peers"][T_TPB2]
+    assert p2["drop"] == {"inner_bad": 1, "inner_martian": 1, "source_owned": 1, "ecn": 1}, p2
+    assert p2["decap_packets"] == 2, p2
+    assert_balance(6, peer_drops(cp), p2["decap_packets"])
+    assert cp["learned"] == 0, cp
+
+
+def test_a_fresh_learned_entry_does_not_move_to_another_peer(tlab, daemons):
+    """Two peers without prefixes.  HOST speaks through tpb2 first: learned
+    behind tpb2.  tpb then sends from HOST: dropped (source_owned), never
+    delivered, and replies to HOST still go to tpb2 (RFC 3704 strict
+    reverse path: a peer is believed only for sources the POP routes back
+    to it).  Once the entry expired (--learn-timeout 1), tpb may have it:
+    delivered, and replies go to tpb."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", f"{T_TPB},key={KEY1}",
+                      "--peer", f"{T_TPB2},csum,seq", "--learn-timeout", "1")
+    tlab.run("pop", ["ip", "route", "add", SITE2, "dev", TUN])
+    w1, w2 = tpb1_wire(tlab), tpb2_wire(tlab)
+    first, spoof, later = (b"POPOWN-" + t + os.urandom(4) for t in (b"1st", b"spf", b"lat"))
+    srv = server_capture(tlab)
+    out = Capture(tlab, "pop", "eth0", keep=lambda f: parse_gre(f) is not None)
+    with srv, out:
+        w2.send(echo_reply(HOST, first), seq=1)
+        srv.wait(lambda fr: arrived(fr, first), 5, "HOST's packet through tpb2")
+        w1.send(echo_reply(HOST, spoof))
+        ping(tlab, "server", HOST, count=1, wait=1)  # no answer: nobody is HOST
+        out.wait(lambda fr: any(parse_gre(f.data).inner_dst == HOST for f in fr), 5, "GRE to HOST")
+        time.sleep(1.6)  # past the learn timeout: HOST silent meanwhile
+        w1.send(echo_reply(HOST, later))
+        srv.wait(lambda fr: arrived(fr, later), 5, "HOST's packet through tpb")
+        ping(tlab, "server", HOST, count=1, wait=1)
+        out.wait(lambda fr: sum(parse_gre(f.data).inner_dst == HOST for f in fr) >= 2, 5,
+                 "the second GRE to HOST")
+        to_host = [parse_gre(f.data) for f in out.stop() if parse_gre(f.data).inner_dst == HOST]
+        at_server = srv.stop()
+    w1.close()
+    w2.close()
+    cp = pop.stop()
+    assert not arrived(at_server, spoof), "tpb's packet from tpb2's HOST was delivered"
+    assert [g.outer_dst for g in to_host] == [T_TPB2, T_TPB], [g.outer_dst for g in to_host]
+    assert cp["peers"][T_TPB]["drop"] == {"source_owned": 1}, cp["peers"][T_TPB]
+    assert cp["peers"][T_TPB]["decap_packets"] == 1 and cp["peers"][T_TPB2]["decap_packets"] == 1
+    assert_balance(3, peer_drops(cp), 2)
+    # (cp["learned"]: HOST's entry behind tpb has expired by now, 1 s on)
+
+
+MARTIANS = [
+    "0.0.0.0", "0.1.2.3", "127.0.0.1", "224.0.0.5", "239.1.2.3", "240.0.0.1",
+    "255.255.255.255", "169.254.7.7", T_POP,
+    "::", "::1", "ff02::1", "fe80::1", "::ffff:192.0.2.80",
+]
+
+
+def test_martian_sources_are_dropped_and_never_learned(tlab, daemons):
+    """Sources no router forwards (RFC 1812 5.3.7, RFC 3927 2.7, RFC 4291:
+    unspecified, loopback, multicast, class E and broadcast, link-local,
+    IPv4-mapped) and the POP's own address: dropped (inner_martian), none
+    learned, none at the server; a good source after them is learned."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", f"{T_TPB2},csum,seq")
+    w = tpb2_wire(tlab)
+    srv = server_capture(tlab)
+    good = b"POPMART-good" + os.urandom(4)
+    with srv:
+        for i, src in enumerate(MARTIANS):
+            m = b"POPMART-%02d" % i
+            if ":" in src:
+                inner = bytes(IPv6(src=src, dst="2001:db8:3::10", hlim=64)
+                              / ICMP(type=0) / Raw(m))
+            else:
+                inner = echo_reply(src, m)
+            w.send(inner, seq=10 + i)
+        w.send(echo_reply(HOST, good), seq=100)
+        srv.wait(lambda fr: arrived(fr, good), 5, "the good packet at the server")
+        frames = srv.stop()
+    w.close()
+    cp = pop.stop()
+    assert [f for f in frames if b"POPMART-" in f.data and good not in f.data] == []
+    p2 = cp["peers"][T_TPB2]
+    assert p2["drop"] == {"inner_martian": len(MARTIANS)}, p2
+    assert_balance(len(MARTIANS) + 1, peer_drops(cp), p2["decap_packets"])
+    assert cp["learned"] == 1, cp
+
+
+def test_learned_entries_are_bounded_per_peer(tlab, daemons):
+    """Each peer may hold 1024 learned entries (the table is sized by the
+    number of peers): tpb2 sending from 1030 sources gets 1024 learned and
+    6 dropped (learn_full); tpb, another peer, still learns its own."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", f"{T_TPB},key={KEY1}",
+                      "--peer", f"{T_TPB2},csum")
+    w1, w2 = tpb1_wire(tlab), tpb2_wire(tlab)
+    for i in range(1030):
+        w2.send(echo_reply(f"10.1.{i >> 8}.{i & 255}", b"POPBUDGET"))
+        if i % 50 == 49:
+            time.sleep(0.005)
+    w1.send(echo_reply("10.9.9.9", b"POPBUDGET-tpb"))
+    w1.close()
+    w2.close()
+    time.sleep(0.5)  # the POP takes them in batches of 64, well within
+    cp = pop.stop()
+    p1, p2 = cp["peers"][T_TPB], cp["peers"][T_TPB2]
+    assert p2["decap_packets"] == 1024 and p2["drop"] == {"learn_full": 6}, p2
+    assert p1["decap_packets"] == 1 and p1["drop"] == {}, p1
+    assert_balance(1031, peer_drops(cp), 1025)
+    assert cp["learned"] == 1025, cp
+
+
+def test_socket_overflow_is_counted(tlab, daemons):
+    """The POP stopped (SIGSTOP) while 40 GRE packets come, its raw socket's
+    receive buffer made small (through a duplicate of its descriptor): the
+    kernel drops what does not fit and tells with the next packet queued
+    (SO_RXQ_OVFL).  Every packet is delivered or counted rcvbuf_full."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", f"{T_TPB2},csum,prefix={SITE2}")
+    raw = raw_socket_of(pop.pid, 47)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.close()
+    w = tpb2_wire(tlab)
+    srv = server_capture(tlab)
+    fence = b"POPOVFL-fence" + os.urandom(4)
+    with srv:
+        os.kill(pop.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: all_stopped(pop.pid), 5, "the POP to stop")
+            for i in range(40):
+                w.send(echo_reply(T_PC2, b"POPOVFL-%02d" % i))
+            time.sleep(0.3)
+        finally:
+            os.kill(pop.pid, signal.SIGCONT)
+        time.sleep(0.3)
+        w.send(echo_reply(T_PC2, fence))  # carries the drop count
+        srv.wait(lambda fr: arrived(fr, fence), 5, "the fence at the server")
+        frames = srv.stop()
+    w.close()
+    cp = pop.stop()
+    delivered = [f for f in frames if b"POPOVFL-" in f.data]
+    p2 = cp["peers"][T_TPB2]
+    assert p2["decap_packets"] == len(delivered), (p2, len(delivered))
+    assert cp["other"]["drop"].get("rcvbuf_full", 0) > 0, cp["other"]
+    assert_balance(41, peer_drops(cp), p2["decap_packets"])
+
+
+def test_tun_write_failures_by_reason(tlab, daemons):
+    """A TUN write refused as malformed (EINVAL: the device's vnet header
+    size changed under the POP, through a duplicate of its descriptor) is
+    tun_invalid; one to the device set down is tun_write; neither moves
+    the sequence window, so the packets after them, numbered lower, are
+    delivered, byte for byte."""
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER2)
+    w = tpb2_wire(tlab)
+    srv = server_capture(tlab)
+    ms = [b"POPTUN-%d-" % i + os.urandom(4) for i in range(5)]
+    pkts = [echo_reply(T_PC2, m) for m in ms]
+    tun = tun_fd_of(pop.pid)
+    with srv:
+        w.send(pkts[0], seq=10)
+        srv.wait(lambda fr: arrived(fr, ms[0]), 5, "the first packet")
+        fcntl.ioctl(tun, TUNSETVNETHDRSZ, struct.pack("i", 12))
+        try:
+            w.send(pkts[1], seq=5000)
+            time.sleep(0.3)
+        finally:
+            fcntl.ioctl(tun, TUNSETVNETHDRSZ, struct.pack("i", 10))
+        w.send(pkts[2], seq=11)
+        srv.wait(lambda fr: arrived(fr, ms[2]), 5, "the packet after EINVAL")
+        tlab.run("pop", ["ip", "link", "set", TUN, "down"])
+        w.send(pkts[3], seq=6000)
+        time.sleep(0.3)
+        tlab.run("pop", ["ip", "link", "set", TUN, "up"])
+        w.send(pkts[4], seq=12)
+        srv.wait(lambda fr: arrived(fr, ms[4]), 5, "the packet after the device came up")
+        frames = srv.stop()
+    os.close(tun)
+    w.close()
+    cp = pop.stop()
+    for i in (0, 2, 4):
+        assert arrived(frames, ms[i]) == [routed(pkts[i])], i
+    for i in (1, 3):
+        assert not arrived(frames, ms[i]), i
+    p2 = cp["peers"][T_TPB2]
+    assert p2["drop"] == {"tun_invalid": 1, "tun_write": 1}, p2
+    assert_balance(5, peer_drops(cp), p2["decap_packets"])
 
 
 # ---- the TUN device's life ------------------------------------------------------

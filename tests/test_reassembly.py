@@ -25,7 +25,6 @@ from pop_util import (
     need_tool,
     ping,
     tunnel_args,
-    wait_for,
 )
 from scapy.layers.inet import ICMP, IP, fragment
 from scapy.layers.l2 import GRE, Ether
@@ -304,15 +303,24 @@ def test_incomplete_datagram_times_out(rlab, daemons, pop):
 
 
 # ---- a flood of fragments that never complete: memory stays bounded -----------------
+#
+# Memory is charged for what is held (reasm.c): a fragment's bytes and the
+# heap blocks around them, a fixed few hundred bytes per datagram.  Over the
+# bound the oldest datagrams are evicted (reasm_evicted); datagrams whose
+# first fragment, the one with the GRE key, has not come are unverified and
+# at most UNVERIFIED of them are kept.
 
 MEMORY = 262144
 FLOOD = 2000
 FLOOD_TIMEOUT = 4
+UNVERIFIED = 64  # reasm.c MAX_UNVERIFIED
+OVERHEAD = 512  # more than reasm.c charges around one fragment's bytes
 
 
 def flood_frames(pop: Pop, kind: str) -> list[bytes]:
     """FLOOD fragments of as many 60 KB outer datagrams (IP IDs 1..FLOOD):
-    each its first 1480 bytes ("first") or its last 1000 ("last")."""
+    each its first 1480 bytes ("first": GRE header and key right, so each
+    one is a verified datagram) or its last 1000 ("last": unverified)."""
     template = bytearray(bytes(pop.outer(Pop.inner(b"FLOOD-", 60000), ident=0))[: 20 + 1480])
     if kind == "first":
         struct.pack_into("!H", template, 2, 1500)
@@ -332,6 +340,10 @@ def flood_frames(pop: Pop, kind: str) -> list[bytes]:
 
 @pytest.mark.parametrize("kind", ["first", "last"])
 def test_fragment_flood_memory_bounded(rlab, daemons, pop, kind):
+    """2000 datagrams that never complete, at a 256 KiB bound: memory stays
+    within it, the oldest are evicted, and a real datagram sent right after
+    the flood is reassembled (nothing is refused), as is one after the rest
+    has timed out.  Every flood datagram ends evicted or timed out."""
     tpb = start_tpb(
         rlab,
         daemons,
@@ -342,6 +354,7 @@ def test_fragment_flood_memory_bounded(rlab, daemons, pop, kind):
     frames = flood_frames(pop, kind)
     during, after = b"DURING-FLOOD", b"AFTER-FLOOD"
     got = Delivered(rlab, during, after, b"FENCE-")
+    real = 0
     try:
         t0 = time.monotonic()
         for i, f in enumerate(frames):
@@ -350,45 +363,126 @@ def test_fragment_flood_memory_bounded(rlab, daemons, pop, kind):
                 time.sleep(0.002)  # a burst, not more than the kernel's backlog
         sent = time.monotonic() - t0
         pop.send(pop.fragments(Pop.inner(during)))
+        real += 1
         got.fence(pop, b"FENCE-0", resend=True)
-        during_ok = got.count(during) == (1, 1)
-        # Once the flood has timed out, reassembly works again.
+        assert got.count(during) == (1, 1), "the datagram right after the flood was lost"
         time.sleep(FLOOD_TIMEOUT + 1.5)
-        tries = 0
-
-        def through() -> bool:
-            nonlocal tries
-            tries += 1
-            pop.send(pop.fragments(Pop.inner(after)))
-            time.sleep(0.5)
-            return got.count(after)[0] > 0
-
-        wait_for(through, 8, "a datagram after the flood", interval=0.5)
+        pop.send(pop.fragments(Pop.inner(after)))
+        real += 1
         got.fence(pop, b"FENCE-1", resend=True)
+        assert got.count(after) == (1, 1), "the datagram after the timeout was lost"
     finally:
         got.stop()
     c = tpb.stop()
     t = c["tunnel"]
+    drop = t["drop"]
+    taken = t["reasm_fragments"] - 3 * real
     print(
         f"flood of {FLOOD} {kind} fragments in {sent:.2f}s: reasm_memory_peak "
-        f"{t['reasm_memory_peak']} (bound {MEMORY}), drops {t['drop']}, "
-        f"fragments taken {t['reasm_fragments']}, ring drops {c['out']['kernel_drops']}, "
-        f"datagram during the flood {'through' if during_ok else 'dropped'}, after it "
-        f"through at try {tries}"
+        f"{t['reasm_memory_peak']} (bound {MEMORY}), drops {drop}, "
+        f"fragments taken {t['reasm_fragments']}, ring drops {c['out']['kernel_drops']}"
     )
-    assert 0 < t["reasm_memory_peak"] <= MEMORY, t
-    assert t["drop"].get("reasm_memory", 0) >= FLOOD // 2, t
-    assert t["reasm_fragments"] >= FLOOD // 2, t
-    held = t["reasm_memory_peak"] // (2048 if kind == "first" else 61440)
-    assert t["drop"].get("reasm_timeout", 0) >= held, t
+    assert FLOOD // 2 <= taken <= FLOOD, t
+    assert set(drop) <= {"reasm_evicted", "reasm_timeout"}, drop
+    assert drop.get("reasm_evicted", 0) + drop.get("reasm_timeout", 0) == taken, drop
+    assert t["reasm_done"] == real and t["reasm_memory"] == 0, t
+    assert t["reasm_memory_peak"] <= MEMORY, t
     if kind == "first":
-        # 128 first fragments of 2 KiB each fill the bound exactly: nothing
-        # else can be reassembled until they time out (as Linux: a full
-        # fragment memory refuses new datagrams)
-        assert t["reasm_memory_peak"] == MEMORY, t
-        assert not during_ok
+        # verified datagrams fill the bound, each new one evicting the oldest
+        per = 1480 + OVERHEAD
+        assert t["reasm_memory_peak"] > MEMORY - per, t
+        assert drop["reasm_evicted"] >= taken - MEMORY // 1480, drop
     else:
-        # 4 x 60 KB: room is left for a small datagram (2 KiB)
-        assert t["reasm_memory_peak"] == 4 * 61440 + 2048, t
-        assert during_ok
-    assert t["reasm_done"] == (2 if during_ok else 1), t
+        # unverified: the newest UNVERIFIED are kept until they time out
+        assert drop["reasm_timeout"] == UNVERIFIED, drop
+        assert drop["reasm_evicted"] == taken - UNVERIFIED, drop
+        assert t["reasm_memory_peak"] <= UNVERIFIED * (1000 + OVERHEAD) + 3 * (512 + OVERHEAD), t
+
+
+# ---- what one far fragment costs: what it holds ---------------------------------
+
+
+def far_fragments(pop: Pop, n: int, first_id: int) -> list[bytes]:
+    """n outer fragments of 8 bytes at offset 65000, MF set (the issue's
+    attack: charged by their reach, each took 64 KiB), IDs from first_id."""
+    out = []
+    for k in range(n):
+        hdr = bytearray(bytes(IP(src=T_POP, dst=T_TPB, proto=47, ttl=64, id=first_id + k))[:20])
+        struct.pack_into("!H", hdr, 2, 28)
+        struct.pack_into("!H", hdr, 6, 0x2000 | 65000 // 8)
+        struct.pack_into("!H", hdr, 10, 0)
+        struct.pack_into("!H", hdr, 10, _csum(bytes(hdr)))
+        out.append(pop.frame(bytes(hdr) + b"FARFRAG!"))
+    return out
+
+
+@pytest.mark.parametrize("n", [UNVERIFIED, 1000])
+def test_far_fragments_hold_what_they_carry(rlab, daemons, pop, n):
+    """8-byte fragments far out in their datagrams cost what they hold, a
+    few hundred bytes, not 64 KiB each: 64 of them no longer fill the
+    default 4 MiB, and a real datagram after them is reassembled.  Past 64
+    such unverified datagrams the oldest are evicted, each counted."""
+    tpb = start_tpb(rlab, daemons)
+    marker = b"AFTER-FAR-%d" % n
+    got = Delivered(rlab, marker, b"FENCE-FAR")
+    try:
+        for i, f in enumerate(far_fragments(pop, n, 1)):
+            pop.tx.send(f)
+            if i % 100 == 99:
+                time.sleep(0.002)
+        pop.send(pop.fragments(Pop.inner(marker)))
+        got.fence(pop, b"FENCE-FAR", resend=True)
+        assert got.count(marker) == (1, 1), "the real datagram was refused"
+    finally:
+        got.stop()
+    t = tpb.stop()["tunnel"]
+    held = min(n, UNVERIFIED)
+    assert t["reasm_done"] == 1 and t["reasm_fragments"] == n + 3, t
+    assert t["drop"] == ({"reasm_evicted": n - held} if n > held else {}), t["drop"]
+    # what is held at exit: the far fragments' datagrams, each alike
+    assert t["reasm_memory"] % held == 0, t
+    assert 8 < t["reasm_memory"] // held <= 8 + OVERHEAD, t
+
+
+# ---- the first fragment's GRE key: checked before anything is kept ----------------
+
+
+FIRST_KEY_ORDERS = {
+    # bad0: the first fragment with the wrong key; the datagram completes
+    # from the good first fragment and the others, whatever came before
+    "bad-first-then-rest": (["bad0", 1, 2, 0], 1),
+    # bad0 after 1 and 2 takes them with it: 0 alone completes nothing
+    # until 1 and 2 come again
+    "bad-first-after-rest": ([1, 2, "bad0", 0, 1, 2], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(FIRST_KEY_ORDERS))
+def test_first_fragment_with_wrong_key_dropped_at_once(rlab, daemons, pop, case):
+    tpb = start_tpb(rlab, daemons)
+    marker, fence = b"KEY0-" + case.encode(), b"FENCE-" + case.encode()
+    inner = Pop.inner(marker)
+    ident = pop.next_id()
+    frags = [bytes(f) for f in fragment(pop.outer(inner, ident=ident), fragsize=FRAG)]
+    wrong = bytes(
+        fragment(
+            IP(src=T_POP, dst=T_TPB, ttl=64, id=ident)
+            / GRE(key_present=1, key=KEY + 1, proto=0x0800)
+            / Raw(inner),
+            fragsize=FRAG,
+        )[0]
+    )
+    order, delivered = FIRST_KEY_ORDERS[case]
+    got = Delivered(rlab, marker, fence)
+    try:
+        pop.send(wrong if i == "bad0" else frags[i] for i in order)
+        got.fence(pop, fence)
+        assert got.count(marker) == (delivered, delivered), got.count(marker)
+        assert_delivered_intact(rlab, got.frames(marker), inner)
+    finally:
+        got.stop()
+    t = tpb.stop()["tunnel"]
+    assert t["drop"] == {"gre_key": 1}, t["drop"]
+    # the wrong first fragment never entered reassembly
+    assert t["reasm_fragments"] == len(order) - 1 and t["reasm_done"] == 1, t
+    assert t["reasm_memory"] == 0, t

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tshark, tshark_expert
+from helpers import assert_balance, port_drops, tshark, tshark_expert
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -436,14 +436,15 @@ def _bad(name: str):
             lambda m: gre_to_tpb(to_pc(m), outer_csum=0xBEEF, key=KEY3, seq=ahead, csum=True),
             "outer_bad",
         ),
-        # inner problems are found after the GRE header was accepted: as in
-        # Linux (ip_tunnel_rcv), its sequence number counts as received.
+        # inner problems are found after the GRE header passed: the packet
+        # is not delivered, so its number (far ahead) is not received and
+        # the fence, numbered S0 + 1, is still fresh (gre_commit_seq).
         "inner_header_bad": (
-            lambda m: gre_to_tpb(_break_ip_csum(to_pc(m)), key=KEY3, seq=S0 + 1, csum=True),
+            lambda m: gre_to_tpb(_break_ip_csum(to_pc(m)), key=KEY3, seq=ahead, csum=True),
             "inner_bad",
         ),
         "ce_on_not_ect": (
-            lambda m: gre_to_tpb(to_pc(m), tos=0x03, key=KEY3, seq=S0 + 1, csum=True),
+            lambda m: gre_to_tpb(to_pc(m), tos=0x03, key=KEY3, seq=ahead, csum=True),
             "ecn",
         ),
     }
@@ -488,16 +489,17 @@ BAD_CASES = [
 def test_bad_gre_is_dropped_and_counted(tlab, procs, gw1, gw2, case):
     """TPB with key, checksums and sequence numbers: a valid GRE packet from
     the POP is delivered at gw1 (positive control), the bad one is not and
-    is counted under its reason, and the valid one after it still is."""
+    is counted under its reason, and the valid one after it still is: the
+    bad one, numbered far ahead, did not move the sequence window (only a
+    delivered packet does), so the fence's S0 + 1 is fresh."""
     build, reason = _bad(case)
     tpb = procs.tpb(*SELECT_SERVER, *gre_flags_args(KEY3, True, True))
     learn_router_mac(gw1, gw2)
     ok1, bad, ok2 = marker("ok1"), marker("bad"), marker("ok2")
-    fence_seq = S0 + 2 if reason in ("inner_bad", "ecn") else S0 + 1
     gw1.drain()
     gw2.send(gre_to_tpb(to_pc(ok1), key=KEY3, seq=S0, csum=True))
     gw2.send(build(bad))
-    gw2.send(gre_to_tpb(to_pc(ok2), key=KEY3, seq=fence_seq, csum=True))
+    gw2.send(gre_to_tpb(to_pc(ok2), key=KEY3, seq=S0 + 1, csum=True))
     fence_to(gw1, ok2)
     c = tpb.stop()
     first = gw1.with_marker(ok1)
@@ -511,6 +513,9 @@ def test_bad_gre_is_dropped_and_counted(tlab, procs, gw1, gw2, case):
     assert ip_payload_of(f) == to_pc(ok1)
     assert drops(c) == {reason: 1}, c["tunnel"]
     assert c["tunnel"]["decap_packets"] == 2, c["tunnel"]
+    delivered = sum(len(gw1.with_marker(x)) for x in (ok1, bad, ok2))
+    assert_balance(3, drops(c), delivered)
+    assert delivered == c["tunnel"]["decap_packets"]
 
 
 def test_no_router_mac_yet(tlab, procs, gw1, gw2):
@@ -554,6 +559,147 @@ def test_arp_and_echo_for_the_tunnel_address(tlab, procs, gw1, gw2):
         assert not (ARP in e and e[ARP].pdst == T_TPB), "ARP for the tunnel address bridged"
         assert not (IP in e and T_TPB in (e[IP].src, e[IP].dst)), "tunnel address traffic bridged"
     assert c["tunnel"]["arp_replies"] >= 1 and c["tunnel"]["echo_replies"] == 2, c["tunnel"]
+
+
+def test_no_router_mac_does_not_move_the_sequence_window(tlab, procs, gw1, gw2):
+    """With --seq: a GRE packet numbered far ahead that is dropped after
+    its GRE header passed (no in-side router MAC yet) is not delivered, so
+    its number is not received: once the router is known, a packet with a
+    much lower number, still fresh, is delivered, byte for byte."""
+    tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000", "--seq")
+    early, late = marker("early"), marker("late")
+    gw1.drain()
+    gw2.send(gre_to_tpb(to_pc(early), seq=50000))
+    fence = marker("fence")
+    gw2.send(eth(to_pc(fence), src=GW2_MAC, dst=GW1_MAC))
+    fence_to(gw1, fence)
+    learn_router_mac(gw1, gw2)
+    gw2.send(gre_to_tpb(to_pc(late), seq=7))
+    f = fence_to(gw1, late)
+    c = tpb.stop()
+    assert not gw1.with_marker(early)
+    assert len(gw1.with_marker(late)) == 1
+    assert f.data[:14] == bytes.fromhex(
+        GW1_MAC.replace(":", "") + GW2_MAC.replace(":", "") + "0800")
+    assert ip_payload_of(f.data) == to_pc(late)
+    assert drops(c) == {"no_router_mac": 1}, c["tunnel"]
+    assert_balance(2, drops(c), c["tunnel"]["decap_packets"])
+
+
+def _echo_request(ident: int, seq: int, data: bytes, wrong_csum: bool = False) -> bytes:
+    """An echo request from gw2 to TPB's tunnel address, as gw2 sends it."""
+    icmp = ICMP(type=8, id=ident, seq=seq) / Raw(data)
+    if wrong_csum:
+        icmp = ICMP(bytes(icmp))
+        icmp.chksum ^= 0x0101
+    return bytes(
+        Ether(src=GW2_MAC, dst=TPB_OUT_MAC) / IP(src=T_GW2, dst=T_TPB, ttl=64, id=0x6100 + seq)
+        / icmp
+    )
+
+
+def _echo_replies(w: Wire, ident: int) -> list[bytes]:
+    """The IPv4 packets of the echo replies to `ident` seen at gw2."""
+    out = []
+    for f in w.seen:
+        ip = f.data[14:]
+        if f.data[12:14] == b"\x08\x00" and ip[9] == 1 and ip[20] == 0:
+            if struct.unpack("!H", ip[24:26])[0] == ident:
+                out.append(ip_payload_of(f.data))
+    return out
+
+
+def _check_echo_reply(reply: bytes, request_frame: bytes) -> None:
+    """RFC 792 byte for byte: from the tunnel address back to the asker,
+    the request's ID, sequence number and data, both checksums right."""
+    req = request_frame[14:]
+    assert reply[0] == 0x45 and reply[8] == 64 and reply[9] == 1
+    assert reply[12:16] == req[16:20] and reply[16:20] == req[12:16]
+    assert inet_csum(reply[:20]) == 0
+    assert reply[20:22] == b"\x00\x00" and inet_csum(reply[20:]) == 0
+    assert reply[24:] == req[24:], "ID, sequence number or data changed"
+
+
+def test_echo_request_with_a_bad_checksum_is_not_answered(tlab, procs, gw2):
+    """RFC 792: the ICMP checksum covers the whole message.  A request whose
+    checksum does not verify is dropped and counted (echo_csum); a good one
+    beside it is answered, byte for byte, once."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    ident = 0x4A4A
+    bad = _echo_request(ident, 1, marker("ebad") * 3, wrong_csum=True)
+    good = _echo_request(ident, 2, marker("egood") * 3)
+    gw2.drain()
+    gw2.send(bad)
+    gw2.send(good)
+    gw2.until(lambda f: len(_echo_replies(gw2, ident)) >= 1, 5.0, "the echo reply")
+    gw2.settle(0.3)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, ident)
+    assert len(replies) == 1, replies
+    _check_echo_reply(replies[0], good)
+    t = c["tunnel"]
+    assert t["echo_replies"] == 1, t
+    assert drops(c) == {"echo_csum": 1}, t
+    assert_balance(2, drops(c), t["echo_replies"])
+
+
+def test_echo_replies_are_rate_limited(tlab, procs, gw2):
+    """Echo replies at most --icmp-rate a second (a burst of one second's):
+    of 40 requests at once, the first 5 are answered (6 if the bucket
+    refilled one meanwhile), the others dropped and counted
+    echo_ratelimited."""
+    tpb = procs.tpb(*SELECT_SERVER, "--icmp-rate", "5")
+    ident = 0x4B4B
+    sent = [_echo_request(ident, i + 1, marker(f"r{i}") * 2) for i in range(40)]
+    gw2.drain()
+    t0 = time.monotonic()
+    for f in sent:
+        gw2.send(f)
+    took = time.monotonic() - t0
+    gw2.until(lambda f: len(_echo_replies(gw2, ident)) >= 5, 5.0, "5 echo replies")
+    gw2.settle(0.5)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, ident)
+    assert took < 0.15, f"sending took {took:.3f}s: the bucket refilled"
+    assert len(replies) in (5, 6), len(replies)
+    for r, req in zip(replies, sent, strict=False):
+        _check_echo_reply(r, req)  # the first ones, in order
+    t = c["tunnel"]
+    assert t["echo_replies"] == len(replies), t
+    assert drops(c) == {"echo_ratelimited": 40 - len(replies)}, t
+    assert_balance(40, drops(c), t["echo_replies"])
+
+
+def test_encapsulated_packets_count_when_they_leave(tlab, procs, gw1, gw2):
+    """encap_packets counts the GRE packets that left, not the ones queued:
+    with --out's MTU lowered under TPB (which took 1500 at start), the long
+    GRE packets are refused (too_big, on port out) and do not count as
+    encapsulated; the short ones cross, byte for byte, and do."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1000"])
+    try:
+        small = [marker(f"s{i}") for i in range(3)]
+        big = [marker(f"b{i}") for i in range(2)]
+        inner = {m: udp4(m, size=200, ip_id=0x700 + i) for i, m in enumerate(small)}
+        inner.update({m: udp4(m, size=1200, df=False, ip_id=0x710 + i) for i, m in enumerate(big)})
+        gw2.drain()
+        for m in (small[0], big[0], small[1], big[1], small[2]):
+            gw1.send(eth(inner[m]))
+        fence_to(gw2, small[2])
+    finally:
+        tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1500"])
+    c = tpb.stop()
+    for m in small:
+        got = [parse_gre(f.data) for f in gw2.with_marker(m)]
+        assert len(got) == 1 and got[0] is not None and got[0].inner == inner[m], m
+    for m in big:
+        assert not gw2.with_marker(m), "a GRE packet past the MTU left"
+    t = c["tunnel"]
+    assert t["encap_packets"] == 3, t
+    assert t["encap_bytes"] == sum(len(inner[m]) for m in small), t
+    assert c["out"]["drop_too_big"] == 2, c["out"]
+    assert_balance(5, [drops(c), {"too_big": c["out"]["drop_too_big"]}], t["encap_packets"])
+    assert port_drops(c["in"]) == dict.fromkeys(port_drops(c["in"]), 0), c["in"]
 
 
 # -- 4. everything else crosses untouched ------------------------------------

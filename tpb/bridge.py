@@ -1,21 +1,26 @@
-"""`tpb run`: open the ports, run the C loop in a thread, stop on a signal.
+"""`tpb run`: the bridge between --in and --out, as a service.Daemon.
 
-Python's part is the life cycle.  The loop itself is one C call that
-releases the GIL and returns only when asked to stop.
+Python's part is the life cycle: check the host, open the ports (and, in
+tunnel mode, the selection table and its veth pair), hand the C loop its
+configuration, keep the qdisc bypass in step, log keepalive changes,
+reload on SIGHUP, and print the counters at exit.  The loop itself is one
+C call that releases the GIL and returns only when asked to stop.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
-import signal
-import sys
-import threading
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any
 
-from tpb.config import Settings
-from tpb.errors import TpbError
+from tpb import config, metrics, status
+from tpb.config import ConfigError, Settings, Source
+from tpb.errors import RuntimeFailure, TpbError
+from tpb.log import log, set_level
+from tpb.metrics import Closeable, ReloadState
 from tpb.native import (
     PORT_IN,
     PORT_NAMES,
@@ -24,8 +29,29 @@ from tpb.native import (
     PortCounters,
     tunnel_struct,
 )
-from tpb.ports import Port, lookup, require_privileges, root_qdisc
+from tpb.ports import Port, host_addresses, lookup, refresh, require_privileges, root_qdisc
 from tpb.select import Selector
+from tpb.service import (
+    StateLog,
+    counters_file_problem,
+    keepalive_retries,
+    serve,
+    serve_metrics,
+    serve_status,
+)
+from tpb.service import write_counters as write_counters_json
+
+# What a reload cannot change: the rings are sized and bound at open.
+RESTART_SETTINGS = (
+    "ports.in",
+    "ports.out",
+    "bridge.cpu",
+    "bridge.ring_frames",
+    "bridge.batch",
+    "bridge.spin_us",
+)
+MIN_IPV4_MTU = 68  # RFC 791: every IPv4 host must take a packet this large
+MIN_IPV6_MTU = 1280  # RFC 8200
 
 
 def summary(counters: dict[int, PortCounters], tunnel: dict[str, Any] | None = None) -> str:
@@ -49,57 +75,100 @@ def summary(counters: dict[int, PortCounters], tunnel: dict[str, Any] | None = N
 
 def write_counters(path: str, counters: dict[int, PortCounters], tunnel: dict[str, Any]) -> None:
     """The exit counters as JSON, {"in": {...}, "out": {...}, "tunnel":
-    {...}}, for scripts."""
+    {...}}, for scripts; RuntimeFailure if the file cannot be written."""
     data: dict[str, Any] = {PORT_NAMES[p]: asdict(c) for p, c in counters.items()}
     data["tunnel"] = tunnel
-    try:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1)
-    except OSError as e:
-        print(f"tpb: --counters {path}: {e.strerror}", file=sys.stderr)
+    write_counters_json(path, data)
 
 
-def run(s: Settings, counters_file: str | None = None) -> int:
-    require_privileges()
+# ---- the checks before a port is opened (`tpb run` and `tpb check`) --------
+
+
+def overhead(t: config.Tunnel) -> int:
+    """Bytes the tunnel adds: outer IPv4 (20) + GRE (4) + key, checksum and
+    sequence number (4 each)."""
+    return 24 + 4 * ((t.key is not None) + t.csum + t.seq)
+
+
+def tunnel_problems(
+    s: Settings, src: Source, out: Port | None, addresses: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the tunnel settings on this host.
+
+    - the tunnel address must not be an address of this host: TPB answers
+      ARP and ping for it itself, and the host would answer too (and
+      refuse the POP's GRE with ICMP);
+    - no POP may be this host;
+    - --out's MTU must leave room for the smallest IPv4 packet (68 bytes)
+      inside the tunnel; below IPv6's 1280, IPv6 through the tunnel still
+      works but every large packet goes as outer fragments: a warning.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    t = s.tunnel
+    if t is None:
+        return problems, warnings
+    if t.local in addresses:
+        problems.append(
+            f"{src.where('tunnel', 'local')}: tunnel.local {t.local} is an address of this "
+            f"host ({addresses[t.local]}): TPB answers for it itself on --out; remove it "
+            "there or choose another"
+        )
+    for r in t.remote:
+        if r in addresses:
+            problems.append(
+                f"{src.where('tunnel', 'remote')}: tunnel.remote {r} is an address of this "
+                f"host ({addresses[r]}), not a POP"
+            )
+    if out is not None:
+        room = out.mtu - overhead(t)
+        if room < MIN_IPV4_MTU:
+            problems.append(
+                f"--out {out.name}: MTU {out.mtu} leaves {room} bytes inside the tunnel "
+                f"(overhead {overhead(t)}); at least {MIN_IPV4_MTU + overhead(t)} is needed"
+            )
+        elif room < MIN_IPV6_MTU:
+            warnings.append(
+                f"--out {out.name}: MTU {out.mtu} leaves {room} bytes inside the tunnel, "
+                f"below IPv6's {MIN_IPV6_MTU}: tunneled IPv6 goes as outer fragments"
+            )
+    return problems, warnings
+
+
+def preflight(s: Settings, src: Source, counters_file: str | None) -> tuple[dict[str, Port],
+                                                                             list[str]]:
+    """Every check `tpb run` makes before it opens anything, after the
+    settings themselves (`tpb check` makes the same ones): the ports
+    (present, distinct, not loopback, up), the tunnel addresses and MTU,
+    the CPU, the PM QoS device, the --counters file.  Returns the ports
+    and warnings; ConfigError with every problem."""
     assert s.in_if and s.out_if
-    ports = lookup({"in": s.in_if, "out": s.out_if})
-    if s.cpu is not None:
-        try:
-            os.sched_setaffinity(0, {s.cpu})
-        except (OSError, ValueError) as e:
-            raise TpbError(f"--cpu {s.cpu}: {e}") from None
-    selector = None
-    qos = _pm_qos() if s.low_latency else None
+    problems: list[str] = []
+    warnings: list[str] = []
+    ports: dict[str, Port] = {}
     try:
-        kw: dict[str, Any] = {}
-        if s.tunnel:
-            selector = Selector(s.in_if, ports["in"].ifindex, s.mark, s.match)
-            kw = {
-                "tunnel": tunnel_struct(s.tunnel, ports["out"].mtu, ports["out"].mac),
-                "sel_ifindex": selector.start(),
-                "mark": s.mark,
-            }
-        bridge = NativeBridge(
-            ports["in"].ifindex,
-            ports["out"].ifindex,
-            ring_frames=s.ring_frames,
-            batch=s.batch,
-            spin_us=s.spin_us,
-            **kw,
-        )
-        what = (
-            f"tunnel {s.tunnel.local} -> {', '.join(s.tunnel.remote)}, "
-            + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}")
-            if s.tunnel
-            else "plain bridge"
-        )
-        watch = QdiscWatch(bridge, {PORT_IN: ports["in"], PORT_OUT: ports["out"]})
-        return _loop(bridge, watch, f"{s.in_if} <-> {s.out_if} ({what})", counters_file)
-    finally:
-        if selector:
-            selector.stop()
-        if qos is not None:
-            os.close(qos)
+        ports = lookup({"in": s.in_if, "out": s.out_if})
+    except ConfigError as e:
+        problems += e.problems
+    if s.tunnel is not None:
+        p, w = tunnel_problems(s, src, ports.get("out"), host_addresses())
+        problems += p
+        warnings += w
+    if s.cpu is not None and s.cpu not in os.sched_getaffinity(0):
+        allowed = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        problems.append(f"{src.where('bridge', 'cpu')} {s.cpu}: not a CPU this process may "
+                        f"run on (allowed: {allowed})")
+    if s.low_latency and not os.access(PM_QOS, os.W_OK):
+        problems.append(f"{src.where('bridge', 'low_latency')}: {PM_QOS}: not writable "
+                        "(--no-low-latency runs without)")
+    if (why := counters_file_problem(counters_file)) is not None:
+        problems.append(why)
+    if problems:
+        raise ConfigError(problems)
+    return ports, warnings
+
+
+PM_QOS = "/dev/cpu_dma_latency"
 
 
 def _pm_qos() -> int:
@@ -108,10 +177,10 @@ def _pm_qos() -> int:
     the data path costs no sleep-state exit.  The request ends with the
     process, however it ends."""
     try:
-        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+        fd = os.open(PM_QOS, os.O_WRONLY)
         os.write(fd, (0).to_bytes(4, "little"))
     except OSError as e:
-        raise TpbError(f"--low-latency: /dev/cpu_dma_latency: {e.strerror}") from None
+        raise TpbError(f"--low-latency: {PM_QOS}: {e.strerror}") from None
     return fd
 
 
@@ -120,14 +189,18 @@ class QdiscWatch:
     again every half second: frames skip it only while it is noqueue (a
     veth's), where skipping changes nothing.  Behind a qdisc that queues
     (a NIC's mq or fq_codel, an operator's shaper) they would overtake
-    their own flow's super-packets queued there, and escape the shaping."""
+    their own flow's super-packets queued there, and escape the shaping.
+
+    A port that went away ends TPB (RuntimeFailure, exit 1): its ring
+    sees nothing any more, and a port of the same name made later is
+    another interface."""
 
     def __init__(self, bridge: NativeBridge, ports: dict[int, Port]) -> None:
         from pyroute2 import IPRoute  # slow to import: only when needed
         from pyroute2.netlink.exceptions import NetlinkError
 
         self._ipr = IPRoute()
-        self._gone = (NetlinkError, OSError)
+        self._error = NetlinkError
         self._bridge = bridge
         self._ports = ports
         self._kind: dict[int, str | None] = {}
@@ -135,62 +208,297 @@ class QdiscWatch:
     def check(self) -> None:
         for p, port in self._ports.items():
             try:
+                # The link first: a port's qdiscs read as none once it is gone.
+                self._ipr.get_links(port.ifindex)
                 kind = root_qdisc(self._ipr, port.ifindex)
-            except self._gone:
-                continue  # the port is going away; the loop will say so
+                if kind is None:  # or it went between the two requests
+                    self._ipr.get_links(port.ifindex)
+            except self._error as e:
+                if e.code == errno.ENODEV:
+                    raise RuntimeFailure(f"{port.name}: the port went away") from None
+                continue  # a passing netlink hiccup: look again next time
+            except OSError:
+                continue
             if p in self._kind and kind == self._kind[p]:
                 continue
             bypass = kind == "noqueue"
             self._bridge.bypass_qdisc(p, bypass)
             if p in self._kind or not bypass:
                 how = "frames skip it" if bypass else "every frame goes through it"
-                print(
-                    f"tpb: {port.name}: root qdisc {kind or 'none'}: {how}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.info("%s: root qdisc %s: %s", port.name, kind or "none", how)
             self._kind[p] = kind
 
     def close(self) -> None:
         self._ipr.close()
 
 
-def _loop(bridge: NativeBridge, watch: QdiscWatch, what: str, counters_file: str | None) -> int:
-    failure: list[BaseException] = []
-    stopping = threading.Event()
+class Bridge:
+    """`tpb run` as a service.Daemon.  open() makes everything (undone by
+    close(), also after a failure half-way); reload() applies a re-read
+    configuration without closing a ring."""
 
-    def loop() -> None:
+    def __init__(
+        self,
+        s: Settings,
+        src: Source | None = None,
+        counters_file: str | None = None,
+        load: Callable[[], tuple[Settings, Source]] | None = None,
+    ) -> None:
+        self.s = s
+        self.src = src or Source()
+        self.counters_file = counters_file
+        self._load = load
+        self.reload_state = ReloadState()
+        self.ports: dict[str, Port] = {}
+        self.selector: Selector | None = None
+        self.native: NativeBridge | None = None
+        self._watch: QdiscWatch | None = None
+        self._qos: int | None = None
+        self._metrics: Closeable | None = None
+        self._status: Closeable | None = None
+        self._stack = ExitStack()
+        self._states = StateLog(
+            "tunnel to",
+            lambda _addr: keepalive_retries(self.s.tunnel.keepalive if self.s.tunnel else None),
+            nothing_active=self._nothing_active,
+        )
+
+    # -- life cycle ----------------------------------------------------------
+
+    def __enter__(self) -> Bridge:
         try:
-            bridge.run()
-        except BaseException as e:  # reported by the main thread
-            failure.append(e)
-        finally:
-            stopping.set()
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping.set()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    worker = threading.Thread(target=loop, name="tpb-loop", daemon=True)
-    try:
-        watch.check()
-        worker.start()
-        print(f"tpb: bridging {what} (ctrl-c to stop)", file=sys.stderr, flush=True)
-        while not stopping.wait(0.5):
-            watch.check()
-    finally:
-        bridge.stop()
-        if worker.ident is not None:
-            worker.join()
-        watch.close()
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        counters = {p: bridge.counters(p) for p in (PORT_IN, PORT_OUT)}
-        tunnel = bridge.tunnel_counters()
-        bridge.close()
-        print(summary(counters, tunnel), flush=True)
-        if counters_file:
-            write_counters(counters_file, counters, tunnel)
-    if failure:
-        raise failure[0]
-    return 0
+    def _open(self) -> None:
+        s = self.s
+        require_privileges()
+        self.ports, warnings = preflight(s, self.src, self.counters_file)
+        for w in warnings:
+            log.warning("%s", w)
+        if s.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {s.cpu})
+            except (OSError, ValueError) as e:
+                raise TpbError(f"--cpu {s.cpu}: {e}") from None
+        if s.low_latency:
+            self._qos = _pm_qos()
+        kw: dict[str, Any] = {}
+        if s.tunnel:
+            assert s.in_if
+            self.selector = Selector(s.in_if, self.ports["in"].ifindex, s.mark, s.match)
+            self._stack.callback(self.selector.stop)
+            kw = {
+                "tunnel": tunnel_struct(s.tunnel, self.ports["out"].mtu, self.ports["out"].mac),
+                "sel_ifindex": self.selector.start(),
+                "mark": s.mark,
+            }
+        self.native = NativeBridge(
+            self.ports["in"].ifindex,
+            self.ports["out"].ifindex,
+            ring_frames=s.ring_frames,
+            batch=s.batch,
+            spin_us=s.spin_us,
+            **kw,
+        )
+        self._stack.callback(self.native.close)
+        log.debug("rings open on %s", ", ".join(
+            f"{p.name} (ifindex {p.ifindex}, MTU {p.mtu})" for p in self.ports.values()))
+        self._watch = QdiscWatch(self.native, {PORT_IN: self.ports["in"],
+                                               PORT_OUT: self.ports["out"]})
+        self._stack.callback(self._watch.close)
+        self._metrics = self._serve_metrics(s.metrics_listen)
+        assert s.in_if
+        self._status = serve_status("run", s.in_if, self._snapshot)
+
+    def _serve_metrics(self, listen: tuple[str, int] | None) -> Closeable | None:
+        return serve_metrics(
+            listen, lambda: metrics.BridgeCollector(
+                self.native, self.ports, self.reload_state, tunnel=self.s.tunnel is not None
+            )
+        )
+
+    def _snapshot(self) -> dict[str, Any]:
+        return status.bridge_snapshot(self.native, self.ports, self.s)
+
+    def _close_servers(self) -> None:
+        """Before the C side closes: a scrape or a status request must not
+        read a closed loop's counters."""
+        for srv in (self._metrics, self._status):
+            if srv is not None:
+                srv.close()
+        self._metrics = self._status = None
+
+    def close(self) -> None:
+        self._close_servers()
+        self._stack.close()
+        if self._qos is not None:
+            os.close(self._qos)
+            self._qos = None
+
+    # -- service.Daemon --------------------------------------------------------
+
+    def run(self) -> None:
+        assert self.native
+        self.native.run()
+
+    def stop(self) -> None:
+        if self.native is not None:
+            self.native.stop()
+
+    def heartbeat(self) -> int:
+        assert self.native
+        return self.native.heartbeat()
+
+    def _what(self) -> str:
+        s = self.s
+        if s.tunnel is None:
+            return "plain bridge"
+        return (f"tunnel {s.tunnel.local} -> {', '.join(s.tunnel.remote)}, "
+                + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}"))
+
+    def ready(self) -> str:
+        return f"bridging {self.s.in_if} <-> {self.s.out_if} ({self._what()}) (ctrl-c to stop)"
+
+    def status(self) -> str:
+        text = f"bridging {self.s.in_if} <-> {self.s.out_if} ({self._what()})"
+        if self.s.tunnel is not None and self._states.last:
+            active = self._states.active()
+            text += f"; traffic to {active}" if active else "; no POP up"
+        return text
+
+    def tick(self) -> None:
+        assert self._watch and self.native
+        self._watch.check()
+        if self.s.tunnel is not None:
+            self._states.update({r.addr: r for r in self.native.remotes()})
+
+    def _nothing_active(self) -> str:
+        down = self.s.tunnel.on_tunnel_down if self.s.tunnel else "bypass"
+        how = "bridged as they are" if down == "bypass" else "dropped"
+        return f"no POP is up: selected flows are {how} (on_tunnel_down = {down})"
+
+    def finish(self) -> None:
+        """Counters, sockets closed (the kernel takes promiscuous mode back),
+        the summary line, the --counters file."""
+        assert self.native
+        self._close_servers()
+        counters = {p: self.native.counters(p) for p in (PORT_IN, PORT_OUT)}
+        tunnel = self.native.tunnel_counters()
+        self.native.close()
+        try:
+            print(summary(counters, tunnel), flush=True)
+        except OSError:
+            pass  # stdout gone: the --counters file may still be written
+        if self.counters_file:
+            write_counters(self.counters_file, counters, tunnel)
+
+    # -- reload ---------------------------------------------------------------
+
+    def reload(self) -> list[str]:
+        """The configuration read again as at start (same file, same flags
+        winning) and applied without closing a ring, or refused as a whole
+        (ConfigError, one line per problem) with the running one kept.
+
+        Live: the tunnel's settings and the mark (NativeBridge.reconfigure),
+        the match rules (one nft transaction), low_latency, metrics_listen,
+        log_level.  Not: the ports, tunnel mode on or off, the CPU, ring
+        and batch sizes, spin_us (the rings are made for them)."""
+        assert self._load is not None and self.native is not None
+        new, src = self._load()
+        old_items, new_items = config.run_items(self.s), config.run_items(new)
+        problems = [
+            f"{src.where(*key.split('.'))}: {key} cannot change on reload "
+            f"({config.show(old_items.get(key))} -> {config.show(new_items.get(key))}): "
+            "restart tpb"
+            for key in RESTART_SETTINGS
+            if old_items.get(key) != new_items.get(key)
+        ]
+        if (self.s.tunnel is None) != (new.tunnel is None):
+            how = "on" if new.tunnel else "off"
+            problems.append(f"{src.where('tunnel')}: tunnel mode cannot be turned {how} on "
+                            "reload: restart tpb")
+        if problems:
+            raise ConfigError(problems)
+        changed = config.changes(old_items, new_items)
+        if not changed:
+            return []
+        out = refresh(self.ports["out"])
+        problems, warnings = tunnel_problems(new, src, out, host_addresses())
+        if problems:
+            raise ConfigError(problems)
+        keys = {c.split(" ", 1)[0] for c in changed}
+        to_c = any(k.startswith("tunnel.") for k in keys) or "select.mark" in keys
+        to_nft = new.tunnel is not None and (
+            "select.match" in keys or ("select.mark" in keys and bool(new.match or self.s.match))
+        )
+        with ExitStack() as undo:
+            if to_nft:
+                assert self.selector
+                self.selector.check(new.mark, new.match)
+            if "bridge.metrics_listen" in keys:
+                srv = self._serve_metrics(new.metrics_listen)
+                if srv is not None:
+                    undo.callback(srv.close)
+            else:
+                srv = self._metrics
+            qos = self._qos
+            if new.low_latency and qos is None:
+                qos = _pm_qos()
+                undo.callback(os.close, qos)
+            if to_c:
+                try:
+                    self._reconfigure(new, out)
+                except TpbError as e:
+                    what = ", ".join(sorted(k for k in keys if k.startswith(("tunnel", "select"))))
+                    raise TpbError(f"the forwarding loop refused {what}: {e}") from None
+                undo.callback(self._restore_c)
+            if to_nft:
+                assert self.selector
+                self.selector.load(new.mark, new.match)
+            undo.pop_all()  # all in place: nothing to take back
+        for w in warnings:
+            log.warning("%s", w)
+        if "bridge.metrics_listen" in keys and self._metrics is not None:
+            self._metrics.close()
+        self._metrics = srv
+        if not new.low_latency and qos is not None:
+            os.close(qos)
+            qos = None
+        self._qos = qos
+        set_level(new.log_level)
+        self.s, self.src, self.ports["out"] = new, src, out
+        return changed
+
+    def _reconfigure(self, s: Settings, out: Port) -> None:
+        assert self.native and self.selector and s.tunnel
+        self.native.reconfigure(
+            tunnel_struct(s.tunnel, out.mtu, out.mac), self.selector.sel_ifindex, s.mark
+        )
+
+    def _restore_c(self) -> None:
+        """Puts the running configuration back into C after a later step of
+        a reload failed."""
+        try:
+            self._reconfigure(self.s, self.ports["out"])
+        except TpbError as e:
+            log.error("reload: the running tunnel settings could not be restored in the "
+                      "loop: %s", e)
+
+
+def run(
+    s: Settings,
+    counters_file: str | None = None,
+    src: Source | None = None,
+    load: Callable[[], tuple[Settings, Source]] | None = None,
+) -> int:
+    """`tpb run` until a signal: exit status 0, or TpbError (2) before
+    forwarding started, RuntimeFailure (1) after."""
+    with Bridge(s, src, counters_file, load) as bridge:
+        return serve(bridge)

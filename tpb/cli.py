@@ -1,7 +1,8 @@
 """Command line: `tpb run`, `tpb check`, `tpb pop`, `tpb demo`.
 
 Every operator error is one line on stderr (one per problem) and exit
-status 2; never a traceback.
+status 2; a failure while running (the loop, a port gone, the counters
+file at exit) exit status 1; never a traceback.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import argparse
 import importlib.metadata
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from tpb import config
-from tpb.errors import TpbError
+from tpb.errors import EXIT_CONFIG, EXIT_RUNTIME, TpbError
+from tpb.log import log, set_level, setup
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"tpb: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        log.error("%s", message)
+        raise SystemExit(EXIT_CONFIG)
 
 
 def _number(text: str) -> int:
@@ -97,8 +100,13 @@ def _add_run(sub: Any) -> None:
         "run",
         help="bridge two ports (and tunnel selected flows)",
         description="Bridge --in and --out; with a tunnel, wrap selected IPv4 flows in GRE "
-        "toward a POP. Flags override the configuration file.",
+        "toward a POP. Flags override the configuration file. SIGHUP reloads it.",
     )
+    _add_run_flags(r)
+
+
+def _add_run_flags(r: argparse.ArgumentParser) -> None:
+    """`tpb run`'s flags; `tpb check` takes the same ones."""
     a = r.add_argument
     a("--config", help=f"TOML file (default {config.DEFAULT_PATH} if it exists)")
     a("--in", dest="in_if", metavar="IF", help="port facing the enterprise gateway")
@@ -172,10 +180,20 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tpb", description="Transparent bridge with a GRE tunnel to a POP.")
     p.add_argument("--version", action="version", version=f"tpb {_version()}")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser,
+                           help="`tpb COMMAND --help` says more")
     _add_run(sub)
-    c = sub.add_parser("check", help="validate a configuration file")
-    c.add_argument("--config", default=config.DEFAULT_PATH)
+    c = sub.add_parser(
+        "check",
+        help="check a configuration (and this host) as `tpb run` / `tpb pop` would",
+        description="Every check `tpb run` (or, for a [pop] table, `tpb pop`) makes before "
+        "it opens a port: the settings, the match rules (nft -c), the interfaces, the "
+        "addresses, the MTU. Takes `tpb run`'s flags. Every problem is one line; exit "
+        "status 2 if there is any.",
+    )
+    _add_run_flags(c)
+    c.add_argument("--offline", action="store_true",
+                   help="check the settings only, not this host (a file for another machine)")
     from tpb.pop import add_parser as add_pop
 
     add_pop(sub)
@@ -186,36 +204,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_settings(args: argparse.Namespace) -> tuple[config.Settings, config.Source]:
-    path = args.config or config.DEFAULT_PATH
-    data, src = config.read_file(path, required=args.config is not None)
-    if args.remote:  # repeated and comma-separated alike
-        args.remote = ",".join(args.remote)
+def _merge_run_flags(args: argparse.Namespace, data: dict[str, Any], src: config.Source) -> None:
     flags = {RUN_FLAGS[d]: getattr(args, d) for d in RUN_FLAGS}
+    if args.remote:  # repeated and comma-separated alike
+        flags[RUN_FLAGS["remote"]] = ",".join(args.remote)
     names = {RUN_FLAGS[d]: "--" + d.replace("_if", "").replace("_", "-") for d in RUN_FLAGS}
     config.merge_flags(data, src, flags, names)
+
+
+def run_settings(args: argparse.Namespace) -> tuple[config.Settings, config.Source]:
+    """The file (if any) and the flags, flags winning; called again as it
+    is on SIGHUP, so nothing here may change `args`."""
+    path = args.config or config.DEFAULT_PATH
+    data, src = config.read_file(path, required=args.config is not None)
+    _merge_run_flags(args, data, src)
     return config.build_settings(data, src), src
 
 
-def _check(path: str) -> int:
-    """Validates what the file holds: `tpb run`'s settings, `tpb pop`'s
-    [pop] table, or both; every problem on its own line."""
+def _check(args: argparse.Namespace) -> int:
+    """`tpb check`: what the file and the flags hold — `tpb run`'s settings,
+    `tpb pop`'s [pop] table, or both — and, unless --offline, every check
+    of this host either would make before opening anything.  Every problem
+    on its own line; warnings too, without failing."""
     from tpb import pop
 
-    data, src = config.read_file(path, required=True)
+    flagged = any(getattr(args, d) is not None for d in RUN_FLAGS) or args.counters is not None
+    path = args.config or config.DEFAULT_PATH
+    # `tpb check` alone checks the default file, which must then exist.
+    data, src = config.read_file(path, required=args.config is not None or not flagged)
     problems: list[str] = []
-    parts = [("pop", lambda: pop.build({"pop": data["pop"]}, src))] if "pop" in data else []
-    if set(data) - {"pop"} or not parts:
-        parts.append(("run", lambda: config.build_settings(data, src)))
-    for _, check in parts:
+    if "pop" in data:
         try:
-            check()
+            ps = pop.build({"pop": data["pop"]}, src)
+            if not args.offline:
+                problems += _host_problems(lambda: pop.preflight(ps, src))
+        except config.ConfigError as e:
+            problems += e.problems
+    if set(data) - {"pop"} or flagged or "pop" not in data:
+        _merge_run_flags(args, data, src)
+        try:
+            s = config.build_settings(data, src)
+            if not args.offline:
+                problems += _run_host_problems(s, src, args.counters)
         except config.ConfigError as e:
             problems += e.problems
     if problems:
-        raise config.ConfigError(problems)
-    print(f"{path}: ok")
+        # both tables' checks may find the same thing (no privileges)
+        raise config.ConfigError(list(dict.fromkeys(problems)))
+    print(f"{src.path or 'command line'}: ok")
     return 0
+
+
+def _host_problems(check: Any) -> list[str]:
+    from tpb.ports import require_privileges
+
+    problems = []
+    try:
+        require_privileges()
+    except TpbError as e:
+        problems.append(str(e))
+    try:
+        check()
+    except config.ConfigError as e:
+        problems += e.problems
+    return problems
+
+
+def _run_host_problems(s: config.Settings, src: config.Source, counters: str | None) -> list[str]:
+    """bridge.preflight() and the match rules through `nft -c` (which needs
+    privileges, and the --in port to hook)."""
+    from tpb import bridge
+    from tpb.ports import require_privileges
+    from tpb.select import check_rules
+
+    problems = []
+    try:
+        require_privileges()
+        privileged = True
+    except TpbError as e:
+        problems.append(str(e))
+        privileged = False
+    try:
+        _, warnings = bridge.preflight(s, src, counters)
+        for w in warnings:
+            log.warning("%s", w)
+        ports_ok = True
+    except config.ConfigError as e:
+        problems += e.problems
+        ports_ok = not any(p.startswith(f"--in {s.in_if}:") for p in e.problems)
+    if s.tunnel is not None and privileged and ports_ok:
+        assert s.in_if
+        try:
+            check_rules(s.in_if, s.mark, s.match)
+        except TpbError as e:
+            problems.append(str(e))
+    return problems
 
 
 class Terminated(BaseException):
@@ -226,28 +309,43 @@ def _terminate(signum: int, _frame: object) -> None:
     raise Terminated
 
 
+def _hangup(_signum: int, _frame: object) -> None:
+    # A SIGHUP while starting is kept for the running daemon to act on
+    # (service.serve); it must not end the process, as its default would.
+    from tpb.service import request_reload
+
+    request_reload()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    setup()
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _hangup)
     try:
         return _main(argv)
     except Terminated:
-        print("tpb: terminated", file=sys.stderr)
+        log.info("terminated")
         return 143
     except KeyboardInterrupt:
-        print("tpb: interrupted", file=sys.stderr)
+        log.info("interrupted")
         return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
     try:
         if args.cmd == "run":
             from tpb.bridge import run
 
-            settings, _ = run_settings(args)
-            return run(settings, args.counters)
+            settings, src = run_settings(args)
+            set_level(settings.log_level)
+            return run(settings, args.counters, src, lambda: run_settings(args))
         if args.cmd == "check":
-            return _check(args.config)
+            return _check(args)
         if args.cmd == "pop":
             from tpb.pop import main as pop_main
 
@@ -262,12 +360,16 @@ def _main(argv: Sequence[str] | None) -> int:
             return demo()
     except config.ConfigError as e:
         for problem in e.problems:
-            print(f"tpb: {problem}", file=sys.stderr)
+            log.error("%s", problem)
         return e.exit_code
     except TpbError as e:
-        print(f"tpb: {e}", file=sys.stderr)
+        log.error("%s", e)
         return e.exit_code
-    return 2
+    except Exception as e:  # a bug: one line, the traceback only at debug level
+        log.debug("%s", traceback.format_exc().rstrip())
+        log.error("internal error: %s: %s", type(e).__name__, e)
+        return EXIT_RUNTIME
+    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

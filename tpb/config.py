@@ -12,7 +12,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,44 @@ class Settings:
     low_latency: bool = True
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9547)  # None: off
     log_level: str = "info"
+
+
+def run_items(s: Settings) -> dict[str, Any]:
+    """Every setting by its name in the file ("tunnel.key"), for telling
+    what a reload changes; a plain bridge has no tunnel.* or select.*."""
+    out: dict[str, Any] = {"ports.in": s.in_if, "ports.out": s.out_if}
+    if s.tunnel is not None:
+        for f in fields(Tunnel):
+            out[f"tunnel.{f.name}"] = getattr(s.tunnel, f.name)
+        out["select.mark"] = s.mark
+        out["select.match"] = s.match
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency", "metrics_listen",
+                "log_level"):
+        out[f"bridge.{key}"] = getattr(s, key)
+    return out
+
+
+def show(value: Any) -> str:
+    """A setting's value as the file would spell it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple) and len(value) == 2:  # a listen address
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'name old -> new' for every setting that differs, in `new`'s order."""
+    out = []
+    for key in dict.fromkeys([*new, *old]):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            out.append(f"{key} {show(a)} -> {show(b)}")
+    return out
 
 
 # ---- checkers: value -> converted value, or raise ValueError(why) ---------

@@ -17,6 +17,8 @@ Ctrl-C or error.
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 import time
@@ -37,10 +39,19 @@ def start(lab: labmod.Lab, node: str, argv: list[str], ready: str) -> subprocess
     proc = lab.spawn(node, [sys.executable, "-m", "tpb", *argv],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if ready not in line:
+    deadline = time.monotonic() + 30
+    said = ""
+    # Lines before the ready one (where its metrics are, say) are fine.
+    while ready not in said:
+        fd = proc.stderr.fileno()  # unbuffered: select() knows nothing of a file's buffer
+        if select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(fd, 4096)
+            if chunk:
+                said += chunk.decode(errors="replace")
+                continue
+        proc.kill()
         proc.wait(timeout=10)
-        raise TpbError(f"{node}: tpb {argv[0]} did not start: {line.strip() or proc.returncode}")
+        raise TpbError(f"{node}: tpb {argv[0]} did not start: {said.strip() or proc.returncode}")
     return proc
 
 

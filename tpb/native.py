@@ -13,7 +13,7 @@ from typing import Any
 
 from tpb._tpb_c import ffi, lib
 from tpb.config import Tunnel
-from tpb.errors import TpbError
+from tpb.errors import RuntimeFailure, TpbError
 
 PORT_IN = lib.TPB_PORT_IN
 PORT_OUT = lib.TPB_PORT_OUT
@@ -187,7 +187,7 @@ class NativeBridge:
         """Forward until stop(); cffi releases the GIL for the whole call."""
         rc = lib.tpb_bridge_run(self._br)
         if rc < 0:
-            raise TpbError(f"forwarding loop failed: {os.strerror(-rc)}")
+            raise RuntimeFailure(f"forwarding loop failed: {os.strerror(-rc)}")
 
     def stop(self) -> None:
         lib.tpb_bridge_stop(self._br)
@@ -272,7 +272,7 @@ class NativePop:
     def run(self) -> None:
         rc = lib.tpb_pop_run(self._pop)
         if rc < 0:
-            raise TpbError(f"pop loop failed: {os.strerror(-rc)}")
+            raise RuntimeFailure(f"pop loop failed: {os.strerror(-rc)}")
 
     def stop(self) -> None:
         lib.tpb_pop_stop(self._pop)

@@ -9,7 +9,8 @@ packets leave through a TUN device that TPB creates, and the host routes
 them on; what the host routes back into the TUN device goes to the bridge
 behind whose prefix (or learned address) the destination is.  The C helper
 does every packet; Python creates the TUN device, adds the prefixes' routes,
-and reads counters.
+reads counters, and reloads peers and prefixes on SIGHUP (Pop, a
+service.Daemon).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import argparse
 import fcntl
 import ipaddress
 import json
-import signal
 import subprocess
-import sys
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tpb import config
+from tpb import config, metrics, status
+from tpb.config import ConfigError, Source
 from tpb.errors import TpbError
+from tpb.log import log, set_level
+from tpb.metrics import Closeable, ReloadState
 
 DEFAULT_TUN = "tpbpop0"
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
@@ -51,6 +54,8 @@ class PopSettings:
     tun: str = DEFAULT_TUN
     learn_timeout: int = 300
     peers: list[Peer] = field(default_factory=list)
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9548)  # None: off
+    log_level: str = "info"
 
 
 def _prefix(v: Any) -> str:
@@ -70,6 +75,8 @@ POP_SCHEMA = {
     "local": config._ipv4,
     "tun": config._name,
     "learn_timeout": config._int(1, 86400),
+    "metrics_listen": config._listen,
+    "log_level": config._choice(*config.LOG_LEVELS),
 }
 PEER_SCHEMA = {
     "address": config._ipv4,
@@ -81,11 +88,13 @@ PEER_SCHEMA = {
     "prefixes": _prefixes,
     "keepalive": config._keepalive,
 }
+PEER_BOOLS = [k for k, check in PEER_SCHEMA.items() if check is config._bool]
 
 
 def parse_peer_flag(text: str) -> dict[str, Any]:
-    """ADDR[,key=N][,csum][,seq][,ttl=N|inherit][,tos=N|inherit][,keepalive=PERIOD,RETRIES|off]
-    [,prefix=CIDR...]; keepalive's value has a comma of its own ("keepalive=10s,3")."""
+    """ADDR[,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit][,tos=N|inherit]
+    [,keepalive=PERIOD,RETRIES|off][,prefix=CIDR...]; keepalive's value has a comma of its
+    own ("keepalive=10s,3")."""
     parts = [p.strip() for p in text.split(",")]
     out: dict[str, Any] = {"address": parts[0], "prefixes": []}
     i = 1
@@ -93,8 +102,10 @@ def parse_peer_flag(text: str) -> dict[str, Any]:
         part = parts[i]
         i += 1
         name, eq, value = part.partition("=")
-        if name in ("csum", "seq") and not eq:
+        if name in PEER_BOOLS and not eq:
             out[name] = True
+        elif name.startswith("no-") and name[3:] in PEER_BOOLS and not eq:
+            out[name[3:]] = False
         elif name == "prefix" and eq:
             out["prefixes"].append(value)
         elif name == "keepalive" and eq:
@@ -169,35 +180,49 @@ def build(data: dict[str, Any], src: config.Source) -> PopSettings:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("pop", help="terminate the GRE tunnels of many bridges")
+    from tpb.cli import add_service_flags  # cli imports this module lazily: no cycle
+
+    p = sub.add_parser(
+        "pop",
+        help="terminate the GRE tunnels of many bridges",
+        description="The far end of the bridges' tunnels: GRE in, a TUN device out. "
+        "Flags override the configuration file's [pop] table.",
+    )
     p.add_argument("--config", help=f"TOML file with a [pop] table ({config.DEFAULT_PATH})")
     p.add_argument("--local", metavar="ADDR", help="this POP's tunnel address")
     p.add_argument(
         "--peer",
         action="append",
         metavar="SPEC",
-        help="ADDR[,key=N][,csum][,seq][,ttl=N|inherit][,tos=N|inherit]"
-        "[,keepalive=PERIOD,RETRIES][,prefix=CIDR...] (repeatable); keepalive=10s,3 sends"
-        " the POP's own keepalives to that bridge every 10 s and counts it down after 3"
-        " unanswered periods (off by default; the POP always reflects a bridge's)",
+        help="ADDR[,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit][,tos=N|inherit]"
+        "[,keepalive=PERIOD,RETRIES][,prefix=CIDR...] (repeatable; replaces the file's peers);"
+        " keepalive=10s,3 sends the POP's own keepalives to that bridge every 10 s and counts"
+        " it down after 3 unanswered periods (off by default; the POP always reflects a"
+        " bridge's)",
     )
     p.add_argument("--tun", metavar="NAME", help=f"TUN device to create ({DEFAULT_TUN})")
     p.add_argument("--learn-timeout", type=int, metavar="S", help="learned entries expire (300)")
+    add_service_flags(p.add_argument_group("service"), config.DEFAULT_METRICS_POP)
     p.add_argument("--counters", metavar="FILE", help="at exit, write the counters as JSON")
 
 
-def settings_from(args: argparse.Namespace) -> PopSettings:
+POP_FLAGS = ("local", "tun", "learn_timeout", "metrics_listen", "log_level")
+
+
+def settings_from(args: argparse.Namespace) -> tuple[PopSettings, Source]:
+    """The settings from the file and the flags, flags winning; called again
+    as it is on SIGHUP (the same file, the same flags)."""
     path = args.config or config.DEFAULT_PATH
     data, src = config.read_file(path, required=args.config is not None)
     # A file for `tpb run` may sit at the default path: take only [pop].
     if args.config is None:
         data = {k: v for k, v in data.items() if k == "pop"}
     pop = data.setdefault("pop", {})
-    for flag, key in (("local", "local"), ("tun", "tun"), ("learn_timeout", "learn_timeout")):
-        value = getattr(args, flag)
+    for key in POP_FLAGS:
+        value = getattr(args, key, None)
         if value is not None:
             pop[key] = value
-            src.flags[("pop", key)] = "--" + flag.replace("_", "-")
+            src.flags[("pop", key)] = "--" + key.replace("_", "-")
     bad: list[str] = []
     if args.peer:
         pop["peer"] = []
@@ -217,13 +242,86 @@ def settings_from(args: argparse.Namespace) -> PopSettings:
         raise config.ConfigError(bad + rest) from None
     if bad:
         raise config.ConfigError(bad)
-    return settings
+    return settings, src
+
+
+# ---- the checks before the TUN device is made (`tpb pop` and `tpb check`) --
+
+
+def _route_exists(pfx: str) -> str | None:
+    """The route the main table has for exactly this prefix, or None."""
+    family = "-6" if ":" in pfx else "-4"
+    r = subprocess.run(["ip", family, "-j", "route", "show", "exact", pfx],
+                       capture_output=True, text=True)
+    try:
+        routes = json.loads(r.stdout or "[]")
+    except ValueError:
+        return None
+    if not routes:
+        return None
+    dev = routes[0].get("dev")
+    return f"dev {dev}" if dev else routes[0].get("type", "a route")
+
+
+def preflight(s: PopSettings, src: Source, counters_file: str | None = None) -> None:
+    """Every check `tpb pop` makes before it creates anything: the TUN
+    name is free, the tunnel address is this host's, no prefix is routed
+    already (TPB would take the route over and lose it at exit), and the
+    --counters file can be written.  ConfigError with every problem."""
+    from tpb.ports import host_addresses, link_exists
+    from tpb.service import counters_file_problem
+
+    problems: list[str] = []
+    if link_exists(s.tun):
+        problems.append(f"{src.where('pop', 'tun')}: {s.tun}: an interface of this name "
+                        "exists already (--tun NAME)")
+    if s.local not in host_addresses():
+        problems.append(f"{src.where('pop', 'local')}: {s.local} is not an address of this "
+                        "host: GRE to it would never arrive here")
+    for i, peer in enumerate(s.peers):
+        where = src.flags.get(("pop", "peer", str(i))) or src.where("pop", "peer", str(i))
+        for pfx in peer.prefixes:
+            if (route := _route_exists(pfx)) is not None:
+                problems.append(f"{where}: peer {peer.address}: prefix {pfx}: cannot route it "
+                                f"into {s.tun}: it is routed already ({route})")
+    if (why := counters_file_problem(counters_file)) is not None:
+        problems.append(why)
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---- the TUN device and its routes -------------------------------------------
 
 
 def _ip(*argv: str) -> None:
     r = subprocess.run(["ip", *argv], capture_output=True, text=True)
     if r.returncode:
         raise TpbError(f"ip {' '.join(argv)}: {r.stderr.strip()}")
+
+
+class TunRoutes:
+    """The prefixes routed into the TUN device.  They go away with the
+    device at exit; only a reload removes one by hand."""
+
+    def __init__(self, tun: str) -> None:
+        self.tun = tun
+
+    def add(self, pfx: str, peer: str) -> None:
+        # `add`, not `replace`: a prefix that is already routed (the POP's
+        # own link, say) is a configuration error to show, not a route to
+        # take over and lose at exit.
+        r = subprocess.run(["ip", "route", "add", pfx, "dev", self.tun],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise TpbError(f"peer {peer}: prefix {pfx}: cannot route it into {self.tun}: "
+                           f"{r.stderr.strip()}")
+
+    def remove(self, pfx: str) -> None:
+        r = subprocess.run(["ip", "route", "del", pfx, "dev", self.tun],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise TpbError(f"prefix {pfx}: cannot remove its route from {self.tun}: "
+                           f"{r.stderr.strip()}")
 
 
 def _prefix_struct(pfx: str) -> tuple[bytes, int]:
@@ -233,88 +331,240 @@ def _prefix_struct(pfx: str) -> tuple[bytes, int]:
     return net.network_address.packed, net.prefixlen
 
 
-def main(args: argparse.Namespace) -> int:
-    from tpb.native import NativePop
-    from tpb.ports import require_privileges
+def prefix_table(s: PopSettings) -> list[tuple[bytes, int, int]]:
+    """(address, length, peer index) of every configured prefix, for C."""
+    return [(*_prefix_struct(p), i) for i, peer in enumerate(s.peers) for p in peer.prefixes]
 
-    s = settings_from(args)
-    require_privileges()
-    try:
-        from pytun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunTapDevice
-    except ImportError:
-        raise TpbError("python-pytun is not installed") from None
-    try:
-        # A vnet header on every packet: what the host's GRO merged goes
-        # back to the kernel as a super-packet (pop.c: tun_write).
-        tun = TunTapDevice(name=s.tun, flags=IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
-    except Exception as e:  # pytun raises its own Error for every failure
-        raise TpbError(f"cannot create TUN device {s.tun}: {e}") from None
-    try:
+
+def _routed(s: PopSettings) -> dict[str, str]:
+    return {pfx: peer.address for peer in s.peers for pfx in peer.prefixes}
+
+
+def peer_changes(old: list[Peer], new: list[Peer]) -> list[str]:
+    """What a reload does to the peers, one item per peer."""
+    before = {p.address: p for p in old}
+    after = {p.address: p for p in new}
+    out = []
+    for addr, p in after.items():
+        q = before.get(addr)
+        if q is None:
+            out.append(f"peer {addr} added")
+        elif p != q:
+            diffs = [
+                f"{f.name} {config.show(getattr(q, f.name))} -> {config.show(getattr(p, f.name))}"
+                for f in fields(Peer)
+                if getattr(p, f.name) != getattr(q, f.name)
+            ]
+            out.append(f"peer {addr}: " + ", ".join(diffs))
+    out += [f"peer {addr} removed" for addr in before if addr not in after]
+    return out
+
+
+def pop_items(s: PopSettings) -> dict[str, Any]:
+    return {f"pop.{k}": getattr(s, k) for k in
+            ("local", "tun", "learn_timeout", "metrics_listen", "log_level")}
+
+
+RESTART_SETTINGS = ("pop.local", "pop.tun")  # the socket and the device are made for them
+
+
+class Pop:
+    """`tpb pop` as a service.Daemon: the TUN device, its routes and the C
+    loop; reload() takes new peers and prefixes without closing either."""
+
+    def __init__(
+        self,
+        s: PopSettings,
+        src: Source | None = None,
+        counters_file: str | None = None,
+        load: Callable[[], tuple[PopSettings, Source]] | None = None,
+    ) -> None:
+        from tpb.service import StateLog
+
+        self.s = s
+        self.src = src or Source()
+        self.counters_file = counters_file
+        self._load = load
+        self.reload_state = ReloadState()
+        self.native: Any = None  # tpb.native.NativePop
+        self._tun: Any = None
+        self.routes = TunRoutes(s.tun)
+        self._metrics: Closeable | None = None
+        self._status: Closeable | None = None
+        self._stack = ExitStack()
+        self._states = StateLog("peer", self._retries)
+
+    def _retries(self, addr: str) -> int | None:
+        peer = next((p for p in self.s.peers if p.address == addr), None)
+        return peer.keepalive.retries if peer and peer.keepalive else None
+
+    # -- life cycle ------------------------------------------------------------
+
+    def __enter__(self) -> Pop:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        from tpb.native import NativePop
+        from tpb.ports import require_privileges
+        from tpb.service import serve_status
+
+        s = self.s
+        require_privileges()
+        preflight(s, self.src, self.counters_file)
+        try:
+            from pytun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunTapDevice
+        except ImportError:
+            raise TpbError("python-pytun is not installed") from None
+        try:
+            # A vnet header on every packet: what the host's GRO merged goes
+            # back to the kernel as a super-packet (pop.c: tun_write).
+            self._tun = TunTapDevice(name=s.tun, flags=IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+        except Exception as e:  # pytun raises its own Error for every failure
+            raise TpbError(f"cannot create TUN device {s.tun}: {e}") from None
+        # A non-persistent TUN device goes away with its fd, routes and all.
+        self._stack.callback(self._tun.close)
         # Checksum offload only (no TSO: the kernel sends no super-packet).
         # A partial checksum reaches pop.c, which completes it as RFC 1071
         # computes it: Linux's own completion writes a TCP checksum of zero
         # as 0xffff, which decoders flag.
-        fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM)
-        _ip("link", "set", tun.name, "up")
-        for peer in s.peers:
-            for pfx in peer.prefixes:
-                # `add`, not `replace`: a prefix that is already routed (the
-                # POP's own link, say) is a configuration error to show,
-                # not a route to take over and lose at exit.
-                r = subprocess.run(["ip", "route", "add", pfx, "dev", tun.name],
-                                   capture_output=True, text=True)
-                if r.returncode:
-                    raise TpbError(f"peer {peer.address}: prefix {pfx}: cannot route it "
-                                   f"into {tun.name}: {r.stderr.strip()}")
-        prefixes = [
-            (*_prefix_struct(p), i) for i, peer in enumerate(s.peers) for p in peer.prefixes
-        ]
-        pop = NativePop(s, tun.fileno(), tun.mtu, prefixes)
-        return _loop(pop, s, args.counters)
-    finally:
-        tun.close()  # a non-persistent TUN device goes away with its fd
+        fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM)
+        _ip("link", "set", self._tun.name, "up")
+        for pfx, peer in _routed(s).items():
+            self.routes.add(pfx, peer)
+        self.native = NativePop(s, self._tun.fileno(), self._tun.mtu, prefix_table(s))
+        self._stack.callback(self.native.close)
+        log.debug("TUN device %s up (MTU %d), %d prefix(es) routed into it", s.tun,
+                  self._tun.mtu, len(_routed(s)))
+        self._metrics = self._serve_metrics(s.metrics_listen)
+        self._status = serve_status("pop", s.tun, lambda: status.pop_snapshot(self.native, self.s))
 
+    def _serve_metrics(self, listen: tuple[str, int] | None) -> Closeable | None:
+        from tpb.service import serve_metrics
 
-def _loop(pop: Any, s: PopSettings, counters_file: str | None) -> int:
-    stopping = threading.Event()
-    failure: list[BaseException] = []
+        return serve_metrics(listen, lambda: metrics.PopCollector(self.native, self.reload_state))
 
-    def loop() -> None:
+    def _close_servers(self) -> None:
+        """Before the C side closes: a scrape or a status request must not
+        read a closed loop's counters."""
+        for srv in (self._metrics, self._status):
+            if srv is not None:
+                srv.close()
+        self._metrics = self._status = None
+
+    def close(self) -> None:
+        self._close_servers()
+        self._stack.close()
+
+    # -- service.Daemon ----------------------------------------------------------
+
+    def run(self) -> None:
+        self.native.run()
+
+    def stop(self) -> None:
+        if self.native is not None:
+            self.native.stop()
+
+    def heartbeat(self) -> int:
+        return int(self.native.heartbeat())
+
+    def status(self) -> str:
+        return f"pop {self.s.local} on {self.s.tun} for {len(self.s.peers)} bridge(s)"
+
+    def ready(self) -> str:
+        return self.status() + " (ctrl-c to stop)"
+
+    def tick(self) -> None:
+        self._states.update(self.native.peer_states())
+
+    def finish(self) -> None:
+        self._close_servers()
+        counters = self.native.counters()
+        self.native.close()
         try:
-            pop.run()
-        except BaseException as e:
-            failure.append(e)
-        finally:
-            stopping.set()
+            print(summary(counters), flush=True)
+        except OSError:
+            pass  # stdout gone: the --counters file may still be written
+        if self.counters_file:
+            from tpb.service import write_counters
 
-    old = {
-        sig: signal.signal(sig, lambda *_: stopping.set())
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    worker = threading.Thread(target=loop, name="tpb-pop", daemon=True)
-    try:
-        worker.start()
-        print(
-            f"tpb: pop {s.local} on {s.tun} for {len(s.peers)} bridge(s) (ctrl-c to stop)",
-            file=sys.stderr,
-            flush=True,
-        )
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        pop.stop()
-        worker.join()
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        counters = pop.counters()
-        pop.close()
-        print(summary(counters), flush=True)
-        if counters_file:
-            with open(counters_file, "w") as f:
-                json.dump(counters, f, indent=1)
-    if failure:
-        raise failure[0]
-    return 0
+            write_counters(self.counters_file, counters)
+
+    # -- reload -------------------------------------------------------------------
+
+    def reload(self) -> list[str]:
+        """Peers and prefixes read again (same file, same flags) and applied
+        without closing the socket or the TUN device: new prefixes are routed
+        into the device first, then C takes the new table, then the routes of
+        prefixes that went away are removed — so no packet for a prefix
+        finds the device without its route, nor C without its peer.  Any
+        refusal (ConfigError) leaves everything as it was."""
+        assert self._load is not None
+        new, src = self._load()
+        old_items, new_items = pop_items(self.s), pop_items(new)
+        problems = [
+            f"{src.where(*key.split('.'))}: {key} cannot change on reload "
+            f"({config.show(old_items[key])} -> {config.show(new_items[key])}): restart tpb pop"
+            for key in RESTART_SETTINGS
+            if old_items[key] != new_items[key]
+        ]
+        if problems:
+            raise ConfigError(problems)
+        changed = config.changes(old_items, new_items) + peer_changes(self.s.peers, new.peers)
+        if not changed:
+            return []
+        old_routes, new_routes = _routed(self.s), _routed(new)
+        to_c = new.peers != self.s.peers or new.learn_timeout != self.s.learn_timeout
+        with ExitStack() as undo:
+            if new.metrics_listen != self.s.metrics_listen:
+                srv = self._serve_metrics(new.metrics_listen)
+                if srv is not None:
+                    undo.callback(srv.close)
+            else:
+                srv = self._metrics
+            for pfx, peer in new_routes.items():
+                if pfx not in old_routes:
+                    self.routes.add(pfx, peer)
+                    undo.callback(self._unroute, pfx)
+            if to_c:
+                try:
+                    self.native.reconfigure(new, prefix_table(new))
+                except TpbError as e:
+                    raise TpbError(f"the POP's loop refused the new peers: {e}") from None
+            undo.pop_all()
+        for pfx in old_routes:
+            if pfx not in new_routes:
+                self._unroute(pfx)
+        if new.metrics_listen != self.s.metrics_listen and self._metrics is not None:
+            self._metrics.close()
+        self._metrics = srv
+        set_level(new.log_level)
+        self.s, self.src = new, src
+        return changed
+
+    def _unroute(self, pfx: str) -> None:
+        try:
+            self.routes.remove(pfx)
+        except TpbError as e:
+            log.warning("%s", e)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`tpb pop` until a signal: exit status 0, or TpbError (2) before
+    forwarding started, RuntimeFailure (1) after."""
+    from tpb.service import serve
+
+    s, src = settings_from(args)
+    set_level(s.log_level)
+    with Pop(s, src, args.counters, lambda: settings_from(args)) as pop:
+        return serve(pop)
 
 
 def summary(counters: dict[str, Any]) -> str:

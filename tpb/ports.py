@@ -11,9 +11,11 @@ closing the sockets.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
+from tpb.config import ConfigError
 from tpb.errors import TpbError
 
 IFF_UP = 0x1
@@ -50,7 +52,8 @@ def require_privileges() -> None:
 
 def lookup(names: dict[str, str]) -> dict[str, Port]:
     """Resolve role -> interface name into Ports, refusing what cannot be
-    a bridge port: missing, repeated, loopback or administratively down.
+    a bridge port: missing, repeated, loopback or administratively down
+    (ConfigError, one line per port that is wrong).
 
     A port that is down was put down by someone: TPB does not override
     that.  A port that is up without carrier is fine (a cable can come).
@@ -60,27 +63,71 @@ def lookup(names: dict[str, str]) -> dict[str, Port]:
     seen: dict[str, str] = {}
     for role, name in names.items():
         if name in seen:
-            raise TpbError(f"--{role} {name}: the same interface as --{seen[name]}")
+            raise ConfigError([f"--{role} {name}: the same interface as --{seen[name]}"])
         seen[name] = role
     ports: dict[str, Port] = {}
+    problems: list[str] = []
     with IPRoute() as ipr:
         for role, name in names.items():
             idx = ipr.link_lookup(ifname=name)
             if not idx:
-                raise TpbError(f"--{role} {name}: no such interface")
+                problems.append(f"--{role} {name}: no such interface")
+                continue
             link = ipr.get_links(idx[0])[0]
             flags = link["flags"]
             if flags & IFF_LOOPBACK:
-                raise TpbError(f"--{role} {name}: a loopback interface cannot be a bridge port")
-            if not flags & IFF_UP:
-                raise TpbError(f"--{role} {name}: interface is down (ip link set {name} up)")
-            ports[role] = Port(
-                name=name,
-                ifindex=idx[0],
-                mtu=link.get_attr("IFLA_MTU"),
-                mac=link.get_attr("IFLA_ADDRESS"),
-            )
+                problems.append(f"--{role} {name}: a loopback interface cannot be a bridge port")
+            elif not flags & IFF_UP:
+                problems.append(f"--{role} {name}: interface is down (ip link set {name} up)")
+            else:
+                ports[role] = Port(
+                    name=name,
+                    ifindex=idx[0],
+                    mtu=link.get_attr("IFLA_MTU"),
+                    mac=link.get_attr("IFLA_ADDRESS"),
+                )
+    if problems:
+        raise ConfigError(problems)
     return ports
+
+
+def refresh(port: Port) -> Port:
+    """The same port as it is now (its MTU may have changed), looked up
+    by ifindex; TpbError if it went away or is another interface now."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            link = ipr.get_links(port.ifindex)[0]
+    except (NetlinkError, OSError, IndexError):
+        raise TpbError(f"{port.name}: the interface is gone") from None
+    if link.get_attr("IFLA_IFNAME") != port.name:
+        raise TpbError(f"{port.name}: the interface is gone (its index is "
+                       f"{link.get_attr('IFLA_IFNAME')}'s now)")
+    return Port(port.name, port.ifindex, link.get_attr("IFLA_MTU"), link.get_attr("IFLA_ADDRESS"))
+
+
+def host_addresses() -> dict[str, str]:
+    """Every IPv4 address of this host (this network namespace) -> the
+    interface that has it."""
+    from pyroute2 import IPRoute
+
+    out: dict[str, str] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            # IFA_LOCAL is ours; IFA_ADDRESS is the far end on point-to-point links
+            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            out[addr] = names.get(msg["index"], "?")
+    return out
+
+
+def link_exists(name: str) -> bool:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
 
 
 def root_qdisc(ipr: Any, ifindex: int) -> str | None:

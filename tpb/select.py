@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 
 from tpb.errors import TpbError
+from tpb.log import log
 
 PRIORITY = 500  # after the operator's chains (use priority < 500)
 VETH_MTU = 65535  # never the narrow point: jumbo frames and GSO pass
@@ -72,6 +73,21 @@ def _nft_error(stderr: str, match: list[str]) -> str:
     return "nftables: " + (stderr.strip().splitlines() or ["failed"])[0]
 
 
+def _check(script: str, match: list[str]) -> None:
+    r = _nft(["-c"], script)
+    if r.returncode:
+        raise TpbError(_nft_error(r.stderr, match))
+
+
+def check_rules(in_if: str, mark: int, match: list[str]) -> None:
+    """What a Selector on `in_if` would load, checked with `nft -c` only
+    (`tpb check`): TpbError with nft's own error.  The veth the chain
+    forwards into does not exist yet, and nft resolves a `fwd` device by
+    name, so the check forwards to `in_if` itself: the same script in
+    every other respect."""
+    _check(ruleset(table_name(in_if), in_if, in_if, mark, match), match)
+
+
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True)
 
@@ -96,6 +112,7 @@ class Selector:
         self.veth_tx = f"tpbsel{self.in_ifindex}a"  # nftables sends into this end
         self.veth_rx = f"tpbsel{self.in_ifindex}b"  # TPB's rings read this end
         self.active = False
+        self.sel_ifindex = 0
 
     def start(self) -> int:
         """Create the veth pair and load the table; returns the ifindex TPB
@@ -131,15 +148,29 @@ class Selector:
             _sysctl_write(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
             _ip("link", "set", dev, "arp", "off")
             _ip("link", "set", dev, "up")
-        script = ruleset(self.table, self.in_if, self.veth_tx, self.mark, self.match)
-        r = _nft(["-c"], script)
-        if r.returncode:
-            raise TpbError(_nft_error(r.stderr, self.match))
-        r = _nft([], script)
-        if r.returncode:
-            raise TpbError(_nft_error(r.stderr, self.match))
+        self.check(self.mark, self.match)
+        self.load(self.mark, self.match)
         idx = _ip("-o", "link", "show", self.veth_rx).stdout.split(":", 1)[0]
-        return int(idx)
+        self.sel_ifindex = int(idx)
+        return self.sel_ifindex
+
+    def check(self, mark: int, match: list[str]) -> None:
+        """`nft -c` of the table for this mark and these rules: TpbError
+        with nft's own error, nothing loaded."""
+        _check(ruleset(self.table, self.in_if, self.veth_tx, mark, match), match)
+
+    def load(self, mark: int, match: list[str]) -> None:
+        """Loads the table for this mark and these rules, replacing the one
+        in place in the same `nft -f` transaction (ruleset() deletes and
+        recreates it in one script): the kernel commits it at once, so the
+        chain that forwards --in's frames into the veth is never missing
+        and no frame escapes selection, also on a reload."""
+        r = _nft([], ruleset(self.table, self.in_if, self.veth_tx, mark, match))
+        if r.returncode:
+            raise TpbError(_nft_error(r.stderr, match))
+        self.mark, self.match = mark, list(match)
+        log.debug("nftables: table netdev %s loaded (%d match rule(s), mark %d)",
+                  self.table, len(match), mark)
 
     def stop(self) -> None:
         """Remove the table and the veth pair (quietly: they may be gone)."""
