@@ -251,5 +251,9 @@ void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
  * always equal to tc->reasm_memory (checked after every fragment when
  * built with -DTPB_DEBUG; for a fuzz harness). */
 size_t reasm_memory_held(const struct reasm *r);
+#ifdef TPB_FUZZ
+/* How many datagrams are in progress (fuzz/: evictions are at most that). */
+size_t reasm_datagrams(const struct reasm *r);
+#endif
 
 #endif

@@ -1436,4 +1436,13 @@ void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now)
     pop->now_ns = now;
     keepalives(pop);
 }
+
+/* Peer i's receive state (its sequence window); -1: no such peer. */
+int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out)
+{
+    if (i >= pop->npeers)
+        return -1;
+    *out = pop->peers[i].rx;
+    return 0;
+}
 #endif

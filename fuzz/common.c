@@ -547,8 +547,13 @@ static int is_tunnel(const uint8_t *fr, size_t len)
     uint8_t proto;
 
     if (type == ETYPE_IPV4 && len >= FZ_ETH + 20 && ip[0] >> 4 == 4 &&
-        !(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)))
+        !(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK))) {
+        /* a header length no IPv4 header has: a super-packet the kernel
+         * could not segment either, so one TPB may drop (gso_bad) */
+        if ((ip[0] & 0x0f) < 5 || (size_t)(ip[0] & 0x0f) * 4 > len - FZ_ETH)
+            return 1;
         proto = ip[9];
+    }
     else if (type == ETYPE_IPV6 && len >= FZ_ETH + 40 && ip[0] >> 4 == 6)
         proto = ip[6];
     else

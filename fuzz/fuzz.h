@@ -195,5 +195,6 @@ void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
                               uint64_t now);
 int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now);
 void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now);
+int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out);
 
 #endif

@@ -52,7 +52,10 @@ fuzz-build: fuzz-deps $(FUZZ_BINS)
 # ends that harness's run, unless FUZZ_KEEP_GOING=1 (libFuzzer's fork mode:
 # it goes on and collects them all; fuzz/triage.py sorts them out).
 FUZZ_KEEP_GOING ?=
+# FUZZ_RUNS=N stops a harness after N executions (or FUZZ_SECONDS, first).
+FUZZ_RUNS ?=
 FUZZ_OPTS := -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+             $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS)) \
              $(if $(FUZZ_KEEP_GOING),-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
 
 fuzz: fuzz-build

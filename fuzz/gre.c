@@ -64,6 +64,7 @@ static void decode(struct fz_in *in, uint8_t b0, const uint8_t *bytes, size_t n)
     r.next_seq = fz_u32(in);
     r0 = r;
 
+    memset(&p, 0, sizeof(p));
     rc = gre_keepalive_answer(&r, g, n);
     FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "keepalive answer: state changed");
     FZ_CHECK((rc == 0) == acceptable(&r, g, n, 0, 1), "keepalive answer: rc %d", rc);
@@ -71,35 +72,43 @@ static void decode(struct fz_in *in, uint8_t b0, const uint8_t *bytes, size_t n)
              "keepalive answer: reason %d", rc);
 
     rc = gre_decode(&r, g, n, csum_checked, &p);
+    FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "decode: the state changed (%d)", rc);
     FZ_CHECK(!rc || (rc >= TPB_DROP_GRE_TRUNCATED && rc <= TPB_DROP_GRE_PROTO),
              "decode: reason %d", rc);
+    flags = n >= 4 ? fz_rd16(g) : 0;
     if (rc) {
-        FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "decode: refused (%d), yet the state changed", rc);
         /* refused for a reason of its own, or by the window */
         FZ_CHECK(!acceptable(&r, g, n, csum_checked, 0) || rc == TPB_DROP_GRE_SEQ_STALE,
                  "decode: refused (%d) an acceptable packet", rc);
         FZ_CHECK(rc != TPB_DROP_GRE_SEQ_STALE ||
-                     (r.seq && r.seq_started && (fz_rd16(g) & GRE_S)),
+                     (r.seq && r.seq_started && (flags & GRE_S)),
                  "decode: stale without a window");
         goto out;
     }
     FZ_CHECK(acceptable(&r0, g, n, csum_checked, 0), "decode: accepted what it must refuse");
-    flags = fz_rd16(g);
     FZ_CHECK(p.off == fz_gre_hlen(flags) && p.off <= n && p.proto == fz_rd16(g + 2),
              "decode: offset %u or protocol %04x", p.off, p.proto);
-    r1 = r;
-    r1.seq_started = r0.seq_started;
-    r1.next_seq = r0.next_seq;
-    FZ_CHECK(!memcmp(&r1, &r0, sizeof(r)), "decode: settings changed");
-    if (!(r0.seq && (flags & GRE_S))) {
-        FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "decode: window moved without a sequence number");
-    } else {
-        /* RFC 2890 2.2: the same number again is stale, and changes nothing */
-        r0 = r;
-        rc = gre_decode(&r, g, n, csum_checked, &p);
-        FZ_CHECK(rc == TPB_DROP_GRE_SEQ_STALE, "decode: a duplicate was taken (%d)", rc);
-        FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "decode: a duplicate moved the window");
+    FZ_CHECK(p.has_seq == (r.seq && (flags & GRE_S)), "decode: has_seq %u", p.has_seq);
+    if (!p.has_seq) {
+        gre_commit_seq(&r, &p);
+        FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "commit: window moved without a sequence number");
+        goto out;
     }
+    FZ_CHECK(p.seq == fz_rd32(g + 4 + ((flags & GRE_C) ? 4 : 0) + ((flags & GRE_K) ? 4 : 0)),
+             "decode: sequence number %u", p.seq);
+    FZ_CHECK(!r.seq_started || (int32_t)(p.seq - r.next_seq) >= 0,
+             "decode: a stale number taken");
+    /* Delivered: the window moves past it and nothing else changes; RFC
+     * 2890 2.2: the same number again is stale, and changes nothing. */
+    gre_commit_seq(&r, &p);
+    r1 = r0;
+    r1.seq_started = 1;
+    r1.next_seq = p.seq + 1;
+    FZ_CHECK(!memcmp(&r, &r1, sizeof(r)), "commit: window not just past the number");
+    r0 = r;
+    rc = gre_decode(&r, g, n, csum_checked, &p);
+    FZ_CHECK(rc == TPB_DROP_GRE_SEQ_STALE, "decode: a duplicate was taken (%d)", rc);
+    FZ_CHECK(!memcmp(&r, &r0, sizeof(r)), "decode: a duplicate moved the window");
 out:
     free(g);
 }

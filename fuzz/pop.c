@@ -43,6 +43,9 @@ struct io {
 static struct io ios[MAX_IO];
 static size_t nios;
 static int fail_tun, fail_send;
+/* how the TUN device refuses a write (fail_tun): the errno, 0 a short write */
+static const int tun_errnos[6] = {EIO, EAGAIN, ENOBUFS, ENOMEM, EINVAL, 0};
+static int tun_errno;
 static const uint8_t *tun_pkt;     /* what the next read() returns */
 static size_t tun_len;
 static struct virtio_net_hdr tun_vh;
@@ -129,7 +132,9 @@ ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int n)
 
     if (fail_tun) {
         o->failed = 1;
-        errno = EIO;
+        if (!tun_errno)
+            return (ssize_t)(VNET_LEN + o->len) - 1;
+        errno = tun_errno;
         return -1;
     }
     return (ssize_t)(VNET_LEN + o->len);
@@ -259,6 +264,37 @@ static int lpm(const struct h *h, const uint8_t a[16])
         p = (int)x->peer;
     }
     return p;
+}
+
+/* Sources no router forwards, never learned nor written (RFC 1812 5.3.7,
+ * RFC 3927 2.7, RFC 4291 2.5.2/2.5.3/2.5.5.2/2.5.6/2.7), the POP's own. */
+static int model_martian(const uint8_t a[16])
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    size_t i;
+
+    if (!memcmp(a, mapped, 12)) {
+        if (a[12] == 0 || a[12] == 127 || (a[12] & 0xf0) >= 0xe0 ||
+            (a[12] == 169 && a[13] == 254) || fz_rd32(a + 12) == POP_LOCAL)
+            return 1;
+        return 0;
+    }
+    if (a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80))
+        return 1;
+    for (i = 0; i < 15 && !a[i]; i++)
+        ;
+    return i == 15 && a[15] <= 1;
+}
+
+/* The peer a live learned entry routes a to, 0: none. */
+static uint32_t model_owner(const struct h *h, const uint8_t a[16])
+{
+    size_t i;
+
+    for (i = 0; i < h->nlearned; i++)
+        if (!memcmp(h->learned[i].addr, a, 16) && h->learned[i].expires > h->now)
+            return h->learned[i].peer;
+    return 0;
 }
 
 static void model_learn(struct h *h, const uint8_t a[16], uint32_t peer_addr)
@@ -402,7 +438,40 @@ static void check_tun(struct h *h, const struct io *o, const uint8_t *ip, int p)
     for (i = 0; i < 16; i++)
         a[i] = 0;
     addr16(in, 0, a);
-    model_learn(h, a, h->peers[p].addr);
+    /* a peer is believed only for sources the POP routes back to it */
+    FZ_CHECK(!model_martian(a), "POP: a martian source written");
+    FZ_CHECK(lpm(h, a) >= 0 ? lpm(h, a) == p
+                            : !model_owner(h, a) || model_owner(h, a) == h->peers[p].addr,
+             "POP: a source another peer owns written");
+    if (!o->failed)
+        model_learn(h, a, h->peers[p].addr);    /* only once written */
+}
+
+/* A packet dropped for its inner source: what the model says of it. */
+static void check_source_drop(struct h *h, const uint8_t *ip, size_t tot, int p, int reason)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh;
+    const uint8_t *in;
+    uint8_t a[16];
+    int owner;
+
+    gh = fz_gre_hlen(fz_rd16(ip + ihl));
+    in = ip + ihl + gh;
+    FZ_CHECK(tot >= ihl + gh + 20 && (in[0] >> 4 == 4 || tot >= ihl + gh + 40),
+             "POP: %s without an inner header", tpb_drop_name(reason));
+    addr16(in, 0, a);
+    owner = lpm(h, a);
+    if (reason == TPB_DROP_INNER_MARTIAN) {
+        FZ_CHECK(model_martian(a), "POP: inner_martian for a source routers forward");
+    } else if (reason == TPB_DROP_SOURCE_OWNED) {
+        FZ_CHECK(!model_martian(a) &&
+                     (owner >= 0 ? owner != p
+                                 : model_owner(h, a) && model_owner(h, a) != h->peers[p].addr),
+                 "POP: source_owned for a source no other peer owns");
+    } else {                    /* learn_full: only a new entry needed room */
+        FZ_CHECK(!model_martian(a) && owner < 0 && model_owner(h, a) != h->peers[p].addr,
+                 "POP: learn_full for a source with nothing to learn");
+    }
 }
 
 static void check_reflect(struct h *h, const struct io *o, const uint8_t *ip, int p)
@@ -426,8 +495,10 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
     size_t len = fz_u16(in) % MAX_PKT, tot;
     struct counters b, a;
     struct fz_l4 l4;
-    int reason, who, p = -1;
+    int reason, who, p = -1, delivered;
     uint64_t d;
+    struct gre_rx rx[MAX_PEERS];
+    uint32_t i;
 
     len = fz_bytes(in, buf, len);
     if (fl & 1 && len >= 20) {
@@ -447,10 +518,24 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
     memcpy(pkt, buf, len);
     fail_tun = (fl >> 5) & 1;
     fail_send = (fl >> 6) & 1;
+    tun_errno = tun_errnos[(fl >> 7 | (len & 3) << 1) % 6];
     snap(h, &b);
+    for (i = 0; i < h->cfg.npeers; i++)
+        FZ_CHECK(tpb_fuzz_pop_rx(h->pop, i, &rx[i]) == 0, "no receive state");
     ios_clear();
     tpb_fuzz_pop_from_bridge(h->pop, pkt, len, h->now);
     snap(h, &a);
+    /* the sequence window moves only for what was delivered (written to
+     * the TUN device, or reflected) */
+    delivered = nios == 1 && !ios[0].failed;
+    for (i = 0; i < h->cfg.npeers; i++) {
+        struct gre_rx r;
+
+        tpb_fuzz_pop_rx(h->pop, i, &r);
+        FZ_CHECK((delivered && (int)i == peer_index(h, fz_rd32(buf + 12))) ||
+                     !memcmp(&r, &rx[i], sizeof(r)),
+                 "POP: peer %u's receive state changed, nothing delivered from it", i);
+    }
     d = drops(h, &b, &a, &reason, &who);
     fz_trace("pop: from a bridge, %zu bytes: %zu writes (%s%s), %llu drops (%s)", len, nios,
              nios ? (ios[0].kind == IO_TUN ? "TUN" : "send") : "-",
@@ -475,9 +560,13 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
         FZ_CHECK(o->failed ? d == 1 : d == 0, "POP: a write %s, %llu drops",
                  o->failed ? "refused" : "done", (unsigned long long)d);
         if (o->kind == IO_TUN) {
-            FZ_CHECK(o->failed ? reason == TPB_DROP_TUN_WRITE
+            int want = tun_errno == EAGAIN || tun_errno == ENOBUFS || tun_errno == ENOMEM
+                           ? TPB_DROP_TUN_FULL
+                           : tun_errno == EINVAL ? TPB_DROP_TUN_INVALID : TPB_DROP_TUN_WRITE;
+
+            FZ_CHECK(o->failed ? reason == want
                                : a.c[p].decap_packets == b.c[p].decap_packets + 1,
-                     "POP: TUN write not counted");
+                     "POP: TUN write not counted (%d, not %d)", reason, want);
             check_tun(h, o, buf, p);
         } else {
             FZ_CHECK(o->failed ? reason == TPB_DROP_SEND
@@ -488,6 +577,9 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
         }
         goto out;
     }
+    if (d == 1 && (reason == TPB_DROP_INNER_MARTIAN || reason == TPB_DROP_SOURCE_OWNED ||
+                   reason == TPB_DROP_LEARN_FULL))
+        check_source_drop(h, buf, tot, p, reason);
     if (d == 0)
         FZ_CHECK(a.st[p].keepalives_received == b.st[p].keepalives_received + 1 &&
                      fz_rd16(buf + (size_t)(buf[0] & 0x0f) * 4 + 2) == 0,

@@ -126,6 +126,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size_t start = (size_t)fz_u16(&in) * 8, len = fz_u16(&in), out_len = 0, tot;
         int mf, raw = 0;
         uint8_t *out;
+        uint64_t evicted;
+        size_t held;
 
         before = tc;
         if ((op & 7) == 7) {                       /* the clock moves */
@@ -190,15 +192,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             FZ_CHECK(ip4_check(frag, tot) == tot, "harness: not a valid fragment");
             any = 1;
             last_add = now;
+            held = reasm_datagrams(r);
             out = reasm_add(r, &tc, q, frag, tot, now, &out_len);
             FZ_CHECK(tc.reasm_fragments == before.reasm_fragments + 1, "fragment not counted");
+            /* Evictions are drops of datagrams held before (earlier
+             * fragments), at most all of them; the rest is this one's. */
+            evicted = tc.drop[TPB_DROP_REASM_EVICTED] - before.drop[TPB_DROP_REASM_EVICTED];
+            FZ_CHECK(evicted <= held, "%llu evicted of %zu datagrams held",
+                     (unsigned long long)evicted, held);
             if (out) {
-                FZ_CHECK(drops_of(&before, &tc, &reason) == 0 &&
+                FZ_CHECK(drops_of(&before, &tc, &reason) == evicted &&
                              tc.reasm_done == before.reasm_done + 1,
                          "reassembled, yet a drop or not counted");
                 check_out(d, out, out_len, raw);
             } else {
-                uint64_t n = drops_of(&before, &tc, &reason);
+                uint64_t n = drops_of(&before, &tc, &reason) - evicted;
 
                 FZ_CHECK(tc.reasm_done == before.reasm_done, "counted done, no datagram");
                 FZ_CHECK(n <= 1, "%llu drops for one fragment", (unsigned long long)n);
