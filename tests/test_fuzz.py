@@ -1,8 +1,9 @@
 """The libFuzzer harnesses (fuzz/README.md), briefly: each is built with
 AddressSanitizer and UndefinedBehaviorSanitizer and fuzzed for
 TPB_FUZZ_SECONDS (10 by default) from the seed corpus; any finding fails
-the test with the harness's report.  Every input kept in fuzz/crashes/ is
-replayed too: a finding once made stays fixed.
+the test with the harness's report.  Every finding kept (fuzz/corpus/
+<harness>/regress-*, fuzz/crashes/) is replayed too: once fixed it stays
+fixed.
 
 No root, no namespaces: the harnesses open no socket.  `make fuzz` runs
 them longer (FUZZ_SECONDS each)."""
@@ -28,7 +29,11 @@ ENV = {k: v for k, v in os.environ.items()
 
 
 def reproducers() -> list[Path]:
-    return sorted(p for p in (ROOT / "fuzz" / "crashes").glob("*/*") if p.is_file())
+    """Findings fixed (fuzz/corpus/<harness>/regress-*, seeds too) and any
+    still open (fuzz/crashes/<harness>/*)."""
+    fuzz = ROOT / "fuzz"
+    found = [*fuzz.glob("corpus/*/regress-*"), *fuzz.glob("crashes/*/*")]
+    return sorted(p for p in found if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def test_fuzz(built: Path, harness: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", reproducers(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_reproducer(built: Path, path: Path) -> None:
-    """A kept finding no longer fails (fuzz/crashes/<harness>/<what>)."""
+    """A kept finding no longer fails (fuzz/corpus/<harness>/regress-<what>)."""
     res = subprocess.run(
         [str(built / path.parent.name), "-timeout=10", "-rss_limit_mb=2048", str(path)],
         capture_output=True, text=True, errors="replace", timeout=120, env=ENV,

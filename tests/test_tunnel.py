@@ -643,6 +643,28 @@ def test_echo_request_with_a_bad_checksum_is_not_answered(tlab, procs, gw2):
     assert_balance(2, drops(c), t["echo_replies"])
 
 
+def test_echo_reply_to_an_all_zero_request(tlab, procs, gw2):
+    """An echo request whose ID, sequence number and data are all zero
+    (checksum 0xf7ff) gets a reply whose checksum verifies: 0xffff, the
+    only value that sums to -0 with an otherwise zero message, where RFC
+    1624's update from the request's gives 0x0000 (found by fuzz/from_out,
+    fuzz/corpus/from_out/regress-echo-reply-zero-checksum)."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    req = _echo_request(0, 0, b"")
+    gw2.drain()
+    gw2.send(req)
+    gw2.until(lambda f: len(_echo_replies(gw2, 0)) >= 1, 5.0, "the echo reply")
+    gw2.settle(0.3)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, 0)
+    assert len(replies) == 1, replies
+    assert replies[0][20:] == bytes.fromhex("0000ffff00000000"), replies[0][20:].hex()
+    _check_echo_reply(replies[0], req)
+    t = c["tunnel"]
+    assert t["echo_replies"] == 1 and drops(c) == {}, t
+    assert_balance(1, drops(c), t["echo_replies"])
+
+
 def test_echo_replies_are_rate_limited(tlab, procs, gw2):
     """Echo replies at most --icmp-rate a second (a burst of one second's):
     of 40 requests at once, the first 5 are answered (6 if the bucket
