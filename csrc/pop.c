@@ -1437,6 +1437,28 @@ void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now)
     keepalives(pop);
 }
 
+/* A received packet's SO_RXQ_OVFL count v, as from_bridges() reads it. */
+void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(uint32_t))];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr m;
+    struct cmsghdr *c;
+
+    memset(&m, 0, sizeof(m));
+    memset(&ctl, 0, sizeof(ctl));
+    m.msg_control = ctl.buf;
+    m.msg_controllen = sizeof(ctl.buf);
+    c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SO_RXQ_OVFL;
+    c->cmsg_len = CMSG_LEN(sizeof(v));
+    memcpy(CMSG_DATA(c), &v, sizeof(v));
+    rx_drops(pop, &m);
+}
+
 /* Peer i's receive state (its sequence window); -1: no such peer. */
 int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out)
 {

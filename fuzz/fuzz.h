@@ -196,5 +196,6 @@ void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
 int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now);
 void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now);
 int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out);
+void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v);
 
 #endif

@@ -11,7 +11,6 @@ say what is in them.  Deterministic: running it again writes the same files.
 
 from __future__ import annotations
 
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -92,9 +91,12 @@ def keepalive_of(bridge: str, pop: str, key: int | None, csum: bool) -> IP:
 class Corpus:
     def __init__(self, name: str) -> None:
         self.dir = ROOT / name
+        # Findings kept as seeds (regress-*) are not the generator's: kept.
         if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+            for f in self.dir.iterdir():
+                if not f.name.startswith("regress-"):
+                    f.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, what: str, data: bytes) -> None:
         (self.dir / what).write_bytes(data)
@@ -363,6 +365,8 @@ def pop() -> None:
     big = b1 / gre(tcp4(PC, SERVER, n=1448 * 3), csum=True)
     c.add("gro-merged", pop_header([(0, True, True, False, False, KEY)], [(False, 122, 0, 0)],
                                    tun_mtu=1500) + pf(bytes(big), fix=True, partial=True))
+    c.add("rcvbuf-full", two + u8(2) + u8(3 << 1) + pf(bytes(b1 / gre(tcp4(PC, SERVER)))) +
+          u8(2) + u8(1) + u32(0xfffffff0) + u8(2) + u8(1) + u32(5))
     c.add("reload", two + pf(bytes(b1 / gre(tcp4("10.1.2.3", SERVER)))) + u8(6) +
           pop_header([(1, False, True, True, False, 0), (0, True, False, False, False, KEY)],
                      [(False, 120, 0, 0)]) + pt(bytes(tcp4(SERVER, "10.1.2.3"))))

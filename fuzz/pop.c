@@ -188,6 +188,7 @@ struct h {
     struct learned learned[MAX_LEARN];
     size_t nlearned;
     int64_t seq[MAX_PEERS];     /* the next GRE sequence number, -1: unknown */
+    uint32_t ovfl;              /* the last SO_RXQ_OVFL count taken */
 };
 
 struct counters {
@@ -772,6 +773,30 @@ static void keepalive_op(struct h *h, struct fz_in *in)
     }
 }
 
+/* SO_RXQ_OVFL: the socket's drop count as a packet carries it; what grew
+ * since the last count seen is what the kernel dropped (rcvbuf_full, on
+ * the POP's own counters), a count not after it (serial arithmetic) adds
+ * nothing. */
+static void ovfl_op(struct h *h, struct fz_in *in)
+{
+    struct counters b, a;
+    int reason, who;
+    uint8_t k = fz_u8(in);
+    uint32_t v = k & 1 ? fz_u32(in) : h->ovfl + (k >> 1);
+    uint64_t d, want = (int32_t)(v - h->ovfl) > 0 ? v - h->ovfl : 0;
+
+    snap(h, &b);
+    tpb_fuzz_pop_rx_ovfl(h->pop, v);
+    snap(h, &a);
+    d = drops(h, &b, &a, &reason, &who);
+    fz_trace("pop: SO_RXQ_OVFL %u after %u: %llu drops", v, h->ovfl, (unsigned long long)d);
+    FZ_CHECK(d == want && (!d || (who == (int)h->cfg.npeers && reason == TPB_DROP_RCVBUF_FULL)),
+             "rcvbuf_full: %llu drops (reason %d), not %llu", (unsigned long long)d, reason,
+             (unsigned long long)want);
+    if (want)
+        h->ovfl = v;
+}
+
 static void reload_op(struct h *h, struct fz_in *in)
 {
     struct h n = *h;
@@ -820,6 +845,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 3:
         case 4:
             to_bridges_op(&h, &in, buf);
+            break;
+        case 2:
+            ovfl_op(&h, &in);
             break;
         case 5:
             keepalive_op(&h, &in);
