@@ -102,8 +102,9 @@ static void check_echo(const struct fz_frame *z, const struct fz_out *o)
     ic = r + 20;
     FZ_CHECK(ic[0] == 0 && ic[1] == 0, "echo reply: ICMP type");
     FZ_CHECK(!memcmp(ic + 4, ip + ihl + 4, tot - ihl - 4), "echo reply: data");
-    if (fz_fold(fz_sum(0, ip + ihl, tot - ihl)) == 0)
-        FZ_CHECK(fz_fold(fz_sum(0, ic, tot - ihl)) == 0, "echo reply: ICMP checksum");
+    /* RFC 792: only a request whose checksum verifies is answered */
+    FZ_CHECK(fz_fold(fz_sum(0, ip + ihl, tot - ihl)) == 0, "echo reply to a bad checksum");
+    FZ_CHECK(fz_fold(fz_sum(0, ic, tot - ihl)) == 0, "echo reply: ICMP checksum");
 }
 
 /* The inner packet of a GRE frame to us as it came in (not a fragment). */
