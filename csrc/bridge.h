@@ -175,8 +175,9 @@ size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
 
 #ifdef TPB_FUZZ
 /* Fuzzing builds only (fuzz/README.md): no socket is opened; every message
- * txq_send() would send goes to this sink instead, then counts as sent. */
-extern void (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
+ * txq_send() would send goes to this sink instead, and counts as sent if
+ * it returns 1, as refused (egress_full, as ENOBUFS) if 0. */
+extern int (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
 /* A bridge without sockets or rings (tunnel mode if cfg->tunnel), its
  * clock at now_ns; NULL if cfg is refused.  tpb_bridge_close() frees it. */
 struct tpb_bridge *tpb_fuzz_bridge_open(const struct tpb_bridge_config *cfg,

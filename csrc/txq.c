@@ -49,7 +49,7 @@
  * (so flushes happen where they would), but each piece is a malloc() of
  * its own, freed at the flush: AddressSanitizer sees a read past one, or
  * a use after the flush. */
-void (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
+int (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
 
 static void fz_release(struct txq *q)
 {
@@ -570,7 +570,11 @@ void txq_send(struct txq *q)
 
 #ifdef TPB_FUZZ
     for (i = 0; i < q->n; i++) {
-        tpb_fuzz_tx(q, i);
+        if (!tpb_fuzz_tx(q, i)) {
+            count_refused(q->c, ENOBUFS);
+            account(q, i, 0);
+            continue;
+        }
         q->c->tx_frames++;
         q->c->tx_bytes += q->len[i];
         account(q, i, 1);

@@ -383,7 +383,9 @@ void fz_outs_clear(void)
     fz_nouts = 0;
 }
 
-static void sink(struct txq *q, uint32_t i)
+int fz_refuse = -1;
+
+static int sink(struct txq *q, uint32_t i)
 {
     const struct msghdr *m = &q->msg[i].msg_hdr;
     struct fz_out *o;
@@ -424,6 +426,8 @@ static void sink(struct txq *q, uint32_t i)
     memcpy(o->data, all + VNET_LEN, n);
     o->len = n;
     free(all);
+    o->refused = o->port >= 0 && o->port == fz_refuse;
+    return !o->refused;
 }
 
 void fz_capture(struct tpb_bridge *br)

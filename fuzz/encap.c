@@ -443,9 +443,13 @@ static void check(struct h *h, const struct fz_snap *b, const struct fz_snap *a,
 
         for (i = 0; i < h->npk; i++)
             bytes += h->pk[i].len;
-        FZ_CHECK(a->tc.encap_packets - b->tc.encap_packets == h->npk &&
+        if (fz_refuse == TPB_PORT_OUT)
+            bytes = 0;          /* none left */
+        FZ_CHECK(a->tc.encap_packets - b->tc.encap_packets ==
+                         (fz_refuse == TPB_PORT_OUT ? 0 : h->npk) &&
                      a->tc.encap_bytes - b->tc.encap_bytes == bytes,
-                 "%zu GRE packets (%llu bytes) out, %llu (%llu bytes) counted", h->npk,
+                 "%zu GRE packets (%llu bytes) left, %llu (%llu bytes) counted",
+                 fz_refuse == TPB_PORT_OUT ? 0 : h->npk,
                  (unsigned long long)bytes,
                  (unsigned long long)(a->tc.encap_packets - b->tc.encap_packets),
                  (unsigned long long)(a->tc.encap_bytes - b->tc.encap_bytes));
@@ -586,7 +590,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fz_snap b, a;
     struct fz_l4 l4;
     struct h h;
-    uint8_t b0 = fz_u8(&in), b1 = fz_u8(&in), ttl, tos, tag[4], *ip;
+    uint8_t b0 = fz_u8(&in), b1 = fz_u8(&in), b2, ttl, tos, tag[4], *ip;
     int mode = (b1 >> 4) & 3, down;
     size_t len, min;
     uint32_t mtu;
@@ -616,7 +620,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     min = encap_min_mtu(20 + gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
     cfg.tun.mtu = mtu < min ? (uint32_t)min : mtu;
     cfg.tun.mss = (b1 & 0x80) ? fz_u16(&in) : 0;
-    cfg.tun.icmp_rate = rates[fz_u8(&in) & 3];
+    b2 = fz_u8(&in);
+    cfg.tun.icmp_rate = rates[b2 & 3];
+    /* --out refuses every frame (a full device queue): each one counted
+     * egress_full, and no GRE packet counted as encapsulated */
+    fz_refuse = (b2 & 4) ? TPB_PORT_OUT : -1;
     cfg.tun.key = fz_u32(&in);
     ttl = fz_u8(&in);
     tos = fz_u8(&in);
@@ -683,7 +691,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                  (unsigned long long)(a.tc.gso_segments - b.tc.gso_segments),
                  (unsigned long long)(a.tc.fragments - b.tc.fragments));
     }
+    {
+        /* what --out refused: exactly the frames handed to it, each one
+         * egress_full, none sent; from here on they are the frames out */
+        uint64_t refused = 0, egress = a.c[TPB_PORT_OUT].drop_egress_full -
+                                      b.c[TPB_PORT_OUT].drop_egress_full;
+        size_t i;
+
+        for (i = 0; i < fz_nouts; i++)
+            refused += fz_outs[i].refused;
+        FZ_CHECK(egress == refused && (!refused || a.c[TPB_PORT_OUT].tx_frames ==
+                                                       b.c[TPB_PORT_OUT].tx_frames),
+                 "--out refused %llu frames, %llu counted egress_full",
+                 (unsigned long long)refused, (unsigned long long)egress);
+        a.c[TPB_PORT_OUT].drop_egress_full = b.c[TPB_PORT_OUT].drop_egress_full;
+    }
     check(&h, &b, &a, down);
+    fz_refuse = -1;
     while (h.npk)
         free(h.pk[--h.npk].p);
     free(h.pk);

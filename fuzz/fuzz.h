@@ -126,12 +126,15 @@ struct fz_out {
     struct virtio_net_hdr vh;
     uint8_t *data;         /* the frame: exact size */
     size_t len;
+    int refused;           /* the harness's sink refused it (fz_refuse) */
 };
 
 /* Everything txq_send() handed over since fz_outs_clear(). */
 extern struct fz_out *fz_outs;
 extern size_t fz_nouts;
 void fz_outs_clear(void);
+/* The port whose every message the sink refuses (egress_full), -1: none. */
+extern int fz_refuse;
 /* Routes tpb_fuzz_tx into fz_outs for this bridge (NULL: any txq, port -1). */
 void fz_capture(struct tpb_bridge *br);
 

@@ -724,6 +724,33 @@ def test_encapsulated_packets_count_when_they_leave(tlab, procs, gw1, gw2):
     assert port_drops(c["in"]) == dict.fromkeys(port_drops(c["in"]), 0), c["in"]
 
 
+@pytest.mark.parametrize("mode", ["inner", "outer"])
+def test_fragments_count_when_their_packet_left(tlab, procs, gw1, gw2, mode):
+    """Fragmented GRE counts as encapsulated only what left: with --out's
+    MTU lowered under TPB (which still cuts 1500-byte fragments), a
+    2000-byte packet's first fragment is refused (too_big).  Inner
+    fragments are GRE packets of their own: the second one leaves and
+    counts.  Outer fragments are one GRE packet: lost with its first
+    fragment, it does not count, though its last fragment left.  (Found
+    by fuzz/encap with --out refusing frames: fuzz/corpus/encap/
+    regress-frag-*-refused-counted.)"""
+    tpb = procs.tpb(*SELECT_SERVER, "--fragment", mode)
+    tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1000"])
+    try:
+        big, fence = marker("fbig"), marker("ffence")
+        gw2.drain()
+        gw1.send(eth(udp4(big, size=2000, df=False, ip_id=0x720)))
+        gw1.send(eth(udp4(fence, size=200, ip_id=0x721)))
+        fence_to(gw2, fence)
+    finally:
+        tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1500"])
+    c = tpb.stop()
+    t = c["tunnel"]
+    assert c["out"]["drop_too_big"] == 1, c["out"]
+    assert t["fragmented"] == 1, t
+    assert t["encap_packets"] == (2 if mode == "inner" else 1), t
+
+
 # -- 4. everything else crosses untouched ------------------------------------
 
 
