@@ -18,8 +18,10 @@ _PATHS = (str, bytes, os.PathLike)
 
 
 def _starts_python(args: Any) -> bool:
+    """sys.executable as an argument, or as a word of one (`sh -c "exec env
+    ... PYTHON -m tpb run"`, a shell=True command line)."""
     argv = [args] if isinstance(args, _PATHS) else list(args)
-    return any(isinstance(a, _PATHS) and os.fsdecode(a) == sys.executable for a in argv)
+    return any(isinstance(a, _PATHS) and sys.executable in os.fsdecode(a).split() for a in argv)
 
 
 if _PRELOAD:
@@ -33,7 +35,9 @@ if _PRELOAD:
 
     subprocess.Popen.__init__ = _init  # type: ignore[method-assign]
 
-if os.environ.get("TPB_C_DIR"):
+# Only a process started with the ASan runtime loads the sanitized helper:
+# another one (TPB installed elsewhere, run by a shell) loads its own.
+if _PRELOAD and os.environ.get("TPB_C_DIR"):
     import tpb
 
     tpb.__path__.insert(0, os.environ["TPB_C_DIR"])
