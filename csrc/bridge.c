@@ -46,10 +46,7 @@
 
 static uint64_t now_ns(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return mono_ns();
 }
 
 /* 1. ------------------------------------------------------------------ */
@@ -629,7 +626,7 @@ const char *tpb_drop_name(int reason)
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
         "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
         "tun_invalid", "echo_csum", "echo_ratelimited", "reasm_evicted", "mtu_too_small",
-        "frag_overflow",
+        "frag_overflow", "keepalive_stale",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

@@ -313,6 +313,9 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
     /* Protocol 0: the answer to one of our keepalives (keepalive.c). */
     if (!gso && tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {
         rc = gre_keepalive_answer(&r->grx, ip + ihl, tot - ihl);
+        if (!rc)
+            rc = ka_id_check(r->ka_id, r->st.keepalives_sent, ip,
+                             br->cfg.keepalive_retries);
         if (rc) {
             br->tc.drop[rc]++;
             return;

@@ -9,8 +9,12 @@
  *                 packet, only once it is delivered;
  *   gre_keepalive_answer()  the same checks for a keepalive answer
  *                 (protocol 0, no sequence number needed, window untouched);
+ *   ka_id_check() and the answer's IP ID is one we sent lately;
  *   ecn_decap()   RFC 6040 section 4.2, figure 4.
  */
+#include <sys/random.h>
+#include <time.h>
+
 #include "proto.h"
 #include "tpb.h"
 
@@ -253,4 +257,29 @@ size_t ip_len(const uint8_t *ip, size_t avail, uint16_t proto)
         return 0;
     plen = rd16(ip + 4);
     return plen && 40 + plen <= avail ? 40 + plen : 0;
+}
+
+int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
+                unsigned window)
+{
+    if (window < 1)
+        window = 1;
+    if (window > KA_ID_WINDOW_MAX)
+        window = KA_ID_WINDOW_MAX;
+    if (sent < window)
+        window = (unsigned)sent;
+    return (uint16_t)(last_id - rd16(ip + 4)) < window ? 0
+                                                       : TPB_DROP_KEEPALIVE_STALE;
+}
+
+uint16_t ka_first_id(void)
+{
+    uint16_t id;
+    struct timespec ts;
+
+    if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id)) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        id = (uint16_t)(ts.tv_nsec ^ ts.tv_nsec >> 16);
+    }
+    return id;
 }

@@ -22,7 +22,8 @@
  *                      retries goes down; every period, a keepalive to each
  *                      remote (ka_send);
  *   5. ka_answer()     a protocol-0 GRE packet from a remote that passed its
- *                      checks (gre_keepalive_answer): it is up; RTT;
+ *                      checks (gre_keepalive_answer, and ka_id_check: the
+ *                      IP ID of one of our last keepalives): it is up; RTT;
  *   6. ka_reflect()    a decapsulated IPv4 GRE packet from us to the remote
  *                      it came from is that POP's keepalive: sent back to it.
  * The sequence window of a remote never moves for a keepalive answer: the
@@ -88,6 +89,7 @@ void ka_setup(struct tpb_bridge *br, const struct tpb_tunnel_config *t)
             }
         if (!found) {
             r->addr = r->st.addr = t->remote[i];
+            r->ka_id = ka_first_id();
             r->up = r->st.up = !t->keepalive_ms;
         }
         if (!found || !same_opts) {
@@ -263,7 +265,7 @@ void ka_answer(struct tpb_bridge *br, struct remote *r, const uint8_t *ip)
     r->st.keepalives_received++;
     r->reply_ns = br->now_ns;
     if (r->sent_ns)
-        r->st.rtt_ns = br->now_ns - r->sent_ns;
+        r->st.rtt_ns = mono_ns() - r->sent_ns;
     if (!r->up) {
         set_up(r, 1);
         choose(br);

@@ -169,6 +169,7 @@ struct out_msg {
 
 struct tpb_pop {
     int raw, tun, stop_fd, stop;  /* stop_fd: an eventfd that wakes poll() */
+    int hdrincl;                /* send-only IPPROTO_RAW: keepalives reflected as they are */
     uint32_t local;
     uint32_t npeers, nprefixes, batch, tun_mtu;
     struct peer *peers;
@@ -204,10 +205,7 @@ struct tpb_pop {
 
 static uint64_t now_ns(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return mono_ns();
 }
 
 /* Inner addresses as 16 bytes, IPv4 mapped into ::ffff:0:0/96. */
@@ -680,7 +678,7 @@ static void ka_answer(struct tpb_pop *pop, struct peer *p)
     if (!p->cfg.keepalive_ms)
         return;                 /* a late one after a reload: up anyway */
     if (p->ka.sent_ns)
-        p->ka.rtt_ns = pop->now_ns - p->ka.sent_ns;
+        p->ka.rtt_ns = mono_ns() - p->ka.sent_ns;
     set_up(p, 1);
 }
 
@@ -690,9 +688,11 @@ static void ka_answer(struct tpb_pop *pop, struct peer *p)
  * address to the peer it came from.  Routed by the host it would be
  * dropped (Linux takes a packet arriving with one of its own addresses as
  * source for a martian), so it goes back from here, as the far end of a
- * Cisco keepalive does: the kernel writes a new IPv4 header from us to the peer, the
- * inner GRE header is the payload.  Only to the peer it came from: the
- * POP reflects nothing toward any other address. */
+ * Cisco keepalive does: the inner packet as it is, through a socket that
+ * sends our own IPv4 header (IP_HDRINCL), so its IP ID goes back too (the
+ * bridge takes only the IDs it sent for answers: ka_id_check()).  Only to
+ * the peer it came from: the POP reflects nothing toward any other
+ * address. */
 static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
                         const uint8_t *in, uint16_t proto)
 {
@@ -704,14 +704,17 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
                     const struct gre_pkt *g)
 {
     size_t ihl = (size_t)(in[0] & 0x0f) * 4;
-    struct iovec iov = {in + ihl, ilen - ihl};
+    ssize_t n;
 
     /* a fragment, or no room for a GRE header: not a keepalive */
     if ((rd16(in + 6) & (IP_MF | IP_OFFMASK)) || ilen < ihl + 4) {
         p->c.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
-    if (send_gre(pop, p, &iov, 1, in[8], in[1])) {
+    do
+        n = sendto(pop->hdrincl, in, ilen, 0, (struct sockaddr *)&p->sa, sizeof(p->sa));
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)ilen) {
         p->c.drop[TPB_DROP_SEND]++;
         return;
     }
@@ -742,6 +745,9 @@ static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
     ihl = (size_t)(ip[0] & 0x0f) * 4;
     if (tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {    /* protocol 0 */
         rc = gre_keepalive_answer(&p->rx, ip + ihl, tot - ihl);
+        if (!rc)    /* ip_id is the next one: the last sent is one before */
+            rc = ka_id_check((uint16_t)(p->ka.ip_id - 1), p->ka.sent + p->ka.unsent,
+                             ip, p->cfg.keepalive_retries);
         if (rc)
             p->c.drop[rc]++;
         else
@@ -934,6 +940,7 @@ static void peer_init(struct peer *p, const struct tpb_pop_peer_config *c,
     p->cfg = *c;
     gre_side(p, local);
     p->ka.up = !c->keepalive_ms;    /* without keepalives a peer is up */
+    p->ka.ip_id = ka_first_id();    /* a kept peer's goes on (carry()) */
 }
 
 static const char *ip4_text(uint32_t a, char buf[INET_ADDRSTRLEN])
@@ -1190,7 +1197,7 @@ static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&pop->applied, &ca);
     pthread_condattr_destroy(&ca);
-    pop->raw = pop->stop_fd = -1;
+    pop->raw = pop->stop_fd = pop->hdrincl = -1;
     pop->tun = cfg->tun_fd;
     pop->local = cfg->local;
     pop->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
@@ -1240,7 +1247,9 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     }
     pop->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pop->raw = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_GRE_);
-    if (pop->stop_fd < 0 || pop->raw < 0) {
+    /* IPPROTO_RAW receives nothing: not on any packet's receive path. */
+    pop->hdrincl = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
+    if (pop->stop_fd < 0 || pop->raw < 0 || pop->hdrincl < 0) {
         snprintf(err, errlen, "raw GRE socket: %s", strerror(errno));
         goto fail;
     }
@@ -1390,6 +1399,8 @@ void tpb_pop_close(struct tpb_pop *pop)
         return;
     if (pop->raw >= 0)
         close(pop->raw);
+    if (pop->hdrincl >= 0)
+        close(pop->hdrincl);
     if (pop->stop_fd >= 0)
         close(pop->stop_fd);
     free(pop->peers);

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 #define ETH_ALEN_ 6
 #define ETYPE_IPV4 0x0800
@@ -142,6 +143,29 @@ void gre_commit_seq(struct gre_rx *r, const struct gre_pkt *p);
  * them; no sequence number required, the window not touched.  Returns 0
  * or a TPB_DROP_GRE_* reason (TPB_DROP_GRE_PROTO: not protocol 0). */
 int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen);
+
+/* The far end reflects our keepalive's inner IPv4 packet as it is, so an
+ * answer carries back one of the IP IDs we sent.  Only the last `window`
+ * sent are answers (older ones are past period x retries anyway): a
+ * protocol-0 packet that merely has the POP's address and key must not
+ * bring a POP up.  IDs start at a random value (ka_first_id()) so an
+ * off-path sender cannot predict them.  Returns 0 or
+ * TPB_DROP_KEEPALIVE_STALE; `sent` 0 means none sent yet. */
+#define KA_ID_WINDOW_MAX 16
+
+/* The clock, read now: a loop pass's cached time would give an answer
+ * handled in the pass that sent its keepalive a round trip of 0. */
+static inline uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
+                unsigned window);
+uint16_t ka_first_id(void);
 
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns
  * -1 where the packet must be dropped (CE on a Not-ECT inner packet). */

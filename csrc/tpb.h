@@ -78,7 +78,8 @@ struct tpb_port_counters {
 #define TPB_DROP_REASM_EVICTED 36   /* oldest datagram evicted for a newer one */
 #define TPB_DROP_MTU_TOO_SMALL 37   /* --out's MTU below the tunnel's minimum */
 #define TPB_DROP_FRAG_OVERFLOW 38   /* no IPv4 header can describe it: > 65535 */
-#define TPB_NDROP 39
+#define TPB_DROP_KEEPALIVE_STALE 39 /* protocol 0 whose IP ID we never sent lately */
+#define TPB_NDROP 40
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */

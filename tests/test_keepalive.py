@@ -14,8 +14,10 @@ pop, eth3 pop2.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -196,6 +198,52 @@ def test_the_pops_own_keepalive_is_reflected(tlab, daemons):
     c = t.stop()
     assert c["tunnel"]["drop"].get("not_peer") == 1, c["tunnel"]
     assert c["tunnel"]["decap_packets"] == 0, c["tunnel"]
+
+
+def live(tlab) -> dict:
+    """The running bridge's state, as `tpb status --json` shows it."""
+    res = tlab.run("tpb", [sys.executable, "-m", "tpb", "status", "--json"], check=False)
+    assert res.returncode == 0, res.stderr
+    (doc,) = json.loads(res.stdout)
+    return doc
+
+
+def test_a_spoofed_answer_brings_no_pop_up(tlab, daemons):
+    """Protocol-0 GRE from the POP's address with the right key is an answer
+    only if it carries back the IP ID of one of our last keepalives (the far
+    end reflects the inner packet as it is): guesses are counted as
+    keepalive_stale and leave the POP down; the reflection of a real
+    keepalive brings it up."""
+    cap = Capture(tlab, "gw2", "eth0", keep=gre_to(T_POP, T_TPB), incoming_only=True)
+
+    def ids() -> list[int]:
+        return [IP(bytes(Ether(f.data)[GRE].payload)).id for f in cap.snapshot()]
+
+    def answer(ident: int) -> bytes:
+        return bytes(IP(src=T_POP, dst=T_TPB, ttl=254, id=ident) /
+                     GRE(key_present=1, key=KEY, proto=0))
+
+    with cap, IpSender(tlab, "pop") as tx:
+        t = bridge(daemons, tlab)
+        teach_next_hop(tlab)
+        cap.wait(lambda fs: len(fs) >= 2 and fs, 5, "two keepalives")
+        sent = ids()
+        assert sent[1] == (sent[0] + 1) & 0xFFFF, sent
+        # ahead of the next ones, far off, and just older than the window
+        guesses = [(sent[-1] + d) & 0xFFFF for d in (5000, 20000, 0x8000, -RETRIES - 40)]
+        for ident in guesses:
+            tx.send(answer(ident))
+        wait_for(lambda: live(tlab)["tunnel"]["counters"]["drop"].get("keepalive_stale")
+                 == len(guesses), 5, "the guesses counted")
+        st = live(tlab)["remotes"][0]["state"]
+        assert not st["up"] and st["keepalives_received"] == 0, st
+        # the latest keepalive reflected (the window spans RETRIES periods)
+        tx.send(answer(ids()[-1]))
+        wait_for(lambda: live(tlab)["remotes"][0]["state"]["up"], 5, "the real answer")
+    c = t.stop()
+    (r,) = c["tunnel"]["remotes"]
+    assert r["keepalives_received"] == 1, r
+    assert c["tunnel"]["drop"].get("keepalive_stale") == len(guesses), c["tunnel"]
 
 
 # ---- fail-open ------------------------------------------------------------------

@@ -93,11 +93,14 @@ def gre(key=None, csum=False, seq=None, proto=0x0800) -> GRE:
     return GRE(**kw)
 
 
+KA_ID = 0x6B61
+
+
 def cisco_keepalive(sender: str, far: str, key=None, csum=False, seq=None) -> tuple[bytes, bytes]:
     """A keepalive from `sender` to `far`, and its inner GRE header (what
     comes back as the answer's GRE packet)."""
     inner_gre = bytes(gre(key, csum, None, proto=0))
-    inner = IP(src=far, dst=sender, ttl=255, flags=0, proto=47) / Raw(inner_gre)
+    inner = IP(src=far, dst=sender, ttl=255, flags=0, proto=47, id=KA_ID) / Raw(inner_gre)
     return bytes(IP(src=sender, dst=far, ttl=64) / gre(key, csum, seq) / inner), inner_gre
 
 
@@ -288,6 +291,8 @@ def test_bridges_keepalive_is_reflected_never_routed(tlab, daemons, which):
     assert (socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])) == (T_POP, b["addr"])
     assert struct.unpack_from("!H", ip, 6)[0] & 0x5FFF == 0, "DF clear, not a fragment"
     assert ip[8] == 255, "the keepalive's inner TTL, sent back as it is"
+    # the IP ID too: the bridge takes only answers with the IDs it sent
+    assert struct.unpack_from("!H", ip, 4)[0] == KA_ID
     assert ip[20:tot] == inner_gre, (ip[20:tot].hex(), inner_gre.hex())
     g = parse_gre(frame)
     assert g.proto == 0 and g.key == b["key"] and g.seq is None and g.inner == b"", g
@@ -379,6 +384,38 @@ def test_pop_keepalives_on_the_wire_and_an_answering_peer_is_up(tlab, daemons, w
     assert st["rtt"] is not None and 0 < st["rtt"] < 0.5, st
     assert st["since_reply"] is not None and 1.4 < st["since_reply"] < 3.0, st
     assert cp["other"]["drop"] == {}, cp["other"]
+
+
+@netns_test
+def test_pop_takes_only_answers_with_the_ids_it_sent(tlab, daemons):
+    """Protocol-0 GRE from the peer's address with its key, but an IP ID
+    none of the POP's last keepalives carried: counted as keepalive_stale,
+    and the peer stays down (nothing reflects the real keepalives here)."""
+    b = BRIDGES["key"]
+    spec = f"{b['addr']},key={KEY1},keepalive=0.2s,3"
+    out = Capture(tlab, "pop", "eth0", keep=outgoing_gre_to(b["addr"]))
+    with out:
+        pop = daemons.pop(tlab, "--local", T_POP, "--peer", spec)
+        frames = out.wait(lambda fr: len(fr) >= 2 and fr, 5, "two keepalives")
+    ids = [struct.unpack_from("!H", parse_gre(f.data).inner, 4)[0] for f in frames]
+    assert ids[1] == (ids[0] + 1) & 0xFFFF, ids
+    guesses = [(ids[-1] + d) & 0xFFFF for d in (3000, 0x8000, -100)]
+    with IpSender(tlab, "gw2") as tx:
+        for ident in guesses:
+            tx.send(bytes(IP(src=b["addr"], dst=T_POP, ttl=64, id=ident) /
+                          gre(KEY1, False, None, proto=0)))
+
+        def stale() -> int | None:
+            res = tlab.run("pop", [sys.executable, "-m", "tpb", "status", "--json"], check=False)
+            (peer,) = [q for q in json.loads(res.stdout)[0]["peers"] if q["addr"] == b["addr"]]
+            return peer["counters"]["drop"].get("keepalive_stale")
+
+        wait_for(lambda: stale() == len(guesses), 5, "the guesses counted")
+    cp = pop.stop()
+    p = cp["peers"][b["addr"]]
+    assert p["drop"] == {"keepalive_stale": len(guesses)}, p
+    st = p["state"]
+    assert st["up"] is False and st["keepalives_received"] == 0 and st["transitions"] == 0, st
 
 
 @netns_test
