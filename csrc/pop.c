@@ -84,10 +84,13 @@ ssize_t tpb_fuzz_read(int fd, void *buf, size_t n);
 ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int iovcnt);
 ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags);
 int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
+ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *sa, socklen_t salen);
 #define read tpb_fuzz_read
 #define writev tpb_fuzz_writev
 #define sendmsg tpb_fuzz_sendmsg
 #define sendmmsg tpb_fuzz_sendmmsg
+#define sendto tpb_fuzz_sendto
 #endif
 
 #define MAX_BATCH 64

@@ -15,7 +15,36 @@ struct h {
     struct tpb_tunnel_config t;
     uint64_t now;
     uint32_t seq_next;      /* the next GRE sequence number sent with gtx */
+    struct {                /* the inner IP IDs of the last keepalives sent */
+        uint32_t addr;
+        uint16_t id[16];
+        uint32_t n;
+    } ka[FZ_NREMOTES];
 };
+
+static void ka_id_record(struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i;
+
+    for (i = 0; i < FZ_NREMOTES && h->ka[i].addr && h->ka[i].addr != addr; i++)
+        ;
+    if (i == FZ_NREMOTES)
+        return;
+    h->ka[i].addr = addr;
+    h->ka[i].id[h->ka[i].n++ % 16] = id;
+}
+
+static int ka_id_sent(const struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i, k;
+
+    for (i = 0; i < FZ_NREMOTES && h->ka[i].addr; i++)
+        if (h->ka[i].addr == addr)
+            for (k = 0; k < 16 && k < h->ka[i].n; k++)
+                if (h->ka[i].id[k] == id)
+                    return 1;
+    return 0;
+}
 
 static void config(struct tpb_tunnel_config *t, uint8_t b0, uint8_t b1,
                    uint32_t key)
@@ -292,6 +321,7 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     if (t->has_key)
         FZ_CHECK(fz_rd32(ig + (t->csum ? 8 : 4)) == t->key, "keepalive: inner key");
     sent[(*nsent)++] = ip;
+    ka_id_record(h, fz_rd32(ip + 16), fz_rd16(in + 4));
 }
 
 /* ka_rx, ka_refl: how far the remotes' keepalives_received and
@@ -357,6 +387,9 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
     FZ_CHECK(ka_rx == 1 && fr[FZ_ETH + 9] == IPPROTO_GRE_ &&
              remote_of(h->br, fz_rd32(fr + FZ_ETH + 12)),
              "to us: consumed with no frame, no drop, no fragment held, no keepalive answer");
+    /* an answer carries back the IP ID of one of our keepalives to it */
+    FZ_CHECK(ka_id_sent(h, fz_rd32(fr + FZ_ETH + 12), fz_rd16(fr + FZ_ETH + 4)),
+             "keepalive answer with an ID never sent (%04x)", fz_rd16(fr + FZ_ETH + 4));
 }
 
 /* ---- driving ---- */
@@ -512,6 +545,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     memset(&cfg, 0, sizeof(cfg));
     memset(&h, 0, sizeof(h));
+    tpb_fuzz_ka_id = 0xfffe;        /* the first keepalives' IDs wrap */
     cfg.ifindex[TPB_PORT_IN] = 1;
     cfg.ifindex[TPB_PORT_OUT] = 2;
     cfg.tunnel = 1;

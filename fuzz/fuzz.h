@@ -199,6 +199,8 @@ void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
 int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now);
 void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now);
 int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out);
+/* What ka_first_id() returns in fuzzing builds (csrc/gre.c). */
+extern uint16_t tpb_fuzz_ka_id;
 void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v);
 
 #endif

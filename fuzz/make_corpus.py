@@ -83,9 +83,14 @@ def udp4(src: str = SERVER, dst: str = PC, n: int = 64) -> IP:
     return IP(src=src, dst=dst) / UDP(sport=9, dport=9) / Raw(payload(n))
 
 
-def keepalive_of(bridge: str, pop: str, key: int | None, csum: bool) -> IP:
+# The harnesses' ka_first_id() (tpb_fuzz_ka_id): the POP's first keepalive
+# carries it, the bridge's the one after; an answer carries it back.
+KA_ID = 0xfffe
+
+
+def keepalive_of(bridge: str, pop: str, key: int | None, csum: bool, ka_id: int = KA_ID) -> IP:
     """A Cisco keepalive's inner packet: from the far end back to the sender."""
-    return IP(src=pop, dst=bridge, ttl=255) / gre(None, key=key, csum=csum, proto=0)
+    return IP(src=pop, dst=bridge, ttl=255, id=ka_id) / gre(None, key=key, csum=csum, proto=0)
 
 
 class Corpus:
@@ -170,10 +175,11 @@ def from_out() -> None:
     c.add("echo", fo_header() + fo_frame(bytes(echo)))
     c.add("udp-to-us", fo_header() + fo_frame(bytes(to_us / IP(src=POP, dst=LOCAL) / UDP())))
     # keepalives: our own answered, the POP's reflected
-    c.add("keepalive-answer", fo_header(ka=True) +
-          fo_frame(bytes(to_us / keepalive_of(LOCAL, POP, KEY, False))) + u8(5) + u16(1000))
-    c.add("keepalive-answer-csum", fo_header(csum=True, ka=True) +
-          fo_frame(bytes(to_us / keepalive_of(LOCAL, POP, KEY, True))))
+    c.add("keepalive-answer", fo_header(ka=True) + u8(5) + u16(0) +
+          fo_frame(bytes(to_us / keepalive_of(LOCAL, POP, KEY, False, KA_ID + 1))) +
+          u8(5) + u16(1000))
+    c.add("keepalive-answer-csum", fo_header(csum=True, ka=True) + u8(5) + u16(0) +
+          fo_frame(bytes(to_us / keepalive_of(LOCAL, POP, KEY, True, KA_ID + 1))))
     c.add("keepalive-reflect", fo_header() + fo_frame(pkt(keepalive_of(POP, LOCAL, KEY, False))))
     c.add("keepalive-tick", fo_header(ka=True, nremotes=3, csum=True, seq=True) +
           u8(5) + u16(0) + u8(5) + u16(1000) + u8(5) + u16(4000))
@@ -347,7 +353,8 @@ def pop() -> None:
     c.add("from-unknown", two + pf(bytes(IP(src="192.0.2.99", dst=POP) / gre(tcp4()))))
     c.add("keepalive-reflect", two + pf(bytes(b1 / gre(keepalive_of(BRIDGES[0], POP, KEY, False)))))
     c.add("keepalive-answer", pop_header([(0, True, False, False, True, KEY)], []) +
-          u8(5) + u16(0) + u8(0) + pf(bytes(b1 / gre(None, key=KEY, proto=0))))
+          u8(5) + u16(0) + u8(0) +
+          pf(bytes(IP(src=BRIDGES[0], dst=POP, id=KA_ID) / gre(None, key=KEY, proto=0))))
     c.add("keepalives", pop_header([(0, True, True, True, True, KEY),
                                     (1, False, False, False, True, 0)], []) +
           u8(5) + u16(0) + u8(0) + u8(5) + u16(1000) + u8(0) + u8(5) + u16(5000) + u8(1))

@@ -29,7 +29,7 @@ static const uint32_t pool[5] = {      /* the bridges' tunnel addresses */
 
 /* ---- the TUN device and the raw socket ---- */
 
-enum { IO_TUN, IO_SEND, IO_SENDMM };
+enum { IO_TUN, IO_SEND, IO_SENDMM, IO_SENDTO };
 
 struct io {
     int kind, failed;
@@ -153,6 +153,26 @@ ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags)
     return (ssize_t)o->len;
 }
 
+/* The IP_HDRINCL socket: a whole IPv4 packet (a reflected keepalive). */
+ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *sa, socklen_t salen)
+{
+    struct iovec iov = {(void *)buf, n};
+    struct io *o = io_new(IO_SENDTO, &iov, 1, 0);
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+
+    FZ_CHECK(sa && salen == sizeof(*in) && in->sin_family == AF_INET,
+             "sendto: no IPv4 destination");
+    o->dst = ntohl(in->sin_addr.s_addr);
+    o->ttl = o->tos = -1;
+    if (fail_send) {
+        o->failed = 1;
+        errno = ENOBUFS;
+        return -1;
+    }
+    return (ssize_t)n;
+}
+
 int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
 {
     unsigned int i;
@@ -188,6 +208,11 @@ struct h {
     struct learned learned[MAX_LEARN];
     size_t nlearned;
     int64_t seq[MAX_PEERS];     /* the next GRE sequence number, -1: unknown */
+    struct {                    /* the inner IP IDs of the last keepalives sent */
+        uint32_t addr;
+        uint16_t id[16];
+        uint32_t n;
+    } ka[8];
     uint32_t ovfl;              /* the last SO_RXQ_OVFL count taken */
 };
 
@@ -269,18 +294,16 @@ static int lpm(const struct h *h, const uint8_t a[16])
 
 /* Sources no router forwards, never learned nor written (RFC 1812 5.3.7,
  * RFC 3927 2.7, RFC 4291 2.5.2/2.5.3/2.5.5.2/2.5.6/2.7), the POP's own. */
-static int model_martian(const uint8_t a[16])
+static int model_martian(const uint8_t a[16], int v4)
 {
     static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     size_t i;
 
-    if (!memcmp(a, mapped, 12)) {
-        if (a[12] == 0 || a[12] == 127 || (a[12] & 0xf0) >= 0xe0 ||
-            (a[12] == 169 && a[13] == 254) || fz_rd32(a + 12) == POP_LOCAL)
-            return 1;
-        return 0;
-    }
-    if (a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80))
+    if (v4)                     /* a: IPv4 mapped */
+        return a[12] == 0 || a[12] == 127 || (a[12] & 0xf0) >= 0xe0 ||
+               (a[12] == 169 && a[13] == 254) || fz_rd32(a + 12) == POP_LOCAL;
+    /* an IPv6 source: IPv4-mapped never on the wire */
+    if (!memcmp(a, mapped, 12) || a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80))
         return 1;
     for (i = 0; i < 15 && !a[i]; i++)
         ;
@@ -314,6 +337,30 @@ static void model_learn(struct h *h, const uint8_t a[16], uint32_t peer_addr)
     memcpy(h->learned[i].addr, a, 16);
     h->learned[i].peer = peer_addr;
     h->learned[i].expires = h->now + (uint64_t)h->cfg.learn_timeout_s * 1000000000ull;
+}
+
+static void ka_id_record(struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i;
+
+    for (i = 0; i < 8 && h->ka[i].addr && h->ka[i].addr != addr; i++)
+        ;
+    if (i == 8)
+        return;
+    h->ka[i].addr = addr;
+    h->ka[i].id[h->ka[i].n++ % 16] = id;
+}
+
+static int ka_id_sent(const struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i, k;
+
+    for (i = 0; i < 8 && h->ka[i].addr; i++)
+        if (h->ka[i].addr == addr)
+            for (k = 0; k < 16 && k < h->ka[i].n; k++)
+                if (h->ka[i].id[k] == id)
+                    return 1;
+    return 0;
 }
 
 /* ---- configuration from the input ---- */
@@ -440,7 +487,7 @@ static void check_tun(struct h *h, const struct io *o, const uint8_t *ip, int p)
         a[i] = 0;
     addr16(in, 0, a);
     /* a peer is believed only for sources the POP routes back to it */
-    FZ_CHECK(!model_martian(a), "POP: a martian source written");
+    FZ_CHECK(!model_martian(a, v4), "POP: a martian source written");
     FZ_CHECK(lpm(h, a) >= 0 ? lpm(h, a) == p
                             : !model_owner(h, a) || model_owner(h, a) == h->peers[p].addr,
              "POP: a source another peer owns written");
@@ -454,23 +501,24 @@ static void check_source_drop(struct h *h, const uint8_t *ip, size_t tot, int p,
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh;
     const uint8_t *in;
     uint8_t a[16];
-    int owner;
+    int owner, v4;
 
     gh = fz_gre_hlen(fz_rd16(ip + ihl));
     in = ip + ihl + gh;
     FZ_CHECK(tot >= ihl + gh + 20 && (in[0] >> 4 == 4 || tot >= ihl + gh + 40),
              "POP: %s without an inner header", tpb_drop_name(reason));
     addr16(in, 0, a);
+    v4 = in[0] >> 4 == 4;
     owner = lpm(h, a);
     if (reason == TPB_DROP_INNER_MARTIAN) {
-        FZ_CHECK(model_martian(a), "POP: inner_martian for a source routers forward");
+        FZ_CHECK(model_martian(a, v4), "POP: inner_martian for a source routers forward");
     } else if (reason == TPB_DROP_SOURCE_OWNED) {
-        FZ_CHECK(!model_martian(a) &&
+        FZ_CHECK(!model_martian(a, v4) &&
                      (owner >= 0 ? owner != p
                                  : model_owner(h, a) && model_owner(h, a) != h->peers[p].addr),
                  "POP: source_owned for a source no other peer owns");
     } else {                    /* learn_full: only a new entry needed room */
-        FZ_CHECK(!model_martian(a) && owner < 0 && model_owner(h, a) != h->peers[p].addr,
+        FZ_CHECK(!model_martian(a, v4) && owner < 0 && model_owner(h, a) != h->peers[p].addr,
                  "POP: learn_full for a source with nothing to learn");
     }
 }
@@ -480,14 +528,14 @@ static void check_reflect(struct h *h, const struct io *o, const uint8_t *ip, in
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh = fz_gre_hlen(fz_rd16(ip + ihl)), iihl;
     const uint8_t *in = ip + ihl + gh;
 
-    FZ_CHECK(o->kind == IO_SEND && o->dst == h->peers[p].addr, "reflection: not to its peer");
+    FZ_CHECK(o->kind == IO_SENDTO && o->dst == h->peers[p].addr, "reflection: not to its peer");
     FZ_CHECK(in[0] >> 4 == 4 && in[9] == IPPROTO_GRE_ && fz_rd32(in + 12) == POP_LOCAL &&
                  fz_rd32(in + 16) == h->peers[p].addr && !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
              "reflection: not a keepalive from us to that peer");
+    /* the inner packet as it came, its IPv4 header (the ID) included */
     iihl = (size_t)(in[0] & 0x0f) * 4;
-    FZ_CHECK(o->len + iihl == fz_rd16(in + 2) && !memcmp(o->data, in + iihl, o->len),
-             "reflection: not the inner packet's payload");
-    FZ_CHECK(o->ttl == in[8] && o->tos == in[1], "reflection: TTL/TOS");
+    FZ_CHECK(o->len == fz_rd16(in + 2) && o->len >= iihl + 4 && !memcmp(o->data, in, o->len),
+             "reflection: not the inner packet as it came");
 }
 
 static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
@@ -581,10 +629,14 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
     if (d == 1 && (reason == TPB_DROP_INNER_MARTIAN || reason == TPB_DROP_SOURCE_OWNED ||
                    reason == TPB_DROP_LEARN_FULL))
         check_source_drop(h, buf, tot, p, reason);
-    if (d == 0)
+    if (d == 0) {
         FZ_CHECK(a.st[p].keepalives_received == b.st[p].keepalives_received + 1 &&
                      fz_rd16(buf + (size_t)(buf[0] & 0x0f) * 4 + 2) == 0,
                  "POP: consumed with no write, no drop, no keepalive answer");
+        /* an answer carries back the IP ID of one of our keepalives */
+        FZ_CHECK(ka_id_sent(h, h->peers[p].addr, fz_rd16(buf + 4)),
+                 "POP: a keepalive answer with an ID never sent (%04x)", fz_rd16(buf + 4));
+    }
 out:
     free(pkt);
 }
@@ -770,6 +822,7 @@ static void keepalive_op(struct h *h, struct fz_in *in)
         if (c->csum)
             FZ_CHECK(fz_fold(fz_sum(0, ig, fz_gre_hlen(flags))) == 0, "keepalive: inner checksum");
         FZ_CHECK(o->ttl == (c->ttl >= 0 ? c->ttl : 255), "keepalive: TTL");
+        ka_id_record(h, c->addr, fz_rd16(ip + 4));
     }
 }
 
@@ -831,6 +884,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t i;
 
     memset(&h, 0, sizeof(h));
+    tpb_fuzz_ka_id = 0xfffe;        /* the first keepalives' IDs wrap */
     read_config(&h, &in);
     for (i = 0; i < MAX_PEERS; i++)
         h.seq[i] = 0;
