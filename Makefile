@@ -9,7 +9,8 @@ STAMP     := $(VENV)/.tpb-installed
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
              nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
-             systemd systemd-container prometheus qemu-utils ovmf dnsmasq-base
+             systemd systemd-container prometheus qemu-utils ovmf dnsmasq-base \
+             clang-14 libclang-rt-14-dev
 # What `make install` needs on the machine it installs on: to build the C
 # helper into the venv, and what TPB runs (ip, nft).
 INSTALL_PKGS := python3 python3-venv python3-dev gcc libffi-dev iproute2 nftables
@@ -18,7 +19,7 @@ IMAGE_PKGS := mmdebstrap e2fsprogs dosfstools mtools fdisk
 PYTEST_ARGS ?=
 SOAK_SECONDS ?= 600
 
-.PHONY: all setup deps install-deps demo test lint bench soak clean kgre install uninstall \
+.PHONY: all setup deps install-deps demo test test-asan lint bench soak clean kgre install uninstall \
         image image-deps test-image wheel
 
 all: setup
@@ -61,8 +62,31 @@ kgre: deps
 test: setup lint kgre image
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole suite on a helper built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (gcc; TPB_SANITIZE=1 in tpb/build.py) into
+# build/asan, which every Python process of the run loads instead of the
+# production build (tests/asan/sitecustomize.py).  The ASan runtime must
+# come first in a process: it is preloaded into Python, and only Python
+# (sitecustomize hands it on to the Python processes a test starts, not to
+# ip, qemu, prometheus...).  Python leaks by design: no leak detection.
+# Any sanitizer report from any process fails the run, even one no test
+# noticed.
+ASAN_DIR := build/asan
+test-asan: setup lint kgre
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/reports
+	TPB_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_DIR)/lib \
+	  --build-temp $(ASAN_DIR)/tmp 2>$(ASAN_DIR)/build.log || { cat $(ASAN_DIR)/build.log; exit 1; }
+	@rc=0; $(SUDO) env TPB_C_DIR=$(CURDIR)/$(ASAN_DIR)/lib/tpb PYTHONPATH=$(CURDIR)/tests/asan \
+	  LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(ASAN_DIR)/reports/asan \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(ASAN_DIR)/reports/ubsan \
+	  $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ -n "$$(ls -A $(ASAN_DIR)/reports)" ]; then \
+	  echo "test-asan: sanitizer reports in $(ASAN_DIR)/reports:"; head -c 20000 $(ASAN_DIR)/reports/*; rc=1; \
+	fi; exit $$rc
+
 lint: setup
-	$(VENV)/bin/ruff check tpb tests bench
+	$(VENV)/bin/ruff check tpb tests bench fuzz
 
 bench: setup
 	$(SUDO) $(PY) -m bench
@@ -191,3 +215,5 @@ ifeq ($(LIVE),yes)
 	if command -v udevadm >/dev/null; then udevadm control --reload; fi
 endif
 	@echo "make: uninstalled; kept $(DESTDIR)$(CONFDIR) and the user tpb"
+
+include fuzz/fuzz.mk

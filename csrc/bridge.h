@@ -52,6 +52,10 @@ struct txq {
     uint8_t acct_broken;         /* a fragment of the packet was refused */
     uint32_t fault_skip;         /* tests: every Nth TX ring slot invalid */
     uint32_t fault_n;
+#ifdef TPB_FUZZ
+    uint8_t **fz_bufs;         /* txq_alloc()'s, each its own malloc() */
+    uint32_t fz_nbufs, fz_cap;
+#endif
 };
 
 #define TXQ_ACCT_NONE 0
@@ -169,6 +173,20 @@ void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 
+#ifdef TPB_FUZZ
+/* Fuzzing builds only (fuzz/README.md): no socket is opened; every message
+ * txq_send() would send goes to this sink instead, and counts as sent if
+ * it returns 1, as refused (egress_full, as ENOBUFS) if 0. */
+extern int (*tpb_fuzz_tx)(struct txq *q, uint32_t i);
+/* A bridge without sockets or rings (tunnel mode if cfg->tunnel), its
+ * clock at now_ns; NULL if cfg is refused.  tpb_bridge_close() frees it. */
+struct tpb_bridge *tpb_fuzz_bridge_open(const struct tpb_bridge_config *cfg,
+                                        uint64_t now_ns);
+/* What a live reload does between passes (tunnel mode). */
+void tpb_fuzz_bridge_reconfigure(struct tpb_bridge *br,
+                                 const struct tpb_tunnel_config *t);
+#endif
+
 /* encap.c */
 /* The smallest --out MTU that carries the tunnel with this overhead. */
 size_t encap_min_mtu(size_t overhead);
@@ -234,5 +252,9 @@ void reasm_expire(struct reasm *r, struct tpb_tunnel_counters *tc,
  * always equal to tc->reasm_memory (checked after every fragment when
  * built with -DTPB_DEBUG; for a fuzz harness). */
 size_t reasm_memory_held(const struct reasm *r);
+#ifdef TPB_FUZZ
+/* How many datagrams are in progress (fuzz/: evictions are at most that). */
+size_t reasm_datagrams(const struct reasm *r);
+#endif
 
 #endif

@@ -148,9 +148,12 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
         }
         /* A sender on this host leaves the inner checksum partial (a NIC
          * would fill it in): finish it, or the GRE checksum cannot add up
-         * and the packet would leave --in with a wrong one. */
+         * and the packet would leave --in with a wrong one.  It lies past
+         * the outer header (which is checked already) and the sum ends
+         * with the packet, not with any Ethernet padding. */
         if ((f->vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
-            finish_csum(f->mac, f->len, f->vh)) {
+            (f->vh->csum_start < ETH_HLEN + ihl ||
+             finish_csum(f->mac, ETH_HLEN + tot, f->vh))) {
             br->tc.drop[TPB_DROP_INNER_BAD]++;
             return;
         }
@@ -205,6 +208,7 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, n;
     uint32_t i;
     uint8_t *h, *rip, *ic;
+    uint16_t c;
 
     /* RFC 792: the checksum covers the whole ICMP message; the reply's is
      * derived from the request's (RFC 1624), so a wrong one would go back
@@ -238,7 +242,11 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
     ip4_set_csum(rip);
     memcpy(ic, ip + ihl, 8);
     ic[0] = 0;                                   /* echo reply */
-    wr16(ic + 2, csum_replace16(rd16(ic + 2), 0x0800, 0x0000));
+    /* RFC 1624 eqn. 3 yields 0 where the rest of the message may be all
+     * zero (id, sequence number, data): only 0xffff sums to -0 with that,
+     * and 0xffff is right for any other message that yields 0 too. */
+    c = csum_replace16(rd16(ic + 2), 0x0800, 0x0000);
+    wr16(ic + 2, c ? c : 0xffff);
     q->iov[i][0].iov_base = h;
     q->iov[i][0].iov_len = n + 28;
     q->iov[i][1].iov_base = ip + ihl + 8;

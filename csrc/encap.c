@@ -342,9 +342,10 @@ static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p)
         q->iov[i][1].iov_base = ip + ihl + off;
         q->iov[i][1].iov_len = d;
         txq_commit_queued(q, i, 2);
+        /* each inner fragment is a GRE packet of its own: counted once it
+         * has left (txq.c: account) */
+        txq_account(q, i, TXQ_ACCT_ENCAP, (uint32_t)(ihl + d));
         br->tc.fragments++;
-        br->tc.encap_packets++;
-        br->tc.encap_bytes += ihl + d;
     }
 }
 
@@ -378,10 +379,14 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p)
         q->iov[i][1].iov_base = buf + 20 + off;
         q->iov[i][1].iov_len = d;
         txq_commit_queued(q, i, 2);
+        /* one GRE packet: counted when its last fragment has left, and
+         * only if none of the others was refused (txq.c: account) */
+        if (off + d < plen)
+            txq_account(q, i, TXQ_ACCT_ENCAP_FRAG, 0);
+        else
+            txq_account(q, i, TXQ_ACCT_ENCAP, (uint32_t)ilen);
         br->tc.fragments++;
     }
-    br->tc.encap_packets++;
-    br->tc.encap_bytes += ilen;
 }
 
 /* 7. ------------------------------------------------------------------ */

@@ -269,10 +269,19 @@ int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
                                                        : TPB_DROP_KEEPALIVE_STALE;
 }
 
+#ifdef TPB_FUZZ
+/* fuzz/: the harness's, so that an input always runs the same way */
+uint16_t tpb_fuzz_ka_id;
+#endif
+
 uint16_t ka_first_id(void)
 {
     uint16_t id;
     struct timespec ts;
+
+#ifdef TPB_FUZZ
+    return tpb_fuzz_ka_id;
+#endif
 
     if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id)) {
         clock_gettime(CLOCK_MONOTONIC, &ts);

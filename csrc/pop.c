@@ -76,6 +76,23 @@
 #include "proto.h"
 #include "tpb.h"
 
+#ifdef TPB_FUZZ
+/* Fuzzing builds only (fuzz/README.md): fuzz/pop.c stands in for the TUN
+ * device and the raw socket, and drives the loop's steps one at a time
+ * (tpb_fuzz_pop_* at the end of this file). */
+ssize_t tpb_fuzz_read(int fd, void *buf, size_t n);
+ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int iovcnt);
+ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags);
+int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
+ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *sa, socklen_t salen);
+#define read tpb_fuzz_read
+#define writev tpb_fuzz_writev
+#define sendmsg tpb_fuzz_sendmsg
+#define sendmmsg tpb_fuzz_sendmmsg
+#define sendto tpb_fuzz_sendto
+#endif
+
 #define MAX_BATCH 64
 #define BUF_SIZE 65536
 #define VNET_LEN sizeof(struct virtio_net_hdr)
@@ -1166,22 +1183,17 @@ void tpb_pop_stop(struct tpb_pop *pop)
     }
 }
 
-struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
-                             const struct tpb_pop_peer_config *peers,
-                             const struct tpb_pop_prefix *prefixes,
-                             char *err, size_t errlen)
+/* The POP's state, no file descriptor opened yet; NULL: out of memory. */
+static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
+                               const struct tpb_pop_peer_config *peers,
+                               const struct tpb_pop_prefix *prefixes)
 {
-    struct tpb_pop *pop;
-    struct sockaddr_in sa;
+    struct tpb_pop *pop = calloc(1, sizeof(*pop));
     pthread_condattr_t ca;
-    int v = IP_PMTUDISC_DONT, rcv = 8 << 20, one = 1;
     uint32_t i;
 
-    if (check_config(cfg, peers, prefixes, err, errlen))
-        return NULL;
-    pop = calloc(1, sizeof(*pop));
     if (!pop)
-        goto oom;
+        return NULL;
     pthread_mutex_init(&pop->lock, NULL);
     pthread_mutex_init(&pop->reload_lock, NULL);
     pthread_condattr_init(&ca);
@@ -1198,14 +1210,40 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     pop->nprefixes = cfg->nprefixes;
     pop->peers = calloc(cfg->npeers + 1, sizeof(*pop->peers));
     pop->prefixes = calloc(cfg->nprefixes + 1, sizeof(*pop->prefixes));
+#ifndef TPB_FUZZ
     pop->rbuf = malloc((size_t)MAX_BATCH * BUF_SIZE);
     pop->sbuf = malloc((size_t)MAX_BATCH * (BUF_SIZE + VNET_LEN));
+#else
+    /* fuzz/pop.c hands over one packet per call: one slot of each (and
+     * 8 MB allocated and freed per input would be most of the time) */
+    pop->rbuf = malloc(BUF_SIZE);
+    pop->sbuf = malloc(BUF_SIZE + VNET_LEN);
+#endif
     if (!pop->peers || !pop->prefixes || !pop->rbuf || !pop->sbuf ||
-        learn_alloc(&pop->learn, cfg->npeers))
-        goto oom;
+        learn_alloc(&pop->learn, cfg->npeers)) {
+        tpb_pop_close(pop);
+        return NULL;
+    }
     for (i = 0; i < cfg->npeers; i++)
         peer_init(&pop->peers[i], &peers[i], cfg->local);
     memcpy(pop->prefixes, prefixes, cfg->nprefixes * sizeof(*prefixes));
+    return pop;
+}
+
+struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
+                             const struct tpb_pop_peer_config *peers,
+                             const struct tpb_pop_prefix *prefixes,
+                             char *err, size_t errlen)
+{
+    struct tpb_pop *pop;
+    struct sockaddr_in sa;
+    int v = IP_PMTUDISC_DONT, rcv = 8 << 20, one = 1;
+
+    if (check_config(cfg, peers, prefixes, err, errlen))
+        return NULL;
+    pop = pop_new(cfg, peers, prefixes);
+    if (!pop)
+        goto oom;
     if (fcntl(pop->tun, F_SETFL, fcntl(pop->tun, F_GETFL) | O_NONBLOCK) < 0) {
         snprintf(err, errlen, "TUN device: %s", strerror(errno));
         goto fail;
@@ -1378,3 +1416,69 @@ void tpb_pop_close(struct tpb_pop *pop)
     pthread_mutex_destroy(&pop->lock);
     free(pop);
 }
+
+#ifdef TPB_FUZZ
+/* ---- fuzz/: the loop's steps, one at a time, on a clock of the caller's -- */
+
+struct tpb_pop *tpb_fuzz_pop_open(const struct tpb_pop_config *cfg,
+                                  const struct tpb_pop_peer_config *peers,
+                                  const struct tpb_pop_prefix *prefixes)
+{
+    char err[128];
+
+    if (check_config(cfg, peers, prefixes, err, sizeof(err)))
+        return NULL;
+    return pop_new(cfg, peers, prefixes);
+}
+
+/* One packet as recvmmsg() would have handed it over (outer IPv4 on). */
+void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
+                              uint64_t now)
+{
+    pop->now_ns = now;
+    from_bridge(pop, ip, n);
+}
+
+int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now)
+{
+    pop->now_ns = now;
+    return to_bridges(pop);
+}
+
+void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now)
+{
+    pop->now_ns = now;
+    keepalives(pop);
+}
+
+/* A received packet's SO_RXQ_OVFL count v, as from_bridges() reads it. */
+void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(uint32_t))];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr m;
+    struct cmsghdr *c;
+
+    memset(&m, 0, sizeof(m));
+    memset(&ctl, 0, sizeof(ctl));
+    m.msg_control = ctl.buf;
+    m.msg_controllen = sizeof(ctl.buf);
+    c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SO_RXQ_OVFL;
+    c->cmsg_len = CMSG_LEN(sizeof(v));
+    memcpy(CMSG_DATA(c), &v, sizeof(v));
+    rx_drops(pop, &m);
+}
+
+/* Peer i's receive state (its sequence window); -1: no such peer. */
+int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out)
+{
+    if (i >= pop->npeers)
+        return -1;
+    *out = pop->peers[i].rx;
+    return 0;
+}
+#endif

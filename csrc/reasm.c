@@ -472,3 +472,15 @@ size_t reasm_memory_held(const struct reasm *r)
     }
     return sum;
 }
+
+#ifdef TPB_FUZZ
+size_t reasm_datagrams(const struct reasm *r)
+{
+    const struct dgram *d;
+    size_t n = 0;
+
+    for (d = r->all.oldest; d; d = d->newer)
+        n++;
+    return n;
+}
+#endif

@@ -643,6 +643,28 @@ def test_echo_request_with_a_bad_checksum_is_not_answered(tlab, procs, gw2):
     assert_balance(2, drops(c), t["echo_replies"])
 
 
+def test_echo_reply_to_an_all_zero_request(tlab, procs, gw2):
+    """An echo request whose ID, sequence number and data are all zero
+    (checksum 0xf7ff) gets a reply whose checksum verifies: 0xffff, the
+    only value that sums to -0 with an otherwise zero message, where RFC
+    1624's update from the request's gives 0x0000 (found by fuzz/from_out,
+    fuzz/corpus/from_out/regress-echo-reply-zero-checksum)."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    req = _echo_request(0, 0, b"")
+    gw2.drain()
+    gw2.send(req)
+    gw2.until(lambda f: len(_echo_replies(gw2, 0)) >= 1, 5.0, "the echo reply")
+    gw2.settle(0.3)
+    c = tpb.stop()
+    replies = _echo_replies(gw2, 0)
+    assert len(replies) == 1, replies
+    assert replies[0][20:] == bytes.fromhex("0000ffff00000000"), replies[0][20:].hex()
+    _check_echo_reply(replies[0], req)
+    t = c["tunnel"]
+    assert t["echo_replies"] == 1 and drops(c) == {}, t
+    assert_balance(1, drops(c), t["echo_replies"])
+
+
 def test_echo_replies_are_rate_limited(tlab, procs, gw2):
     """Echo replies at most --icmp-rate a second (a burst of one second's):
     of 40 requests at once, the first 5 are answered (6 if the bucket
@@ -700,6 +722,34 @@ def test_encapsulated_packets_count_when_they_leave(tlab, procs, gw1, gw2):
     assert c["out"]["drop_too_big"] == 2, c["out"]
     assert_balance(5, [drops(c), {"too_big": c["out"]["drop_too_big"]}], t["encap_packets"])
     assert port_drops(c["in"]) == dict.fromkeys(port_drops(c["in"]), 0), c["in"]
+
+
+@pytest.mark.parametrize("mode", ["inner", "outer"])
+def test_fragments_count_when_their_packet_left(tlab, procs, gw1, gw2, mode):
+    """Fragmented GRE counts as encapsulated only what left: with --out's
+    MTU lowered under TPB (which still cuts 1500-byte fragments), the
+    first fragment of a 1488-byte packet (1512 with GRE) is refused
+    (too_big).  Inner
+    fragments are GRE packets of their own: the second one leaves and
+    counts.  Outer fragments are one GRE packet: lost with its first
+    fragment, it does not count, though its last fragment left.  (Found
+    by fuzz/encap with --out refusing frames: fuzz/corpus/encap/
+    regress-frag-*-refused-counted.)"""
+    tpb = procs.tpb(*SELECT_SERVER, "--fragment", mode)
+    tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1000"])
+    try:
+        big, fence = marker("fbig"), marker("ffence")
+        gw2.drain()
+        gw1.send(eth(udp4(big, size=1460, df=False, ip_id=0x720)))
+        gw1.send(eth(udp4(fence, size=200, ip_id=0x721)))
+        fence_to(gw2, fence)
+    finally:
+        tlab.run("tpb", ["ip", "link", "set", "eth3", "mtu", "1500"])
+    c = tpb.stop()
+    t = c["tunnel"]
+    assert c["out"]["drop_too_big"] == 1, c["out"]
+    assert t["fragmented"] == 1, t
+    assert t["encap_packets"] == (2 if mode == "inner" else 1), t
 
 
 # -- 4. everything else crosses untouched ------------------------------------

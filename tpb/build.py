@@ -2,10 +2,16 @@
 
 The cdef is csrc/tpb.h itself, less its preprocessor lines, so the header
 is the single contract between C and Python.
+
+TPB_SANITIZE=1 in the environment builds the helper with AddressSanitizer
+and UndefinedBehaviorSanitizer (make test-asan, into build/asan; a process
+loading it needs the ASan runtime preloaded, see the Makefile).  Without
+it the flags are the production ones.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -39,6 +45,13 @@ def cdef_text(header: Path) -> str:
     return "\n".join(keep)
 
 
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+LINK_ARGS: list[str] = []
+if os.environ.get("TPB_SANITIZE") == "1":
+    SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    COMPILE_ARGS = [*COMPILE_ARGS[1:], "-O1", "-g", "-fno-omit-frame-pointer", *SANITIZE]
+    LINK_ARGS = SANITIZE
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text(CSRC / "tpb.h"))
 ffibuilder.set_source(
@@ -46,7 +59,8 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include <stddef.h>\n#include "tpb.h"\n',
     sources=[str((CSRC / s).relative_to(ROOT)) for s in SOURCES],
     include_dirs=[str(CSRC.relative_to(ROOT))],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=LINK_ARGS,
     libraries=["pthread"],
 )
 

@@ -1,0 +1,922 @@
+/* pop.c — the POP's receive and send paths (csrc/pop.c) without sockets:
+ * packets from the bridges (what the raw socket hands over: outer IPv4 on)
+ * through from_bridge(), packets from the TUN device (a vnet header in
+ * front) through to_bridges(), the keepalive step and live reloads on a
+ * fake clock.  The harness stands in for the TUN device and the raw socket
+ * (tpb_fuzz_read/writev/sendmsg/sendmmsg, below), can make them refuse,
+ * and keeps its own model of the learned sources.  Invariants:
+ * fuzz/README.md. */
+#include "fuzz.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <netinet/in.h>
+#include <sys/uio.h>
+#include <sanitizer/asan_interface.h>
+
+#define MAX_OPS 48
+#define MAX_PKT 9100
+#define MAX_PEERS 4
+#define MAX_PREFIXES 4
+#define MAX_IO 256
+#define MAX_LEARN 64
+#define POP_LOCAL 0xc6336422u          /* 198.51.100.34 */
+
+static const uint32_t pool[5] = {      /* the bridges' tunnel addresses */
+    0xc6336403u, 0xc6336413u, 0xc6336423u, 0xc6336433u, 0xc0000201u,
+};
+
+/* ---- the TUN device and the raw socket ---- */
+
+enum { IO_TUN, IO_SEND, IO_SENDMM, IO_SENDTO };
+
+struct io {
+    int kind, failed;
+    uint32_t dst;
+    int ttl, tos;
+    struct virtio_net_hdr vh;   /* IO_TUN */
+    uint8_t *data;
+    size_t len;
+};
+
+static struct io ios[MAX_IO];
+static size_t nios;
+static int fail_tun, fail_send;
+/* how the TUN device refuses a write (fail_tun): the errno, 0 a short write */
+static const int tun_errnos[6] = {EIO, EAGAIN, ENOBUFS, ENOMEM, EINVAL, 0};
+static int tun_errno;
+static const uint8_t *tun_pkt;     /* what the next read() returns */
+static size_t tun_len;
+static struct virtio_net_hdr tun_vh;
+static uint8_t *poisoned;
+static size_t poisoned_len;
+
+static void ios_clear(void)
+{
+    while (nios)
+        free(ios[--nios].data);
+}
+
+static struct io *io_new(int kind, const struct iovec *iov, size_t n, size_t skip)
+{
+    struct io *o;
+    size_t k, at = 0, len = 0;
+
+    FZ_CHECK(nios < MAX_IO, "too much I/O");
+    o = &ios[nios++];
+    memset(o, 0, sizeof(*o));
+    o->kind = kind;
+    for (k = 0; k < n; k++)
+        len += iov[k].iov_len;
+    FZ_CHECK(len >= skip, "I/O shorter than its header");
+    o->data = malloc(len ? len : 1);
+    if (!o->data)
+        abort();
+    for (k = 0; k < n; k++) {
+        memcpy(o->data + at, iov[k].iov_base, iov[k].iov_len);
+        at += iov[k].iov_len;
+    }
+    if (skip) {
+        memcpy(&o->vh, o->data, skip);
+        memmove(o->data, o->data + skip, len - skip);
+    }
+    o->len = len - skip;
+    return o;
+}
+
+static void msg_meta(struct io *o, const struct msghdr *m)
+{
+    const struct sockaddr_in *sa = m->msg_name;
+    struct cmsghdr *c;
+
+    FZ_CHECK(sa && m->msg_namelen == sizeof(*sa) && sa->sin_family == AF_INET,
+             "send: no IPv4 destination");
+    o->dst = ntohl(sa->sin_addr.s_addr);
+    o->ttl = o->tos = -1;
+    for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+        int v;
+
+        FZ_CHECK(c->cmsg_level == IPPROTO_IP && c->cmsg_len == CMSG_LEN(sizeof(int)),
+                 "send: odd cmsg");
+        memcpy(&v, CMSG_DATA(c), sizeof(v));
+        if (c->cmsg_type == IP_TTL)
+            o->ttl = v;
+        else if (c->cmsg_type == IP_TOS)
+            o->tos = v;
+    }
+    FZ_CHECK(o->ttl >= 0 && o->ttl <= 255 && o->tos >= 0 && o->tos <= 255,
+             "send: TTL %d / TOS %d", o->ttl, o->tos);
+}
+
+ssize_t tpb_fuzz_read(int fd, void *buf, size_t n)
+{
+    if (!tun_pkt) {
+        errno = EAGAIN;
+        return -1;
+    }
+    FZ_CHECK(n >= VNET_LEN + tun_len, "read: buffer of %zu bytes", n);
+    memcpy(buf, &tun_vh, VNET_LEN);
+    memcpy((uint8_t *)buf + VNET_LEN, tun_pkt, tun_len);
+    /* what lies past the packet is not the packet's */
+    poisoned = (uint8_t *)buf + VNET_LEN + tun_len;
+    poisoned_len = n - VNET_LEN - tun_len;
+    ASAN_POISON_MEMORY_REGION(poisoned, poisoned_len);
+    tun_pkt = NULL;
+    return (ssize_t)(VNET_LEN + tun_len);
+}
+
+ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int n)
+{
+    struct io *o = io_new(IO_TUN, iov, (size_t)n, VNET_LEN);
+
+    if (fail_tun) {
+        o->failed = 1;
+        if (!tun_errno)
+            return (ssize_t)(VNET_LEN + o->len) - 1;
+        errno = tun_errno;
+        return -1;
+    }
+    return (ssize_t)(VNET_LEN + o->len);
+}
+
+ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags)
+{
+    struct io *o = io_new(IO_SEND, m->msg_iov, m->msg_iovlen, 0);
+
+    msg_meta(o, m);
+    if (fail_send) {
+        o->failed = 1;
+        errno = ENOBUFS;
+        return -1;
+    }
+    return (ssize_t)o->len;
+}
+
+/* The IP_HDRINCL socket: a whole IPv4 packet (a reflected keepalive). */
+ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *sa, socklen_t salen)
+{
+    struct iovec iov = {(void *)buf, n};
+    struct io *o = io_new(IO_SENDTO, &iov, 1, 0);
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+
+    FZ_CHECK(sa && salen == sizeof(*in) && in->sin_family == AF_INET,
+             "sendto: no IPv4 destination");
+    o->dst = ntohl(in->sin_addr.s_addr);
+    o->ttl = o->tos = -1;
+    if (fail_send) {
+        o->failed = 1;
+        errno = ENOBUFS;
+        return -1;
+    }
+    return (ssize_t)n;
+}
+
+int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+{
+    unsigned int i;
+
+    for (i = 0; i < n; i++) {
+        struct io *o = io_new(IO_SENDMM, v[i].msg_hdr.msg_iov, v[i].msg_hdr.msg_iovlen, 0);
+
+        msg_meta(o, &v[i].msg_hdr);
+        if (fail_send) {
+            o->failed = 1;
+            errno = EPERM;
+            return -1;
+        }
+        v[i].msg_len = (unsigned int)o->len;
+    }
+    return (int)n;
+}
+
+/* ---- the harness's view of the configuration ---- */
+
+struct learned {
+    uint8_t addr[16];
+    uint32_t peer;              /* its address */
+    uint64_t expires;           /* what learn() set then */
+};
+
+struct h {
+    struct tpb_pop *pop;
+    struct tpb_pop_config cfg;
+    struct tpb_pop_peer_config peers[MAX_PEERS];
+    struct tpb_pop_prefix prefixes[MAX_PREFIXES];
+    uint64_t now;
+    struct learned learned[MAX_LEARN];
+    size_t nlearned;
+    int64_t seq[MAX_PEERS];     /* the next GRE sequence number, -1: unknown */
+    struct {                    /* the inner IP IDs of the last keepalives sent */
+        uint32_t addr;
+        uint16_t id[16];
+        uint32_t n;
+    } ka[8];
+    uint32_t ovfl;              /* the last SO_RXQ_OVFL count taken */
+};
+
+struct counters {
+    struct tpb_tunnel_counters c[MAX_PEERS + 1];
+    struct tpb_remote_state st[MAX_PEERS];
+};
+
+static void snap(struct h *h, struct counters *s)
+{
+    uint32_t i;
+
+    for (i = 0; i <= h->cfg.npeers; i++)
+        tpb_pop_counters(h->pop, i, &s->c[i]);
+    for (i = 0; i < h->cfg.npeers; i++)
+        FZ_CHECK(tpb_pop_peer_state(h->pop, i, &s->st[i]) == 0, "peer state refused");
+}
+
+static uint64_t drops(struct h *h, const struct counters *a, const struct counters *b,
+                      int *reason, int *who)
+{
+    uint64_t d = 0;
+    int r;
+    uint32_t i;
+
+    *reason = -1;
+    *who = -1;
+    for (i = 0; i <= h->cfg.npeers; i++) {
+        uint64_t x = fz_tc_drops(&a->c[i], &b->c[i], &r);
+
+        if (x) {
+            *reason = r;
+            *who = (int)i;
+        }
+        d += x;
+    }
+    return d;
+}
+
+static int peer_index(const struct h *h, uint32_t addr)
+{
+    uint32_t i;
+
+    for (i = 0; i < h->cfg.npeers; i++)
+        if (h->peers[i].addr == addr)
+            return (int)i;
+    return -1;
+}
+
+static void addr16(const uint8_t *ip, int dst, uint8_t out[16])
+{
+    if (ip[0] >> 4 == 4) {
+        memset(out, 0, 10);
+        out[10] = out[11] = 0xff;
+        memcpy(out + 12, ip + (dst ? 16 : 12), 4);
+    } else {
+        memcpy(out, ip + (dst ? 24 : 8), 16);
+    }
+}
+
+/* The longest configured prefix for a (the last one of equal length). */
+static int lpm(const struct h *h, const uint8_t a[16])
+{
+    uint32_t i, best = 0;
+    int p = -1;
+
+    for (i = 0; i < h->cfg.nprefixes; i++) {
+        const struct tpb_pop_prefix *x = &h->prefixes[i];
+        unsigned full = x->len / 8, rest = x->len % 8;
+
+        if (x->len < best || memcmp(a, x->addr, full) ||
+            (rest && ((a[full] ^ x->addr[full]) & (uint8_t)(0xff << (8 - rest)))))
+            continue;
+        best = x->len;
+        p = (int)x->peer;
+    }
+    return p;
+}
+
+/* Sources no router forwards, never learned nor written (RFC 1812 5.3.7,
+ * RFC 3927 2.7, RFC 4291 2.5.2/2.5.3/2.5.5.2/2.5.6/2.7), the POP's own. */
+static int model_martian(const uint8_t a[16], int v4)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    size_t i;
+
+    if (v4)                     /* a: IPv4 mapped */
+        return a[12] == 0 || a[12] == 127 || (a[12] & 0xf0) >= 0xe0 ||
+               (a[12] == 169 && a[13] == 254) || fz_rd32(a + 12) == POP_LOCAL;
+    /* an IPv6 source: IPv4-mapped never on the wire */
+    if (!memcmp(a, mapped, 12) || a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80))
+        return 1;
+    for (i = 0; i < 15 && !a[i]; i++)
+        ;
+    return i == 15 && a[15] <= 1;
+}
+
+/* The peer a live learned entry routes a to, 0: none. */
+static uint32_t model_owner(const struct h *h, const uint8_t a[16])
+{
+    size_t i;
+
+    for (i = 0; i < h->nlearned; i++)
+        if (!memcmp(h->learned[i].addr, a, 16) && h->learned[i].expires > h->now)
+            return h->learned[i].peer;
+    return 0;
+}
+
+static void model_learn(struct h *h, const uint8_t a[16], uint32_t peer_addr)
+{
+    size_t i;
+
+    if (lpm(h, a) >= 0)
+        return;
+    for (i = 0; i < h->nlearned && memcmp(h->learned[i].addr, a, 16); i++)
+        ;
+    if (i == h->nlearned) {
+        if (h->nlearned == MAX_LEARN)
+            return;
+        h->nlearned++;
+    }
+    memcpy(h->learned[i].addr, a, 16);
+    h->learned[i].peer = peer_addr;
+    h->learned[i].expires = h->now + (uint64_t)h->cfg.learn_timeout_s * 1000000000ull;
+}
+
+static void ka_id_record(struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i;
+
+    for (i = 0; i < 8 && h->ka[i].addr && h->ka[i].addr != addr; i++)
+        ;
+    if (i == 8)
+        return;
+    h->ka[i].addr = addr;
+    h->ka[i].id[h->ka[i].n++ % 16] = id;
+}
+
+static int ka_id_sent(const struct h *h, uint32_t addr, uint16_t id)
+{
+    size_t i, k;
+
+    for (i = 0; i < 8 && h->ka[i].addr; i++)
+        if (h->ka[i].addr == addr)
+            for (k = 0; k < 16 && k < h->ka[i].n; k++)
+                if (h->ka[i].id[k] == id)
+                    return 1;
+    return 0;
+}
+
+/* ---- configuration from the input ---- */
+
+static void read_config(struct h *h, struct fz_in *in)
+{
+    static const uint32_t learn_s[4] = {300, 0, 1, 4294967};
+    uint8_t b = fz_u8(in);
+    uint32_t i;
+
+    memset(h->peers, 0, sizeof(h->peers));
+    memset(h->prefixes, 0, sizeof(h->prefixes));
+    h->cfg.local = POP_LOCAL;
+    h->cfg.tun_fd = -1;
+    h->cfg.npeers = 1 + b % MAX_PEERS;
+    h->cfg.learn_timeout_s = learn_s[(b >> 2) & 3];
+    h->cfg.batch = 64;
+    h->cfg.tun_mtu = (b & 0x10) ? 68 + fz_u16(in) % (9000 - 68 + 1) : 1500;
+    for (i = 0; i < h->cfg.npeers; i++) {
+        struct tpb_pop_peer_config *p = &h->peers[i];
+        uint8_t f = fz_u8(in);
+
+        p->addr = pool[f & 3];
+        p->has_key = (f >> 2) & 1;
+        p->csum = (f >> 3) & 1;
+        p->seq = (f >> 4) & 1;
+        p->key = fz_u8(in);
+        p->ttl = (f & 0x20) ? -1 : 64;
+        p->tos = (f & 0x40) ? -1 : 0;
+        if (f & 0x80) {
+            p->keepalive_ms = 1000;
+            p->keepalive_retries = 3;
+        }
+    }
+    h->cfg.nprefixes = (b >> 5) % (MAX_PREFIXES + 1);
+    for (i = 0; i < h->cfg.nprefixes; i++) {
+        struct tpb_pop_prefix *x = &h->prefixes[i];
+        uint8_t f = fz_u8(in), l = fz_u8(in);
+
+        if (f & 1) {                  /* IPv6 2001:db8::/32 and bytes */
+            x->addr[0] = 0x20;
+            x->addr[1] = 0x01;
+            x->addr[2] = 0x0d;
+            x->addr[3] = 0xb8;
+            x->addr[15] = fz_u8(in);
+            x->len = l % 129;
+        } else {                      /* IPv4 192.0.2.x */
+            x->addr[10] = x->addr[11] = 0xff;
+            x->addr[12] = 192;
+            x->addr[14] = 2;
+            x->addr[15] = fz_u8(in);
+            x->len = (uint8_t)(96 + l % 33);
+        }
+        x->peer = (uint32_t)((f >> 1) % h->cfg.npeers);
+    }
+}
+
+/* ---- checks ---- */
+
+static void check_tun(struct h *h, const struct io *o, const uint8_t *ip, int p)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), gh, avail, i, l4;
+    const uint8_t *g = ip + ihl, *src, *in = o->data;
+    uint16_t proto = fz_rd16(g + 2);
+    size_t len = o->len;
+    const struct virtio_net_hdr *v = &o->vh;
+    int v4 = proto == ETYPE_IPV4;
+    uint8_t *cp, a[16], l4p = 0;
+
+    gh = fz_gre_hlen(fz_rd16(g));
+    FZ_CHECK(tot >= ihl + gh, "POP: GRE header past the packet, yet decapsulated");
+    avail = tot - ihl - gh;
+    src = g + gh;
+    FZ_CHECK(len <= avail && len >= 1 && in[0] >> 4 == (v4 ? 4 : 6) && fz_ip_len(in, len) == len,
+             "POP: TUN packet invalid, or not the length written (%zu)", len);
+    {
+        uint8_t st = v4 ? src[1] : (uint8_t)((src[0] & 0x0f) << 4 | src[1] >> 4);
+        uint8_t ot = v4 ? in[1] : (uint8_t)((in[0] & 0x0f) << 4 | in[1] >> 4);
+        int e = fz_ecn_decap(ip[1], st);
+
+        FZ_CHECK(e >= 0 && (ot & 3) == e && (ot & ~3) == (st & ~3), "POP: ECN");
+    }
+    l4 = fz_l4_off(in, len, &l4p);
+    cp = malloc(len);
+    if (!cp)
+        abort();
+    memcpy(cp, src, len);
+    cp[1] = in[1];
+    if (v4) {
+        cp[10] = in[10];
+        cp[11] = in[11];
+    }
+    if (!fz_vnet_zero(v)) {
+        size_t thl;
+
+        FZ_CHECK(l4 && l4p == IPPROTO_TCP_, "POP: a super-packet that is not TCP");
+        thl = (size_t)(in[l4 + 12] >> 4) * 4;
+        FZ_CHECK(len > h->cfg.tun_mtu && v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
+                     v->csum_start == l4 && v->csum_offset == 16 && thl >= 20 &&
+                     v->hdr_len == l4 + thl && l4 + thl < len &&
+                     v->gso_size == h->cfg.tun_mtu - l4 - thl && v->gso_size > 0 &&
+                     (v->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) ==
+                         (v4 ? VIRTIO_NET_HDR_GSO_TCPV4 : VIRTIO_NET_HDR_GSO_TCPV6) &&
+                     !!(v->gso_type & VIRTIO_NET_HDR_GSO_ECN) == !!(in[l4 + 13] & 0x80),
+                 "POP: super-packet's vnet header");
+        {
+            uint32_t s = fz_pseudo(in, IPPROTO_TCP_, (uint32_t)(len - l4));
+
+            while (s >> 16)
+                s = (s & 0xffff) + (s >> 16);
+            FZ_CHECK(fz_rd16(in + l4 + 16) == s, "POP: super-packet's partial checksum");
+        }
+        cp[l4 + 16] = in[l4 + 16];
+        cp[l4 + 17] = in[l4 + 17];
+    } else if (l4 && l4p == IPPROTO_TCP_ && len > h->cfg.tun_mtu) {
+        size_t thl = (size_t)(in[l4 + 12] >> 4) * 4;
+
+        FZ_CHECK(!(thl >= 20 && l4 + thl < len && h->cfg.tun_mtu > l4 + thl),
+                 "POP: a TCP packet over the TUN MTU written whole");
+    }
+    FZ_CHECK(!memcmp(cp, in, len), "POP: inner packet changed");
+    free(cp);
+    for (i = 0; i < 16; i++)
+        a[i] = 0;
+    addr16(in, 0, a);
+    /* a peer is believed only for sources the POP routes back to it */
+    FZ_CHECK(!model_martian(a, v4), "POP: a martian source written");
+    FZ_CHECK(lpm(h, a) >= 0 ? lpm(h, a) == p
+                            : !model_owner(h, a) || model_owner(h, a) == h->peers[p].addr,
+             "POP: a source another peer owns written");
+    if (!o->failed)
+        model_learn(h, a, h->peers[p].addr);    /* only once written */
+}
+
+/* A packet dropped for its inner source: what the model says of it. */
+static void check_source_drop(struct h *h, const uint8_t *ip, size_t tot, int p, int reason)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh;
+    const uint8_t *in;
+    uint8_t a[16];
+    int owner, v4;
+
+    gh = fz_gre_hlen(fz_rd16(ip + ihl));
+    in = ip + ihl + gh;
+    FZ_CHECK(tot >= ihl + gh + 20 && (in[0] >> 4 == 4 || tot >= ihl + gh + 40),
+             "POP: %s without an inner header", tpb_drop_name(reason));
+    addr16(in, 0, a);
+    v4 = in[0] >> 4 == 4;
+    owner = lpm(h, a);
+    if (reason == TPB_DROP_INNER_MARTIAN) {
+        FZ_CHECK(model_martian(a, v4), "POP: inner_martian for a source routers forward");
+    } else if (reason == TPB_DROP_SOURCE_OWNED) {
+        FZ_CHECK(!model_martian(a, v4) &&
+                     (owner >= 0 ? owner != p
+                                 : model_owner(h, a) && model_owner(h, a) != h->peers[p].addr),
+                 "POP: source_owned for a source no other peer owns");
+    } else {                    /* learn_full: only a new entry needed room */
+        FZ_CHECK(!model_martian(a, v4) && owner < 0 && model_owner(h, a) != h->peers[p].addr,
+                 "POP: learn_full for a source with nothing to learn");
+    }
+}
+
+static void check_reflect(struct h *h, const struct io *o, const uint8_t *ip, int p)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh = fz_gre_hlen(fz_rd16(ip + ihl)), iihl;
+    const uint8_t *in = ip + ihl + gh;
+
+    FZ_CHECK(o->kind == IO_SENDTO && o->dst == h->peers[p].addr, "reflection: not to its peer");
+    FZ_CHECK(in[0] >> 4 == 4 && in[9] == IPPROTO_GRE_ && fz_rd32(in + 12) == POP_LOCAL &&
+                 fz_rd32(in + 16) == h->peers[p].addr && !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
+             "reflection: not a keepalive from us to that peer");
+    /* the inner packet as it came, its IPv4 header (the ID) included */
+    iihl = (size_t)(in[0] & 0x0f) * 4;
+    FZ_CHECK(o->len == fz_rd16(in + 2) && o->len >= iihl + 4 && !memcmp(o->data, in, o->len),
+             "reflection: not the inner packet as it came");
+}
+
+static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
+{
+    uint8_t fl = fz_u8(in), *pkt;
+    size_t len = fz_u16(in) % MAX_PKT, tot;
+    struct counters b, a;
+    struct fz_l4 l4;
+    int reason, who, p = -1, delivered;
+    uint64_t d;
+    struct gre_rx rx[MAX_PEERS];
+    uint32_t i;
+
+    len = fz_bytes(in, buf, len);
+    if (fl & 1 && len >= 20) {
+        size_t ihl = (size_t)(buf[0] & 0x0f) * 4;
+
+        if (buf[0] >> 4 != 4 || ihl < 20 || ihl > len)
+            buf[0] = 0x45;
+        buf[9] = IPPROTO_GRE_;
+        fz_wr32(buf + 12, pool[((fl >> 1) & 7) % 5]);
+        fz_wr32(buf + 16, POP_LOCAL);
+        fz_wr16(buf + 6, 0);
+        fz_fix_ip(buf, len, (fl >> 4) & 1, &l4);
+    }
+    pkt = malloc(len ? len : 1);     /* exact size: the raw socket's datagram */
+    if (!pkt)
+        abort();
+    memcpy(pkt, buf, len);
+    fail_tun = (fl >> 5) & 1;
+    fail_send = (fl >> 6) & 1;
+    tun_errno = tun_errnos[(fl >> 7 | (len & 3) << 1) % 6];
+    snap(h, &b);
+    for (i = 0; i < h->cfg.npeers; i++)
+        FZ_CHECK(tpb_fuzz_pop_rx(h->pop, i, &rx[i]) == 0, "no receive state");
+    ios_clear();
+    tpb_fuzz_pop_from_bridge(h->pop, pkt, len, h->now);
+    snap(h, &a);
+    /* the sequence window moves only for what was delivered (written to
+     * the TUN device, or reflected) */
+    delivered = nios == 1 && !ios[0].failed;
+    for (i = 0; i < h->cfg.npeers; i++) {
+        struct gre_rx r;
+
+        tpb_fuzz_pop_rx(h->pop, i, &r);
+        FZ_CHECK((delivered && (int)i == peer_index(h, fz_rd32(buf + 12))) ||
+                     !memcmp(&r, &rx[i], sizeof(r)),
+                 "POP: peer %u's receive state changed, nothing delivered from it", i);
+    }
+    d = drops(h, &b, &a, &reason, &who);
+    fz_trace("pop: from a bridge, %zu bytes: %zu writes (%s%s), %llu drops (%s)", len, nios,
+             nios ? (ios[0].kind == IO_TUN ? "TUN" : "send") : "-",
+             nios && ios[0].failed ? ", refused" : "", (unsigned long long)d,
+             reason >= 0 ? tpb_drop_name(reason) : "-");
+    tot = len >= 20 && buf[0] >> 4 == 4 ? fz_ip_len(buf, len) : 0;
+    if (tot)
+        p = peer_index(h, fz_rd32(buf + 12));
+    FZ_CHECK(nios <= 1, "POP: %zu writes for one packet", nios);
+    FZ_CHECK(d <= 1, "POP: %llu drops for one packet", (unsigned long long)d);
+    if (!tot || p < 0) {
+        FZ_CHECK(!nios && d == 1 && who == (int)h->cfg.npeers &&
+                     reason == (tot ? TPB_DROP_NOT_PEER : TPB_DROP_OUTER_BAD),
+                 "POP: bad outer header or no peer: %zu writes, %llu drops (%d)", nios,
+                 (unsigned long long)d, reason);
+        goto out;
+    }
+    FZ_CHECK(d == 0 || who == p, "POP: a drop counted on another peer");
+    if (nios) {
+        const struct io *o = &ios[0];
+
+        FZ_CHECK(o->failed ? d == 1 : d == 0, "POP: a write %s, %llu drops",
+                 o->failed ? "refused" : "done", (unsigned long long)d);
+        if (o->kind == IO_TUN) {
+            int want = tun_errno == EAGAIN || tun_errno == ENOBUFS || tun_errno == ENOMEM
+                           ? TPB_DROP_TUN_FULL
+                           : tun_errno == EINVAL ? TPB_DROP_TUN_INVALID : TPB_DROP_TUN_WRITE;
+
+            FZ_CHECK(o->failed ? reason == want
+                               : a.c[p].decap_packets == b.c[p].decap_packets + 1,
+                     "POP: TUN write not counted (%d, not %d)", reason, want);
+            check_tun(h, o, buf, p);
+        } else {
+            FZ_CHECK(o->failed ? reason == TPB_DROP_SEND
+                               : a.st[p].keepalives_reflected ==
+                                     b.st[p].keepalives_reflected + 1,
+                     "POP: reflection not counted");
+            check_reflect(h, o, buf, p);
+        }
+        goto out;
+    }
+    if (d == 1 && (reason == TPB_DROP_INNER_MARTIAN || reason == TPB_DROP_SOURCE_OWNED ||
+                   reason == TPB_DROP_LEARN_FULL))
+        check_source_drop(h, buf, tot, p, reason);
+    if (d == 0) {
+        FZ_CHECK(a.st[p].keepalives_received == b.st[p].keepalives_received + 1 &&
+                     fz_rd16(buf + (size_t)(buf[0] & 0x0f) * 4 + 2) == 0,
+                 "POP: consumed with no write, no drop, no keepalive answer");
+        /* an answer carries back the IP ID of one of our keepalives */
+        FZ_CHECK(ka_id_sent(h, h->peers[p].addr, fz_rd16(buf + 4)),
+                 "POP: a keepalive answer with an ID never sent (%04x)", fz_rd16(buf + 4));
+    }
+out:
+    free(pkt);
+}
+
+static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
+{
+    uint8_t fl = fz_u8(in), dst[16], *fixed;
+    int mode = (fl >> 1) & 3, reason, who, p, v4;
+    size_t len = fz_u16(in) % MAX_PKT, i;
+    struct counters b, a;
+    struct fz_l4 l4;
+    uint64_t d;
+    const struct io *o;
+
+    len = fz_bytes(in, buf, len);
+    if (!len)
+        return;                 /* a TUN device hands over no empty packet */
+    memset(&l4, 0, sizeof(l4));
+    if (fl & 1)
+        fz_fix_ip(buf, len, mode == FZ_VNET_PARTIAL, &l4);
+    else if (mode == FZ_VNET_PARTIAL) {
+        uint8_t *scratch = malloc(len ? len : 1);
+
+        if (!scratch)
+            abort();
+        memcpy(scratch, buf, len);
+        fz_fix_ip(scratch, len, 1, &l4);
+        free(scratch);
+    }
+    fz_vnet(&tun_vh, mode == FZ_VNET_GSO ? FZ_VNET_NONE : mode, in, &l4, 0);
+    fixed = malloc(len ? len : 1);
+    if (!fixed)
+        abort();
+    memcpy(fixed, buf, len);
+    tun_pkt = fixed;
+    /* buf: the packet as to_bridges() will see it, its partial checksum
+     * completed (finish_csum(), written afresh) */
+    if (tun_vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        size_t st = tun_vh.csum_start, off = tun_vh.csum_offset;
+
+        if (st + off + 2 <= len) {
+            uint16_t c = fz_fold(fz_sum(0, buf + st, len - st));
+
+            fz_wr16(buf + st + off, c == 0 && off == 6 ? 0xffff : c);
+        }
+    }
+    tun_len = len;
+    fail_send = (fl >> 3) & 1;
+    snap(h, &b);
+    ios_clear();
+    tpb_fuzz_pop_to_bridges(h->pop, h->now);
+    FZ_CHECK(!tun_pkt, "POP: the TUN device was not read");
+    ASAN_UNPOISON_MEMORY_REGION(poisoned, poisoned_len);
+    snap(h, &a);
+    d = drops(h, &b, &a, &reason, &who);
+    fz_trace("pop: from the TUN device, %zu bytes: %zu sends%s, %llu drops (%s)", len, nios,
+             nios && ios[0].failed ? " (refused)" : "", (unsigned long long)d,
+             reason >= 0 ? tpb_drop_name(reason) : "-");
+    FZ_CHECK(nios <= 1 && d <= 1,
+             "POP: %zu sends, %llu drops for one packet", nios, (unsigned long long)d);
+    if (!nios) {
+        FZ_CHECK(d == 1 && who == (int)h->cfg.npeers &&
+                     (reason == TPB_DROP_INNER_BAD || reason == TPB_DROP_NO_PEER),
+                 "POP: from the TUN device, no send and no drop (%d)", reason);
+        if (reason == TPB_DROP_NO_PEER && len >= 20 &&
+            (buf[0] >> 4 == 4 || (buf[0] >> 4 == 6 && len >= 40))) {
+            addr16(buf, 1, dst);
+            FZ_CHECK(lpm(h, dst) < 0, "POP: no peer, yet a prefix covers the destination");
+        }
+        goto out;
+    }
+    o = &ios[0];
+    FZ_CHECK(o->kind == IO_SENDMM, "POP: sent otherwise than by sendmmsg");
+    p = peer_index(h, o->dst);
+    FZ_CHECK(p >= 0, "POP: sent to no peer");
+    FZ_CHECK(o->failed ? (d == 1 && who == p && reason == TPB_DROP_SEND)
+                       : (d == 0 && a.c[p].encap_packets == b.c[p].encap_packets + 1),
+             "POP: send not counted");
+    v4 = buf[0] >> 4 == 4;
+    FZ_CHECK(len >= (v4 ? 20u : 40u) && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP packet");
+    /* the route: a configured prefix, else what was learned */
+    addr16(buf, 1, dst);
+    if (lpm(h, dst) >= 0) {
+        FZ_CHECK(h->peers[lpm(h, dst)].addr == o->dst, "POP: not to the longest prefix's peer");
+    } else {
+        for (i = 0; i < h->nlearned && memcmp(h->learned[i].addr, dst, 16); i++)
+            ;
+        FZ_CHECK(i < h->nlearned, "POP: routed to a peer no prefix or source gave");
+        FZ_CHECK(h->learned[i].peer == o->dst, "POP: not to the peer the source was learned from");
+        FZ_CHECK(h->learned[i].expires > h->now, "POP: routed by an expired entry");
+    }
+    /* the GRE header */
+    {
+        const struct tpb_pop_peer_config *c = &h->peers[p];
+        uint16_t flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0) |
+                                    (c->seq ? GRE_S : 0));
+        size_t gl = fz_gre_hlen(flags), off = 4;
+        const uint8_t *g = o->data;
+        uint8_t itos, ittl;
+
+        FZ_CHECK(o->len == gl + len && fz_rd16(g) == flags &&
+                     fz_rd16(g + 2) == (v4 ? ETYPE_IPV4 : ETYPE_IPV6),
+                 "POP: GRE header");
+        if (c->csum) {
+            FZ_CHECK(fz_fold(fz_sum(0, g, o->len)) == 0, "POP: GRE checksum");
+            off += 4;
+        }
+        if (c->has_key) {
+            FZ_CHECK(fz_rd32(g + off) == c->key, "POP: key");
+            off += 4;
+        }
+        if (c->seq) {
+            if (h->seq[p] >= 0)
+                FZ_CHECK(fz_rd32(g + off) == (uint32_t)h->seq[p], "POP: sequence number");
+            h->seq[p] = (int64_t)fz_rd32(g + off) + 1;
+        }
+        for (i = 0; i < len; i++)
+            FZ_CHECK(g[gl + i] == buf[i], "POP: packet changed at %zu", i);
+        itos = v4 ? buf[1] : (uint8_t)((buf[0] & 0x0f) << 4 | buf[1] >> 4);
+        ittl = v4 ? buf[8] : buf[7];
+        FZ_CHECK(o->ttl == (c->ttl >= 0 ? c->ttl : ittl) &&
+                     o->tos == (((c->tos >= 0 ? c->tos : itos) & ~3) | (itos & 3)),
+                 "POP: outer TTL/TOS");
+    }
+out:
+    free(fixed);
+}
+
+static void keepalive_op(struct h *h, struct fz_in *in)
+{
+    struct counters b, a;
+    int reason, who;
+    size_t i;
+
+    h->now += (uint64_t)fz_u16(in) * 1000000ull;
+    fail_send = fz_u8(in) & 1;
+    snap(h, &b);
+    ios_clear();
+    tpb_fuzz_pop_keepalives(h->pop, h->now);
+    snap(h, &a);
+    FZ_CHECK(drops(h, &b, &a, &reason, &who) == 0, "keepalives: a drop");
+    fz_trace("pop: keepalives at %llu ms: %zu sent", (unsigned long long)(h->now / 1000000), nios);
+    for (i = 0; i < nios; i++) {
+        const struct io *o = &ios[i];
+        int p = peer_index(h, o->dst);
+        const struct tpb_pop_peer_config *c;
+        uint16_t flags;
+        size_t gl, off = 4;
+        const uint8_t *g = o->data, *ip, *ig;
+
+        FZ_CHECK(o->kind == IO_SEND && p >= 0 && h->peers[p].keepalive_ms,
+                 "keepalive: to a peer without keepalives");
+        c = &h->peers[p];
+        FZ_CHECK(o->failed ? a.st[p].keepalives_unsent == b.st[p].keepalives_unsent + 1
+                           : a.st[p].keepalives_sent == b.st[p].keepalives_sent + 1,
+                 "keepalive: not counted");
+        flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0) | (c->seq ? GRE_S : 0));
+        gl = fz_gre_hlen(flags);
+        FZ_CHECK(o->len >= gl + 20 && fz_rd16(g) == flags && fz_rd16(g + 2) == ETYPE_IPV4,
+                 "keepalive: GRE header");
+        if (c->csum) {
+            FZ_CHECK(fz_fold(fz_sum(0, g, o->len)) == 0, "keepalive: GRE checksum");
+            off += 4;
+        }
+        if (c->has_key)
+            FZ_CHECK(fz_rd32(g + off) == c->key, "keepalive: key");
+        if (c->seq) {
+            off += c->has_key ? 4 : 0;
+            if (h->seq[p] >= 0)
+                FZ_CHECK(fz_rd32(g + off) == (uint32_t)h->seq[p], "keepalive: sequence number");
+            h->seq[p] = (int64_t)fz_rd32(g + off) + 1;
+        }
+        ip = g + gl;
+        FZ_CHECK(fz_ip_len(ip, o->len - gl) == o->len - gl && ip[0] == 0x45 && ip[8] == 255 &&
+                     ip[9] == IPPROTO_GRE_ && fz_rd32(ip + 12) == c->addr &&
+                     fz_rd32(ip + 16) == POP_LOCAL,
+                 "keepalive: inner IPv4 header");
+        ig = ip + 20;
+        flags &= (uint16_t)~GRE_S;
+        FZ_CHECK(o->len - gl - 20 == fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
+                     fz_rd16(ig + 2) == 0,
+                 "keepalive: inner GRE header");
+        if (c->csum)
+            FZ_CHECK(fz_fold(fz_sum(0, ig, fz_gre_hlen(flags))) == 0, "keepalive: inner checksum");
+        FZ_CHECK(o->ttl == (c->ttl >= 0 ? c->ttl : 255), "keepalive: TTL");
+        ka_id_record(h, c->addr, fz_rd16(ip + 4));
+    }
+}
+
+/* SO_RXQ_OVFL: the socket's drop count as a packet carries it; what grew
+ * since the last count seen is what the kernel dropped (rcvbuf_full, on
+ * the POP's own counters), a count not after it (serial arithmetic) adds
+ * nothing. */
+static void ovfl_op(struct h *h, struct fz_in *in)
+{
+    struct counters b, a;
+    int reason, who;
+    uint8_t k = fz_u8(in);
+    uint32_t v = k & 1 ? fz_u32(in) : h->ovfl + (k >> 1);
+    uint64_t d, want = (int32_t)(v - h->ovfl) > 0 ? v - h->ovfl : 0;
+
+    snap(h, &b);
+    tpb_fuzz_pop_rx_ovfl(h->pop, v);
+    snap(h, &a);
+    d = drops(h, &b, &a, &reason, &who);
+    fz_trace("pop: SO_RXQ_OVFL %u after %u: %llu drops", v, h->ovfl, (unsigned long long)d);
+    FZ_CHECK(d == want && (!d || (who == (int)h->cfg.npeers && reason == TPB_DROP_RCVBUF_FULL)),
+             "rcvbuf_full: %llu drops (reason %d), not %llu", (unsigned long long)d, reason,
+             (unsigned long long)want);
+    if (want)
+        h->ovfl = v;
+}
+
+static void reload_op(struct h *h, struct fz_in *in)
+{
+    struct h n = *h;
+    char err[256];
+    int rc;
+    size_t i, k;
+
+    read_config(&n, in);
+    rc = tpb_pop_reconfigure(h->pop, &n.cfg, n.peers, n.prefixes, err, sizeof(err));
+    FZ_CHECK(rc == 0 || rc == -EINVAL, "reload: %d (%s)", rc, err);
+    if (rc)
+        return;                 /* refused: nothing changed */
+    h->cfg = n.cfg;
+    memcpy(h->peers, n.peers, sizeof(h->peers));
+    memcpy(h->prefixes, n.prefixes, sizeof(h->prefixes));
+    for (i = 0; i < MAX_PEERS; i++)
+        h->seq[i] = -1;
+    /* learned entries behind a peer that is gone go, as do those a
+     * prefix now covers */
+    for (i = k = 0; i < h->nlearned; i++)
+        if (peer_index(h, h->learned[i].peer) >= 0 && lpm(h, h->learned[i].addr) < 0)
+            h->learned[k++] = h->learned[i];
+    h->nlearned = k;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static uint8_t buf[MAX_PKT];
+    struct fz_in in = {data, size};
+    struct h h;
+    int ops = 0;
+    size_t i;
+
+    memset(&h, 0, sizeof(h));
+    tpb_fuzz_ka_id = 0xfffe;        /* the first keepalives' IDs wrap */
+    read_config(&h, &in);
+    for (i = 0; i < MAX_PEERS; i++)
+        h.seq[i] = 0;
+    h.now = FZ_T0;
+    h.pop = tpb_fuzz_pop_open(&h.cfg, h.peers, h.prefixes);
+    if (!h.pop)
+        return 0;               /* a configuration check_config() refuses */
+    while (in.n && ops++ < MAX_OPS) {
+        uint8_t op = fz_u8(&in);
+
+        switch (op % 8) {
+        case 3:
+        case 4:
+            to_bridges_op(&h, &in, buf);
+            break;
+        case 2:
+            ovfl_op(&h, &in);
+            break;
+        case 5:
+            keepalive_op(&h, &in);
+            break;
+        case 6:
+            reload_op(&h, &in);
+            break;
+        case 7:
+            h.now += (uint64_t)fz_u32(&in) * 1000000ull;
+            break;
+        default:
+            from_bridge_op(&h, &in, buf);
+        }
+    }
+    ios_clear();
+    tpb_pop_close(h.pop);
+    return 0;
+}
