@@ -65,6 +65,7 @@ class Dut:
     # loads that do not apply to it -> why (printed with the results)
     skip: dict[str, str] = field(default_factory=dict)
     pingable: bool = True  # the gen can ping the sink through it
+    placement: str = ""  # set by bench.placement.placed(); "" = the lab as built
 
     def counter_lines(self, load: str, infos: list[dict[str, float]]) -> list[str]:
         """What its own counters say about one load's runs (after the
