@@ -60,9 +60,10 @@ def cpu_times() -> CpuTimes:
 
 
 def cpu_times_each() -> list[CpuTimes]:
-    """Per CPU (cpu0, cpu1, ...), as cpu_times() for the whole machine:
-    where the work of a placement lands (the receive softirq on the
-    sender's CPU or on the DUT's) shows only CPU by CPU."""
+    """Per CPU (cpu0, cpu1, ...), as cpu_times() for the whole machine but
+    niced time counted as idle: where the work of a placement lands (the
+    receive softirq on the sender's CPU or on the DUT's) shows only CPU by
+    CPU."""
     out: list[CpuTimes] = []
     with open("/proc/stat") as f:
         for line in f:
@@ -73,7 +74,10 @@ def cpu_times_each() -> list[CpuTimes]:
                 continue
             v = [int(x) for x in rest]
             user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-            busy = user + nice + system + irq + softirq
+            # without nice: the niced fuzzers others run beside the bench
+            # soak up idle time, which would read as the DUT's cost
+            busy = user + system + irq + softirq
+            idle += nice
             out.append(
                 CpuTimes(
                     busy=busy / CLK_TCK,
