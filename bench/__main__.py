@@ -88,6 +88,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the paced points of the overload load, before its full-speed one "
         "(default 0.3,0.6,0.9,1.2)",
     )
+    p.add_argument(
+        "--flows",
+        type=int,
+        default=16,
+        help="UDP flows (source ports) of the 64-byte loads, sent in turn (default 16): "
+        "a DUT with several workers shares them by flow",
+    )
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = p.parse_args(argv)
     if args.runs < 1 or args.seconds <= 0 or args.warmup < 0:
@@ -96,6 +103,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.rates = tuple(float(x) for x in args.rates.split(",") if x.strip())
     except ValueError:
         p.error(f"--rates {args.rates!r}: want numbers of Mpps, comma-separated")
+    if not 1 <= args.flows <= 1000:
+        p.error("--flows: from 1 to 1000")
     if not args.rates or min(args.rates) <= 0:
         p.error("--rates: want at least one positive rate")
     args.sink_drop = args.sink == "drop"
@@ -192,6 +201,7 @@ def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
         f"TPB bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_rev()}  "
         f"Linux {platform.release()}  {os.cpu_count()} x {cpu}",
         f"runs {args.runs}, {args.seconds:g} s measured after {args.warmup:g} s warm-up; "
+        f"64-byte loads in {args.flows} UDP flow(s); "
         f"loads: {', '.join(x.name for x in loads)}",
         "sink: "
         + (
@@ -264,7 +274,10 @@ def bench(
                     pass
         print(f"lab {topo.name}: {topo.drawing}", flush=True)
         with lab:  # down() also on an error or Ctrl-C: namespaces, veths, TUN, nft
-            env = Env(lab, topo, workdir, args.seconds, args.warmup, args.sink_drop, args.rates)
+            env = Env(
+                lab, topo, workdir, args.seconds, args.warmup, args.sink_drop, args.rates,
+                args.flows,
+            )
             env.start()
             bench_lab(args, env, mine, loads, rec)
 

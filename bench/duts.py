@@ -346,6 +346,30 @@ def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]
                   for load in ("ringcheck", "tcp", "tcp-cubic", "rtt")},
         )
     )
+    # Issue 14's answers, each against TPB as it is and the bridge: the
+    # loop's thread above the receive softirq's (SCHED_FIFO), and two
+    # workers sharing the flows (worker 0 on CPU 0 beside the generator,
+    # worker 1 on CPU 1: on this 2-CPU machine there is no third).
+    duts.append(
+        TpbRun(
+            "tpb-fifo",
+            "tpb run --cpu 1 --priority 10 (SCHED_FIFO)",
+            baselines={"bridge": TPB_TARGETS, "tpb": {}},
+            ring_check=True,
+            args=["--cpu", "1", "--priority", "10"],
+            workdir=workdir,
+        )
+    )
+    duts.append(
+        TpbRun(
+            "tpb-w2",
+            "tpb run --cpu 0 --workers 2 (worker 0 on CPU 0, worker 1 on CPU 1)",
+            baselines={"bridge": TPB_TARGETS, "tpb": {}},
+            ring_check=True,
+            args=["--cpu", "0", "--workers", "2"],
+            workdir=workdir,
+        )
+    )
     for name, extra in tpb_variants.items():
         duts.append(
             TpbRun(

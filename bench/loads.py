@@ -63,6 +63,7 @@ class Env:
     warmup: float
     sink_drop: bool = True  # the sink discards the UDP frames at ingress
     rates: tuple[float, ...] = ()  # Mpps of the overload sweep's paced points
+    flows: int = 1  # UDP flows of the 64-byte load, sent in turn
     anchors: dict[str, int] = field(default_factory=dict)  # node -> pid living there
     trafgen_cfg: Path = Path()
 
@@ -83,11 +84,22 @@ class Env:
         # to the sink's IP address and to the gen's next hop's MAC: the
         # sink's own, or the pop's (a router)
         gen, hop = self.lab.iface("gen", "eth0"), self.lab.iface(*self.topo.next_hop)
-        frame = udp_frame(
-            hop.mac, gen.mac, self.topo.gen_ip, self.topo.sink_ip, size=FRAME_LEN, port=UDP_PORT
-        )
+        # flows differ in their UDP source port (one flow: the discard
+        # port's own), so that a DUT sharing flows over workers can
+        frames = [
+            udp_frame(
+                hop.mac,
+                gen.mac,
+                self.topo.gen_ip,
+                self.topo.sink_ip,
+                size=FRAME_LEN,
+                port=UDP_PORT,
+                sport=UDP_PORT if self.flows == 1 else 10000 + i,
+            )
+            for i in range(self.flows)
+        ]
         self.trafgen_cfg = self.workdir / f"udp64-{self.topo.name}.cfg"
-        self.trafgen_cfg.write_text(trafgen_cfg(frame))
+        self.trafgen_cfg.write_text(trafgen_cfg(frames))
         if self.sink_drop:
             # counted in rx_packets (by the veth peer's transmit), then
             # dropped before the sink's IP stack: the sink costs next to
