@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import report
+from bench import placement, report
 from bench.duts import Dut, default_duts, owned_pids
 from bench.loads import GEN_CPU, LOADS, Env, Load, ring_rate
 from bench.measure import foreign_load, wait_quiet
@@ -65,16 +65,62 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "to go quiet (default 60; 0: never wait)",
     )
     p.add_argument(
-        "--sink-drop",
-        action="store_true",
-        help="the sink drops the 64-byte frames at its ingress hook (nftables), after "
-        "counting them, instead of passing them to its IP stack",
+        "--sink",
+        choices=("drop", "icmp"),
+        default="drop",
+        help="drop (default): the sink drops the 64-byte frames at its ingress hook "
+        "(nftables), after counting them, as a remote sink costs the DUT nothing; "
+        "icmp: its IP stack takes them (UDP to the discard port, no socket: ICMP port "
+        "unreachable), on whichever CPU delivers to it",
+    )
+    p.add_argument(
+        "--placement",
+        default="default,1core",
+        metavar="NAME[,NAME]",
+        help="where the bench lab's DUTs are measured, each in turn: default (no RPS) "
+        "and/or 1core (RPS steers the DUT ports' receive work to the DUT's CPU 1); "
+        "default: both",
+    )
+    p.add_argument(
+        "--rates",
+        default="0.3,0.6,0.9,1.2",
+        metavar="MPPS[,MPPS...]",
+        help="the paced points of the overload load, before its full-speed one "
+        "(default 0.3,0.6,0.9,1.2)",
+    )
+    p.add_argument(
+        "--flows",
+        type=int,
+        default=16,
+        help="UDP flows (source ports) of the 64-byte loads, sent in turn (default 16): "
+        "a DUT with several workers shares them by flow",
     )
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     args = p.parse_args(argv)
     if args.runs < 1 or args.seconds <= 0 or args.warmup < 0:
         p.error("--runs and --seconds must be positive, --warmup not negative")
+    try:
+        args.rates = tuple(float(x) for x in args.rates.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--rates {args.rates!r}: want numbers of Mpps, comma-separated")
+    if not 1 <= args.flows <= 1000:
+        p.error("--flows: from 1 to 1000")
+    if not args.rates or min(args.rates) <= 0:
+        p.error("--rates: want at least one positive rate")
+    args.sink_drop = args.sink == "drop"
     return args
+
+
+def place(duts: list[Dut], placements: list[placement.Placement]) -> list[Dut]:
+    """Each DUT of the bench lab once per placement (NAME@PLACEMENT), the
+    others as they are."""
+    out: list[Dut] = []
+    for d in duts:
+        if d.topo == "bench":
+            out += [placement.placed(d, p) for p in placements]
+        else:
+            out.append(d)
+    return out
 
 
 def select(args: argparse.Namespace, duts: list[Dut]) -> tuple[list[Dut], list[Load]]:
@@ -155,6 +201,7 @@ def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
         f"TPB bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_rev()}  "
         f"Linux {platform.release()}  {os.cpu_count()} x {cpu}",
         f"runs {args.runs}, {args.seconds:g} s measured after {args.warmup:g} s warm-up; "
+        f"64-byte loads in {args.flows} UDP flow(s); "
         f"loads: {', '.join(x.name for x in loads)}",
         "sink: "
         + (
@@ -162,6 +209,9 @@ def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
             if args.sink_drop
             else "its IP stack receives the 64-byte frames (UDP to the discard port, no socket)"
         ),
+        "placements: "
+        + "; ".join(f"{p.name}: {p.title}" for p in placement.parse(args.placement)),
+        "load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
     ]
     w = max(len(d.name) for d in duts) if duts else 0
     for topo in TOPOS.values():
@@ -184,6 +234,8 @@ def skipped(duts: list[Dut], loads: list[Load]) -> list[str]:
 
 
 def measure(env: Env, load: Load, dut: Dut, rec: report.Record) -> None:
+    if dut.placement:
+        placement.apply(env.lab, placement.PLACEMENTS[dut.placement])
     dut.setup(env.lab)
     stats: dict[str, float] = {}
     try:
@@ -193,6 +245,8 @@ def measure(env: Env, load: Load, dut: Dut, rec: report.Record) -> None:
     rec.add(dut.name, load.name, sample.values, {**sample.info, **stats})
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sample.values.items())
     extra = f"  ring drops {int(stats['kernel_drops'])}" if "kernel_drops" in stats else ""
+    if "backlog_drops" in sample.info:
+        extra += f"  backlog drops {int(sample.info['backlog_drops'])}"
     foreign = sample.info.get("foreign_cpus", 0.0)
     noisy = (
         f"  (others used {foreign:.2f} CPU: {sample.others})"
@@ -220,7 +274,10 @@ def bench(
                     pass
         print(f"lab {topo.name}: {topo.drawing}", flush=True)
         with lab:  # down() also on an error or Ctrl-C: namespaces, veths, TUN, nft
-            env = Env(lab, topo, workdir, args.seconds, args.warmup, args.sink_drop)
+            env = Env(
+                lab, topo, workdir, args.seconds, args.warmup, args.sink_drop, args.rates,
+                args.flows,
+            )
             env.start()
             bench_lab(args, env, mine, loads, rec)
 
@@ -272,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(GEN_CPU)})
         known = {d.name for d in default_duts(workdir, {})}
         duts, loads = select(args, default_duts(workdir, variants(args.tpb, known)))
+        duts = place(duts, placement.parse(args.placement))
         print(header(args, duts, loads), flush=True)
         idle = foreign_load(1.0)
         print(f"other processes before start: {idle:.2f} CPU", flush=True)
@@ -304,11 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(counters)
     print()
     print(report.ratios(rec, duts) or "ratios: no baseline measured in this run")
+    for line in report.overload_verdicts(rec, duts):
+        print(line)
     print()
     print(report.NOTES)
     for e in rec.errors:
         print(f"ERROR {e}")
-    print(f"\nbench: {elapsed:.0f} s", flush=True)
+    loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nbench: {elapsed:.0f} s; load average at the end: {loadavg}", flush=True)
     if not args.no_json:
         path = RESULTS / time.strftime("%Y%m%d-%H%M%S.json")
         meta = {

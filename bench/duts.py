@@ -65,6 +65,7 @@ class Dut:
     # loads that do not apply to it -> why (printed with the results)
     skip: dict[str, str] = field(default_factory=dict)
     pingable: bool = True  # the gen can ping the sink through it
+    placement: str = ""  # set by bench.placement.placed(); "" = the lab as built
 
     def counter_lines(self, load: str, infos: list[dict[str, float]]) -> list[str]:
         """What its own counters say about one load's runs (after the
@@ -343,6 +344,30 @@ def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]
             workdir=workdir,
             skip={load: "the scrape's cost is measured on the 64-byte load"
                   for load in ("ringcheck", "tcp", "tcp-cubic", "rtt")},
+        )
+    )
+    # Issue 14's answers, each against TPB as it is and the bridge: the
+    # loop's thread above the receive softirq's (SCHED_FIFO), and two
+    # workers sharing the flows (worker 0 on CPU 0 beside the generator,
+    # worker 1 on CPU 1: on this 2-CPU machine there is no third).
+    duts.append(
+        TpbRun(
+            "tpb-fifo",
+            "tpb run --cpu 1 --priority 10 (SCHED_FIFO)",
+            baselines={"bridge": TPB_TARGETS, "tpb": {}},
+            ring_check=True,
+            args=["--cpu", "1", "--priority", "10"],
+            workdir=workdir,
+        )
+    )
+    duts.append(
+        TpbRun(
+            "tpb-w2",
+            "tpb run --cpu 0 --workers 2 (worker 0 on CPU 0, worker 1 on CPU 1)",
+            baselines={"bridge": TPB_TARGETS, "tpb": {}},
+            ring_check=True,
+            args=["--cpu", "0", "--workers", "2"],
+            workdir=workdir,
         )
     )
     for name, extra in tpb_variants.items():

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from bench.duts import Dut
 from bench.frames import trafgen_cfg, udp_frame
-from bench.measure import ForeignCpu, any_cpu, cpu_times, ifstats, median
+from bench.measure import (
+    ForeignCpu,
+    any_cpu,
+    backlog_drops,
+    cpu_times,
+    cpu_times_each,
+    ifstats,
+    median,
+)
 from bench.topo import Topo
 from tpb.errors import TpbError
 from tpb.lab import Lab
@@ -53,7 +61,9 @@ class Env:
     workdir: Path
     seconds: float
     warmup: float
-    sink_drop: bool = False  # the sink discards the UDP frames at ingress
+    sink_drop: bool = True  # the sink discards the UDP frames at ingress
+    rates: tuple[float, ...] = ()  # Mpps of the overload sweep's paced points
+    flows: int = 1  # UDP flows of the 64-byte load, sent in turn
     anchors: dict[str, int] = field(default_factory=dict)  # node -> pid living there
     trafgen_cfg: Path = Path()
 
@@ -74,11 +84,22 @@ class Env:
         # to the sink's IP address and to the gen's next hop's MAC: the
         # sink's own, or the pop's (a router)
         gen, hop = self.lab.iface("gen", "eth0"), self.lab.iface(*self.topo.next_hop)
-        frame = udp_frame(
-            hop.mac, gen.mac, self.topo.gen_ip, self.topo.sink_ip, size=FRAME_LEN, port=UDP_PORT
-        )
+        # flows differ in their UDP source port (one flow: the discard
+        # port's own), so that a DUT sharing flows over workers can
+        frames = [
+            udp_frame(
+                hop.mac,
+                gen.mac,
+                self.topo.gen_ip,
+                self.topo.sink_ip,
+                size=FRAME_LEN,
+                port=UDP_PORT,
+                sport=UDP_PORT if self.flows == 1 else 10000 + i,
+            )
+            for i in range(self.flows)
+        ]
         self.trafgen_cfg = self.workdir / f"udp64-{self.topo.name}.cfg"
-        self.trafgen_cfg.write_text(trafgen_cfg(frame))
+        self.trafgen_cfg.write_text(trafgen_cfg(frames))
         if self.sink_drop:
             # counted in rx_packets (by the veth peer's transmit), then
             # dropped before the sink's IP stack: the sink costs next to
@@ -157,9 +178,18 @@ def _trafgen(env: Env, pps: int | None) -> subprocess.Popen:
     )
 
 
-def _blast(env: Env, dut: Dut, pps: int | None) -> tuple[dict[str, float], str]:
+def _blast(
+    env: Env,
+    dut: Dut,
+    pps: int | None,
+    beside: Callable[[], dict[str, float]] | None = None,
+) -> tuple[dict[str, float], str]:
     """trafgen 60-byte frames (64 on the wire) for warm-up + seconds; count
-    over the measured interval."""
+    over the measured interval.  Per CPU: busy seconds per million frames
+    delivered (cpuN_s_per_mframe) and the share of that CPU spent in
+    softirq (cpuN_softirq).  beside: run during the measured interval
+    instead of sleeping through it (its values are added)."""
+    side: dict[str, float] = {}
     if dut.pingable:
         env.ping_ok()
     tg = _trafgen(env, pps)
@@ -177,8 +207,13 @@ def _blast(env: Env, dut: Dut, pps: int | None) -> tuple[dict[str, float], str]:
         foreign = ForeignCpu()
         foreign.start()
         t0, c0, r0, g0 = time.monotonic(), cpu_times(), env.sink_rx(), env.gen_tx()
-        time.sleep(env.seconds)
+        e0, b0 = cpu_times_each(), backlog_drops()
+        if beside is not None:
+            side = beside()
+        else:
+            time.sleep(env.seconds)
         t1, c1, r1, g1 = time.monotonic(), cpu_times(), env.sink_rx(), env.gen_tx()
+        e1, b1 = cpu_times_each(), backlog_drops()
         other = foreign.stop()
     finally:
         _stop_group(tg)
@@ -187,14 +222,35 @@ def _blast(env: Env, dut: Dut, pps: int | None) -> tuple[dict[str, float], str]:
     dt = t1 - t0
     frames = r1 - r0
     busy = c1.busy - c0.busy
-    return {
+    out = {
         "mpps": frames / dt / 1e6,
         "offered_mpps": (g1 - g0) / dt / 1e6,
         "ns_per_frame": busy / frames * 1e9 if frames else float("nan"),
         "busy_cpus": busy / dt,
         "steal_cpus": (c1.steal - c0.steal) / dt,
         "foreign_cpus": other / dt,
-    }, _others(foreign, dt)
+        "backlog_drops": float(b1 - b0),
+    }
+    for i, (a, b) in enumerate(zip(e0, e1, strict=True)):
+        cpu_busy = b.busy - a.busy
+        out[f"cpu{i}_s_per_mframe"] = cpu_busy / frames * 1e6 if frames else float("nan")
+        out[f"cpu{i}_busy"] = cpu_busy / dt
+        out[f"cpu{i}_softirq"] = (b.softirq - a.softirq) / dt
+    return {**out, **side}, _others(foreign, dt)
+
+
+PER_CPU = ("cpu0_s_per_mframe", "cpu1_s_per_mframe")
+CONTEXT = (
+    "offered_mpps",
+    "busy_cpus",
+    "steal_cpus",
+    "foreign_cpus",
+    "backlog_drops",
+    "cpu0_busy",
+    "cpu1_busy",
+    "cpu0_softirq",
+    "cpu1_softirq",
+)
 
 
 def udp64(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
@@ -202,8 +258,78 @@ def udp64(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sam
     del results
     r, others = _blast(env, dut, None)
     return Sample(
-        {"udp64_mpps": r["mpps"], "udp64_ns": r["ns_per_frame"]},
-        {k: r[k] for k in ("offered_mpps", "busy_cpus", "steal_cpus", "foreign_cpus")},
+        {
+            "udp64_mpps": r["mpps"],
+            "udp64_offered_mpps": r["offered_mpps"],
+            "udp64_ns": r["ns_per_frame"],
+            **{f"udp64_{k}": r[k] for k in PER_CPU if k in r},
+        },
+        {k: r[k] for k in CONTEXT if k in r},
+        others,
+    )
+
+
+def overload(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """The DUT offered more than it carries: trafgen paced at each of
+    env.rates Mpps, then at full speed.  best: the most delivered at any
+    point; keep: what full speed delivers over that (no collapse: near 1)."""
+    del results
+    points: dict[str, float] = {}
+    for pps in [*(int(r * 1e6) for r in env.rates), None]:
+        r, _others_ = _blast(env, dut, pps)
+        tag = f"{pps / 1e6:g}" if pps else "full"
+        points[f"at_{tag}_offered"] = r["offered_mpps"]
+        points[f"at_{tag}_mpps"] = r["mpps"]
+    delivered = [v for k, v in points.items() if k.endswith("_mpps")]
+    best, full = max(delivered), points["at_full_mpps"]
+    return Sample(
+        {"ovl_best_mpps": best, "ovl_full_mpps": full, "ovl_keep": full / best if best else 0.0},
+        points,
+    )
+
+
+FLOOD_PINGS = 40
+
+
+def flood(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """Beside a full-speed 64-byte flood: the gen's and the sink's ARP
+    caches flushed (the next packet each way needs ARP through the DUT),
+    then pings and a TCP flow (iperf3, 2 s) through it."""
+    del results
+    lab, sink = env.lab, env.topo.sink_ip
+
+    def beside() -> dict[str, float]:
+        for node in ("gen", "sink"):
+            lab.run(node, "ip neigh flush dev eth0", check=False)
+        res = lab.run(
+            "gen",
+            ["ping", "-c", str(FLOOD_PINGS), "-i", "0.05", "-W", "1", sink],
+            check=False,
+            timeout=FLOOD_PINGS * 0.05 + 30,
+        )
+        got = len(_RTT.findall(res.stdout))
+        times = [float(m) * 1000 for m in _RTT.findall(res.stdout)]
+        argv = ["taskset", "-c", GEN_CPU, "iperf3", "-c", sink, "-J", "-t", "2"]
+        tcp = lab.run("gen", argv, check=False, timeout=40)
+        try:
+            data = json.loads(tcp.stdout)
+            mbps = data["end"]["sum_received"]["bits_per_second"] / 1e6
+        except (json.JSONDecodeError, KeyError):
+            mbps = 0.0
+        return {
+            "ping_ok": got / FLOOD_PINGS,
+            "ping_ms": median(times) / 1000 if times else float("nan"),
+            "tcp_mbps": mbps,
+        }
+
+    r, others = _blast(env, dut, None, beside)
+    return Sample(
+        {
+            "flood_mpps": r["mpps"],
+            "flood_ping_ok": r["ping_ok"],
+            "flood_tcp_mbps": r["tcp_mbps"],
+        },
+        {k: r[k] for k in (*CONTEXT, "ping_ms") if k in r},
         others,
     )
 
@@ -335,4 +461,16 @@ LOADS = [
         lambda dut: dut.topo == "bench" and dut.pingable,
     ),
     Load("rtt", f"idle RTT, ping, {RTT_PINGS} x 20 ms", rtt),
+    Load(
+        "overload",
+        "64 B paced at the --rates, then at full speed: best and kept rate",
+        overload,
+        lambda dut: dut.topo == "bench" and dut.pingable,
+    ),
+    Load(
+        "flood",
+        f"beside a full-speed 64 B flood: ARP, {FLOOD_PINGS} pings, 2 s of TCP",
+        flood,
+        lambda dut: dut.topo == "bench" and dut.pingable,
+    ),
 ]

@@ -44,6 +44,7 @@ class CpuTimes:
     busy: float  # user + nice + system + irq + softirq
     steal: float
     total: float
+    softirq: float = 0.0  # part of busy (per CPU only)
 
 
 def cpu_times() -> CpuTimes:
@@ -56,6 +57,45 @@ def cpu_times() -> CpuTimes:
         steal=steal / CLK_TCK,
         total=(busy + idle + iowait + steal) / CLK_TCK,
     )
+
+
+def cpu_times_each() -> list[CpuTimes]:
+    """Per CPU (cpu0, cpu1, ...), as cpu_times() for the whole machine but
+    niced time counted as idle: where the work of a placement lands (the
+    receive softirq on the sender's CPU or on the DUT's) shows only CPU by
+    CPU."""
+    out: list[CpuTimes] = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *rest = line.split()
+            if not name.startswith("cpu"):
+                break
+            if name == "cpu":
+                continue
+            v = [int(x) for x in rest]
+            user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+            # without nice: the niced fuzzers others run beside the bench
+            # soak up idle time, which would read as the DUT's cost
+            busy = user + system + irq + softirq
+            idle += nice
+            out.append(
+                CpuTimes(
+                    busy=busy / CLK_TCK,
+                    steal=steal / CLK_TCK,
+                    total=(busy + idle + iowait + steal) / CLK_TCK,
+                    softirq=softirq / CLK_TCK,
+                )
+            )
+    return out
+
+
+def backlog_drops() -> int:
+    """Frames the kernel dropped at a CPU's receive backlog (RPS or
+    netif_rx queue over net.core.netdev_max_backlog), all CPUs: the
+    second column of /proc/net/softnet_stat.  Machine-wide, not per
+    namespace: other engineers' traffic would count too (rarely any)."""
+    with open("/proc/net/softnet_stat") as f:
+        return sum(int(line.split()[1], 16) for line in f if line.strip())
 
 
 def _proc_table() -> dict[int, tuple[int, int, float]]:

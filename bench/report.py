@@ -27,7 +27,16 @@ class Metric:
 
 METRICS = [
     Metric("udp64_mpps", "udp64", "64 B UDP, Mpps at sink", "{:.3f}", True),
+    Metric("udp64_offered_mpps", "udp64", "64 B UDP, Mpps offered", "{:.3f}", True),
     Metric("udp64_ns", "udp64", "64 B UDP, CPU ns/frame", "{:.0f}", False),
+    Metric("udp64_cpu0_s_per_mframe", "udp64", "64 B, CPU 0 s/Mframe", "{:.3f}", False),
+    Metric("udp64_cpu1_s_per_mframe", "udp64", "64 B, CPU 1 s/Mframe", "{:.3f}", False),
+    Metric("ovl_best_mpps", "overload", "overload: best Mpps", "{:.3f}", True),
+    Metric("ovl_full_mpps", "overload", "overload: Mpps at full", "{:.3f}", True),
+    Metric("ovl_keep", "overload", "overload: full / best", "{:.2f}", True),
+    Metric("flood_mpps", "flood", "flood: Mpps at sink", "{:.3f}", True),
+    Metric("flood_ping_ok", "flood", "flood: pings answered", "{:.2f}", True),
+    Metric("flood_tcp_mbps", "flood", "flood: TCP Mbit/s beside", "{:.0f}", True),
     Metric("ring_mpps", "ringcheck", "ring check, Mpps at sink", "{:.3f}", True),
     Metric("tcp_gbps", "tcp", "TCP, Gbit/s", "{:.2f}", True),
     Metric("tcp_cubic_gbps", "tcp-cubic", "TCP with CUBIC, Gbit/s", "{:.2f}", True),
@@ -37,6 +46,26 @@ METRICS = [
 NOTES = """\
 Mpps: frames counted at the sink (rx_packets of sink:eth0) over the measured
   interval, after a warm-up; trafgen pinned to CPU 0 (-t 0, sendto mode).
+  The sink drops them at its nftables ingress hook (--sink drop, the
+  default): a remote sink costs the DUT nothing.  --sink icmp passes them
+  to its IP stack instead, which answers ICMP port unreachable on the CPU
+  that delivers to it (the kernel bridge's only CPU, TPB's second one).
+  Offered: what left gen:eth0 (tx_packets) over the same interval.
+Placements (--placement): NAME@default, no RPS: the DUT ports' receive work
+  runs on the CPU that sent to them (the gen's CPU 0 for eth2); NAME@1core:
+  RPS on dut:eth2 and dut:eth3 steers it to the DUT's CPU 1, as NIC
+  interrupts on the forwarder's core would.  The generator alone: the rate
+  it offers to bridge@1core, where its CPU does nothing but generate.
+CPU N s/Mframe: busy seconds of CPU N (/proc/stat, per CPU) per million
+  frames delivered at the sink; "busy" and "softirq" are the shares of that
+  CPU over the interval.  Backlog drops: /proc/net/softnet_stat's dropped
+  column, all CPUs (a CPU's input backlog over netdev_max_backlog).
+overload: trafgen paced (tbf) at each --rates point, then at full speed;
+  best: the most delivered at any point; full / best: what is kept when
+  offered more than the DUT carries (target >= 0.9).
+flood: during a full-speed flood, the gen's and the sink's ARP caches are
+  flushed, then 40 pings 50 ms apart and 2 s of iperf3 TCP go through the
+  DUT beside it.
 CPU ns/frame: busy CPU time of the whole machine (/proc/stat user+nice+system+
   irq+softirq, both CPUs, steal excluded) during the interval, divided by the
   frames delivered at the sink; the same method for every DUT.  It includes
@@ -112,9 +141,31 @@ def _note(rec: Record, dut: Dut, m: Metric) -> str:
     parts: list[str] = []
     if m.key == "udp64_mpps":
         parts.append("offered " + " ".join(f"{i['offered_mpps']:.3f}" for i in infos))
-    if m.key in ("udp64_mpps", "ring_mpps") and infos and "kernel_drops" in infos[0]:
+    if m.key in ("udp64_mpps", "ring_mpps", "flood_mpps") and infos and "kernel_drops" in infos[0]:
         parts.append("ring drops " + _ints([i["kernel_drops"] for i in infos]))
         parts.append("TPB drops " + _ints([i["own_drops"] for i in infos]))
+    if m.key in ("udp64_mpps", "flood_mpps") and infos and "backlog_drops" in infos[0]:
+        parts.append("backlog drops " + _ints([i["backlog_drops"] for i in infos]))
+    if m.key in ("udp64_cpu0_s_per_mframe", "udp64_cpu1_s_per_mframe") and infos:
+        cpu = m.key[6:10]
+        if f"{cpu}_busy" in infos[0]:
+            parts.append(
+                "busy "
+                + " ".join(f"{i[f'{cpu}_busy']:.2f}" for i in infos)
+                + ", softirq "
+                + " ".join(f"{i[f'{cpu}_softirq']:.2f}" for i in infos)
+            )
+    if m.key == "ovl_best_mpps" and infos:
+        for i in infos:
+            parts.append(
+                " ".join(
+                    f"{k[3:-8]}:{v:.3f}->{i[k[:-8] + '_mpps']:.3f}"
+                    for k, v in i.items()
+                    if k.endswith("_offered")
+                )
+            )
+    if m.key == "flood_ping_ok" and infos and "ping_ms" in infos[0]:
+        parts.append("median RTT ms " + " ".join(f"{i['ping_ms']:.2f}" for i in infos))
     if m.key == "ring_mpps" and infos:
         offered = rec.values[dut.name].get("ring_offered_mpps", [])
         parts.insert(0, "offered " + " ".join(f"{v:.3f}" for v in offered))
@@ -197,6 +248,46 @@ def ratios(rec: Record, duts: list[Dut]) -> str:
                     verdict = "(higher is better)" if m.higher_is_better else "(lower is better)"
                 lines.append(f"  {m.title:<26} {r:6.2f}×   {verdict}")
     return "\n".join(lines)
+
+
+# Absolute targets (not ratios): offered more than it carries, a DUT keeps
+# delivering near its best; beside the flood, pings get through.
+KEEP_TARGET = 0.9
+PING_TARGET = 0.9
+
+
+def overload_verdicts(rec: Record, duts: list[Dut]) -> list[str]:
+    out = []
+    for d in duts:
+        keep = rec.med(d.name, "ovl_keep")
+        if not math.isnan(keep):
+            best, full = rec.med(d.name, "ovl_best_mpps"), rec.med(d.name, "ovl_full_mpps")
+            out.append(
+                f"overload {d.name}: full speed {full:.3f} Mpps, best {best:.3f}: "
+                f"{keep:.2f}× (target ≥ {KEEP_TARGET}×) "
+                f"{'met' if keep >= KEEP_TARGET else 'NOT MET'}"
+            )
+        ping = rec.med(d.name, "flood_ping_ok")
+        if not math.isnan(ping):
+            tcp = rec.med(d.name, "flood_tcp_mbps")
+            out.append(
+                f"flood {d.name}: pings answered {ping:.0%}, TCP beside {tcp:.0f} Mbit/s "
+                f"(target: pings ≥ {PING_TARGET:.0%}, TCP > 0) "
+                f"{'met' if ping >= PING_TARGET and tcp > 0 else 'NOT MET'}"
+            )
+    # The generator alone: what it offers when its CPU does nothing else,
+    # read as the offered rate through the kernel bridge on one core.
+    gen = rec.med("bridge@1core", "udp64_offered_mpps")
+    if not math.isnan(gen) and gen:
+        for d in duts:
+            if d.placement == "default":
+                v = rec.med(d.name, "udp64_mpps")
+                if not math.isnan(v):
+                    out.append(
+                        f"{d.name}: 64 B {v:.3f} Mpps = {v / gen:.2f}× the generator alone "
+                        f"({gen:.3f} Mpps offered to bridge@1core)"
+                    )
+    return out
 
 
 def write_json(path: Path, rec: Record, duts: list[Dut], meta: dict[str, object]) -> None:

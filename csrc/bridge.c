@@ -327,10 +327,17 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     s->port = port;
     s->to = to;
     for (big = 0; big < 2; big++) {
+        /* One group per ring, joined in the same order by every worker:
+         * the same flow hash picks the same member index in each group. */
+        int i = 2 * br->nsrc + big;
+        uint32_t group = cfg->fanout == TPB_FANOUT_NEW    ? TPB_RING_FANOUT_NEW
+                         : cfg->fanout == TPB_FANOUT_JOIN ? cfg->fanout_id[i]
+                                                          : 0;
+
         fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);
         if (tpb_ring_open(&s->ring[big], ifindex,
                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
-                          promisc && !big, err, errlen) < 0)
+                          promisc && !big, group, err, errlen) < 0)
             return -1;
     }
     br->nsrc++;
@@ -527,6 +534,11 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
         snprintf(err, errlen, "eventfd: %s", strerror(errno));
         goto fail;
     }
+    if (cfg->fanout > TPB_FANOUT_JOIN ||
+        (cfg->fanout != TPB_FANOUT_NONE && cfg->tunnel)) {
+        snprintf(err, errlen, "workers: plain bridging only");
+        goto fail;
+    }
     if ((cfg->tunnel ? open_tunnel(br, cfg, err, errlen)
                      : open_plain(br, cfg, err, errlen)) < 0)
         goto fail;
@@ -572,6 +584,15 @@ void tpb_bridge_counters(struct tpb_bridge *br, int port,
     fold_kernel_stats(br);
     *out = br->c[port];
     pthread_mutex_unlock(&br->stats_lock);
+}
+
+uint32_t tpb_bridge_fanout_ids(struct tpb_bridge *br, uint16_t *out)
+{
+    int i;
+
+    for (i = 0; i < 2 * br->nsrc; i++)
+        out[i] = br->src[i / 2].ring[i % 2].fanout_id;
+    return (uint32_t)(2 * br->nsrc);
 }
 
 void tpb_bridge_tunnel_counters(struct tpb_bridge *br,

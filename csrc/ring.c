@@ -164,9 +164,44 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
     return fd;
 }
 
+/* Joins fanout group `id` (hash by flow) without a moment in which the
+ * socket takes frames on its own: a member outside the group would get a
+ * copy of every frame the group also hands out.  So the socket is bound
+ * with a filter that takes nothing, joins (which needs it bound), and only
+ * then gets its real filter.  Hash fanout, no rollover: a flow stays with
+ * one worker, so its frames stay in order; a worker's full ring drops (and
+ * counts) rather than reorder.  Symmetric hash: both directions of a flow
+ * go to the same worker index on either port. */
+static int fanout_join(struct tpb_ring *r, int ifindex, uint32_t id,
+                       const struct sock_fprog *filter, char *err,
+                       size_t errlen)
+{
+    struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+    struct sock_fprog nothing = {1, none};
+    int flags = id == TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0;
+    int arg = (int)((id & 0xffffu) | ((PACKET_FANOUT_HASH | flags) << 16));
+    socklen_t len = sizeof(arg);
+    int rc;
+
+    if ((rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &nothing,
+                     sizeof(nothing), err, errlen, "SO_ATTACH_FILTER")) ||
+        (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)) ||
+        (rc = setopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg),
+                     err, errlen, "PACKET_FANOUT")))
+        return rc;
+    if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, &len) < 0)
+        return fail(err, errlen, "PACKET_FANOUT", errno);
+    r->fanout_id = (uint16_t)(arg & 0xffff);
+    if (filter)
+        return setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
+                      sizeof(*filter), err, errlen, "SO_ATTACH_FILTER");
+    return setopt(r->fd, SOL_SOCKET, SO_DETACH_FILTER, &arg, sizeof(arg), err,
+                  errlen, "SO_DETACH_FILTER");
+}
+
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
                   const struct sock_fprog *filter, int promisc,
-                  char *err, size_t errlen)
+                  uint32_t fanout, char *err, size_t errlen)
 {
     int one = 1, ver = TPACKET_V2, rc;
     uint32_t slot = big ? BIG_SLOT : SMALL_SLOT;
@@ -188,9 +223,9 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
         (rc = setopt(r->fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one,
                      sizeof(one), err, errlen, "PACKET_IGNORE_OUTGOING")))
         goto out;
-    if (filter && (rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
-                               sizeof(*filter), err, errlen,
-                               "SO_ATTACH_FILTER")))
+    if (!fanout && filter &&
+        (rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
+                     sizeof(*filter), err, errlen, "SO_ATTACH_FILTER")))
         goto out;
 
     n = map_ring(r->fd, PACKET_RX_RING, slot, per_block, frames, &r->map,
@@ -202,7 +237,8 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
     r->frame_size = slot;
     r->frame_nr = (uint32_t)n;
 
-    if ((rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
+    if (fanout ? (rc = fanout_join(r, ifindex, fanout, filter, err, errlen))
+               : (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
         goto out;
     if (promisc && (rc = promisc_on(r->fd, ifindex, err, errlen)))
         goto out;

@@ -14,9 +14,14 @@ struct tpb_ring {
     uint32_t frame_size;
     uint32_t frame_nr;
     uint32_t head;          /* next slot the kernel will hand us */
+    uint16_t fanout_id;     /* its PACKET_FANOUT group; 0: none */
 };
 
 struct sock_fprog;
+
+/* fanout argument of tpb_ring_open: a group id to join, or this for a new
+ * group whose id the kernel picks (PACKET_FANOUT_FLAG_UNIQUEID). */
+#define TPB_RING_FANOUT_NEW 0x10000u
 
 /* Frames up to this length (as the kernel hands them over, any outer VLAN
  * tag taken off) go to a source's ring of small slots, longer ones to its
@@ -28,10 +33,12 @@ struct sock_fprog;
 
 /* An RX ring on ifindex (ETH_P_ALL), of small slots or big ones, with an
  * optional cBPF filter and promiscuous membership; the same socket sends
- * out of that port. */
+ * out of that port.  fanout: 0, a PACKET_FANOUT_HASH group id (1..65535)
+ * to join, or TPB_RING_FANOUT_NEW; a member shares the port's frames by
+ * flow with the others (r->fanout_id: the group's id). */
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
                   const struct sock_fprog *filter, int promisc,
-                  char *err, size_t errlen);
+                  uint32_t fanout, char *err, size_t errlen);
 /* A socket that only sends out of ifindex (protocol 0: it receives
  * nothing), with or without qdisc bypass and promiscuous membership.
  * Returns fd or -errno. */

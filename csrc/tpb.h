@@ -151,11 +151,23 @@ struct tpb_remote_state {
     uint64_t since_reply_ns;       /* time since the last answer; 0: never */
 };
 
+#define TPB_FANOUT_NONE 0
+#define TPB_FANOUT_NEW 1
+#define TPB_FANOUT_JOIN 2
+#define TPB_FANOUT_RINGS 6      /* rings of one loop: 3 sources x 2 at most */
+
 struct tpb_bridge_config {
     int ifindex[2];          /* TPB_PORT_IN, TPB_PORT_OUT */
     uint32_t ring_frames;    /* RX ring slots per port */
     uint32_t batch;          /* frames per sendmmsg, <= 256 */
     uint32_t spin_us;        /* busy-poll this long before sleeping */
+    /* Workers (plain mode), each its own loop: TPB_FANOUT_NONE, one loop
+     * sees every frame; TPB_FANOUT_NEW, the first worker: each ring makes a
+     * PACKET_FANOUT_HASH group with an id the kernel picks (read back with
+     * tpb_bridge_fanout_ids); TPB_FANOUT_JOIN, every other worker: ring i
+     * joins group fanout_id[i].  Each flow's frames go to one worker. */
+    uint32_t fanout;
+    uint16_t fanout_id[TPB_FANOUT_RINGS];
     int tunnel;              /* 0: plain bridge */
     int sel_ifindex;         /* tunnel: --in's frames after nftables */
     uint32_t mark;           /* tunnel: the mark that selects a frame */
@@ -206,6 +218,10 @@ void tpb_bridge_counters(struct tpb_bridge *br, int port,
                          struct tpb_port_counters *out);
 
 void tpb_bridge_close(struct tpb_bridge *br);
+
+/* The fanout group id of each ring (0 for a ring in no group), in the
+ * order TPB_FANOUT_JOIN takes them; returns how many rings. */
+uint32_t tpb_bridge_fanout_ids(struct tpb_bridge *br, uint16_t *out);
 
 /* The tunnel's counters (zero in plain mode). */
 void tpb_bridge_tunnel_counters(struct tpb_bridge *br,

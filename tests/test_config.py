@@ -199,6 +199,29 @@ def test_flag_problems_name_the_flag():
     ), lines
 
 
+def test_workers_and_priority_ranges_name_the_flag():
+    res = tpb("run", *NO_IF, "--workers", "0", "--priority", "100")
+    lines = problems(res)
+    assert res.returncode == 2
+    assert sorted(lines) == sorted(
+        [
+            "tpb: --priority: bridge.priority must be from 0 to 99, not 100",
+            "tpb: --workers: bridge.workers must be from 1 to 64, not 0",
+        ]
+    ), lines
+
+
+def test_workers_are_for_plain_bridging_only():
+    res = tpb("run", *NO_IF, "--workers", "2", "--local", "198.51.100.3",
+              "--remote", "198.51.100.34")
+    lines = problems(res)
+    assert res.returncode == 2
+    assert lines == [
+        "tpb: --workers: bridge.workers 2: more than one worker is for plain bridging "
+        "only (no tunnel)"
+    ], lines
+
+
 def test_mark_and_match_flags_exclude_each_other():
     res = tpb("run", *NO_IF, "--mark", "47", "--match", "ip daddr 203.0.113.10")
     lines = problems(res)

@@ -25,7 +25,6 @@ from tpb.native import (
     PORT_IN,
     PORT_NAMES,
     PORT_OUT,
-    NativeBridge,
     PortCounters,
     tunnel_struct,
 )
@@ -41,6 +40,7 @@ from tpb.service import (
     serve_status,
 )
 from tpb.service import write_counters as write_counters_json
+from tpb.workers import Workers
 
 # What a reload cannot change: the rings are sized and bound at open.
 RESTART_SETTINGS = (
@@ -50,6 +50,8 @@ RESTART_SETTINGS = (
     "bridge.ring_frames",
     "bridge.batch",
     "bridge.spin_us",
+    "bridge.workers",
+    "bridge.priority",
 )
 MIN_IPV4_MTU = 68  # RFC 791: every IPv4 host must take a packet this large
 MIN_IPV6_MTU = 1280  # RFC 8200
@@ -74,11 +76,22 @@ def summary(counters: dict[int, PortCounters], tunnel: dict[str, Any] | None = N
     return "tpb: " + "; ".join(parts)
 
 
-def write_counters(path: str, counters: dict[int, PortCounters], tunnel: dict[str, Any]) -> None:
+def write_counters(
+    path: str,
+    counters: dict[int, PortCounters],
+    tunnel: dict[str, Any],
+    per_worker: list[dict[int, PortCounters]] | None = None,
+) -> None:
     """The exit counters as JSON, {"in": {...}, "out": {...}, "tunnel":
-    {...}}, for scripts; RuntimeFailure if the file cannot be written."""
+    {...}}, for scripts; with more than one worker also "workers": each
+    one's ports, whose sum "in" and "out" are.  RuntimeFailure if the file
+    cannot be written."""
     data: dict[str, Any] = {PORT_NAMES[p]: asdict(c) for p, c in counters.items()}
     data["tunnel"] = tunnel
+    if per_worker is not None and len(per_worker) > 1:
+        data["workers"] = [
+            {PORT_NAMES[p]: asdict(c) for p, c in w.items()} for w in per_worker
+        ]
     write_counters_json(path, data)
 
 
@@ -155,10 +168,15 @@ def preflight(s: Settings, src: Source, counters_file: str | None) -> tuple[dict
         p, w = tunnel_problems(s, src, ports.get("out"), host_addresses())
         problems += p
         warnings += w
-    if s.cpu is not None and s.cpu not in os.sched_getaffinity(0):
-        allowed = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-        problems.append(f"{src.where('bridge', 'cpu')} {s.cpu}: not a CPU this process may "
-                        f"run on (allowed: {allowed})")
+    if s.cpu is not None:
+        allowed = os.sched_getaffinity(0)
+        want = range(s.cpu, s.cpu + s.workers)
+        if not set(want) <= allowed:
+            shown = ",".join(map(str, sorted(allowed)))
+            what = (f"{s.cpu}: not a CPU" if s.workers == 1 else
+                    f"{s.cpu} with {s.workers} workers: CPUs {want[0]}-{want[-1]} are not CPUs")
+            problems.append(f"{src.where('bridge', 'cpu')} {what} this process may run on "
+                            f"(allowed: {shown})")
     if s.low_latency and not os.access(PM_QOS, os.W_OK):
         problems.append(f"{src.where('bridge', 'low_latency')}: {PM_QOS}: not writable "
                         "(--no-low-latency runs without)")
@@ -196,7 +214,7 @@ class QdiscWatch:
     sees nothing any more, and a port of the same name made later is
     another interface."""
 
-    def __init__(self, bridge: NativeBridge, ports: dict[int, Port]) -> None:
+    def __init__(self, bridge: Workers, ports: dict[int, Port]) -> None:
         from pyroute2 import IPRoute  # slow to import: only when needed
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -253,7 +271,7 @@ class Bridge:
         self.ports: dict[str, Port] = {}
         self.selector: Selector | None = None
         self.guard: TableGuard | None = None
-        self.native: NativeBridge | None = None
+        self.native: Workers | None = None
         self._watch: QdiscWatch | None = None
         self._qos: int | None = None
         self._metrics: Closeable | None = None
@@ -284,9 +302,10 @@ class Bridge:
         self.ports, warnings = preflight(s, self.src, self.counters_file)
         for w in warnings:
             log.warning("%s", w)
-        if s.cpu is not None:
+        cpus = None if s.cpu is None else list(range(s.cpu, s.cpu + s.workers))
+        if cpus is not None:
             try:
-                os.sched_setaffinity(0, {s.cpu})
+                os.sched_setaffinity(0, set(cpus))
             except (OSError, ValueError) as e:
                 raise TpbError(f"--cpu {s.cpu}: {e}") from None
         if s.low_latency:
@@ -303,9 +322,12 @@ class Bridge:
             }
             self.guard = TableGuard(self.selector)
             self._stack.callback(self.guard.close)
-        self.native = NativeBridge(
+        self.native = Workers(
             self.ports["in"].ifindex,
             self.ports["out"].ifindex,
+            s.workers,
+            cpus=cpus if s.workers > 1 else None,  # one worker: the process is pinned
+            priority=s.priority,
             ring_frames=s.ring_frames,
             batch=s.batch,
             spin_us=s.spin_us,
@@ -372,7 +394,9 @@ class Bridge:
                 + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}"))
 
     def ready(self) -> str:
-        return f"bridging {self.s.in_if} <-> {self.s.out_if} ({self._what()}) (ctrl-c to stop)"
+        workers = f", {self.s.workers} workers" if self.s.workers > 1 else ""
+        return (f"bridging {self.s.in_if} <-> {self.s.out_if} ({self._what()}{workers}) "
+                "(ctrl-c to stop)")
 
     def status(self) -> str:
         text = f"bridging {self.s.in_if} <-> {self.s.out_if} ({self._what()})"
@@ -400,6 +424,8 @@ class Bridge:
         assert self.native
         self._close_servers()
         counters = {p: self.native.counters(p) for p in (PORT_IN, PORT_OUT)}
+        each = {p: self.native.per_worker(p) for p in (PORT_IN, PORT_OUT)}
+        per_worker = [{p: each[p][k] for p in each} for k in range(len(each[PORT_IN]))]
         tunnel = self.native.tunnel_counters()
         self.native.close()
         try:
@@ -407,7 +433,7 @@ class Bridge:
         except OSError:
             pass  # stdout gone: the --counters file may still be written
         if self.counters_file:
-            write_counters(self.counters_file, counters, tunnel)
+            write_counters(self.counters_file, counters, tunnel, per_worker)
 
     # -- reload ---------------------------------------------------------------
 

@@ -63,6 +63,8 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "ring_frames": ("bridge", "ring_frames"),
     "batch": ("bridge", "batch"),
     "spin_us": ("bridge", "spin_us"),
+    "workers": ("bridge", "workers"),
+    "priority": ("bridge", "priority"),
     "low_latency": ("bridge", "low_latency"),
     "metrics_listen": ("bridge", "metrics_listen"),
     "log_level": ("bridge", "log_level"),
@@ -163,6 +165,19 @@ def _add_run_flags(r: argparse.ArgumentParser) -> None:
         "--batch", type=_number, help="frames taken per ring before each flush (64, at most 256)"
     )
     b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
+    b.add_argument(
+        "--workers",
+        type=_number,
+        help="forwarding threads sharing the ports' traffic by flow (1; plain bridging only; "
+        "with --cpu, worker k runs on CPU cpu+k)",
+    )
+    b.add_argument(
+        "--priority",
+        type=_number,
+        help="run the forwarding threads SCHED_FIFO at this priority (1-99; 0, the default: "
+        "normal scheduling); under a flood the receive softirq then runs in TPB's own "
+        "system calls and the kernel drops the excess in its input backlog",
+    )
     b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
                    help="keep idle CPUs polling, not halting, while TPB runs: wake-ups "
                    "cost no sleep-state exit (PM QoS; default on)")

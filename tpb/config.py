@@ -80,6 +80,8 @@ class Settings:
     ring_frames: int = 8192
     batch: int = 64
     spin_us: int = 0
+    workers: int = 1  # forwarding threads, ports' traffic shared by flow
+    priority: int = 0  # SCHED_FIFO priority of the forwarding threads; 0: normal
     low_latency: bool = True
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9547)  # None: off
     log_level: str = "info"
@@ -94,8 +96,8 @@ def run_items(s: Settings) -> dict[str, Any]:
             out[f"tunnel.{f.name}"] = getattr(s.tunnel, f.name)
         out["select.mark"] = s.mark
         out["select.match"] = s.match
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency", "metrics_listen",
-                "log_level"):
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "priority", "low_latency",
+                "metrics_listen", "log_level"):
         out[f"bridge.{key}"] = getattr(s, key)
     return out
 
@@ -281,6 +283,8 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "ring_frames": _int(16, 65536),
         "batch": _int(1, 256),
         "spin_us": _int(0, 100_000),
+        "workers": _int(1, 64),
+        "priority": _int(0, 99),
         "low_latency": _bool,
         "metrics_listen": _listen,
         "log_level": _choice(*LOG_LEVELS),
@@ -406,8 +410,8 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     s = Settings()
     ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
     s.in_if, s.out_if = ports.get("in"), ports.get("out")
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "low_latency", "metrics_listen",
-                "log_level"):
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "priority", "low_latency",
+                "metrics_listen", "log_level"):
         if key in br:
             setattr(s, key, br[key])
     if "mark" in sel and "match" in sel:
@@ -433,6 +437,13 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     elif "select" in data and not problems:
         problems.append(
             f"{src.where('select')}: [select] needs a tunnel (tunnel.local and tunnel.remote)"
+        )
+    if s.workers > 1 and s.tunnel is not None:
+        # Each worker would keep its own keepalive state, sequence numbers
+        # and reassembly; the POP's answers reach only one of them.
+        problems.append(
+            f"{src.where('bridge', 'workers')}: bridge.workers {s.workers}: more than one "
+            "worker is for plain bridging only (no tunnel)"
         )
     if "in" not in data.get("ports", {}) or "out" not in data.get("ports", {}):
         problems.append(

@@ -143,9 +143,14 @@ class NativeBridge:
         tunnel: Any = None,
         sel_ifindex: int = 0,
         mark: int = 0,
+        fanout: list[int] | None = None,
     ) -> None:
+        """fanout: None, this loop alone sees every frame; [], the first of
+        several workers (its rings make new PACKET_FANOUT_HASH groups); the
+        first worker's fanout_ids(), another worker joining them."""
         self._ports = (in_ifindex, out_ifindex)
         self._data = dict(ring_frames=ring_frames, batch=batch, spin_us=spin_us)
+        self._fanout = fanout
         cfg = self._config(tunnel, sel_ifindex, mark)
         err = ffi.new("char[256]")
         br = lib.tpb_bridge_open(cfg, err, len(err))
@@ -159,6 +164,10 @@ class NativeBridge:
         cfg.ring_frames = self._data["ring_frames"]
         cfg.batch = self._data["batch"]
         cfg.spin_us = self._data["spin_us"]
+        if self._fanout is not None:
+            cfg.fanout = lib.TPB_FANOUT_JOIN if self._fanout else lib.TPB_FANOUT_NEW
+            for i, gid in enumerate(self._fanout):
+                cfg.fanout_id[i] = gid
         if tunnel is not None:
             cfg.tunnel = 1
             cfg.sel_ifindex = sel_ifindex
@@ -182,6 +191,12 @@ class NativeBridge:
 
     def heartbeat(self) -> int:
         return lib.tpb_bridge_heartbeat(self._br)
+
+    def fanout_ids(self) -> list[int]:
+        """Each ring's fanout group id, for the other workers to join."""
+        out = ffi.new("uint16_t[]", lib.TPB_FANOUT_RINGS)
+        n = lib.tpb_bridge_fanout_ids(self._br, out)
+        return [out[i] for i in range(n)]
 
     def run(self) -> None:
         """Forward until stop(); cffi releases the GIL for the whole call."""
