@@ -352,6 +352,7 @@ METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
                     "tpb_keepalive_rtt_seconds", "tpb_keepalive_last_reply_age_seconds")},
     "tpb_tunnel_active": {"bridge": _REMOTES},
     "tpb_pop_learned_entries": {"pop": [{}]},
+    "tpb_nft_restored_total": {"bridge": [{}]},  # tunnel mode: its table guarded
     **{name: {"bridge": [{}], "pop": [{}]}
        for name in ("tpb_config_last_reload_successful",
                     "tpb_config_last_reload_success_timestamp_seconds")},
