@@ -44,11 +44,6 @@
 
 #define MAX_BATCH 256
 
-static uint64_t now_ns(void)
-{
-    return mono_ns();
-}
-
 /* 1. ------------------------------------------------------------------ */
 
 static int earlier(const struct tpacket2_hdr *a, const struct tpacket2_hdr *b)
@@ -187,12 +182,12 @@ static int spin(struct tpb_bridge *br)
 
     if (!br->spin_us)
         return 0;
-    until = now_ns() + (uint64_t)br->spin_us * 1000u;
+    until = mono_ns() + (uint64_t)br->spin_us * 1000u;
     do {
         if (rings_ready(br))
             return 1;
         __builtin_ia32_pause();
-    } while (now_ns() < until &&
+    } while (mono_ns() < until &&
              !__atomic_load_n(&br->stop, __ATOMIC_RELAXED));
     return 0;
 }
@@ -228,7 +223,7 @@ int tpb_bridge_run(struct tpb_bridge *br)
     while (!__atomic_load_n(&br->stop, __ATOMIC_ACQUIRE)) {
         uint32_t work = 0;
 
-        br->now_ns = now_ns();
+        br->now_ns = mono_ns();
         __atomic_store_n(&br->passes, br->passes + 1, __ATOMIC_RELAXED);
         if (__atomic_load_n(&br->pending, __ATOMIC_ACQUIRE))
             apply_pending(br);
@@ -437,7 +432,7 @@ static int tunnel_state(struct tpb_bridge *br, const struct tpb_bridge_config *c
 static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                        char *err, size_t errlen)
 {
-    if (tunnel_state(br, cfg, now_ns(), err, errlen))
+    if (tunnel_state(br, cfg, mono_ns(), err, errlen))
         return -1;
     br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], 1, 1, err, errlen);
     if (br->txfd_in < 0)
@@ -727,7 +722,7 @@ int tpb_bridge_reconfigure(struct tpb_bridge *br,
     want = br->applied + 1;
     if (!__atomic_load_n(&br->running, __ATOMIC_ACQUIRE)) {
         pthread_mutex_unlock(&br->stats_lock);
-        br->now_ns = now_ns();
+        br->now_ns = mono_ns();
         apply_pending(br);
         return 0;
     }
@@ -749,7 +744,7 @@ int tpb_bridge_reconfigure(struct tpb_bridge *br,
 uint32_t tpb_bridge_remotes(struct tpb_bridge *br,
                             struct tpb_remote_state *out, uint32_t n)
 {
-    uint64_t now = now_ns();
+    uint64_t now = mono_ns();
     uint32_t i;
 
     pthread_mutex_lock(&br->stats_lock);

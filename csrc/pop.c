@@ -206,11 +206,6 @@ struct tpb_pop {
     uint8_t *sbuf;
 };
 
-static uint64_t now_ns(void)
-{
-    return mono_ns();
-}
-
 /* Inner addresses as 16 bytes, IPv4 mapped into ::ffff:0:0/96. */
 static int inner_addr(const uint8_t *ip, size_t len, int dst, uint8_t out[16])
 {
@@ -1087,7 +1082,7 @@ static void apply(struct tpb_pop *pop, struct reload *r)
     struct tpb_pop_prefix *old_prefixes = pop->prefixes;
     struct learn_table old_learn = pop->learn;
     struct learned *e, *slot;
-    uint64_t now = now_ns();
+    uint64_t now = mono_ns();
     uint32_t i, to;
 
     for (i = 0; i < r->npeers; i++)
@@ -1147,7 +1142,7 @@ int tpb_pop_run(struct tpb_pop *pop)
     pop->running = 1;
     pthread_mutex_unlock(&pop->lock);
     while (!__atomic_load_n(&pop->stop, __ATOMIC_ACQUIRE)) {
-        pop->now_ns = now_ns();
+        pop->now_ns = mono_ns();
         __atomic_store_n(&pop->passes, pop->passes + 1, __ATOMIC_RELAXED);
         if (__atomic_load_n(&pop->pending, __ATOMIC_ACQUIRE))
             take_reload(pop);
@@ -1354,7 +1349,7 @@ void tpb_pop_counters(struct tpb_pop *pop, uint32_t peer,
 uint32_t tpb_pop_learned(struct tpb_pop *pop)
 {
     uint32_t i, n = 0;
-    uint64_t now = now_ns();
+    uint64_t now = mono_ns();
 
     pthread_mutex_lock(&pop->lock);
     for (i = 0; i <= pop->learn.mask; i++)
@@ -1374,7 +1369,7 @@ int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
         pthread_mutex_unlock(&pop->lock);
         return -EINVAL;
     }
-    now = now_ns();
+    now = mono_ns();
     k = &pop->peers[peer].ka;
     memset(out, 0, sizeof(*out));
     out->addr = pop->peers[peer].cfg.addr;
