@@ -192,17 +192,35 @@ static size_t join_inner(struct h *h, size_t *i, uint8_t *out, size_t *first_off
     return ihl + acc;
 }
 
+/* Where a SYN's TCP header is that clamp_mss() may edit: in a whole
+ * packet, or in a first fragment (offset 0, MF set) that holds the whole
+ * header — the checksum, updated by difference, stays right for the
+ * datagram the fragments make (RFC 1624).  0: none. */
+static size_t syn_tcp_off(const uint8_t *ip, size_t len)
+{
+    size_t l4;
+
+    if (ip[0] >> 4 == 4) {
+        if (ip[9] != IPPROTO_TCP_ || (fz_rd16(ip + 6) & IP_OFFMASK))
+            return 0;
+        l4 = (size_t)(ip[0] & 0x0f) * 4;
+    } else {
+        if (ip[6] != IPPROTO_TCP_)
+            return 0;
+        l4 = 40;
+    }
+    return l4 + 20 <= len && (ip[l4 + 13] & 2) ? l4 : 0;
+}
+
 /* Which bytes the pipeline may change in the selected packet: a SYN's
  * options (MSS clamp) and TCP checksum, the partial checksum's field. */
 static void check_changes(struct h *h)
 {
     const struct fz_frame *z = h->z;
     const uint8_t *o = z->orig + FZ_ETH, *p = h->post + FZ_ETH;
-    size_t i, l4 = 0, doff = 0, at = SIZE_MAX;
-    uint8_t l4p = 0;
+    size_t i, l4 = h->ilen ? syn_tcp_off(o, h->ilen) : 0, doff = 0, at = SIZE_MAX;
 
-    l4 = fz_l4_off(o, h->ilen, &l4p);
-    if (l4 && l4p == IPPROTO_TCP_ && (o[l4 + 13] & 2))
+    if (l4)
         doff = (size_t)(o[l4 + 12] >> 4) * 4;
     if (z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
         at = (size_t)z->vh0.csum_start + z->vh0.csum_offset - FZ_ETH;
@@ -219,12 +237,10 @@ static void check_mss(struct h *h)
 {
     const struct tpb_bridge *br = h->br;
     const uint8_t *o = h->z->orig + FZ_ETH, *p = h->post + FZ_ETH;
-    size_t l4, doff, i;
-    uint8_t l4p = 0;
+    size_t l4 = h->ilen ? syn_tcp_off(o, h->ilen) : 0, doff, i;
     long clamp;
 
-    l4 = fz_l4_off(o, h->ilen, &l4p);
-    if (!l4 || l4p != IPPROTO_TCP_ || !(o[l4 + 13] & 2))
+    if (!l4)
         return;
     doff = (size_t)(o[l4 + 12] >> 4) * 4;
     if (doff < 20 || l4 + doff > h->ilen)
