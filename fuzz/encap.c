@@ -69,25 +69,13 @@ static void check_gre(struct h *h, const uint8_t *ip, size_t len, int fragmented
     const struct tpb_tunnel_config *t = &h->br->cfg;
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
-    size_t glen = fz_gre_hlen(flags), off = 4;
+    size_t glen = fz_gre_hlen(flags);
     const uint8_t *g = ip + 20;
 
     FZ_CHECK(len >= 20 + glen, "GRE: packet of %zu bytes", len);
     FZ_CHECK(fz_rd16(g) == flags, "GRE: flags %04x, not %04x", fz_rd16(g), flags);
     FZ_CHECK(fz_rd16(g + 2) == h->type, "GRE: protocol %04x", fz_rd16(g + 2));
-    if (t->csum) {
-        FZ_CHECK(fz_fold(fz_sum(0, g, len - 20)) == 0, "GRE: checksum");
-        off += 4;
-    }
-    if (t->has_key) {
-        FZ_CHECK(fz_rd32(g + off) == t->key, "GRE: key");
-        off += 4;
-    }
-    if (t->seq) {
-        FZ_CHECK(fz_rd32(g + off) == h->seq_next, "GRE: sequence number %u, not %u",
-                 fz_rd32(g + off), h->seq_next);
-        h->seq_next++;
-    }
+    fz_check_gre_fields(t, g, len - 20, &h->seq_next, "GRE");
     check_outer_fields(h, ip, g + glen, len - 20 - glen, fragmented);
     add_pkt(h, g + glen, len - 20 - glen);
 }
@@ -670,13 +658,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (fz_rd16(buf + 12) == ETYPE_IPV4 || fz_rd16(buf + 12) == ETYPE_IPV6)
             fz_fix_ip(ip, len - FZ_ETH, mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL, &l4);
     } else if (mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL) {
-        uint8_t *scratch = malloc(len);
-
-        if (!scratch)
-            abort();
-        memcpy(scratch, buf, len);
-        fz_fix_ip(scratch + FZ_ETH, len - FZ_ETH, 1, &l4);
-        free(scratch);
+        fz_l4_of(buf, len, &l4);
     }
     fz_vnet(&vh, mode, &in, &l4, FZ_ETH);
 
