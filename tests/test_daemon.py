@@ -452,9 +452,9 @@ def test_a_port_that_goes_away_ends_tpb_with_1(tlab, daemons, spare_ports):
     read_counters(d.counters_file)  # written all the same
 
 
-def test_configuration_errors_are_2(tlab):
+def test_configuration_errors_are_2_a_missing_port_3(tlab):
     res = tpb_once(tlab, "tpb", "run", "--in", "eth2", "--out", "nosuch0", *QUIET)
-    assert (res.returncode, res.stderr) == (2, "tpb: --out nosuch0: no such interface\n")
+    assert (res.returncode, res.stderr) == (3, "tpb: --out nosuch0: no such interface\n")
     res = tpb_once(tlab, "tpb", "run", "--in", "eth2", "--out", "nosuch0", "--batch", "0")
     assert res.returncode == 2 and "--batch" in res.stderr
 

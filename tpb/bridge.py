@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tpb import config, metrics, status
-from tpb.config import ConfigError, Settings, Source
+from tpb.config import ConfigError, PortsNotReady, Settings, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.log import log, set_level
 from tpb.metrics import Closeable, ReloadState
@@ -161,10 +161,13 @@ def preflight(s: Settings, src: Source, counters_file: str | None) -> tuple[dict
     problems: list[str] = []
     warnings: list[str] = []
     ports: dict[str, Port] = {}
+    not_ready = False
     try:
         ports = lookup({"in": s.in_if, "out": s.out_if})
     except ConfigError as e:
         problems += e.problems
+        not_ready = isinstance(e, PortsNotReady)
+    n_port_problems = len(problems)
     if s.tunnel is not None:
         p, w = tunnel_problems(s, src, ports.get("out"), host_addresses())
         problems += p
@@ -184,7 +187,9 @@ def preflight(s: Settings, src: Source, counters_file: str | None) -> tuple[dict
     if (why := counters_file_problem(counters_file)) is not None:
         problems.append(why)
     if problems:
-        raise ConfigError(problems)
+        # only a port missing or down: the host may not be ready yet (exit 3)
+        raise (PortsNotReady if not_ready and len(problems) == n_port_problems
+               else ConfigError)(problems)
     return ports, warnings
 
 

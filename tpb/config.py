@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tpb.errors import TpbError
+from tpb.errors import EXIT_NOT_READY, TpbError
 
 DEFAULT_PATH = "/etc/tpb/tpb.toml"
 U32 = 2**32 - 1
@@ -28,6 +28,13 @@ class ConfigError(TpbError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class PortsNotReady(ConfigError):
+    """Only ports missing or down: the host is not ready yet, and a later
+    start may succeed (exit status 3, which the units restart)."""
+
+    exit_code = EXIT_NOT_READY
 
 
 # ---- the settings ---------------------------------------------------------

@@ -1,14 +1,19 @@
 """The exceptions that reach the user as a single line, and their exit
 status.
 
-A systemd unit can tell the two apart (RestartPreventExitStatus=2):
-restarting cannot fix a configuration, but may well outlive a failure.
+A systemd unit can tell them apart (RestartPreventExitStatus=2):
+restarting cannot fix a configuration, but may well outlive a failure
+(1) or a port that is not there yet (3).
 """
 
 from __future__ import annotations
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+# A port missing or down at start: nothing in the configuration is wrong,
+# the host is not ready yet (a NIC whose driver or rename comes late, a
+# link someone will raise). Restarting may well fix it.
+EXIT_NOT_READY = 3
 
 
 class TpbError(Exception):

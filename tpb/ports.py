@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from tpb.config import ConfigError
+from tpb.config import ConfigError, PortsNotReady
 from tpb.errors import TpbError
 
 IFF_UP = 0x1
@@ -67,6 +67,7 @@ def lookup(names: dict[str, str]) -> dict[str, Port]:
         seen[name] = role
     ports: dict[str, Port] = {}
     problems: list[str] = []
+    not_ready = True  # only missing or down ports: a later start may find them
     with IPRoute() as ipr:
         for role, name in names.items():
             idx = ipr.link_lookup(ifname=name)
@@ -77,6 +78,7 @@ def lookup(names: dict[str, str]) -> dict[str, Port]:
             flags = link["flags"]
             if flags & IFF_LOOPBACK:
                 problems.append(f"--{role} {name}: a loopback interface cannot be a bridge port")
+                not_ready = False
             elif not flags & IFF_UP:
                 problems.append(f"--{role} {name}: interface is down (ip link set {name} up)")
             else:
@@ -87,7 +89,7 @@ def lookup(names: dict[str, str]) -> dict[str, Port]:
                     mac=link.get_attr("IFLA_ADDRESS"),
                 )
     if problems:
-        raise ConfigError(problems)
+        raise PortsNotReady(problems) if not_ready else ConfigError(problems)
     return ports
 
 
