@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import ipaddress
-import json
-import subprocess
+import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
@@ -249,19 +248,28 @@ def settings_from(args: argparse.Namespace) -> tuple[PopSettings, Source]:
 # ---- the checks before the TUN device is made (`tpb pop` and `tpb check`) --
 
 
+RTN_NAMES = {2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable", 8: "prohibit",
+             9: "throw"}
+
+
 def _route_exists(pfx: str) -> str | None:
-    """The route the main table has for exactly this prefix, or None."""
-    family = "-6" if ":" in pfx else "-4"
-    r = subprocess.run(["ip", family, "-j", "route", "show", "exact", pfx],
-                       capture_output=True, text=True)
-    try:
-        routes = json.loads(r.stdout or "[]")
-    except ValueError:
-        return None
-    if not routes:
-        return None
-    dev = routes[0].get("dev")
-    return f"dev {dev}" if dev else routes[0].get("type", "a route")
+    """The route the main table has for exactly this prefix (as `ip route
+    show exact` finds it), or None."""
+    from pyroute2 import IPRoute  # slow to import: only when needed
+
+    net = ipaddress.ip_network(pfx)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=family, table=254):
+            dst = r.get_attr("RTA_DST")
+            if r["dst_len"] != net.prefixlen or (
+                    dst is not None and ipaddress.ip_address(dst) != net.network_address):
+                continue
+            if (oif := r.get_attr("RTA_OIF")) is not None:
+                link = ipr.get_links(oif)
+                return f"dev {link[0].get_attr('IFLA_IFNAME') if link else oif}"
+            return RTN_NAMES.get(r["type"], "a route")
+    return None
 
 
 def preflight(s: PopSettings, src: Source, counters_file: str | None = None) -> None:
@@ -294,12 +302,6 @@ def preflight(s: PopSettings, src: Source, counters_file: str | None = None) -> 
 # ---- the TUN device and its routes -------------------------------------------
 
 
-def _ip(*argv: str) -> None:
-    r = subprocess.run(["ip", *argv], capture_output=True, text=True)
-    if r.returncode:
-        raise TpbError(f"ip {' '.join(argv)}: {r.stderr.strip()}")
-
-
 class TunRoutes:
     """The prefixes routed into the TUN device.  They go away with the
     device at exit; only a reload removes one by hand."""
@@ -307,22 +309,35 @@ class TunRoutes:
     def __init__(self, tun: str) -> None:
         self.tun = tun
 
+    def _route(self, cmd: str, pfx: str) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.tun)
+            if not idx:
+                raise TpbError(f"{self.tun}: the TUN device is gone")
+            ipr.route(cmd, dst=pfx, oif=idx[0])
+
     def add(self, pfx: str, peer: str) -> None:
         # `add`, not `replace`: a prefix that is already routed (the POP's
         # own link, say) is a configuration error to show, not a route to
         # take over and lose at exit.
-        r = subprocess.run(["ip", "route", "add", pfx, "dev", self.tun],
-                           capture_output=True, text=True)
-        if r.returncode:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self._route("add", pfx)
+        except NetlinkError as e:
             raise TpbError(f"peer {peer}: prefix {pfx}: cannot route it into {self.tun}: "
-                           f"{r.stderr.strip()}")
+                           f"{e.args[1] if len(e.args) > 1 else e}") from None
 
     def remove(self, pfx: str) -> None:
-        r = subprocess.run(["ip", "route", "del", pfx, "dev", self.tun],
-                           capture_output=True, text=True)
-        if r.returncode:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self._route("del", pfx)
+        except NetlinkError as e:
             raise TpbError(f"prefix {pfx}: cannot remove its route from {self.tun}: "
-                           f"{r.stderr.strip()}")
+                           f"{e.args[1] if len(e.args) > 1 else e}") from None
 
 
 def _prefix_struct(pfx: str) -> tuple[bytes, int]:
@@ -426,7 +441,7 @@ class Pop(Lifecycle):
         # computes it: Linux's own completion writes a TCP checksum of zero
         # as 0xffff, which decoders flag.
         fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM)
-        _ip("link", "set", self._tun.name, "up")
+        self._tun.up()
         for pfx, peer in _routed(s).items():
             self.routes.add(pfx, peer)
         self.native = NativePop(s, self._tun.fileno(), self._tun.mtu, prefix_table(s))

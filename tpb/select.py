@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from tpb.errors import TpbError
 from tpb.log import log
+from tpb.ports import IFF_UP
 
 PRIORITY = 500  # after the operator's chains (use priority < 500)
 VETH_MTU = 65535  # never the narrow point: jumbo frames and GSO pass
@@ -88,8 +89,12 @@ def check_rules(in_if: str, mark: int, match: list[str]) -> None:
     _check(ruleset(table_name(in_if), in_if, in_if, mark, match), match)
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
+IFF_NOARP = 0x80
+
+
+def _netlink_error(e: Exception) -> str:
+    # pyroute2's NetlinkError is (errno, message); say it as ip(8) would
+    return getattr(e, "args", [None, None])[1] or str(e)
 
 
 def _sysctl_write(key: str, value: str) -> None:
@@ -126,32 +131,26 @@ class Selector:
             raise
 
     def _start(self) -> int:
-        r = _ip(
-            "link",
-            "add",
-            self.veth_tx,
-            "mtu",
-            str(VETH_MTU),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            self.veth_rx,
-            "mtu",
-            str(VETH_MTU),
-        )
-        if r.returncode:
-            raise TpbError(f"cannot create veth {self.veth_tx}: {r.stderr.strip()}")
-        # The pair must never speak itself: no IPv6 (router solicitations,
-        # MLD), no ARP. Whatever enters it is --in's traffic only.
-        for dev in (self.veth_tx, self.veth_rx):
-            _sysctl_write(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
-            _ip("link", "set", dev, "arp", "off")
-            _ip("link", "set", dev, "up")
+        from pyroute2 import IPRoute  # slow to import: only when needed
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname=self.veth_tx, mtu=VETH_MTU, kind="veth",
+                         peer={"ifname": self.veth_rx, "mtu": VETH_MTU})
+            except NetlinkError as e:
+                raise TpbError(f"cannot create veth {self.veth_tx}: "
+                               f"{_netlink_error(e)}") from None
+            # The pair must never speak itself: no IPv6 (router solicitations,
+            # MLD), no ARP. Whatever enters it is --in's traffic only.
+            for dev in (self.veth_tx, self.veth_rx):
+                _sysctl_write(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
+                idx = ipr.link_lookup(ifname=dev)[0]
+                ipr.link("set", index=idx, flags=IFF_UP | IFF_NOARP,
+                         change=IFF_UP | IFF_NOARP)
+            self.sel_ifindex = ipr.link_lookup(ifname=self.veth_rx)[0]
         self.check(self.mark, self.match)
         self.load(self.mark, self.match)
-        idx = _ip("-o", "link", "show", self.veth_rx).stdout.split(":", 1)[0]
-        self.sel_ifindex = int(idx)
         return self.sel_ifindex
 
     def check(self, mark: int, match: list[str]) -> None:
@@ -174,6 +173,14 @@ class Selector:
 
     def stop(self) -> None:
         """Remove the table and the veth pair (quietly: they may be gone)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
         _nft(["delete", "table", "netdev", self.table])
-        _ip("link", "del", self.veth_tx)
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=self.veth_tx):
+                try:
+                    ipr.link("del", index=idx)  # its peer goes with it
+                except NetlinkError:
+                    pass  # gone meanwhile
         self.active = False
