@@ -320,19 +320,20 @@ def pop_snapshot(pop: Any, settings: Any) -> dict[str, Any]:
     doc["peers"] = []
     drops: dict[str, dict[str, int]] = {}
     for p in settings.peers:
-        c = counters["peers"].get(p.address)
+        c = counters["peers"].get(p.name)
         doc["peers"].append({
             "addr": p.address,
+            "encap": p.encap,
             "key": p.key is not None,
             "csum": p.csum,
             "seq": p.seq,
             "prefixes": list(p.prefixes),
             "keepalive": str(p.keepalive) if p.keepalive else None,
-            "state": _state(states.get(p.address)),
+            "state": _state(states.get(p.name)),
             "counters": c,
         })
         if c:
-            drops[p.address] = c["drop"]
+            drops[p.name] = c["drop"]
     doc["other"] = {"counters": counters["other"]}
     drops["none"] = counters["other"]["drop"]
     doc["top_drops"] = _top_drops(drops)
