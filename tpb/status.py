@@ -322,6 +322,7 @@ def pop_snapshot(pop: Any, settings: Any) -> dict[str, Any]:
     for p in settings.peers:
         c = counters["peers"].get(p.name)
         doc["peers"].append({
+            "name": p.name,
             "addr": p.address,
             "encap": p.encap,
             "key": p.key is not None,
