@@ -66,7 +66,7 @@ def _rate_counters(doc: dict[str, Any]) -> dict[tuple[str, ...], int]:
     for peer in doc.get("peers") or []:
         if peer.get("counters"):
             for k in TUNNEL_RATES:
-                out[("peers", peer["addr"], k)] = peer["counters"][k]
+                out[("peers", peer.get("name", peer["addr"]), k)] = peer["counters"][k]
     return out
 
 
@@ -433,11 +433,14 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  pop: local {doc['local']}, tun {doc['tun']}, "
                      f"{len(doc['peers'])} peer(s), {doc['learned']} learned")
         for p in doc["peers"]:
-            line = _remote_line("peer", p["addr"], p["state"], p["keepalive"], bridge=False)
+            name = p.get("name", p["addr"])
+            line = _remote_line("peer", name, p["state"], p["keepalive"], bridge=False)
             c = p.get("counters") or {}
-            r = (rates.get("peers") or {}).get(p["addr"])
+            r = (rates.get("peers") or {}).get(name)
+            where = (p["state"] or {}).get("endpoint")
+            udp = f"; udp{' at ' + where if where else ''}" if p.get("encap") == "udp" else ""
             lines.append(
-                f"{line}; key {'yes' if p['key'] else 'no'}"
+                f"{line}; key {'yes' if p['key'] else 'no'}{udp}"
                 f"\n    traffic: {_rate(r, 'decap', 'packets', c.get('decap_packets', 0))}, "
                 f"{_rate(r, 'encap', 'packets', c.get('encap_packets', 0))}"
             )
