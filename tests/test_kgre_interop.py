@@ -249,7 +249,8 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     for res in (up, down):
         assert json.loads(res.stdout)["end"]["sum_received"]["bytes"] > 20_000, res.stdout[-500:]
     t = c["tunnel"]
-    assert t["drop"] == {}, t["drop"]
+    # tunnel_down: pings sent before the first keepalive answer (drop mode)
+    assert set(t["drop"]) <= {"tunnel_down"}, t["drop"]
     assert t["fragmented"] > 0 and t["gso_packets"] > 0, t
     # each 1500-byte reply left Linux as two outer UDP fragments
     assert t["reasm_done"] >= received(big) + 2 * received(huge), t
@@ -257,12 +258,16 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     assert remote["up"] and remote["keepalives_received"] >= 1, remote
     assert stats["rx"]["errors"] == 0 and stats["rx"]["bytes"] >= t["encap_bytes"] * 0.9, stats
     assert len(frames) > 100
-    pcap, opts = tmp_path / "fou.pcap", ["-o", "tcp.analyze_sequence_numbers:FALSE"]
+    # iperf3's port as data (tshark would try Thrift on it)
+    pcap = tmp_path / "fou.pcap"
+    opts = ["-o", "tcp.analyze_sequence_numbers:FALSE", "-d", "tcp.port==5201,data"]
     # iperf3's server resets the data connection it closes with data in
     # flight: the ends' own doing, in the inner TCP, not the tunnel's.
     own = ENDPOINTS_OWN | {"Sequence TCP Connection reset (RST)"}
     problems = [p for p in tshark_expert(pcap, *opts) if p.split(" ", 1)[-1] not in own]
     # A keepalive and Linux's answer share the inner packet and so its IP ID
     # (Linux routes that packet back as it is): not a packet sent twice.
-    problems += tshark_repeats(pcap, *opts, "-Y", "!(gre.proto == 0)")
+    # Pure duplicate ACKs (the slow VM's loss recovery) are alike byte for
+    # byte by design (IP ID 0 under DF): left out with the keepalives.
+    problems += tshark_repeats(pcap, *opts, "-Y", "!(gre.proto == 0) && !(tcp.len == 0)")
     assert not problems, problems
