@@ -256,7 +256,7 @@ static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
     size_t n;
     int niov = 2;
 
-    if (br->gtx.csum)
+    if (gre_wants_psum(&br->gtx))
         psum = csum_add(csum_add(0, p->hdr, p->hlen), p->data, p->dlen);
     i = txq_reserve(q);
     h = q->hdr[i];
@@ -335,7 +335,8 @@ static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p)
         wr16(ih + 6, (uint16_t)(((off0 + off) / 8) |
                                 ((off + d < plen || (frag0 & IP_MF)) ? IP_MF : 0)));
         ip4_set_csum(ih);
-        psum = br->gtx.csum ? csum_add(csum_add(0, ih, ihl), ip + ihl + off, d) : 0;
+        psum = gre_wants_psum(&br->gtx)
+                   ? csum_add(csum_add(0, ih, ihl), ip + ihl + off, d) : 0;
         gre_encap(&br->gtx, h + n, ETYPE_IPV4, ih, ihl + d, psum);
         q->iov[i][0].iov_base = h;
         q->iov[i][0].iov_len = n + gl + ihl;
@@ -362,7 +363,7 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p)
         return;
     }
     gre_encap(&br->gtx, buf, p->proto, buf + br->overhead, ilen,
-              br->gtx.csum ? csum_add(0, buf + br->overhead, ilen) : 0);
+              gre_wants_psum(&br->gtx) ? csum_add(0, buf + br->overhead, ilen) : 0);
     for (off = 0; off < plen; off += d) {
         d = plen - off > maxd ? maxd : plen - off;
         i = txq_reserve(q);

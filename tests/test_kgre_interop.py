@@ -183,3 +183,91 @@ def test_keepalives_reflected_by_linux_ip_gre(lab, tmp_path, accept_local):
         # fail-open: the selected flow was bridged as it is (and the VM,
         # which has 203.0.113.99 only behind its tunnel, answers nothing)
         assert c["tunnel"]["bypassed"] >= 3 and c["tunnel"]["encap_packets"] == 0, c["tunnel"]
+
+
+# ---- GRE-in-UDP against Linux's FOU ---------------------------------------------
+
+FOU_PORT = 4754
+# Linux's GRE-in-UDP: a FOU receiver for protocol 47 on 4754, and gre1 wrapping
+# in UDP to 4754 from a flow-hashed port (`encap-sport auto`, RFC 8086 3.2.1).
+FOU_SETUP = [f"run ip fou add port {FOU_PORT} ipproto 47"]
+FOU_COMBOS = {
+    # UDP checksums both ways (Linux's encap-csum), the GRE key
+    "key-udpcsum": {"key": 0x1234, "gre_args": ["encap", "fou", "encap-sport", "auto",
+                                                "encap-dport", str(FOU_PORT), "encap-csum"]},
+    # GRE checksums too, and Linux sending UDP without checksum (zero: RFC 768's
+    # "none", which RFC 8086 6.1 allows over IPv4)
+    "key-grecsum-zero-udpcsum": {"key": 77, "csum": True,
+                                 "gre_args": ["encap", "fou", "encap-sport", "auto",
+                                              "encap-dport", str(FOU_PORT), "noencap-csum"]},
+}
+
+
+@pytest.mark.parametrize("combo", sorted(FOU_COMBOS))
+def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
+    """TPB's GRE-in-UDP against Linux's FOU, both ways: ping; TCP up and down
+    (TPB segments, the VM's GRO merges); full-size and 4000-byte pings (TPB
+    fragments the inner packet toward Linux, Linux fragments the outer UDP
+    datagram toward TPB, which reassembles it); keepalives (Linux routes the
+    inner UDP packet back, with accept_local).  tcpdump on the VM's tap, and
+    tshark — which takes port 4754 for GRE-in-UDP by itself — finds nothing
+    to warn about in any packet."""
+    from helpers import ENDPOINTS_OWN, tshark_expert, tshark_repeats
+    from pop_util import Tcpdump
+
+    gre = FOU_COMBOS[combo]
+    # retries: a VM under TCG, its CPU busy with iperf3, answers late
+    flags = [f"--key={gre['key']}", "--encap", "udp", "--keepalive", "0.3s,20",
+             "--on-tunnel-down", "drop"] + (["--csum"] if gre.get("csum") else [])
+    with boot(lab, inner_route="192.0.2.0/26 mtu lock 1500", pmtudisc=False, gre_mtu=1500,
+              forwarding=True, setup=FOU_SETUP, **gre) as peer:
+        peer.sh("sysctl -qw net.ipv4.conf.gre1.accept_local=1")
+        dump = Tcpdump(lab, "gw2", "kgre0", tmp_path / "fou.pcap",
+                       f"udp port {FOU_PORT} or (ip[6:2] & 0x1fff != 0)")
+        tpb = Tpb(lab, tmp_path, *flags)
+        try:
+            # an IPv4 frame from --in gives keepalives their Ethernet header
+            lab.run("gw1", ["ping", "-c", "1", "-W", "1", labmod.T_GW2], check=False)
+            deadline = time.monotonic() + 15
+            while (r := ping(lab)).returncode != 0 and time.monotonic() < deadline:
+                pass   # until the first keepalive answer brings the tunnel up (drop mode)
+            assert r.returncode == 0, r.stdout + r.stderr
+            big = ping(lab, "-M", "dont", "-s", "1472")
+            huge = ping(lab, "-M", "dont", "-s", "4000")
+            up = lab.run("pc", ["iperf3", "-c", VM_INNER, "-t", "2", "-J"], check=False,
+                         timeout=60)
+            down = lab.run("pc", ["iperf3", "-c", VM_INNER, "-t", "2", "-R", "-J"], check=False,
+                           timeout=60)
+        finally:
+            c = tpb.stop()
+            frames = dump.stop()
+        stats = peer.link_stats("gre1")
+    assert big.returncode == 0, big.stdout + big.stderr
+    assert huge.returncode == 0, huge.stdout + huge.stderr
+    # TCP both ways; how fast is the TCG VM's business (a busy host slows it
+    # to a few hundred kbit/s)
+    for res in (up, down):
+        assert json.loads(res.stdout)["end"]["sum_received"]["bytes"] > 20_000, res.stdout[-500:]
+    t = c["tunnel"]
+    # tunnel_down: pings sent before the first keepalive answer (drop mode)
+    assert set(t["drop"]) <= {"tunnel_down"}, t["drop"]
+    assert t["fragmented"] > 0 and t["gso_packets"] > 0, t
+    # each 1500-byte reply left Linux as two outer UDP fragments
+    assert t["reasm_done"] >= received(big) + 2 * received(huge), t
+    (remote,) = t["remotes"]
+    assert remote["up"] and remote["keepalives_received"] >= 1, remote
+    assert stats["rx"]["errors"] == 0 and stats["rx"]["bytes"] >= t["encap_bytes"] * 0.9, stats
+    assert len(frames) > 100
+    # iperf3's port as data (tshark would try Thrift on it)
+    pcap = tmp_path / "fou.pcap"
+    opts = ["-o", "tcp.analyze_sequence_numbers:FALSE", "-d", "tcp.port==5201,data"]
+    # iperf3's server resets the data connection it closes with data in
+    # flight: the ends' own doing, in the inner TCP, not the tunnel's.
+    own = ENDPOINTS_OWN | {"Sequence TCP Connection reset (RST)"}
+    problems = [p for p in tshark_expert(pcap, *opts) if p.split(" ", 1)[-1] not in own]
+    # A keepalive and Linux's answer share the inner packet and so its IP ID
+    # (Linux routes that packet back as it is): not a packet sent twice.
+    # Pure duplicate ACKs (the slow VM's loss recovery) are alike byte for
+    # byte by design (IP ID 0 under DF): left out with the keepalives.
+    problems += tshark_repeats(pcap, *opts, "-Y", "!(gre.proto == 0) && !(tcp.len == 0)")
+    assert not problems, problems

@@ -209,6 +209,10 @@ REMOTE_FIELDS: dict[str, To] = {
     "keepalives_reflected": To("keepalives_reflected"),
     "rtt_ns": To("keepalive_rtt_seconds", attr="rtt"),
     "since_reply_ns": To("keepalive_last_reply_age_seconds", attr="since_reply"),
+    # a NAT'd peer's learned endpoint: in `tpb status` and --counters, not a
+    # label (it changes with the NAT mapping: a new series each time)
+    "endpoint_addr": LABEL,
+    "endpoint_port": LABEL,
 }
 
 # The C structs, in their order: what the collectors walk.
