@@ -791,7 +791,7 @@ static void to_endpoint(uint8_t *in, size_t ihl, const struct sockaddr_in *ep)
 }
 
 static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
-                    const struct gre_pkt *g)
+                    const struct gre_pkt *g, const struct sockaddr_in *from)
 {
     size_t ihl = (size_t)(in[0] & 0x0f) * 4;
     int udp = p->cfg.encap == TPB_ENCAP_UDP;
@@ -804,6 +804,10 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
         p->c.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
+    /* It passed the peer's checks: a NAT'd peer's answer goes where it
+     * came from. */
+    if (from && !p->cfg.addr)
+        p->sa = *from;
     if (udp)
         to_endpoint(in, ihl, &p->sa);
     /* a raw socket routes by the address alone (its port is no port) */
@@ -867,10 +871,7 @@ static void from_peer(struct tpb_pop *pop, struct peer *p, uint8_t tos, uint16_t
         return;
     }
     if (is_keepalive(pop, p, in, ilen, gp.proto)) {
-        /* It passed the peer's checks: the answer goes where it came from. */
-        if (from && !p->cfg.addr)
-            p->sa = *from;
-        reflect(pop, p, in, ilen, &gp);
+        reflect(pop, p, in, ilen, &gp, from);
         return;
     }
     if (ecn_decap_inner(tos, in, gp.proto)) {    /* RFC 6040 4.2 */
