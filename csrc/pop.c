@@ -1654,11 +1654,27 @@ struct tpb_pop *tpb_fuzz_pop_open(const struct tpb_pop_config *cfg,
                                   const struct tpb_pop_peer_config *peers,
                                   const struct tpb_pop_prefix *prefixes)
 {
+    struct tpb_pop *pop;
     char err[128];
 
     if (check_config(cfg, peers, prefixes, err, sizeof(err)))
         return NULL;
-    return pop_new(cfg, peers, prefixes);
+    pop = pop_new(cfg, peers, prefixes);
+    if (pop) {              /* the harness tells the sockets apart by them */
+        pop->raw = TPB_FUZZ_FD_RAW;
+        pop->udp = TPB_FUZZ_FD_UDP;
+        pop->hdrincl = TPB_FUZZ_FD_HDRINCL;
+    }
+    return pop;
+}
+
+/* One datagram as the UDP socket would have handed it over: its payload
+ * (the GRE header on), source and outer TOS (IP_TOS). */
+void tpb_fuzz_pop_from_udp(struct tpb_pop *pop, uint8_t *g, size_t n,
+                           const struct sockaddr_in *from, uint8_t tos, uint64_t now)
+{
+    pop->now_ns = now;
+    from_bridge_udp(pop, g, n, from, tos);
 }
 
 /* One packet as recvmmsg() would have handed it over (outer IPv4 on). */

@@ -195,6 +195,14 @@ static inline uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+#ifdef TPB_FUZZ
+/* fuzz/pop.c tells the POP's sockets apart by these (below 0: never
+ * closed, and no descriptor of the harness's process) */
+#define TPB_FUZZ_FD_RAW (-2)
+#define TPB_FUZZ_FD_UDP (-3)
+#define TPB_FUZZ_FD_HDRINCL (-4)
+#endif
+
 int ka_id_check(uint16_t last_id, uint64_t sent, uint16_t id, unsigned window);
 uint16_t ka_first_id(void);
 

@@ -64,6 +64,7 @@ static void config(struct tpb_tunnel_config *t, uint8_t b0, uint8_t b1,
     t->ttl = (b1 & 4) ? -1 : 64;
     t->tos = (b1 & 8) ? -1 : 0;
     t->df = (uint8_t)((b1 >> 4) % 3);
+    t->encap = (b0 & 0x40) ? TPB_ENCAP_UDP : TPB_ENCAP_GRE;
 }
 
 static void learn(struct h *h, uint8_t fl, const uint8_t *macs, const uint8_t *tag)
@@ -136,16 +137,46 @@ static void check_echo(const struct fz_frame *z, const struct fz_out *o)
     FZ_CHECK(fz_fold(fz_sum(0, ic, tot - ihl)) == 0, "echo reply: ICMP checksum");
 }
 
-/* The inner packet of a GRE frame to us as it came in (not a fragment). */
+/* RFC 768 and RFC 8086 on the UDP header of a whole GRE-in-UDP datagram
+ * at ip (a valid IPv4 header): 0 if TPB must take it, else the drop it
+ * must count (the header within the datagram, one port 4754, a checksum
+ * that verifies unless it is 0). */
+static int udp_verdict(const uint8_t *ip)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), ulen;
+    const uint8_t *u = ip + ihl;
+
+    if (tot - ihl < 8)
+        return TPB_DROP_UDP_BAD;
+    ulen = fz_rd16(u + 4);
+    if (ulen < 8 || ulen > tot - ihl)
+        return TPB_DROP_UDP_BAD;
+    if (fz_rd16(u) != FZ_GRE_UDP_PORT && fz_rd16(u + 2) != FZ_GRE_UDP_PORT)
+        return TPB_DROP_LOCAL_OTHER;
+    return fz_l4_csum_ok(ip, ihl, ihl + ulen, IPPROTO_UDP_) ? 0 : TPB_DROP_UDP_CSUM;
+}
+
+/* The inner packet of a GRE or GRE-in-UDP frame to us as it came in (not
+ * a fragment): behind the GRE header, to the end of the IPv4 datagram or
+ * of the UDP datagram. */
 static const uint8_t *gre_payload(const struct fz_frame *z, size_t *avail)
 {
-    const uint8_t *ip = z->orig + FZ_ETH;
-    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), gh;
+    const uint8_t *ip = z->orig + FZ_ETH, *g;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), gh, glen;
 
-    gh = fz_gre_hlen(fz_rd16(ip + ihl));
-    FZ_CHECK(tot >= ihl + gh, "decap: GRE header past the packet, yet accepted");
-    *avail = tot - ihl - gh;
-    return ip + ihl + gh;
+    if (ip[9] == IPPROTO_UDP_) {
+        FZ_CHECK(udp_verdict(ip) == 0, "GRE-in-UDP taken with a bad UDP header");
+        g = ip + ihl + 8;
+        glen = fz_rd16(ip + ihl + 4) - 8;
+    } else {
+        g = ip + ihl;
+        glen = tot - ihl;
+    }
+    FZ_CHECK(glen >= 4, "decap: no GRE header, yet accepted");
+    gh = fz_gre_hlen(fz_rd16(g));
+    FZ_CHECK(glen >= gh, "decap: GRE header past the packet, yet accepted");
+    *avail = glen - gh;
+    return g + gh;
 }
 
 static void check_reflect(struct h *h, const struct fz_frame *z,
@@ -161,9 +192,13 @@ static void check_reflect(struct h *h, const struct fz_frame *z,
     in = o->data + l2;
     FZ_CHECK(fz_ip_len(in, ilen) == ilen && in[0] >> 4 == 4,
              "reflection: not a whole valid IPv4 packet");
-    FZ_CHECK(in[9] == IPPROTO_GRE_ && fz_rd32(in + 12) == FZ_LOCAL && r &&
+    FZ_CHECK((in[9] == IPPROTO_GRE_ ||
+              (in[9] == IPPROTO_UDP_ && ilen >= (size_t)(in[0] & 0x0f) * 4 + 8 &&
+               fz_rd16(in + (in[0] & 0x0f) * 4 + 2) == FZ_GRE_UDP_PORT)) &&
+             fz_rd32(in + 12) == FZ_LOCAL && r &&
              fz_rd32(in + 16) == r->addr && !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
-             "reflection: not a keepalive from us to the remote it came from");
+             "reflection: not a keepalive (GRE, or GRE-in-UDP to 4754) from us to the "
+             "remote it came from");
     if (!(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
         z->vh0.gso_type == VIRTIO_NET_HDR_GSO_NONE &&
         !(z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
@@ -263,6 +298,23 @@ static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_o
     free(cp);
 }
 
+/* The UDP header of GRE-in-UDP at ip + l4, the datagram tot bytes: to
+ * 4754, from the dynamic range (RFC 8086 3.2.1: the flow's entropy) or,
+ * fixed, from 4754; its length the datagram's; a checksum that verifies
+ * and is not 0 (TPB always sends one). */
+static void check_udp(const uint8_t *ip, size_t l4, size_t tot, int fixed, const char *what)
+{
+    const uint8_t *u = ip + l4;
+
+    FZ_CHECK(tot >= l4 + 8, "%s: truncated", what);
+    FZ_CHECK(fz_rd16(u + 2) == FZ_GRE_UDP_PORT, "%s: destination port %u", what, fz_rd16(u + 2));
+    FZ_CHECK(fixed ? fz_rd16(u) == FZ_GRE_UDP_PORT : fz_rd16(u) >= 49152,
+             "%s: source port %u", what, fz_rd16(u));
+    FZ_CHECK(fz_rd16(u + 4) == tot - l4, "%s: length %u of %zu", what, fz_rd16(u + 4), tot - l4);
+    FZ_CHECK(fz_rd16(u + 6) != 0 && fz_l4_csum_ok(ip, l4, tot, IPPROTO_UDP_),
+             "%s: checksum", what);
+}
+
 static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t **sent,
                             uint32_t *nsent)
 {
@@ -272,6 +324,8 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     const uint8_t *ip, *g, *in, *ig;
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
+    int udp = t->encap == TPB_ENCAP_UDP;
+    size_t ulen = udp ? 8 : 0;
     uint32_t i;
 
     FZ_CHECK(o->port == TPB_PORT_OUT && o->len >= l2 + 20, "keepalive: where/size");
@@ -283,18 +337,21 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     ip = o->data + l2;
     FZ_CHECK(fz_ip_len(ip, o->len - l2) == o->len - l2 && ip[0] == 0x45,
              "keepalive: outer IPv4 header");
-    FZ_CHECK(ip[9] == IPPROTO_GRE_ && fz_rd32(ip + 12) == FZ_LOCAL, "keepalive: outer addresses");
+    FZ_CHECK(ip[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) && fz_rd32(ip + 12) == FZ_LOCAL,
+             "keepalive: outer protocol or addresses");
     for (i = 0; i < *nsent; i++)
         FZ_CHECK(fz_rd32(sent[i] + 16) != fz_rd32(ip + 16), "keepalive: two to one remote");
     FZ_CHECK(remote_of(br, fz_rd32(ip + 16)), "keepalive: to no remote");
     FZ_CHECK(!(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)), "keepalive: a fragment");
     FZ_CHECK(ip[8] == (t->ttl >= 0 ? t->ttl : 255), "keepalive: TTL %u", ip[8]);
-    g = ip + 20;
+    if (udp)
+        check_udp(ip, 20, o->len - l2, 0, "keepalive: outer UDP");
+    g = ip + 20 + ulen;
     glen = fz_gre_hlen(flags);
-    FZ_CHECK(o->len - l2 >= 20 + glen && fz_rd16(g) == flags &&
+    FZ_CHECK(o->len - l2 >= 20 + ulen + glen && fz_rd16(g) == flags &&
              fz_rd16(g + 2) == ETYPE_IPV4, "keepalive: GRE header");
     if (t->csum) {
-        FZ_CHECK(fz_fold(fz_sum(0, g, o->len - l2 - 20)) == 0, "keepalive: GRE checksum");
+        FZ_CHECK(fz_fold(fz_sum(0, g, o->len - l2 - 20 - ulen)) == 0, "keepalive: GRE checksum");
         off += 4;
     }
     if (t->has_key) {
@@ -307,14 +364,18 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
         h->seq_next++;
     }
     in = g + glen;
-    FZ_CHECK(fz_ip_len(in, o->len - l2 - 20 - glen) == o->len - l2 - 20 - glen,
+    FZ_CHECK(fz_ip_len(in, o->len - l2 - 20 - ulen - glen) == o->len - l2 - 20 - ulen - glen,
              "keepalive: inner IPv4 header");
-    FZ_CHECK(in[0] == 0x45 && in[8] == 255 && in[9] == IPPROTO_GRE_ &&
+    FZ_CHECK(in[0] == 0x45 && in[8] == 255 && in[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) &&
              fz_rd32(in + 12) == fz_rd32(ip + 16) && fz_rd32(in + 16) == FZ_LOCAL,
              "keepalive: inner header");
-    ig = in + 20;
+    /* GRE-in-UDP: the inner GRE header in UDP from and to 4754, so the
+     * far end reflects it as GRE-in-UDP */
+    if (udp)
+        check_udp(in, 20, fz_rd16(in + 2), 1, "keepalive: inner UDP");
+    ig = in + 20 + ulen;
     flags &= (uint16_t)~GRE_S;
-    FZ_CHECK(fz_rd16(in + 2) == 20 + fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
+    FZ_CHECK(fz_rd16(in + 2) == 20 + ulen + fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
              fz_rd16(ig + 2) == 0, "keepalive: inner GRE header");
     if (t->csum)
         FZ_CHECK(fz_fold(fz_sum(0, ig, fz_gre_hlen(flags))) == 0, "keepalive: inner GRE checksum");
@@ -332,7 +393,7 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
     const uint8_t *fr = z->orig, *ar = fr + FZ_ETH;
     size_t len = z->f.len, n_in = 0, n_out = 0, i;
     uint16_t type = fz_rd16(fr + 12);
-    int reason, arp_us, local;
+    int reason, arp_us, local, udp, v;
     uint64_t drops = fz_drops(b, a, &reason);
 
     for (i = 0; i < fz_nouts; i++)
@@ -360,6 +421,21 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
         return;
     }
     FZ_CHECK(n_in + n_out <= 1, "to us: %zu frames", n_in + n_out);
+    udp = fr[FZ_ETH + 9] == IPPROTO_UDP_;
+    FZ_CHECK(udp || (reason != TPB_DROP_UDP_BAD && reason != TPB_DROP_UDP_CSUM),
+             "a UDP drop (%s) for protocol %u", tpb_drop_name(reason), fr[FZ_ETH + 9]);
+    /* A whole GRE-in-UDP datagram from a remote, its checksum not left to
+     * TPB to complete, is taken exactly when its UDP header is right, and
+     * otherwise dropped for what is wrong with it. */
+    if (udp && ar[0] >> 4 == 4 && fz_ip_len(ar, len - FZ_ETH) &&
+        remote_of(h->br, fz_rd32(ar + 12)) &&
+        !(fz_rd16(ar + 6) & (IP_MF | IP_OFFMASK)) &&
+        z->vh0.gso_type == VIRTIO_NET_HDR_GSO_NONE &&
+        !(z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && (v = udp_verdict(ar)) != 0)
+        FZ_CHECK(n_in + n_out == 0 && drops == 1 && reason == v,
+                 "GRE-in-UDP with a bad UDP header: %zu frames, %llu drops (%s), not %s",
+                 n_in + n_out, (unsigned long long)drops,
+                 reason >= 0 ? tpb_drop_name(reason) : "-", tpb_drop_name(v));
     if (n_in + n_out == 1) {
         FZ_CHECK(drops == 0, "to us: a frame and %llu drops", (unsigned long long)drops);
         if (n_in) {
@@ -380,11 +456,12 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
     FZ_CHECK(drops == 0, "to us: %llu drops for one frame", (unsigned long long)drops);
     /* consumed, nothing out, nothing dropped: a fragment held, or the
      * answer to a keepalive */
-    if (fr[FZ_ETH + 9] == IPPROTO_GRE_ && (fz_rd16(fr + FZ_ETH + 6) & (IP_MF | IP_OFFMASK)) &&
+    if ((fr[FZ_ETH + 9] == IPPROTO_GRE_ || udp) &&
+        (fz_rd16(fr + FZ_ETH + 6) & (IP_MF | IP_OFFMASK)) &&
         a->tc.reasm_fragments == b->tc.reasm_fragments + 1 &&
         a->tc.reasm_done == b->tc.reasm_done)
         return;
-    FZ_CHECK(ka_rx == 1 && fr[FZ_ETH + 9] == IPPROTO_GRE_ &&
+    FZ_CHECK(ka_rx == 1 && (fr[FZ_ETH + 9] == IPPROTO_GRE_ || udp) &&
              remote_of(h->br, fz_rd32(fr + FZ_ETH + 12)),
              "to us: consumed with no frame, no drop, no fragment held, no keepalive answer");
     /* an answer carries back the IP ID of one of our keepalives to it */
@@ -556,7 +633,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* 68-9000: one below what the tunnel needs is refused at start, so
      * it comes as the loop would see it, once running (encap_mtu) */
     mtu = 68 + fz_u16(&in) % (9000 - 68 + 1);
-    min = encap_min_mtu(20 + gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
+    min = encap_min_mtu(20 + (cfg.tun.encap == TPB_ENCAP_UDP ? 8 : 0) +
+                        gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
     cfg.tun.mtu = mtu < min ? (uint32_t)min : mtu;
     b2 = fz_u8(&in);
     cfg.tun.reasm_memory = mem[b2 & 7];
