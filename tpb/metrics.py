@@ -153,6 +153,12 @@ class To(NamedTuple):
 
 # A field whose value labels the series (a remote's address), not a metric.
 LABEL = To("")
+
+
+def unexported(attr: str) -> To:
+    """A field the Python snapshot carries (as `attr`) that no metric does."""
+    return To("", attr=attr)
+
 # The label value of an array field: one series per entry of DROP_NAMES.
 EACH_DROP = "*"
 
@@ -209,10 +215,11 @@ REMOTE_FIELDS: dict[str, To] = {
     "keepalives_reflected": To("keepalives_reflected"),
     "rtt_ns": To("keepalive_rtt_seconds", attr="rtt"),
     "since_reply_ns": To("keepalive_last_reply_age_seconds", attr="since_reply"),
-    # a NAT'd peer's learned endpoint: in `tpb status` and --counters, not a
-    # label (it changes with the NAT mapping: a new series each time)
-    "endpoint_addr": LABEL,
-    "endpoint_port": LABEL,
+    # a NAT'd peer's learned endpoint (RemoteState.endpoint): in `tpb status`
+    # and --counters, not a label (it changes with the NAT mapping: a new
+    # series each time)
+    "endpoint_addr": unexported("endpoint"),
+    "endpoint_port": unexported("endpoint"),
 }
 
 # The C structs, in their order: what the collectors walk.
@@ -274,7 +281,7 @@ class Scrape:
         get = values.get if isinstance(values, dict) else lambda k: getattr(values, k, None)
         for name in _FIELD_NAMES[struct]:
             to = mapping.get(name)
-            if to is None or to is LABEL or name in skip:
+            if to is None or not to.family or name in skip:
                 continue  # unmapped: unmapped() names it, and the tests fail on it
             value = get(to.attr or name)
             if to.labels and to.labels[-1][1] == EACH_DROP:
