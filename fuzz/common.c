@@ -200,6 +200,26 @@ size_t fz_gre_hlen(uint16_t flags)
            (flags & GRE_S ? 4 : 0);
 }
 
+void fz_check_gre_fields(const struct tpb_tunnel_config *t, const uint8_t *g, size_t len,
+                         uint32_t *seq_next, const char *what)
+{
+    size_t off = 4;
+
+    if (t->csum) {
+        FZ_CHECK(fz_fold(fz_sum(0, g, len)) == 0, "%s: GRE checksum", what);
+        off += 4;
+    }
+    if (t->has_key) {
+        FZ_CHECK(fz_rd32(g + off) == t->key, "%s: key", what);
+        off += 4;
+    }
+    if (t->seq) {
+        FZ_CHECK(fz_rd32(g + off) == *seq_next, "%s: sequence number %u, not %u", what,
+                 fz_rd32(g + off), *seq_next);
+        (*seq_next)++;
+    }
+}
+
 int fz_ecn_decap(uint8_t outer, uint8_t inner)
 {
     /* rows: inner Not-ECT, ECT(1), ECT(0), CE; columns: the outer's */
@@ -290,6 +310,17 @@ static void fix_rec(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4,
     }
     if (ip[0] >> 4 == 4)
         fz_ip4_set_csum(ip);
+}
+
+void fz_l4_of(const uint8_t *frame, size_t len, struct fz_l4 *l4)
+{
+    uint8_t *scratch = malloc(len);
+
+    if (!scratch)
+        abort();
+    memcpy(scratch, frame, len);
+    fz_fix_ip(scratch + FZ_ETH, len - FZ_ETH, 1, l4);
+    free(scratch);
 }
 
 void fz_fix_ip(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4)

@@ -101,7 +101,7 @@ static void check_gre(struct h *h, const uint8_t *ip, size_t len, int fragmented
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
     size_t ulen = t->encap == TPB_ENCAP_UDP ? 8 : 0;
-    size_t glen = fz_gre_hlen(flags), off = 4;
+    size_t glen = fz_gre_hlen(flags);
     const uint8_t *g = ip + 20 + ulen;
 
     FZ_CHECK(len >= 20 + ulen + glen, "GRE: packet of %zu bytes", len);
@@ -109,19 +109,7 @@ static void check_gre(struct h *h, const uint8_t *ip, size_t len, int fragmented
         check_udp(h, ip, len, g + glen, len - 20 - ulen - glen);
     FZ_CHECK(fz_rd16(g) == flags, "GRE: flags %04x, not %04x", fz_rd16(g), flags);
     FZ_CHECK(fz_rd16(g + 2) == h->type, "GRE: protocol %04x", fz_rd16(g + 2));
-    if (t->csum) {
-        FZ_CHECK(fz_fold(fz_sum(0, g, len - 20 - ulen)) == 0, "GRE: checksum");
-        off += 4;
-    }
-    if (t->has_key) {
-        FZ_CHECK(fz_rd32(g + off) == t->key, "GRE: key");
-        off += 4;
-    }
-    if (t->seq) {
-        FZ_CHECK(fz_rd32(g + off) == h->seq_next, "GRE: sequence number %u, not %u",
-                 fz_rd32(g + off), h->seq_next);
-        h->seq_next++;
-    }
+    fz_check_gre_fields(t, g, len - 20 - ulen, &h->seq_next, "GRE");
     check_outer_fields(h, ip, g + glen, len - 20 - ulen - glen, fragmented);
     add_pkt(h, g + glen, len - 20 - ulen - glen);
 }
@@ -227,17 +215,35 @@ static size_t join_inner(struct h *h, size_t *i, uint8_t *out, size_t *first_off
     return ihl + acc;
 }
 
+/* Where a SYN's TCP header is that clamp_mss() may edit: in a whole
+ * packet, or in a first fragment (offset 0, MF set) that holds the whole
+ * header — the checksum, updated by difference, stays right for the
+ * datagram the fragments make (RFC 1624).  0: none. */
+static size_t syn_tcp_off(const uint8_t *ip, size_t len)
+{
+    size_t l4;
+
+    if (ip[0] >> 4 == 4) {
+        if (ip[9] != IPPROTO_TCP_ || (fz_rd16(ip + 6) & IP_OFFMASK))
+            return 0;
+        l4 = (size_t)(ip[0] & 0x0f) * 4;
+    } else {
+        if (ip[6] != IPPROTO_TCP_)
+            return 0;
+        l4 = 40;
+    }
+    return l4 + 20 <= len && (ip[l4 + 13] & 2) ? l4 : 0;
+}
+
 /* Which bytes the pipeline may change in the selected packet: a SYN's
  * options (MSS clamp) and TCP checksum, the partial checksum's field. */
 static void check_changes(struct h *h)
 {
     const struct fz_frame *z = h->z;
     const uint8_t *o = z->orig + FZ_ETH, *p = h->post + FZ_ETH;
-    size_t i, l4 = 0, doff = 0, at = SIZE_MAX;
-    uint8_t l4p = 0;
+    size_t i, l4 = h->ilen ? syn_tcp_off(o, h->ilen) : 0, doff = 0, at = SIZE_MAX;
 
-    l4 = fz_l4_off(o, h->ilen, &l4p);
-    if (l4 && l4p == IPPROTO_TCP_ && (o[l4 + 13] & 2))
+    if (l4)
         doff = (size_t)(o[l4 + 12] >> 4) * 4;
     if (z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
         at = (size_t)z->vh0.csum_start + z->vh0.csum_offset - FZ_ETH;
@@ -254,12 +260,10 @@ static void check_mss(struct h *h)
 {
     const struct tpb_bridge *br = h->br;
     const uint8_t *o = h->z->orig + FZ_ETH, *p = h->post + FZ_ETH;
-    size_t l4, doff, i;
-    uint8_t l4p = 0;
+    size_t l4 = h->ilen ? syn_tcp_off(o, h->ilen) : 0, doff, i;
     long clamp;
 
-    l4 = fz_l4_off(o, h->ilen, &l4p);
-    if (!l4 || l4p != IPPROTO_TCP_ || !(o[l4 + 13] & 2))
+    if (!l4)
         return;
     doff = (size_t)(o[l4 + 12] >> 4) * 4;
     if (doff < 20 || l4 + doff > h->ilen)
@@ -691,13 +695,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (fz_rd16(buf + 12) == ETYPE_IPV4 || fz_rd16(buf + 12) == ETYPE_IPV6)
             fz_fix_ip(ip, len - FZ_ETH, mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL, &l4);
     } else if (mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL) {
-        uint8_t *scratch = malloc(len);
-
-        if (!scratch)
-            abort();
-        memcpy(scratch, buf, len);
-        fz_fix_ip(scratch + FZ_ETH, len - FZ_ETH, 1, &l4);
-        free(scratch);
+        fz_l4_of(buf, len, &l4);
     }
     fz_vnet(&vh, mode, &in, &l4, FZ_ETH);
 

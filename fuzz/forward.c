@@ -37,13 +37,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (fz_rd16(buf + 12) == ETYPE_IPV4 || fz_rd16(buf + 12) == ETYPE_IPV6)
             fz_fix_ip(ip, len - FZ_ETH, mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL, &l4);
     } else if (mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL) {
-        uint8_t *scratch = malloc(len);
-
-        if (!scratch)
-            abort();
-        memcpy(scratch, buf, len);
-        fz_fix_ip(scratch + FZ_ETH, len - FZ_ETH, 1, &l4);
-        free(scratch);
+        fz_l4_of(buf, len, &l4);
     }
     fz_vnet(&vh, mode, &in, &l4, FZ_ETH);
 

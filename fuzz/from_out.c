@@ -320,7 +320,7 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
 {
     struct tpb_bridge *br = h->br;
     const struct tpb_tunnel_config *t = &br->cfg;
-    size_t l2 = FZ_ETH + (br->hop_tagged ? 4 : 0), off = 4, glen;
+    size_t l2 = FZ_ETH + (br->hop_tagged ? 4 : 0), glen;
     const uint8_t *ip, *g, *in, *ig;
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
@@ -350,19 +350,7 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     glen = fz_gre_hlen(flags);
     FZ_CHECK(o->len - l2 >= 20 + ulen + glen && fz_rd16(g) == flags &&
              fz_rd16(g + 2) == ETYPE_IPV4, "keepalive: GRE header");
-    if (t->csum) {
-        FZ_CHECK(fz_fold(fz_sum(0, g, o->len - l2 - 20 - ulen)) == 0, "keepalive: GRE checksum");
-        off += 4;
-    }
-    if (t->has_key) {
-        FZ_CHECK(fz_rd32(g + off) == t->key, "keepalive: key");
-        off += 4;
-    }
-    if (t->seq) {
-        FZ_CHECK(fz_rd32(g + off) == h->seq_next, "keepalive: sequence number %u, not %u",
-                 fz_rd32(g + off), h->seq_next);
-        h->seq_next++;
-    }
+    fz_check_gre_fields(t, g, o->len - l2 - 20 - ulen, &h->seq_next, "keepalive");
     in = g + glen;
     FZ_CHECK(fz_ip_len(in, o->len - l2 - 20 - ulen - glen) == o->len - l2 - 20 - ulen - glen,
              "keepalive: inner IPv4 header");
@@ -513,13 +501,7 @@ static void frame_op(struct h *h, struct fz_in *in, uint8_t *buf)
             fz_wr16(ip + ihl + 2, fz_fold(fz_sum(0, ip + ihl, tot - ihl)));
         }
     } else if (mode == FZ_VNET_GSO || mode == FZ_VNET_PARTIAL) {
-        uint8_t *scratch = malloc(len);
-
-        if (!scratch)
-            abort();
-        memcpy(scratch, buf, len);
-        fz_fix_ip(scratch + FZ_ETH, len - FZ_ETH, 1, &l4);
-        free(scratch);
+        fz_l4_of(buf, len, &l4);
     }
     fz_vnet(&vh, mode, in, &l4, FZ_ETH);
     fz_frame_new(&z, buf, len, &vh, tagged, tag);

@@ -80,6 +80,12 @@ size_t fz_ip_len(const uint8_t *ip, size_t avail);
 size_t fz_l4_off(const uint8_t *ip, size_t len, uint8_t *l4proto);
 /* GRE header length for its flags word */
 size_t fz_gre_hlen(uint16_t flags);
+/* The optional GRE fields after g's flags and protocol, as tunnel t sends
+ * them (RFC 2890's order): the checksum over the len bytes from g, the key,
+ * the sequence number *seq_next (then advanced); `what` names the packet in
+ * a failure. */
+void fz_check_gre_fields(const struct tpb_tunnel_config *t, const uint8_t *g, size_t len,
+                         uint32_t *seq_next, const char *what);
 int fz_ecn_decap(uint8_t outer, uint8_t inner);   /* RFC 6040 fig. 4 */
 
 /* ---- input fixing: a mutated seed stays deep enough to be interesting ---- */
@@ -96,6 +102,9 @@ struct fz_l4 {
     uint8_t ver;
 };
 void fz_fix_ip(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4);
+/* The L4 layout fz_fix_ip() finds in an Ethernet frame of len bytes, from
+ * a copy: the frame keeps the checksums the input gave it. */
+void fz_l4_of(const uint8_t *frame, size_t len, struct fz_l4 *l4);
 
 /* ---- frames and the bridge's output ---- */
 

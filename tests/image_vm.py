@@ -31,7 +31,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +259,7 @@ class ApplianceVM:
         self.boots = 0
         self._agent: GuestAgent | None = None
         self._console_mark = 0
+        self.heartbeat: Heartbeat | None = None  # the fixture's, set once it runs
         self.disk = workdir / "disk.qcow2"
         self.vars = workdir / "OVMF_VARS.fd"
         self.console_log = workdir / "console.log"
@@ -391,6 +392,27 @@ class ApplianceVM:
             self._agent = a
         return self._agent
 
+    def wait_forwarding(self, after: float, timeout: float) -> float:
+        """When the first heartbeat frame crossed the bridge after `after`;
+        if none does within `timeout`, fails with what the guest shows (its
+        console, and tpb's state and journal when the agent answers)."""
+        hb = self.heartbeat
+        assert hb is not None, "no heartbeat crosses this VM"
+        try:
+            return hb.wait_arrival(after, timeout, alive=lambda: self.running)
+        except AssertionError as failed:
+            e = (f"{failed} (qemu {'running' if self.running else 'exited'}; "
+                 f"heartbeat: {hb.describe(after)})")
+            try:
+                guest = self.agent(20).sh(
+                    "systemctl status tpb tpb-provision tpb-ifnames --no-pager -n 20; "
+                    "systemctl --failed --no-pager; ip -br link; "
+                    "journalctl -b -n 80 --no-pager",
+                    timeout=60, check=False)
+            except Exception as why:  # noqa: BLE001 - a diagnosis, whatever fails
+                guest = f"(the guest agent did not answer: {why})"
+            raise AssertionError(self.why(f"{e}\n--- in the guest ---\n{guest}")) from None
+
     def console_chat(self, steps: list[tuple[str, str]], timeout: float = 60) -> str:
         """On the serial console, for each (line, expect): type the line,
         then wait for `expect` in what comes back. Returns the whole exchange."""
@@ -511,13 +533,27 @@ class Heartbeat:
     def first_arrival(self, after: float = 0.0) -> float | None:
         return next((t for _, t in list(self.arrivals) if t >= after), None)
 
-    def wait_arrival(self, after: float, timeout: float) -> float:
+    def wait_arrival(self, after: float, timeout: float,
+                     alive: Callable[[], bool] = lambda: True) -> float:
+        """The first arrival after `after`, waiting up to `timeout` s while
+        `alive()` (the VM) holds."""
         deadline = time.monotonic() + timeout
         while (t := self.first_arrival(after)) is None:
+            if not alive():
+                raise AssertionError("no heartbeat frame crossed: the VM is gone")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no heartbeat frame crossed within {timeout}s")
             time.sleep(0.05)
         return t
+
+    def describe(self, since: float) -> str:
+        """How the heartbeat itself fares since `since`: did it send, are
+        its threads alive (a failed wait is then the bridge's, not its)."""
+        sent = sum(1 for t in list(self.sent) if t >= since)
+        alive = "/".join("alive" if t.is_alive() else "DEAD" for t in self._threads)
+        last = self.arrivals[-1][1] - since if self.arrivals else None
+        return (f"{sent} frames sent since, sender/receiver {alive}, last arrival "
+                f"{'never' if last is None else f'{last:+.1f} s'}")
 
     def longest_gap(self, since: float, until: float) -> tuple[float, int]:
         """The longest time without an arrival between `since` and `until`

@@ -32,6 +32,7 @@ from tpb.nftguard import TableGuard
 from tpb.ports import Port, host_addresses, lookup, refresh, require_privileges, root_qdisc
 from tpb.select import Selector
 from tpb.service import (
+    Lifecycle,
     StateLog,
     counters_file_problem,
     keepalive_retries,
@@ -251,7 +252,7 @@ class QdiscWatch:
         self._ipr.close()
 
 
-class Bridge:
+class Bridge(Lifecycle):
     """`tpb run` as a service.Daemon.  open() makes everything (undone by
     close(), also after a failure half-way); reload() applies a re-read
     configuration without closing a ring."""
@@ -284,17 +285,6 @@ class Bridge:
         )
 
     # -- life cycle ----------------------------------------------------------
-
-    def __enter__(self) -> Bridge:
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _open(self) -> None:
         s = self.s

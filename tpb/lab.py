@@ -122,6 +122,13 @@ class Lab:
                         ],
                     )
                     self.sysctl(end.node, f"net.ipv6.conf.{end.name}.accept_dad", "0")
+                    if not end.addrs:
+                        # No address: a bridge port, which must never speak
+                        # itself.  With IPv6 on, its kernel would send MLD
+                        # reports and router solicitations for seconds after
+                        # it came up, frames no test sent (the appliance's
+                        # sysctl.d silences its ports the same way).
+                        self.sysctl(end.node, f"net.ipv6.conf.{end.name}.disable_ipv6", "1")
                     for addr in end.addrs:
                         self.run(
                             end.node,

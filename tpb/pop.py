@@ -30,6 +30,7 @@ from tpb.config import ConfigError, Source
 from tpb.errors import TpbError
 from tpb.log import log, set_level
 from tpb.metrics import Closeable, ReloadState
+from tpb.service import Lifecycle
 
 DEFAULT_TUN = "tpbpop0"
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
@@ -395,7 +396,7 @@ def pop_items(s: PopSettings) -> dict[str, Any]:
 RESTART_SETTINGS = ("pop.local", "pop.tun")  # the socket and the device are made for them
 
 
-class Pop:
+class Pop(Lifecycle):
     """`tpb pop` as a service.Daemon: the TUN device, its routes and the C
     loop; reload() takes new peers and prefixes without closing either."""
 
@@ -426,17 +427,6 @@ class Pop:
         return peer.keepalive.retries if peer and peer.keepalive else None
 
     # -- life cycle ------------------------------------------------------------
-
-    def __enter__(self) -> Pop:
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _open(self) -> None:
         from tpb.native import NativePop

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from tpb.config import ConfigError, Keepalive
 from tpb.errors import RuntimeFailure, TpbError
@@ -74,6 +74,30 @@ class Daemon(Protocol):
 # A SIGHUP that arrives while TPB is still starting is kept for the loop,
 # not lost (nor fatal: SIGHUP's default action would end the process).
 _reload_requested = threading.Event()
+
+
+class Lifecycle:
+    """`with` for a daemon: _open() on entry; close() on exit, and at once
+    when _open() fails part way, so that what it had set up (nftables
+    table, veth pair, TUN device, servers) is undone before the error
+    reaches the user."""
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def request_reload(_signum: int = 0, _frame: object = None) -> None:
