@@ -458,6 +458,10 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
+    if (ugso_init(br)) {
+        snprintf(err, errlen, "out of memory (UDP GSO)");
+        return -1;
+    }
     if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, br->gsofd[TPB_PORT_IN],
                  cfg->ifindex[TPB_PORT_IN], &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring[0].fd,
@@ -627,6 +631,7 @@ void tpb_bridge_close(struct tpb_bridge *br)
         txq_free(&br->q[i]);
     if (br->reasm)
         reasm_free(br->reasm);
+    ugso_free(br);
     if (br->stop_fd >= 0)
         close(br->stop_fd);
     if (br->wake_fd >= 0)

@@ -170,6 +170,40 @@ static int first_fragment_udp(const struct gre_rx *r, const uint8_t *ip, size_t 
     return first_fragment_gre(r, u + UDP_HLEN, tot - ihl - UDP_HLEN);
 }
 
+/* A UDP GSO super-packet of GRE-in-UDP: another TPB's udpgso.c sent it
+ * across a veth or a local bridge whole (or UDP GRO merged datagrams of
+ * one size).  CHECKSUM_PARTIAL: the UDP checksums are to be computed, not
+ * checked (the kernel's own rule for such an skb: made on this host, or
+ * verified by GRO).  Every gso_size bytes of its payload are one datagram's:
+ * a GRE header and an inner packet, each decapsulated as if it had come
+ * alone, checks and sequence window included.  The vnet header must
+ * point at this UDP header, whose length is the whole payload's. */
+static void udp_gso_split(struct tpb_bridge *br, struct remote *r,
+                          struct frame *f, uint8_t *ip, size_t tot)
+{
+    const struct virtio_net_hdr *vh = f->vh;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, off, seg = vh->gso_size, n;
+    const uint8_t *u = ip + ihl;
+
+    if ((vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_UDP_L4 ||
+        !(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !seg ||
+        vh->csum_start != (size_t)(ip - f->mac) + ihl || vh->csum_offset != 6 ||
+        (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) || tot < ihl + UDP_HLEN + 1 ||
+        rd16(u + 4) != tot - ihl) {
+        br->tc.drop[TPB_DROP_GSO_BAD]++;
+        return;
+    }
+    if (rd16(u) != GRE_UDP_PORT && rd16(u + 2) != GRE_UDP_PORT) {
+        br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
+        return;
+    }
+    br->tc.udp_gso_received++;
+    for (off = ihl + UDP_HLEN; off < tot; off += n) {
+        n = tot - off < seg ? tot - off : seg;
+        decap(br, r, f, ip, ip + off, n, NULL);
+    }
+}
+
 static void to_local(struct tpb_bridge *br, struct frame *f)
 {
     uint8_t *ip = f->mac + ETH_HLEN, *gre;
@@ -191,14 +225,10 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             return;
         }
         if (f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-            /* GRO merges GRE-in-UDP datagrams only for a socket or tunnel
-             * that asked for it (UDP_GRO, a UDP tunnel's gro_receive); a
-             * merged one is not taken apart here. */
-            if (udp) {
-                br->tc.drop[TPB_DROP_GSO_BAD]++;
-                return;
-            }
-            decap(br, r, f, ip, ip + ihl, tot - ihl, f->vh);
+            if (udp)
+                udp_gso_split(br, r, f, ip, tot);
+            else
+                decap(br, r, f, ip, ip + ihl, tot - ihl, f->vh);
             return;
         }
         /* A sender on this host leaves the inner checksum partial (a NIC

@@ -122,27 +122,40 @@ uint16_t gre_udp_sport(uint16_t proto, const uint8_t *inner, size_t plen)
     return (uint16_t)(0xc000 | (h & 0x3fff));
 }
 
-size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
-                 const uint8_t *inner, size_t plen, uint32_t psum)
+/* The outer IPv4 header (RFC 791) for an inner packet: TOS/TTL/DF per the
+ * tunnel settings, ECN per RFC 6040 4.1, and nids consecutive IDs taken
+ * (a UDP GSO message's segments each get the next one, as the kernel's
+ * inet_gso_segment gives them). */
+static void outer_ip4(struct gre_tx *t, uint8_t *ip, uint16_t proto,
+                      const uint8_t *inner, size_t tot, uint32_t nids)
 {
-    uint8_t *ip = out, *u = out + 20, in_tos, in_ttl;
-    size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
-    size_t ulen = t->udp ? UDP_HLEN : 0;
-    uint32_t sum;
+    uint8_t in_tos, in_ttl;
     int in_df, df;
 
     inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
     df = t->df == TPB_DF_SET ? 1 : t->df == TPB_DF_CLEAR ? 0 : in_df;
     ip[0] = 0x45;
     ip[1] = outer_tos(t, proto, inner);
-    wr16(ip + 2, (uint16_t)(20 + ulen + glen + plen));
-    wr16(ip + 4, t->ip_id++);
+    wr16(ip + 2, (uint16_t)tot);
+    wr16(ip + 4, t->ip_id);
+    t->ip_id = (uint16_t)(t->ip_id + nids);
     wr16(ip + 6, df ? IP_DF : 0);
     ip[8] = outer_ttl(t, proto, inner);
     ip[9] = t->udp ? IPPROTO_UDP_ : IPPROTO_GRE_;
     wr32(ip + 12, t->local);
     wr32(ip + 16, t->remote);
     ip4_set_csum(ip);
+}
+
+size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                 const uint8_t *inner, size_t plen, uint32_t psum)
+{
+    uint8_t *ip = out, *u = out + 20;
+    size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
+    size_t ulen = t->udp ? UDP_HLEN : 0;
+    uint32_t sum;
+
+    outer_ip4(t, ip, proto, inner, 20 + ulen + glen + plen, 1);
     gre_header(t, out + 20 + ulen, proto, plen, psum);
     if (!t->udp)
         return 20 + glen;
@@ -157,6 +170,18 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
     sum = csum_add(sum, u, UDP_HLEN + glen) + psum;
     wr16(u + 6, csum_finish(sum) ? csum_finish(sum) : 0xffff);
     return 20 + UDP_HLEN + glen;
+}
+
+void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                   const uint8_t *inner, size_t ilen, size_t ulen, uint32_t nseg)
+{
+    uint8_t *u = out + 20;
+
+    outer_ip4(t, out, proto, inner, 20 + ulen, nseg);
+    wr16(u, gre_udp_sport(proto, inner, ilen));
+    wr16(u + 2, GRE_UDP_PORT);
+    wr16(u + 4, (uint16_t)ulen);
+    wr16(u + 6, 0);
 }
 
 /* What every GRE header from a remote gets, in this order: version,

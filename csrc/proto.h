@@ -134,6 +134,12 @@ uint16_t gre_udp_sport(uint16_t proto, const uint8_t *inner, size_t plen);
 size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
                  const uint8_t *inner, size_t plen, uint32_t psum);
 
+/* The outer IPv4 + UDP headers of a UDP GSO message (udpgso.c) whose UDP
+ * length is ulen: nseg IDs taken, the source port hashed from the first
+ * inner packet (ilen bytes), the checksum field left zero. */
+void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                   const uint8_t *inner, size_t ilen, size_t ulen, uint32_t nseg);
+
 /* Just the GRE header (the POP's kernel writes the outer IPv4 header). */
 size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
                   size_t plen, uint32_t psum);

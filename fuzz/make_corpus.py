@@ -227,6 +227,15 @@ def from_out() -> None:
           u8(5) + u16(1000))
     c.add("udp-keepalive-reflect", fo_header(udp=True) + fo_frame(
         upkt(udp_keepalive_of(POP, LOCAL, KEY, False, sport=KA_ID))))
+    # A UDP GSO super-packet of GRE-in-UDP (another TPB's udpgso.c): pieces of
+    # one size but the last, each GRE + inner packet, the checksum partial;
+    # the last one shorter.
+    pieces = [bytes(gre(tcp4(n=200, id=k))) for k in range(3)] + [bytes(gre(tcp4(n=50, id=9)))]
+    body = b"".join(pieces)
+    sup = bytes(to_us / IP(src=POP, dst=LOCAL, proto=17, len=28 + len(body))) + struct.pack(
+        "!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, 8 + len(body), 0) + body
+    c.add("udp-gso-pieces", fo_header(udp=True) + fo_frame(
+        sup, RAW, struct.pack("=BBHHHH", 1, 5, 14 + 28, len(pieces[0]), 14 + 20, 6)))
 
 
 # ---- encap ------------------------------------------------------------------

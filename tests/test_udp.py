@@ -65,6 +65,13 @@ def tlab():
         # the NIC (a veth passes it on partial); on a wire it is complete, and
         # so it is here, for the captures to check.
         lb.run("pop", ["ethtool", "-K", "eth0", "tx", "off"])
+        # The same for the bridges: a TCP super-packet leaves TPB as one UDP
+        # GSO message (csrc/udpgso.c) that a NIC cuts into datagrams and
+        # checksums; a veth would pass it on whole, checksum partial. With
+        # tx checksumming off the kernel cuts and checksums it in software
+        # before gw2's capture, as the wire would carry it.
+        for node in ("tpb", "tpb2"):
+            lb.run(node, ["ethtool", "-K", "eth3", "tx", "off"])
         yield lb
 
 
@@ -224,7 +231,8 @@ def test_the_8_udp_bytes_in_pmtud_and_mss(tlab, daemons):
 
 
 def test_tcp_udp_fragments_decode_cleanly_in_tshark(tlab, daemons, iperf_servers, tmp_path):
-    """TCP (super-packets segmented in C), UDP of 3000 bytes and pings of
+    """TCP (super-packets segmented in C, each sent as one UDP GSO message
+    that the kernel cuts into datagrams), UDP of 3000 bytes and pings of
     3000 bytes (fragmented inside the tunnel, and by the POP's kernel in the
     outer header on the way back) through both sites' GRE-in-UDP tunnels:
     tshark (which takes UDP port 4754 for GRE-in-UDP itself) decodes every
@@ -256,6 +264,7 @@ def test_tcp_udp_fragments_decode_cleanly_in_tshark(tlab, daemons, iperf_servers
         assert r["end"]["sum_received" if "sum_received" in r["end"] else "sum"]["bytes"] > 0
     for c in (c1, c2):
         assert c["tunnel"]["fragmented"] > 0 and c["tunnel"]["gso_packets"] > 0, c["tunnel"]
+        assert c["tunnel"]["udp_gso_sent"] > 0, c["tunnel"]
         assert c["tunnel"]["reasm_done"] > 0 and c["tunnel"]["drop"] == {}, c["tunnel"]
     assert all(p["drop"] == {} for p in cp["peers"].values()), cp
     as_data = [f"{proto}.port=={p},data" for p in IPERF_PORTS for proto in ("tcp", "udp")]

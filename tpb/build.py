@@ -27,6 +27,7 @@ SOURCES = [
     "gre.c",
     "encap.c",
     "segment.c",
+    "udpgso.c",
     "decap.c",
     "reasm.c",
     "keepalive.c",

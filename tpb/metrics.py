@@ -112,6 +112,12 @@ FAMILIES: dict[str, Family] = {
     "tunnel_bypassed_packets": Family(
         COUNTER, "Selected frames bridged unencapsulated while no POP was up (fail-open)."
     ),
+    "tunnel_udp_gso_sent_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO messages sent: super-packets the kernel cuts into datagrams."
+    ),
+    "tunnel_udp_gso_received_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO super-packets received and taken apart."
+    ),
     "reassembly_fragments": Family(COUNTER, "GRE fragments taken into reassembly."),
     "reassembly_datagrams": Family(COUNTER, "Datagrams reassembled."),
     "reassembly_memory_bytes": Family(GAUGE, "Bytes reassembly holds now."),
@@ -199,6 +205,8 @@ TUNNEL_FIELDS: dict[str, To] = {
     "arp_replies": To("tunnel_arp_replies"),
     "echo_replies": To("tunnel_echo_replies"),
     "bypassed": To("tunnel_bypassed_packets"),
+    "udp_gso_sent": To("tunnel_udp_gso_sent_messages"),
+    "udp_gso_received": To("tunnel_udp_gso_received_messages"),
     "drop": To("tunnel_drops", (("reason", EACH_DROP),)),
 }
 
