@@ -245,6 +245,15 @@ void ugso_free(struct tpb_bridge *br);
 void ugso_add(struct tpb_bridge *br, struct frame *f, struct inner *p);
 void ugso_flush(struct tpb_bridge *br, struct frame *f);
 
+/* coalesce.c: the pieces of a UDP GSO super-packet into one inner TCP
+ * super-packet, delivered (1), or nothing done as they cannot merge (0). */
+int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                     uint8_t *ip, size_t tot, size_t seg);
+/* decap.c: an inner packet out of --in, its vnet header's offsets counted
+ * from the inner packet. */
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                        size_t ilen, const struct virtio_net_hdr *vh);
+
 /* keepalive.c */
 void ka_setup(struct tpb_bridge *br, const struct tpb_tunnel_config *t);
 void ka_learn_hop(struct tpb_bridge *br, const struct frame *f);

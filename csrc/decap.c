@@ -198,6 +198,8 @@ static void udp_gso_split(struct tpb_bridge *br, struct remote *r,
         return;
     }
     br->tc.udp_gso_received++;
+    if (udp_gso_coalesce(br, r, f, ip, tot, seg))
+        return;
     for (off = ihl + UDP_HLEN; off < tot; off += n) {
         n = tot - off < seg ? tot - off : seg;
         decap(br, r, f, ip, ip + off, n, NULL);
@@ -354,7 +356,7 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                    size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso);
+                   const struct virtio_net_hdr *gso, int gso_inner);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
@@ -430,7 +432,7 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
     clamp_mss(br, in, ilen, g.proto, 0);
     /* Every check passed and the packet is on its way: only now does its
      * sequence number count as received (gre.c: gre_commit_seq). */
-    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
+    if (deliver(br, f, in, ilen, g.proto, gso, 0) == 0)
         gre_commit_seq(&r->grx, &g);
 }
 
@@ -456,10 +458,12 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
                                  : elen + ilen);
 }
 
-/* Returns 0 once the packet is queued, -1 if it was dropped (counted). */
+/* Returns 0 once the packet is queued, -1 if it was dropped (counted).
+ * gso's offsets count from the outer Ethernet header (a GRE super-packet
+ * GRO merged), or with gso_inner from the inner packet (coalesce.c). */
 static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                    size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso)
+                   const struct virtio_net_hdr *gso, int gso_inner)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -479,8 +483,15 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     memset(h, 0, VNET_LEN);
     n = VNET_LEN + eth_write(h + VNET_LEN, dst, src, f, proto);
     if (gso) {
+        struct virtio_net_hdr *vh = (struct virtio_net_hdr *)h;
+
         memcpy(h, gso, VNET_LEN);
-        inner_vnet((struct virtio_net_hdr *)h, f, in, ilen, n - VNET_LEN);
+        if (gso_inner) {
+            vh->csum_start = (uint16_t)(vh->csum_start + n - VNET_LEN);
+            vh->hdr_len = (uint16_t)(vh->hdr_len + n - VNET_LEN);
+        } else {
+            inner_vnet(vh, f, in, ilen, n - VNET_LEN);
+        }
     }
     q->iov[i][0].iov_base = h;
     q->iov[i][0].iov_len = n;
@@ -493,4 +504,10 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
     return 0;
+}
+
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                        size_t ilen, const struct virtio_net_hdr *vh)
+{
+    return deliver(br, f, in, ilen, ETYPE_IPV4, vh, 1);
 }

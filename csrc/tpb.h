@@ -119,6 +119,7 @@ struct tpb_tunnel_counters {
     uint64_t bypassed;           /* selected, no POP up: bridged as they are */
     uint64_t udp_gso_sent;       /* GRE-in-UDP UDP GSO messages sent (udpgso.c) */
     uint64_t udp_gso_received;   /* ... and received, taken apart (decap.c) */
+    uint64_t udp_gso_coalesced;  /* ... their pieces merged into one (coalesce.c) */
     uint64_t drop[TPB_NDROP];
 };
 

@@ -257,6 +257,78 @@ static void check_udp_gso(struct h *h, const struct fz_frame *z, size_t n_in,
     }
 }
 
+/* The pieces of a UDP GSO super-packet merged into one inner TCP
+ * super-packet (coalesce.c): only pieces GRO would merge — inner IPv4
+ * without options, TCP, right checksums, the IDs counting up by one, the
+ * sequence numbers following on, all payloads the first's length but the
+ * last (not longer) — and the merge is the first piece's headers with the
+ * payloads of all behind them, the flags of all, a vnet header that lets
+ * the kernel cut it back into the same segments. */
+static void check_coalesced(const struct fz_frame *z, size_t n_in, size_t n_out,
+                            uint64_t drops, int reason)
+{
+    const uint8_t *ip = z->orig + FZ_ETH, *g, *p0 = NULL, *in;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), seg = z->vh0.gso_size;
+    size_t off, n, gh, ilen, thl, plen, plen0 = 0, total = 0, k = 0, l2 = fz_l2(z);
+    const struct fz_out *o;
+    uint32_t seq = 0;
+    uint8_t flags = 0;
+
+    if (n_in == 0 && drops == 1 && reason == TPB_DROP_ECN)
+        return;                                 /* CE on a Not-ECT inner packet */
+    FZ_CHECK(n_in == 1 && n_out == 0 && drops == 0 && fz_outs[0].port == TPB_PORT_IN,
+             "coalesced: %zu frames in, %zu out, %llu drops", n_in, n_out,
+             (unsigned long long)drops);
+    o = &fz_outs[0];
+    in = o->data + l2;
+    for (off = ihl + 8; off < tot; off += n, k++) {
+        n = tot - off < seg ? tot - off : seg;
+        g = ip + off;
+        gh = fz_gre_hlen(fz_rd16(g));
+        FZ_CHECK(n > gh + 40, "coalesced: piece %zu too short", k);
+        g += gh;
+        ilen = n - gh;
+        thl = (size_t)(g[32] >> 4) * 4;
+        FZ_CHECK(g[0] == 0x45 && g[9] == IPPROTO_TCP_ && fz_rd16(g + 2) == ilen &&
+                 !(fz_rd16(g + 6) & (IP_MF | IP_OFFMASK)) && thl >= 20 && 20 + thl < ilen &&
+                 fz_l4_csum_ok(g, 20, ilen, IPPROTO_TCP_),
+                 "coalesced: piece %zu is no whole IPv4 TCP segment with a right checksum", k);
+        plen = ilen - 20 - thl;
+        if (!k) {
+            p0 = g;
+            plen0 = plen;
+            seq = fz_rd32(g + 24);
+        }
+        /* flags: no SYN, RST, URG; CWR only first, PSH and FIN only last */
+        FZ_CHECK(!(g[33] & 0x26) && (!k || !(g[33] & 0x80)) &&
+                 (off + n >= tot || !(g[33] & 0x09)),
+                 "coalesced: piece %zu's flags %02x", k, g[33]);
+        FZ_CHECK(fz_rd16(g + 4) == (uint16_t)(fz_rd16(p0 + 4) + k) && fz_rd32(g + 24) == seq &&
+                 (plen == plen0 || (off + n >= tot && plen <= plen0)) &&
+                 !memcmp(g + 12, p0 + 12, 8) && !memcmp(g + 20, p0 + 20, 4),
+                 "coalesced: piece %zu does not follow on", k);
+        FZ_CHECK(l2 + 20 + thl + total + plen <= o->len &&
+                 !memcmp(in + 20 + thl + total, g + 20 + thl, plen),
+                 "coalesced: piece %zu's payload not in place", k);
+        seq += (uint32_t)plen;
+        total += plen;
+        flags |= g[33];
+    }
+    FZ_CHECK(k >= 2 && p0, "coalesced: %zu pieces", k);
+    thl = (size_t)(p0[32] >> 4) * 4;
+    FZ_CHECK(o->len == l2 + 20 + thl + total, "coalesced: %zu bytes, not %zu", o->len,
+             l2 + 20 + thl + total);
+    FZ_CHECK(fz_rd16(in + 2) == 20 + thl + total && !memcmp(in + 4, p0 + 4, 6) &&
+             !memcmp(in + 12, p0 + 12, 8) && (in[1] & ~3) == (p0[1] & ~3) &&
+             !memcmp(in + 20, p0 + 20, 13) && in[33] == flags &&
+             !memcmp(in + 34, p0 + 34, 2) && !memcmp(in + 38, p0 + 38, thl - 18),
+             "coalesced: headers are not the first piece's");
+    FZ_CHECK(o->qdisc && (o->vh.gso_type & 0x7f) == VIRTIO_NET_HDR_GSO_TCPV4 &&
+             o->vh.gso_size == plen0 && (o->vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+             o->vh.csum_start == l2 + 20 && o->vh.csum_offset == 16,
+             "coalesced: vnet header");
+}
+
 static void check_reflect(struct h *h, const struct fz_frame *z,
                           const struct fz_out *o, const struct fz_snap *b)
 {
@@ -492,6 +564,10 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
         FZ_CHECK(n_out == 0, "bridged toward --in, yet %zu frames out of --out", n_out);
         fz_check_forward(z, fz_outs, n_in,  drops,
                          a->c[TPB_PORT_IN].drop_gso_bad - b->c[TPB_PORT_IN].drop_gso_bad);
+        return;
+    }
+    if (a->tc.udp_gso_coalesced != b->tc.udp_gso_coalesced) {
+        check_coalesced(z, n_in, n_out, drops, reason);
         return;
     }
     if (a->tc.udp_gso_received != b->tc.udp_gso_received) {

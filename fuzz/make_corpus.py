@@ -236,6 +236,16 @@ def from_out() -> None:
         "!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, 8 + len(body), 0) + body
     c.add("udp-gso-pieces", fo_header(udp=True) + fo_frame(
         sup, RAW, struct.pack("=BBHHHH", 1, 5, 14 + 28, len(pieces[0]), 14 + 20, 6)))
+    # ... and one whose pieces follow on, segments of one TCP flow: merged
+    segs = [IP(src=SERVER, dst=PC, id=7 + k) / TCP(sport=5201, dport=40000, seq=1000 + 200 * k,
+                                                  flags="PA" if k == 3 else "A") /
+            Raw(payload(200 if k < 3 else 50, k)) for k in range(4)]
+    pieces = [bytes(gre(s)) for s in segs]
+    body = b"".join(pieces)
+    sup = bytes(to_us / IP(src=POP, dst=LOCAL, proto=17, len=28 + len(body))) + struct.pack(
+        "!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, 8 + len(body), 0) + body
+    c.add("udp-gso-merge", fo_header(udp=True) + fo_frame(
+        sup, RAW, struct.pack("=BBHHHH", 1, 5, 14 + 28, len(pieces[0]), 14 + 20, 6)))
 
 
 # ---- encap ------------------------------------------------------------------

@@ -439,7 +439,7 @@ def tpb_udp(tlab, tap, tmp_path):
     procs.stop_all()
 
 
-def udp_gso_frame(tlab, n: int, last: int) -> tuple[bytes, list[bytes], int]:
+def udp_gso_frame(tlab, n: int, last: int, id_step: int = 1) -> tuple[bytes, list[bytes], int]:
     """A UDP GSO message as TPB's udpgso.c sends one from the pop toward
     tpb: outer IPv4 + UDP (4754 both ways, the length of the whole, the
     checksum field the pseudo-header sum: partial) + n pieces of one size
@@ -448,9 +448,10 @@ def udp_gso_frame(tlab, n: int, last: int) -> tuple[bytes, list[bytes], int]:
     inners = []
     for k in range(n):
         data = os.urandom(MSS if k < n - 1 else last)
-        inners.append(bytes(IP(src=labmod.T_SERVER, dst=labmod.T_PC, id=100 + k, flags="DF",
-                               ttl=60) / TCP(sport=5201, dport=40000, seq=SEQ0 + k * MSS,
-                                             ack=7, flags="A", window=500) / Raw(data)))
+        inners.append(bytes(IP(src=labmod.T_SERVER, dst=labmod.T_PC, id=100 + k * id_step,
+                               flags="DF", ttl=60) /
+                            TCP(sport=5201, dport=40000, seq=SEQ0 + k * MSS, ack=7,
+                                flags="PA" if k == n - 1 else "A", window=500) / Raw(data)))
     payload = b"".join(struct.pack("!HH", 0, 0x0800) + i for i in inners)
     ulen = 8 + len(payload)
     outer = IP(src=labmod.T_POP, dst=labmod.T_TPB, flags="DF", ttl=62, proto=17,
@@ -469,11 +470,49 @@ def inject_udp_gso(tap: int, frame: bytes, seg: int, csum_start: int = 14 + 20) 
     assert os.write(tap, hdr + frame) == len(hdr) + len(frame)
 
 
-def test_udp_gso_super_packet_taken_apart(tlab, tap, tpb_udp):
-    """Every piece of a GRE-in-UDP UDP GSO message is decapsulated as if it
-    had come alone: each inner packet reaches gw1 byte for byte, in order,
-    behind the Ethernet header as received."""
+def test_udp_gso_super_packet_merged_whole(tlab, tap, tpb_udp):
+    """The pieces of a GRE-in-UDP UDP GSO message are consecutive segments
+    of one TCP flow: they leave --in as one inner super-packet (offloads on
+    at --in: gw1 gets it whole) — the first segment's headers, every
+    payload behind them in order, lengths and flags of the whole."""
     frame, inners, seg = udp_gso_frame(tlab, 5, 301)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg)
+        got = arrivals(cap, 1)
+    assert len(got) == 1, [len(g) for g in got]
+    out = Ether(got[0])
+    assert got[0][:12] == frame[:12] and got[0][12:14] == b"\x08\x00"
+    first = IP(inners[0])
+    assert (out[IP].src, out[IP].dst, out[IP].id, out[IP].ttl, out[IP].flags) == (
+        first.src, first.dst, first.id, first.ttl, first.flags)
+    assert out[IP].len == 40 + sum(len(IP(i)[TCP].payload) for i in inners)
+    assert (out[TCP].seq, out[TCP].ack, out[TCP].flags) == (SEQ0, 7, "PA")
+    assert bytes(out[TCP].payload) == b"".join(bytes(IP(i)[TCP].payload) for i in inners)
+    c = tpb_udp.stop()
+    assert c["tunnel"]["udp_gso_received"] == 1 and c["tunnel"]["udp_gso_coalesced"] == 1
+    assert c["tunnel"]["decap_packets"] == len(inners)
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+def test_udp_gso_merged_then_segmented_on_egress(tlab, tap, tpb_udp, in_port_no_offloads):
+    """Merged and cut again by the kernel at --in (no TSO there), the
+    segments are the very packets the pieces carried, byte for byte: the
+    merge loses or changes nothing."""
+    frame, inners, seg = udp_gso_frame(tlab, 5, 301)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg)
+        got = arrivals(cap, len(inners))
+    assert [g[14:] for g in got] == inners
+    c = tpb_udp.stop()
+    assert c["tunnel"]["udp_gso_coalesced"] == 1, c["tunnel"]
+
+
+def test_udp_gso_super_packet_taken_apart(tlab, tap, tpb_udp):
+    """Pieces GRO would not merge (here the IP IDs do not count up one by
+    one) are each decapsulated as if they had come alone: each inner
+    packet reaches gw1 byte for byte, in order, behind the Ethernet header
+    as received."""
+    frame, inners, seg = udp_gso_frame(tlab, 5, 301, id_step=2)
     with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
         inject_udp_gso(tap, frame, seg)
         got = arrivals(cap, len(inners))
@@ -481,6 +520,7 @@ def test_udp_gso_super_packet_taken_apart(tlab, tap, tpb_udp):
     assert all(g[:12] == frame[:12] and g[12:14] == b"\x08\x00" for g in got)
     c = tpb_udp.stop()
     assert c["tunnel"]["udp_gso_received"] == 1, c["tunnel"]
+    assert c["tunnel"]["udp_gso_coalesced"] == 0, c["tunnel"]
     assert c["tunnel"]["decap_packets"] == len(inners)
     assert c["tunnel"]["decap_bytes"] == sum(map(len, inners))
     assert not c["tunnel"]["drop"], c["tunnel"]["drop"]

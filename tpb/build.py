@@ -28,6 +28,7 @@ SOURCES = [
     "encap.c",
     "segment.c",
     "udpgso.c",
+    "coalesce.c",
     "decap.c",
     "reasm.c",
     "keepalive.c",

@@ -118,6 +118,9 @@ FAMILIES: dict[str, Family] = {
     "tunnel_udp_gso_received_messages": Family(
         COUNTER, "GRE-in-UDP UDP GSO super-packets received and taken apart."
     ),
+    "tunnel_udp_gso_coalesced_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO super-packets whose pieces went out of --in as one."
+    ),
     "reassembly_fragments": Family(COUNTER, "GRE fragments taken into reassembly."),
     "reassembly_datagrams": Family(COUNTER, "Datagrams reassembled."),
     "reassembly_memory_bytes": Family(GAUGE, "Bytes reassembly holds now."),
@@ -207,6 +210,7 @@ TUNNEL_FIELDS: dict[str, To] = {
     "bypassed": To("tunnel_bypassed_packets"),
     "udp_gso_sent": To("tunnel_udp_gso_sent_messages"),
     "udp_gso_received": To("tunnel_udp_gso_received_messages"),
+    "udp_gso_coalesced": To("tunnel_udp_gso_coalesced_messages"),
     "drop": To("tunnel_drops", (("reason", EACH_DROP),)),
 }
 
