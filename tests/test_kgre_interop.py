@@ -217,22 +217,43 @@ FOU_PORT = 4754
 # Linux's GRE-in-UDP: a FOU receiver for protocol 47 on 4754, and gre1 wrapping
 # in UDP to 4754 from a flow-hashed port (`encap-sport auto`, RFC 8086 3.2.1).
 FOU_SETUP = [f"run ip fou add port {FOU_PORT} ipproto 47"]
+FOU_CSUM = ["encap", "fou", "encap-sport", "auto", "encap-dport", str(FOU_PORT), "encap-csum"]
+# Linux (6.1.192 here; a recent mainline reads the same) drops GRE-in-UDP
+# that its own GRO merged: gre_gro_complete() sets gso_type to SKB_GSO_GRE alone, wiping
+# the SKB_GSO_UDP_TUNNEL_CSUM that udp_gro_complete() set, and
+# udp_unexpected_gso() then finds a GSO packet without the UDP tunnel bits on
+# the FOU socket: udp_rcv_segment() fails (udp4_ufo_fragment: -EINVAL),
+# kfree_skb (NOT_SPECIFIED), UDP InErrors += segments.  Linux's own FOU
+# between two namespaces loses the same way (README, GRE-in-UDP).  GRO leaves
+# GRE with a checksum over FOU alone, and GRE with sequence numbers alone
+# everywhere: with either, or with GRO off on the receiving NIC, all arrives.
 FOU_COMBOS = {
-    # UDP checksums both ways (Linux's encap-csum), the GRE key
-    "key-udpcsum": {"key": 0x1234, "gre_args": ["encap", "fou", "encap-sport", "auto",
-                                                "encap-dport", str(FOU_PORT), "encap-csum"]},
+    # UDP checksums both ways (Linux's encap-csum), the GRE key; the VM's NIC
+    # without GRO (the receiver's workaround)
+    "key-udpcsum-gro-off": {"key": 0x1234, "gre_args": FOU_CSUM,
+                            "vm_setup": ["run ethtool -K eth0 gro off"]},
+    # sequence numbers both ways, GRO on (a workaround in the tunnel's settings)
+    "key-seq-udpcsum": {"key": 0x1234, "seq": True, "gre_args": FOU_CSUM},
     # GRE checksums too, and Linux sending UDP without checksum (zero: RFC 768's
-    # "none", which RFC 8086 6.1 allows over IPv4)
+    # "none", which RFC 8086 6.1 allows over IPv4); GRO on
     "key-grecsum-zero-udpcsum": {"key": 77, "csum": True,
                                  "gre_args": ["encap", "fou", "encap-sport", "auto",
                                               "encap-dport", str(FOU_PORT), "noencap-csum"]},
 }
 
 
+def udp_snmp(peer: kgre.KernelGrePeer) -> dict[str, int]:
+    """The VM's Udp counters of /proc/net/snmp, by name."""
+    names, values = [ln.split()[1:] for ln in peer.read_file("/proc/net/snmp").splitlines()
+                     if ln.startswith("Udp:")]
+    return dict(zip(names, map(int, values), strict=True))
+
+
 @pytest.mark.parametrize("combo", sorted(FOU_COMBOS))
 def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     """TPB's GRE-in-UDP against Linux's FOU, both ways: ping; TCP up and down
-    (TPB segments, the VM's GRO merges); full-size and 4000-byte pings (TPB
+    (TPB segments; the VM's GRO merges what it may, and its UDP layer drops
+    nothing: no InErrors); full-size and 4000-byte pings (TPB
     fragments the inner packet toward Linux, Linux fragments the outer UDP
     datagram toward TPB, which reassembles it); keepalives (Linux routes the
     inner UDP packet back, with accept_local).  tcpdump on the VM's tap, and
@@ -241,14 +262,16 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     from helpers import ENDPOINTS_OWN, tshark_expert, tshark_repeats
     from pop_util import Tcpdump
 
-    gre = FOU_COMBOS[combo]
+    gre = dict(FOU_COMBOS[combo])
+    setup = FOU_SETUP + gre.pop("vm_setup", [])
     # retries: a VM under TCG, its CPU busy with iperf3, answers late
     flags = [f"--key={gre['key']}", "--encap", "udp", "--keepalive", "0.3s,20",
-             "--on-tunnel-down", "drop"] + (["--csum"] if gre.get("csum") else [])
+             "--on-tunnel-down", "drop"] + (["--csum"] if gre.get("csum") else []) + \
+        (["--seq"] if gre.get("seq") else [])
     with boot(lab, inner_route="192.0.2.0/26 mtu lock 1500", pmtudisc=False, gre_mtu=1500,
-              forwarding=True, setup=FOU_SETUP, **gre) as peer:
+              forwarding=True, setup=setup, **gre) as peer:
         peer.sh("sysctl -qw net.ipv4.conf.gre1.accept_local=1")
-        tap0 = tap_stats(lab)
+        tap0, udp0 = tap_stats(lab), udp_snmp(peer)
         dump = Tcpdump(lab, "gw2", "kgre0", tmp_path / "fou.pcap",
                        f"udp port {FOU_PORT} or (ip[6:2] & 0x1fff != 0)")
         tpb = Tpb(lab, tmp_path, *flags)
@@ -266,7 +289,7 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
             c = tpb.stop()
             frames = dump.stop()
         stats = peer.link_stats("gre1")
-        tap1 = tap_stats(lab)
+        tap1, udp1 = tap_stats(lab), udp_snmp(peer)
         snmp = peer.sh("grep -E '^(Udp|Ip):' /proc/net/snmp; ip -s link show eth0")
     assert big.returncode == 0, big.stdout + big.stderr
     assert huge.returncode == 0, huge.stdout + huge.stderr
@@ -284,13 +307,24 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     assert t["reasm_done"] >= received(big) + 2 * received(huge), t
     (remote,) = t["remotes"]
     assert remote["up"] and remote["keepalives_received"] >= 1, remote
-    # gre1 counts the inner bytes TPB counted as encap_bytes, less what the
-    # tap could not hand to the TCG VM in time (its TX drops, counted on the
-    # host): at most a full-size packet each
-    lost = (tap1["tx"]["dropped"] - tap0["tx"]["dropped"]) * 1500
     assert stats["rx"]["errors"] == 0, stats
-    assert stats["rx"]["bytes"] + lost >= t["encap_bytes"] * 0.9, (
-        t["encap_bytes"], t["encap_packets"], lost, stats, snmp)
+    # what reached the VM's UDP layer went on to FOU: none of it dropped there
+    # (the loss that Linux's GRO brings shows as InErrors, see FOU_COMBOS)
+    assert udp1["InErrors"] == udp0["InErrors"], (udp0, udp1)
+    # gre1 counts every inner byte TPB counted as encap_bytes, and more only
+    # by whole keepalives (their inner packet, IPv4 + UDP + GRE without
+    # sequence number, comes out of gre1 before Linux routes it back) ...
+    extra = stats["rx"]["bytes"] - t["encap_bytes"]
+    ka_len = 20 + 8 + 4 + 4 + (4 if gre.get("csum") else 0)
+    dropped = tap1["tx"]["dropped"] - tap0["tx"]["dropped"]
+    if dropped == 0:
+        assert extra >= 0 and extra % ka_len == 0 and \
+            extra <= ka_len * remote["keepalives_sent"], (
+                t["encap_bytes"], t["encap_packets"], remote, stats, snmp)
+    else:
+        # ... less what the tap could not hand to a TCG VM in time (its TX
+        # drops, counted on the host): at most a full-size packet each
+        assert extra + dropped * 1500 >= 0, (t["encap_bytes"], dropped, stats, snmp)
     assert len(frames) > 100
     # iperf3's port as data (tshark would try Thrift on it)
     pcap = tmp_path / "fou.pcap"
