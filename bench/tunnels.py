@@ -68,6 +68,9 @@ TUNNEL_ROWS = [
     ("tun_mss_clamped", "mss_clamped"),
     ("tun_fragments", "fragments"),
     ("tun_icmp_sent", "icmp_sent"),
+    ("tun_udp_gso_sent", "udp_gso_sent"),
+    ("tun_udp_gso_received", "udp_gso_received"),
+    ("tun_udp_gso_coalesced", "udp_gso_coalesced"),
 ]
 
 
