@@ -10,7 +10,7 @@ SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PKGS  := python3 python3-venv python3-dev gcc libffi-dev iproute2 iputils-ping procps \
              nftables iperf3 tcpdump tshark netsniff-ng ethtool qemu-system-x86 \
              systemd systemd-container prometheus qemu-utils ovmf dnsmasq-base \
-             clang-14 libclang-rt-14-dev
+             clang-14 libclang-rt-14-dev conntrack
 # What `make install` needs on the machine it installs on: to build the C
 # helper into the venv, and what TPB runs (ip, nft).
 INSTALL_PKGS := python3 python3-venv python3-dev gcc libffi-dev iproute2 nftables

@@ -221,6 +221,9 @@ TUNNEL_KEYS = (
     "mss_clamped",
     "fragments",
     "icmp_sent",
+    "udp_gso_sent",
+    "udp_gso_received",
+    "udp_gso_coalesced",
 )
 
 

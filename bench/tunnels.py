@@ -13,6 +13,8 @@ each with the baseline it is compared with in the same topology.
                  segment costs here (chain-gre's reference)
     chain        chain lab: two plain TPBs back to back, both on CPU 1
     chain-gre    the same with A and B each other's tunnel end
+    chain-udp    the same in GRE-in-UDP (--encap udp): A sends each
+                 super-packet as UDP GSO messages, B takes them apart
     pop-bridge   pop lab: the Linux bridge, the pop a plain router
     pop-tpb      pop lab: plain TPB, the pop a plain router
     pop-gre      pop lab: TPB tunnels the flows to the sink's subnet to
@@ -66,6 +68,9 @@ TUNNEL_ROWS = [
     ("tun_mss_clamped", "mss_clamped"),
     ("tun_fragments", "fragments"),
     ("tun_icmp_sent", "icmp_sent"),
+    ("tun_udp_gso_sent", "udp_gso_sent"),
+    ("tun_udp_gso_received", "udp_gso_received"),
+    ("tun_udp_gso_coalesced", "udp_gso_coalesced"),
 ]
 
 
@@ -261,6 +266,16 @@ def duts(workdir: Path) -> list[Dut]:
             topo="chain",
             skip=chain_skip,
             parts=[chain_part("chain-gre", "A", gre_a), chain_part("chain-gre", "B", gre_b)],
+            check_gso="A",
+        ),
+        TpbChain(
+            "chain-udp",
+            "chain-gre with --encap udp: GRE-in-UDP, A's super-packets out as UDP GSO messages",
+            baselines={"tpb": {"tcp_gbps": Target(">=", 0.8)}, "chain": {}, "chain-gre": {}},
+            topo="chain",
+            skip=chain_skip,
+            parts=[chain_part("chain-udp", "A", [*gre_a, "--encap", "udp"]),
+                   chain_part("chain-udp", "B", [*gre_b, "--encap", "udp"])],
             check_gso="A",
         ),
         KernelBridge("pop-bridge", "Linux bridge as `bridge`; the pop a plain router", topo="pop"),

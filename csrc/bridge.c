@@ -364,7 +364,18 @@ static int tunnel_config_ok(const struct tpb_tunnel_config *t, char *err,
         snprintf(err, errlen, "keepalive retries must be at least 1");
         return -1;
     }
+    if (t->encap != TPB_ENCAP_GRE && t->encap != TPB_ENCAP_UDP) {
+        snprintf(err, errlen, "unknown encapsulation %u", t->encap);
+        return -1;
+    }
     return 0;
+}
+
+/* Outer IPv4 (+ UDP with GRE-in-UDP) + GRE: what the tunnel adds. */
+static size_t tunnel_overhead(const struct tpb_tunnel_config *t)
+{
+    return 20 + (t->encap == TPB_ENCAP_UDP ? UDP_HLEN : 0) +
+           gre_hlen(t->csum, t->has_key, t->seq);
 }
 
 /* Everything a tunnel configuration decides, at open and on reload; the
@@ -383,7 +394,8 @@ static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_confi
     br->gtx.seqno = seqno;
     br->gtx.ip_id = ip_id;
     br->gtx.df = t->df;
-    br->overhead = 20 + gre_hlen(t->csum, t->has_key, t->seq);
+    br->gtx.udp = t->encap == TPB_ENCAP_UDP;
+    br->overhead = tunnel_overhead(t);
     /* The port's own MTU, once the loop has read it, over the caller's. */
     encap_mtu(br, br->q[TPB_PORT_OUT].mtu ? br->q[TPB_PORT_OUT].mtu : t->mtu);
     if (br->icmp_tokens > t->icmp_rate)
@@ -399,7 +411,7 @@ static int tunnel_state(struct tpb_bridge *br, const struct tpb_bridge_config *c
                         uint64_t now, char *err, size_t errlen)
 {
     const struct tpb_tunnel_config *t = &cfg->tun;
-    size_t min = encap_min_mtu(20 + gre_hlen(t->csum, t->has_key, t->seq));
+    size_t min = encap_min_mtu(tunnel_overhead(t));
     char name[IF_NAMESIZE];
 
     if (tunnel_config_ok(t, err, errlen))
@@ -446,6 +458,10 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
+    if (ugso_init(br)) {
+        snprintf(err, errlen, "out of memory (UDP GSO)");
+        return -1;
+    }
     if (txq_init(&br->q[TPB_PORT_IN], br->txfd_in, br->gsofd[TPB_PORT_IN],
                  cfg->ifindex[TPB_PORT_IN], &br->c[TPB_PORT_IN]) ||
         txq_init(&br->q[TPB_PORT_OUT], br->src[2].ring[0].fd,
@@ -615,6 +631,7 @@ void tpb_bridge_close(struct tpb_bridge *br)
         txq_free(&br->q[i]);
     if (br->reasm)
         reasm_free(br->reasm);
+    ugso_free(br);
     if (br->stop_fd >= 0)
         close(br->stop_fd);
     if (br->wake_fd >= 0)
@@ -642,7 +659,7 @@ const char *tpb_drop_name(int reason)
         "reasm_memory", "no_peer", "tun_write", "send", "tunnel_down",
         "source_owned", "inner_martian", "learn_full", "rcvbuf_full", "tun_full",
         "tun_invalid", "echo_csum", "echo_ratelimited", "reasm_evicted", "mtu_too_small",
-        "frag_overflow", "keepalive_stale",
+        "frag_overflow", "keepalive_stale", "udp_bad", "udp_csum", "no_endpoint",
     };
 
     return reason >= 0 && reason < TPB_NDROP ? names[reason] : "unknown";

@@ -49,6 +49,7 @@ struct txq {
     struct tpb_tunnel_counters *tc;
     uint8_t acct[TXQ_MAX];
     uint32_t acct_bytes[TXQ_MAX];
+    uint16_t acct_pkts[TXQ_MAX];  /* datagrams a UDP GSO message becomes */
     uint8_t acct_broken;         /* a fragment of the packet was refused */
     uint32_t fault_skip;         /* tests: every Nth TX ring slot invalid */
     uint32_t fault_n;
@@ -106,6 +107,19 @@ struct transit {
     uint32_t k;                /* the next segment's number */
 };
 
+/* udpgso.c: the GRE-in-UDP UDP GSO message being built from one
+ * super-packet's segments. */
+struct ugso {
+    uint8_t *buf;              /* NULL: off (GRE, or a kernel without USO) */
+    size_t used;               /* payload bytes (GRE + inner) so far */
+    size_t seg;                /* every datagram's payload but the last */
+    uint32_t n;                /* datagrams */
+    uint32_t ibytes;           /* inner bytes, for encap_bytes */
+    uint16_t proto;
+    size_t ilen0;
+    uint8_t inner0[64];        /* the first inner header: outer fields, sport */
+};
+
 struct tpb_bridge {
     struct source src[3];
     int nsrc;
@@ -143,6 +157,7 @@ struct tpb_bridge {
     uint64_t echo_last_ns;
     struct reasm *reasm;
     struct transit transit;
+    struct ugso ugso;
     uint64_t now_ns;           /* refreshed once per loop pass */
     uint64_t passes;           /* the heartbeat */
     int wake_fd;               /* reconfigure wakes the loop */
@@ -168,6 +183,9 @@ void txq_commit_queued(struct txq *q, uint32_t i, int niov);
  * bytes (kind TXQ_ACCT_ENCAP), or as a fragment of one (the packet counts
  * when its last fragment leaves, and not if any fragment was refused). */
 void txq_account(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes);
+/* The same for a message that leaves as `packets` packets (UDP GSO). */
+void txq_account_n(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes,
+                   uint32_t packets);
 void txq_flush(struct txq *q);
 void txq_bridge(struct txq *q, const struct frame *f);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
@@ -216,6 +234,25 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
             inner_fn emit);
 /* Bridges a frame out of q unchanged; a tunnel's super-packet segmented. */
 void forward(struct tpb_bridge *br, struct txq *q, struct frame *f);
+
+/* encap.c: one inner packet to the tunnel, fragmented or refused with an
+ * ICMP too big if it does not fit --out's MTU. */
+void encap_fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
+
+/* udpgso.c */
+int ugso_init(struct tpb_bridge *br);
+void ugso_free(struct tpb_bridge *br);
+void ugso_add(struct tpb_bridge *br, struct frame *f, struct inner *p);
+void ugso_flush(struct tpb_bridge *br, struct frame *f);
+
+/* coalesce.c: the pieces of a UDP GSO super-packet into one inner TCP
+ * super-packet, delivered (1), or nothing done as they cannot merge (0). */
+int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                     uint8_t *ip, size_t tot, size_t seg);
+/* decap.c: an inner packet out of --in, its vnet header's offsets counted
+ * from the inner packet. */
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                        size_t ilen, const struct virtio_net_hdr *vh);
 
 /* keepalive.c */
 void ka_setup(struct tpb_bridge *br, const struct tpb_tunnel_config *t);

@@ -6,7 +6,9 @@
  *                        unchanged toward --in (GRE between other addresses
  *                        is someone else's traffic, never unwrapped);
  *   2. arp_reply()       RFC 826: the tunnel address is at --out's MAC;
- *   3. to_local()        validate the outer IPv4 header; GRE from the POP
+ *   3. to_local()        validate the outer IPv4 header; GRE or GRE-in-UDP
+ *                        (RFC 8086: udp_check, the UDP header validated
+ *                        before the GRE header is looked at) from the POP
  *                        (a partial inner checksum completed, reassembled
  *                        first if fragmented, reasm.c, a first fragment's
  *                        GRE header checked before it is kept:
@@ -99,7 +101,8 @@ static void arp_reply(struct tpb_bridge *br, struct frame *f)
 /* 3. ------------------------------------------------------------------ */
 
 static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
-                  uint8_t *ip, size_t tot, const struct virtio_net_hdr *gso);
+                  uint8_t *ip, uint8_t *gre, size_t glen,
+                  const struct virtio_net_hdr *gso);
 static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
                        size_t tot);
 
@@ -125,32 +128,117 @@ static int first_fragment_gre(const struct gre_rx *r, const uint8_t *g,
     return 0;
 }
 
+/* GRE-in-UDP (RFC 8086) at ip, a whole datagram of tot bytes: the UDP
+ * header validated as RFC 768 and Linux's udp_rcv do (the length within
+ * the datagram, bytes past it ignored; the checksum verified unless it is
+ * zero, "no checksum", which RFC 8086 6.1 allows over IPv4), and one of its
+ * ports 4754: toward 4754 from the POP's flow-hashed port, or from 4754 —
+ * where a NAT'd bridge's own port is answered.  Returns 0 with the GRE
+ * header's place and length, or a drop reason. */
+static int udp_check(const uint8_t *ip, size_t tot, uint8_t **gre, size_t *glen)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ulen;
+    const uint8_t *u = ip + ihl;
+
+    if (tot - ihl < UDP_HLEN)
+        return TPB_DROP_UDP_BAD;
+    ulen = rd16(u + 4);
+    if (ulen < UDP_HLEN || ulen > tot - ihl)
+        return TPB_DROP_UDP_BAD;
+    if (rd16(u) != GRE_UDP_PORT && rd16(u + 2) != GRE_UDP_PORT)
+        return TPB_DROP_LOCAL_OTHER;
+    if (rd16(u + 6) &&
+        csum_finish(csum_add(csum_pseudo4(ip, IPPROTO_UDP_, (uint32_t)ulen), u, ulen)))
+        return TPB_DROP_UDP_CSUM;
+    *gre = (uint8_t *)u + UDP_HLEN;
+    *glen = ulen - UDP_HLEN;
+    return 0;
+}
+
+/* A first fragment (offset 0) of GRE-in-UDP: its UDP header's ports (the
+ * length and checksum cover the whole datagram: checked once reassembled),
+ * then its GRE header as first_fragment_gre() checks it. */
+static int first_fragment_udp(const struct gre_rx *r, const uint8_t *ip, size_t tot)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
+    const uint8_t *u = ip + ihl;
+
+    if (tot - ihl < UDP_HLEN)
+        return TPB_DROP_UDP_BAD;
+    if (rd16(u) != GRE_UDP_PORT && rd16(u + 2) != GRE_UDP_PORT)
+        return TPB_DROP_LOCAL_OTHER;
+    return first_fragment_gre(r, u + UDP_HLEN, tot - ihl - UDP_HLEN);
+}
+
+/* A UDP GSO super-packet of GRE-in-UDP: another TPB's udpgso.c sent it
+ * across a veth or a local bridge whole (or UDP GRO merged datagrams of
+ * one size).  CHECKSUM_PARTIAL: the UDP checksums are to be computed, not
+ * checked (the kernel's own rule for such an skb: made on this host, or
+ * verified by GRO).  Every gso_size bytes of its payload are one datagram's:
+ * a GRE header and an inner packet, each decapsulated as if it had come
+ * alone, checks and sequence window included.  The vnet header must
+ * point at this UDP header, whose length is the whole payload's. */
+static void udp_gso_split(struct tpb_bridge *br, struct remote *r,
+                          struct frame *f, uint8_t *ip, size_t tot)
+{
+    const struct virtio_net_hdr *vh = f->vh;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, off, seg = vh->gso_size, n;
+    const uint8_t *u = ip + ihl;
+
+    if ((vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_UDP_L4 ||
+        !(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !seg ||
+        vh->csum_start != (size_t)(ip - f->mac) + ihl || vh->csum_offset != 6 ||
+        (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) || tot < ihl + UDP_HLEN + 1 ||
+        rd16(u + 4) != tot - ihl) {
+        br->tc.drop[TPB_DROP_GSO_BAD]++;
+        return;
+    }
+    if (rd16(u) != GRE_UDP_PORT && rd16(u + 2) != GRE_UDP_PORT) {
+        br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
+        return;
+    }
+    br->tc.udp_gso_received++;
+    if (udp_gso_coalesce(br, r, f, ip, tot, seg))
+        return;
+    for (off = ihl + UDP_HLEN; off < tot; off += n) {
+        n = tot - off < seg ? tot - off : seg;
+        decap(br, r, f, ip, ip + off, n, NULL);
+    }
+}
+
 static void to_local(struct tpb_bridge *br, struct frame *f)
 {
-    uint8_t *ip = f->mac + ETH_HLEN;
-    size_t tot = ip4_check(ip, f->len - ETH_HLEN), ihl;
+    uint8_t *ip = f->mac + ETH_HLEN, *gre;
+    size_t tot = ip4_check(ip, f->len - ETH_HLEN), ihl, glen;
+    int udp;
 
     if (!tot) {
         br->tc.drop[TPB_DROP_OUTER_BAD]++;
         return;
     }
     ihl = (size_t)(ip[0] & 0x0f) * 4;
-    if (ip[9] == IPPROTO_GRE_) {
+    udp = ip[9] == IPPROTO_UDP_;
+    if (ip[9] == IPPROTO_GRE_ || udp) {
         struct remote *r = ka_remote(br, rd32(ip + 12));
+        int rc;
 
         if (!r) {
             br->tc.drop[TPB_DROP_NOT_PEER]++;
             return;
         }
         if (f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-            decap(br, r, f, ip, tot, f->vh);
+            if (udp)
+                udp_gso_split(br, r, f, ip, tot);
+            else
+                decap(br, r, f, ip, ip + ihl, tot - ihl, f->vh);
             return;
         }
         /* A sender on this host leaves the inner checksum partial (a NIC
          * would fill it in): finish it, or the GRE checksum cannot add up
-         * and the packet would leave --in with a wrong one.  It lies past
-         * the outer header (which is checked already) and the sum ends
-         * with the packet, not with any Ethernet padding. */
+         * and the packet would leave --in with a wrong one (with GRE-in-UDP
+         * it is the UDP checksum the host left partial).  It lies past the
+         * outer header (which is checked already) and the sum ends with the
+         * packet, not with any Ethernet padding. */
         if ((f->vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
             (f->vh->csum_start < ETH_HLEN + ihl ||
              finish_csum(f->mac, ETH_HLEN + tot, f->vh))) {
@@ -158,9 +246,9 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             return;
         }
         if (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) {
-            int rc = (rd16(ip + 6) & IP_OFFMASK)
-                         ? 0 : first_fragment_gre(&r->grx, ip + ihl, tot - ihl);
-
+            rc = (rd16(ip + 6) & IP_OFFMASK) ? 0
+                 : udp ? first_fragment_udp(&r->grx, ip, tot)
+                       : first_fragment_gre(&r->grx, ip + ihl, tot - ihl);
             if (rc) {
                 /* Refused at once, and what its datagram held with it. */
                 br->tc.drop[rc]++;
@@ -172,7 +260,16 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             if (!ip)
                 return;             /* kept for later, or counted as dropped */
         }
-        decap(br, r, f, ip, tot, NULL);
+        if (!udp) {
+            decap(br, r, f, ip, ip + ihl, tot - ihl, NULL);
+            return;
+        }
+        rc = udp_check(ip, tot, &gre, &glen);
+        if (rc) {
+            br->tc.drop[rc]++;
+            return;
+        }
+        decap(br, r, f, ip, gre, glen, NULL);
         return;
     }
     if (ip[9] == IPPROTO_ICMP_ && !(rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
@@ -259,7 +356,7 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                    size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso);
+                   const struct virtio_net_hdr *gso, int gso_inner);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
@@ -284,19 +381,22 @@ static int gso_inner_ok(const struct frame *f, const uint8_t *in, size_t ilen,
     return l4len >= 20 && start + l4len <= ioff + ilen;
 }
 
+/* gre: the GRE header (right behind the outer IPv4 header, or behind its
+ * UDP header), glen bytes to the end of the datagram. */
 static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
-                  uint8_t *ip, size_t tot, const struct virtio_net_hdr *gso)
+                  uint8_t *ip, uint8_t *gre, size_t glen,
+                  const struct virtio_net_hdr *gso)
 {
-    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, ilen;
+    size_t ilen;
     struct gre_pkt g;
     uint8_t *in;
     int rc;
 
     /* Protocol 0: the answer to one of our keepalives (keepalive.c). */
-    if (!gso && tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {
-        rc = gre_keepalive_answer(&r->grx, ip + ihl, tot - ihl);
+    if (!gso && glen >= 4 && rd16(gre + 2) == 0) {
+        rc = gre_keepalive_answer(&r->grx, gre, glen);
         if (!rc)
-            rc = ka_id_check(r->ka_id, r->st.keepalives_sent, ip,
+            rc = ka_id_check(r->ka_id, r->st.keepalives_sent, rd16(ip + 4),
                              br->cfg.keepalive_retries);
         if (rc) {
             br->tc.drop[rc]++;
@@ -305,13 +405,13 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
         ka_answer(br, r, ip);
         return;
     }
-    rc = gre_decode(&r->grx, ip + ihl, tot - ihl, gso != NULL, &g);
+    rc = gre_decode(&r->grx, gre, glen, gso != NULL, &g);
     if (rc) {
         br->tc.drop[rc]++;
         return;
     }
-    in = ip + ihl + g.off;
-    ilen = ip_len(in, tot - ihl - g.off, g.proto);
+    in = gre + g.off;
+    ilen = ip_len(in, glen - g.off, g.proto);
     if (!ilen) {
         br->tc.drop[TPB_DROP_INNER_BAD]++;
         return;
@@ -332,7 +432,7 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
     clamp_mss(br, in, ilen, g.proto, 0);
     /* Every check passed and the packet is on its way: only now does its
      * sequence number count as received (gre.c: gre_commit_seq). */
-    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
+    if (deliver(br, f, in, ilen, g.proto, gso, 0) == 0)
         gre_commit_seq(&r->grx, &g);
 }
 
@@ -358,10 +458,12 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
                                  : elen + ilen);
 }
 
-/* Returns 0 once the packet is queued, -1 if it was dropped (counted). */
+/* Returns 0 once the packet is queued, -1 if it was dropped (counted).
+ * gso's offsets count from the outer Ethernet header (a GRE super-packet
+ * GRO merged), or with gso_inner from the inner packet (coalesce.c). */
 static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                    size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso)
+                   const struct virtio_net_hdr *gso, int gso_inner)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
@@ -381,8 +483,15 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     memset(h, 0, VNET_LEN);
     n = VNET_LEN + eth_write(h + VNET_LEN, dst, src, f, proto);
     if (gso) {
+        struct virtio_net_hdr *vh = (struct virtio_net_hdr *)h;
+
         memcpy(h, gso, VNET_LEN);
-        inner_vnet((struct virtio_net_hdr *)h, f, in, ilen, n - VNET_LEN);
+        if (gso_inner) {
+            vh->csum_start = (uint16_t)(vh->csum_start + n - VNET_LEN);
+            vh->hdr_len = (uint16_t)(vh->hdr_len + n - VNET_LEN);
+        } else {
+            inner_vnet(vh, f, in, ilen, n - VNET_LEN);
+        }
     }
     q->iov[i][0].iov_base = h;
     q->iov[i][0].iov_len = n;
@@ -395,4 +504,10 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
     return 0;
+}
+
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                        size_t ilen, const struct virtio_net_hdr *vh)
+{
+    return deliver(br, f, in, ilen, ETYPE_IPV4, vh, 1);
 }

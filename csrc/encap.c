@@ -12,8 +12,10 @@
  *                      checksum updated per RFC 1624;
  *   3. segment() / finish_csum() (segment.c): super-packets cut into
  *                      segments, partial checksums completed — a GRE packet
- *                      can carry neither on to the POP;
- *   4. fit()           fits the --out MTU: push_gre(); too big with DF and
+ *                      can carry neither on to the POP; with GRE-in-UDP the
+ *                      segments that fit go on as one UDP GSO message
+ *                      (udpgso.c), the others to encap_fit();
+ *   4. encap_fit()     fits the --out MTU: push_gre(); too big with DF and
  *                      pmtud: icmp_too_big(); fragments no IPv4 header can
  *                      describe (past 65535 bytes): dropped; otherwise
  *                      fragment;
@@ -37,7 +39,6 @@
 #define ICMP_QUOTE_MAX (576 - 20 - 8)   /* RFC 1812 4.3.2.3 */
 #define IP_MAX 65535u                   /* RFC 791: the total length field */
 
-static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p);
 
 /* 0. ------------------------------------------------------------------ */
 
@@ -93,6 +94,7 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
     uint16_t proto = rd16(f->mac + 12);
     const struct virtio_net_hdr *vh = f->vh;
     int partial = (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0;
+    int udp_gso = br->gtx.udp && br->ugso.buf;
     struct inner p;
     size_t len;
 
@@ -116,7 +118,12 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
     learn_router(br, f);
     clamp_mss(br, ip, len, proto, partial);
     if (vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-        int n = segment(br, &br->q[TPB_PORT_OUT], f, ip, len, proto, vh, fit);
+        /* GRE-in-UDP: the segments leave as UDP GSO messages (udpgso.c) */
+        int n = segment(br, &br->q[TPB_PORT_OUT], f, ip, len, proto, vh,
+                        udp_gso ? ugso_add : encap_fit);
+
+        if (udp_gso)
+            ugso_flush(br, f);
 
         if (n < 0) {
             br->tc.drop[TPB_DROP_GSO_BAD]++;
@@ -135,7 +142,7 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
     p.data = NULL;
     p.dlen = 0;
     p.proto = proto;
-    fit(br, f, &p);
+    encap_fit(br, f, &p);
 }
 
 /* 2. ------------------------------------------------------------------ */
@@ -215,7 +222,7 @@ static int fragments_fit(const struct tpb_bridge *br, const struct inner *p)
     return br->overhead + ilen <= IP_MAX;
 }
 
-static void fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
+void encap_fit(struct tpb_bridge *br, struct frame *f, struct inner *p)
 {
     /* cfg.mtu <= 65535 (encap_mtu): what fits is one outer datagram. */
     if (p->hlen + p->dlen + br->overhead <= br->cfg.mtu) {
@@ -256,7 +263,7 @@ static void push_gre(struct tpb_bridge *br, struct frame *f, struct inner *p)
     size_t n;
     int niov = 2;
 
-    if (br->gtx.csum)
+    if (gre_wants_psum(&br->gtx))
         psum = csum_add(csum_add(0, p->hdr, p->hlen), p->data, p->dlen);
     i = txq_reserve(q);
     h = q->hdr[i];
@@ -335,7 +342,8 @@ static void frag_inner(struct tpb_bridge *br, struct frame *f, struct inner *p)
         wr16(ih + 6, (uint16_t)(((off0 + off) / 8) |
                                 ((off + d < plen || (frag0 & IP_MF)) ? IP_MF : 0)));
         ip4_set_csum(ih);
-        psum = br->gtx.csum ? csum_add(csum_add(0, ih, ihl), ip + ihl + off, d) : 0;
+        psum = gre_wants_psum(&br->gtx)
+                   ? csum_add(csum_add(0, ih, ihl), ip + ihl + off, d) : 0;
         gre_encap(&br->gtx, h + n, ETYPE_IPV4, ih, ihl + d, psum);
         q->iov[i][0].iov_base = h;
         q->iov[i][0].iov_len = n + gl + ihl;
@@ -362,7 +370,7 @@ static void frag_outer(struct tpb_bridge *br, struct frame *f, struct inner *p)
         return;
     }
     gre_encap(&br->gtx, buf, p->proto, buf + br->overhead, ilen,
-              br->gtx.csum ? csum_add(0, buf + br->overhead, ilen) : 0);
+              gre_wants_psum(&br->gtx) ? csum_add(0, buf + br->overhead, ilen) : 0);
     for (off = 0; off < plen; off += d) {
         d = plen - off > maxd ? maxd : plen - off;
         i = txq_reserve(q);

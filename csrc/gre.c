@@ -1,8 +1,10 @@
 /* gre.c — GRE over IPv4, both ways, shared by the bridge and the POP.
  *
  *   gre_encap()   outer IPv4 (RFC 791) + GRE (RFC 2784, key and sequence
- *                 number per RFC 2890), TOS/TTL/DF per the tunnel settings,
- *                 ECN per RFC 6040 section 4.1 (normal mode: copy);
+ *                 number per RFC 2890), or GRE-in-UDP (RFC 8086, the source
+ *                 port a hash of the inner flow: gre_udp_sport()), TOS/TTL/DF
+ *                 per the tunnel settings, ECN per RFC 6040 section 4.1
+ *                 (normal mode: copy);
  *   gre_check()   what every GRE header from a remote gets (version,
  *                 flags, length, checksum, key, sequence number present);
  *   gre_decode()  gre_check(), the protocol, the sequence window, without
@@ -85,26 +87,101 @@ size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
     return glen;
 }
 
-size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
-                 const uint8_t *inner, size_t plen, uint32_t psum)
+uint16_t gre_udp_sport(uint16_t proto, const uint8_t *inner, size_t plen)
 {
-    uint8_t *ip = out, in_tos, in_ttl;
-    size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
+    uint32_t h = 2166136261u;      /* FNV-1a: cheap, and spreads well enough */
+    const uint8_t *addrs, *ports = NULL;
+    size_t alen, l4;
+    uint8_t l4proto;
+    size_t i;
+
+    if (proto == ETYPE_IPV4) {
+        addrs = inner + 12;
+        alen = 8;
+        l4proto = inner[9];
+        l4 = (size_t)(inner[0] & 0x0f) * 4;
+        if (!(rd16(inner + 6) & (IP_MF | IP_OFFMASK)))
+            ports = inner + l4;
+    } else {
+        addrs = inner + 8;
+        alen = 32;
+        l4proto = inner[6];
+        l4 = 40;
+        ports = inner + l4;
+    }
+    /* TCP, UDP, SCTP (132): ports in the first 4 bytes of the L4 header */
+    if (!(l4proto == IPPROTO_TCP_ || l4proto == IPPROTO_UDP_ || l4proto == 132) ||
+        l4 + 4 > plen)
+        ports = NULL;
+    for (i = 0; i < alen; i++)
+        h = (h ^ addrs[i]) * 16777619u;
+    h = (h ^ l4proto) * 16777619u;
+    for (i = 0; ports && i < 4; i++)
+        h = (h ^ ports[i]) * 16777619u;
+    h ^= h >> 16;
+    return (uint16_t)(0xc000 | (h & 0x3fff));
+}
+
+/* The outer IPv4 header (RFC 791) for an inner packet: TOS/TTL/DF per the
+ * tunnel settings, ECN per RFC 6040 4.1, and nids consecutive IDs taken
+ * (a UDP GSO message's segments each get the next one, as the kernel's
+ * inet_gso_segment gives them). */
+static void outer_ip4(struct gre_tx *t, uint8_t *ip, uint16_t proto,
+                      const uint8_t *inner, size_t tot, uint32_t nids)
+{
+    uint8_t in_tos, in_ttl;
     int in_df, df;
 
     inner_fields(proto, inner, &in_tos, &in_ttl, &in_df);
     df = t->df == TPB_DF_SET ? 1 : t->df == TPB_DF_CLEAR ? 0 : in_df;
     ip[0] = 0x45;
     ip[1] = outer_tos(t, proto, inner);
-    wr16(ip + 2, (uint16_t)(20 + glen + plen));
-    wr16(ip + 4, t->ip_id++);
+    wr16(ip + 2, (uint16_t)tot);
+    wr16(ip + 4, t->ip_id);
+    t->ip_id = (uint16_t)(t->ip_id + nids);
     wr16(ip + 6, df ? IP_DF : 0);
     ip[8] = outer_ttl(t, proto, inner);
-    ip[9] = IPPROTO_GRE_;
+    ip[9] = t->udp ? IPPROTO_UDP_ : IPPROTO_GRE_;
     wr32(ip + 12, t->local);
     wr32(ip + 16, t->remote);
     ip4_set_csum(ip);
-    return 20 + gre_header(t, out + 20, proto, plen, psum);
+}
+
+size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                 const uint8_t *inner, size_t plen, uint32_t psum)
+{
+    uint8_t *ip = out, *u = out + 20;
+    size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
+    size_t ulen = t->udp ? UDP_HLEN : 0;
+    uint32_t sum;
+
+    outer_ip4(t, ip, proto, inner, 20 + ulen + glen + plen, 1);
+    gre_header(t, out + 20 + ulen, proto, plen, psum);
+    if (!t->udp)
+        return 20 + glen;
+    wr16(u, gre_udp_sport(proto, inner, plen));
+    wr16(u + 2, GRE_UDP_PORT);
+    wr16(u + 4, (uint16_t)(UDP_HLEN + glen + plen));
+    wr16(u + 6, 0);
+    /* RFC 768 over the pseudo-header, UDP and GRE headers and the payload
+     * (RFC 8086 3.1: a real checksum, which also lets receivers' GRO merge
+     * the datagrams); a sum of zero goes out as 0xffff. */
+    sum = csum_pseudo4(ip, IPPROTO_UDP_, (uint32_t)(UDP_HLEN + glen + plen));
+    sum = csum_add(sum, u, UDP_HLEN + glen) + psum;
+    wr16(u + 6, csum_finish(sum) ? csum_finish(sum) : 0xffff);
+    return 20 + UDP_HLEN + glen;
+}
+
+void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                   const uint8_t *inner, size_t ilen, size_t ulen, uint32_t nseg)
+{
+    uint8_t *u = out + 20;
+
+    outer_ip4(t, out, proto, inner, 20 + ulen, nseg);
+    wr16(u, gre_udp_sport(proto, inner, ilen));
+    wr16(u + 2, GRE_UDP_PORT);
+    wr16(u + 4, (uint16_t)ulen);
+    wr16(u + 6, 0);
 }
 
 /* What every GRE header from a remote gets, in this order: version,
@@ -256,8 +333,7 @@ size_t ip_len(const uint8_t *ip, size_t avail, uint16_t proto)
     return plen && 40 + plen <= avail ? 40 + plen : 0;
 }
 
-int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
-                unsigned window)
+int ka_id_check(uint16_t last_id, uint64_t sent, uint16_t id, unsigned window)
 {
     if (window < 1)
         window = 1;
@@ -265,8 +341,7 @@ int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
         window = KA_ID_WINDOW_MAX;
     if (sent < window)
         window = (unsigned)sent;
-    return (uint16_t)(last_id - rd16(ip + 4)) < window ? 0
-                                                       : TPB_DROP_KEEPALIVE_STALE;
+    return (uint16_t)(last_id - id) < window ? 0 : TPB_DROP_KEEPALIVE_STALE;
 }
 
 #ifdef TPB_FUZZ

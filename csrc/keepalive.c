@@ -26,6 +26,9 @@
  *                      IP ID of one of our last keepalives): it is up; RTT;
  *   6. ka_reflect()    a decapsulated IPv4 GRE packet from us to the remote
  *                      it came from is that POP's keepalive: sent back to it.
+ * With GRE-in-UDP the same, one layer down: the outer packet is GRE-in-UDP
+ * and the inner one carries its GRE header in UDP to port 4754, so the
+ * answer is GRE-in-UDP of protocol 0.
  * The sequence window of a remote never moves for a keepalive answer: the
  * answer is our own inner GRE header come back, which carries no number.
  */
@@ -150,20 +153,24 @@ void ka_learn_hop(struct tpb_bridge *br, const struct frame *f)
 
 /* The inner packet: IPv4 from the remote to us, GRE of protocol 0 with the
  * tunnel's key and checksum but no sequence number (RFC 2890 numbers are
- * the sender's; this header comes back to us). */
+ * the sender's; this header comes back to us).  With GRE-in-UDP the GRE
+ * header rides in UDP to port 4754 (from it too: RFC 8086 asks entropy of
+ * data flows, and this one is a single fixed flow), so that the far end
+ * sends it back as GRE-in-UDP, which crosses NAT where plain GRE cannot. */
 static size_t ka_inner(const struct tpb_bridge *br, const struct remote *r,
                        uint8_t *in)
 {
     size_t glen = gre_hlen(br->cfg.csum, br->cfg.has_key, 0), off = 4;
-    uint8_t *g = in + 20;
+    size_t ulen = br->gtx.udp ? UDP_HLEN : 0;
+    uint8_t *u = in + 20, *g = in + 20 + ulen;
 
     in[0] = 0x45;
     in[1] = 0;
-    wr16(in + 2, (uint16_t)(20 + glen));
+    wr16(in + 2, (uint16_t)(20 + ulen + glen));
     wr16(in + 4, r->ka_id);
     wr16(in + 6, 0);
     in[8] = KA_TTL;
-    in[9] = IPPROTO_GRE_;
+    in[9] = br->gtx.udp ? IPPROTO_UDP_ : IPPROTO_GRE_;
     wr32(in + 12, r->addr);
     wr32(in + 16, br->cfg.local);
     ip4_set_csum(in);
@@ -177,7 +184,19 @@ static size_t ka_inner(const struct tpb_bridge *br, const struct remote *r,
         wr32(g + off, br->cfg.key);
     if (br->cfg.csum)           /* RFC 2784 2.5 */
         wr16(g + 4, csum_finish(csum_add(0, g, glen)));
-    return 20 + glen;
+    if (ulen) {
+        uint16_t c;
+
+        wr16(u, GRE_UDP_PORT);
+        wr16(u + 2, GRE_UDP_PORT);
+        wr16(u + 4, (uint16_t)(UDP_HLEN + glen));
+        wr16(u + 6, 0);
+        c = csum_finish(csum_add(csum_pseudo4(in, IPPROTO_UDP_,
+                                              (uint32_t)(UDP_HLEN + glen)),
+                                 u, UDP_HLEN + glen));
+        wr16(u + 6, c ? c : 0xffff);
+    }
+    return 20 + ulen + glen;
 }
 
 static void ka_send(struct tpb_bridge *br, struct remote *r)
@@ -204,7 +223,7 @@ static void ka_send(struct tpb_bridge *br, struct remote *r)
     ilen = ka_inner(br, r, in);
     br->gtx.remote = r->addr;
     n += gre_encap(&br->gtx, h + n, ETYPE_IPV4, in, ilen,
-                   br->gtx.csum ? csum_add(0, in, ilen) : 0);
+                   gre_wants_psum(&br->gtx) ? csum_add(0, in, ilen) : 0);
     br->gtx.remote = save;
     q->iov[i][0].iov_base = h;
     q->iov[i][0].iov_len = n + ilen;
@@ -282,8 +301,15 @@ int ka_reflect(struct tpb_bridge *br, struct frame *f, struct remote *r,
     uint8_t *h;
     size_t n;
 
-    if (in[9] != IPPROTO_GRE_ || rd32(in + 12) != br->cfg.local ||
+    /* The POP's keepalive: GRE, or GRE-in-UDP to port 4754 (the POP's own
+     * keepalives follow its peer's encapsulation), from us to that POP. */
+    if ((in[9] != IPPROTO_GRE_ && in[9] != IPPROTO_UDP_) ||
+        rd32(in + 12) != br->cfg.local ||
         rd32(in + 16) != r->addr || (rd16(in + 6) & (IP_MF | IP_OFFMASK)))
+        return 0;
+    if (in[9] == IPPROTO_UDP_ &&
+        (ilen < (size_t)(in[0] & 0x0f) * 4 + UDP_HLEN ||
+         rd16(in + (size_t)(in[0] & 0x0f) * 4 + 2) != GRE_UDP_PORT))
         return 0;
     i = txq_reserve(q);
     h = q->hdr[i];

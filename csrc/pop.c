@@ -11,10 +11,13 @@
  *                      keepalive_ms (send due ones, mark silent peers down);
  *      poll() sleeps until the next keepalive is due, at most a second
  *      (the heartbeat moves even when idle).
- * From the bridges (raw IPv4 socket, protocol 47; the host kernel has
- * already reassembled fragments):
- *   1. from_bridges()  recvmmsg a batch; per packet:
- *   2. peer_by_addr()  the outer source must be a configured bridge;
+ * From the bridges (raw IPv4 socket, protocol 47, and a UDP socket on port
+ * 4754 for GRE-in-UDP, RFC 8086; the host kernel has already reassembled
+ * fragments and checked UDP headers):
+ *   1. from_bridges()  recvmmsg a batch from each; per packet:
+ *   2. peer_by_addr()  the outer source must be a configured bridge; for
+ *      peer_by_udp()   GRE-in-UDP, or a NAT'd one (address `any`) found by
+ *                      its GRE key: from_peer() then checks it as any;
  *   3. ka_answer()     GRE of protocol 0 is the answer to one of our
  *                      keepalives (gre_keepalive_answer(): key and
  *                      checksum checked, no sequence number): the peer is
@@ -35,7 +38,9 @@
  *                      held against it (gro_merged); only once it is
  *                      written: the sequence window moves
  *                      (gre_commit_seq) and the source is learned
- *                      (learn_put), with expiry.
+ *                      (learn_put), with expiry; a NAT'd peer's endpoint
+ *                      (address and UDP port) is taken from it, so the
+ *                      POP answers where the bridge's NAT now maps it.
  * Toward the bridges (TUN device):
  *   8. to_bridges()    read a batch (a partial checksum completed); per packet:
  *   9. route()         the longest configured prefix for the inner
@@ -127,7 +132,9 @@ struct peer {
     struct tpb_pop_peer_config cfg;
     struct gre_tx tx;
     struct gre_rx rx;
-    struct sockaddr_in sa;
+    struct sockaddr_in sa;      /* GRE: the peer's address; GRE-in-UDP: its
+                                 * endpoint (addr:4754, or a NAT'd peer's
+                                 * learned address and port; port 0: none) */
     struct tpb_tunnel_counters c;
     struct ka ka;
     uint32_t learned;           /* slots of the learned table it holds */
@@ -164,6 +171,7 @@ struct reload {
 
 struct out_msg {
     uint8_t gre[16];
+    struct sockaddr_in to;      /* GRE-in-UDP: the endpoint at send time */
     union {
         char buf[CMSG_SPACE(sizeof(int)) * 2];
         struct cmsghdr align;
@@ -173,6 +181,7 @@ struct out_msg {
 struct tpb_pop {
     int raw, tun, stop_fd, stop;  /* stop_fd: an eventfd that wakes poll() */
     int hdrincl;                /* send-only IPPROTO_RAW: keepalives reflected as they are */
+    int udp;                    /* GRE-in-UDP: bound to local:4754 */
     uint32_t local;
     uint32_t npeers, nprefixes, batch, tun_mtu;
     struct peer *peers;
@@ -182,6 +191,7 @@ struct tpb_pop {
     uint64_t learn_ns, now_ns;
     uint64_t reclaim_ns;        /* the last sweep of expired entries */
     uint32_t rx_drops;          /* the socket's drop count last seen */
+    uint32_t udp_rx_drops;      /* the same, of the UDP socket */
     uint64_t ka_due_ns;         /* keepalives() has nothing to do before */
     uint64_t passes;            /* the heartbeat */
     /* reload: lock guards peers/prefixes against readers; reload_lock
@@ -193,16 +203,19 @@ struct tpb_pop {
     /* receive side */
     struct mmsghdr rmsg[MAX_BATCH];
     struct iovec riov[MAX_BATCH];
-    union {                     /* SO_RXQ_OVFL: the socket's drop count */
-        char buf[CMSG_SPACE(sizeof(uint32_t))];
+    union {                     /* SO_RXQ_OVFL: the socket's drop count;
+                                 * IP_TOS (UDP: the outer TOS, for ECN) */
+        char buf[CMSG_SPACE(sizeof(uint32_t)) + CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } rctl[MAX_BATCH];
+    struct sockaddr_in rsrc[MAX_BATCH];
     uint8_t *rbuf;
     /* send side */
     struct mmsghdr smsg[MAX_BATCH];
     struct iovec siov[MAX_BATCH][2];
     struct out_msg so[MAX_BATCH];
     uint32_t speer[MAX_BATCH];
+    uint8_t sudp[MAX_BATCH];    /* 1: through the UDP socket */
     uint8_t *sbuf;
 };
 
@@ -224,12 +237,36 @@ static int inner_addr(const uint8_t *ip, size_t len, int dst, uint8_t out[16])
 
 /* 2. ------------------------------------------------------------------ */
 
-static struct peer *peer_by_addr(struct tpb_pop *pop, uint32_t addr)
+static struct peer *peer_by_addr(struct tpb_pop *pop, uint32_t addr, uint8_t encap)
 {
     uint32_t i;
 
     for (i = 0; i < pop->npeers; i++)
-        if (pop->peers[i].cfg.addr == addr)
+        if (pop->peers[i].cfg.addr == addr && pop->peers[i].cfg.encap == encap)
+            return &pop->peers[i];
+    return NULL;
+}
+
+/* GRE-in-UDP from src: the peer at that address; else a NAT'd peer (its
+ * address unknown, `any`), found by the key of the GRE header, which is
+ * all that tells two bridges behind one NAT address apart.  The key picks
+ * a peer; gre_decode() then checks the packet as that peer's. */
+static struct peer *peer_by_udp(struct tpb_pop *pop, uint32_t src,
+                                const uint8_t *g, size_t glen)
+{
+    struct peer *p = peer_by_addr(pop, src, TPB_ENCAP_UDP);
+    uint16_t flags;
+    uint32_t key, i;
+
+    if (p || glen < 4)
+        return p;
+    flags = rd16(g);
+    if (!(flags & GRE_K) || glen < ((flags & GRE_C) ? 12u : 8u))
+        return NULL;
+    key = rd32(g + ((flags & GRE_C) ? 8 : 4));
+    for (i = 0; i < pop->npeers; i++)
+        if (!pop->peers[i].cfg.addr && pop->peers[i].cfg.has_key &&
+            pop->peers[i].cfg.key == key)
             return &pop->peers[i];
     return NULL;
 }
@@ -557,6 +594,8 @@ static int send_gre(struct tpb_pop *pop, struct peer *p, struct iovec *iov,
     memset(&m, 0, sizeof(m));
     m.msg_name = &p->sa;
     m.msg_namelen = sizeof(p->sa);
+    if (p->cfg.encap == TPB_ENCAP_UDP && !p->sa.sin_port)
+        return -1;                         /* a NAT'd peer not heard from */
     m.msg_iov = iov;
     m.msg_iovlen = iovlen;
     m.msg_control = ctl.buf;
@@ -564,7 +603,7 @@ static int send_gre(struct tpb_pop *pop, struct peer *p, struct iovec *iov,
     add_cmsg_int(&m, &c, IP_TTL, ttl);
     add_cmsg_int(&m, &c, IP_TOS, tos);
     do
-        n = sendmsg(pop->raw, &m, 0);
+        n = sendmsg(p->cfg.encap == TPB_ENCAP_UDP ? pop->udp : pop->raw, &m, 0);
     while (n < 0 && errno == EINTR);
     return n == want ? 0 : -1;
 }
@@ -587,23 +626,43 @@ static void set_up(struct peer *p, int up)
  * refuses (no route, buffer full) counts as keepalives_unsent. */
 static void ka_send(struct tpb_pop *pop, struct peer *p)
 {
-    uint8_t outer[16], inner[20 + 12];
+    uint8_t outer[16], inner[20 + UDP_HLEN + 12];
     struct gre_tx bare = p->tx;
     struct iovec iov[2];
-    size_t ilen;
+    /* GRE-in-UDP: the inner GRE header rides in UDP to port 4754, so the
+     * bridge's answer comes back as GRE-in-UDP (keepalive.c: ka_inner) */
+    size_t ulen = p->cfg.encap == TPB_ENCAP_UDP ? UDP_HLEN : 0, ilen, glen;
+    uint8_t *u = inner + 20;
 
     bare.seq = 0;                          /* only its seq differs */
-    ilen = 20 + gre_header(&bare, inner + 20, 0, 0, 0);
+    glen = gre_header(&bare, inner + 20 + ulen, 0, 0, 0);
+    ilen = 20 + ulen + glen;
     inner[0] = 0x45;
     inner[1] = 0;
     wr16(inner + 2, (uint16_t)ilen);
-    wr16(inner + 4, p->ka.ip_id++);
+    wr16(inner + 4, p->ka.ip_id);
     wr16(inner + 6, 0);                    /* DF clear, not a fragment */
     inner[8] = 255;
-    inner[9] = IPPROTO_GRE_;
+    inner[9] = ulen ? IPPROTO_UDP_ : IPPROTO_GRE_;
     wr32(inner + 12, p->cfg.addr);
     wr32(inner + 16, pop->local);
     ip4_set_csum(inner);
+    if (ulen) {
+        uint16_t c;
+
+        /* The ID again as the source port: the answer reaches the POP's
+         * UDP socket, which sees no IP header (from_peer: ka_id_check).
+         * Port 0 is RFC 768's "no port", legal too. */
+        wr16(u, p->ka.ip_id);
+        wr16(u + 2, GRE_UDP_PORT);
+        wr16(u + 4, (uint16_t)(UDP_HLEN + glen));
+        wr16(u + 6, 0);
+        c = csum_finish(csum_add(csum_pseudo4(inner, IPPROTO_UDP_,
+                                              (uint32_t)(UDP_HLEN + glen)),
+                                 u, UDP_HLEN + glen));
+        wr16(u + 6, c ? c : 0xffff);
+    }
+    p->ka.ip_id++;
     iov[0].iov_base = outer;
     iov[0].iov_len = gre_header(&p->tx, outer, ETYPE_IPV4, ilen,
                                 p->tx.csum ? csum_add(0, inner, ilen) : 0);
@@ -692,25 +751,71 @@ static void ka_answer(struct tpb_pop *pop, struct peer *p)
  * the peer it came from: the POP reflects nothing toward any other
  * address. */
 static int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
-                        const uint8_t *in, uint16_t proto)
+                        const uint8_t *in, size_t ilen, uint16_t proto)
 {
-    return proto == ETYPE_IPV4 && in[9] == IPPROTO_GRE_ &&
-           rd32(in + 12) == pop->local && rd32(in + 16) == p->cfg.addr;
+    size_t ihl = (size_t)(in[0] & 0x0f) * 4;
+
+    if (proto != ETYPE_IPV4 || rd32(in + 12) != pop->local)
+        return 0;
+    if (p->cfg.encap != TPB_ENCAP_UDP)
+        return in[9] == IPPROTO_GRE_ && rd32(in + 16) == p->cfg.addr;
+    /* GRE-in-UDP: GRE in UDP to port 4754, to the peer's address (a NAT'd
+     * peer's own address is one the POP never learns: any) */
+    return in[9] == IPPROTO_UDP_ && (!p->cfg.addr || rd32(in + 16) == p->cfg.addr) &&
+           ilen >= ihl + UDP_HLEN && rd16(in + ihl + 2) == GRE_UDP_PORT;
+}
+
+/* GRE-in-UDP: the bridge's keepalive is addressed to the bridge's own
+ * address and port 4754, but a NAT'd bridge is reached only where its NAT
+ * maps it (the endpoint): the packet goes there, its checksums updated as
+ * a NAT's would be (RFC 1624) and its IP ID kept, which the bridge wants
+ * back (ka_id_check()); the NAT maps it back to the bridge.  A peer at a
+ * known address is its own endpoint: nothing changes. */
+static void to_endpoint(uint8_t *in, size_t ihl, const struct sockaddr_in *ep)
+{
+    uint8_t *u = in + ihl;
+    uint32_t addr = ntohl(ep->sin_addr.s_addr);
+    uint16_t port = ntohs(ep->sin_port), c = rd16(u + 6);
+
+    if (rd32(in + 16) == addr && rd16(u + 2) == port)
+        return;
+    if (c) {                    /* zero: sent without one (RFC 768), stays so */
+        c = csum_replace16(c, rd16(in + 16), (uint16_t)(addr >> 16));
+        c = csum_replace16(c, rd16(in + 18), (uint16_t)addr);
+        c = csum_replace16(c, rd16(u + 2), port);
+        wr16(u + 6, c ? c : 0xffff);
+    }
+    wr32(in + 16, addr);
+    wr16(u + 2, port);
+    ip4_set_csum(in);
 }
 
 static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
-                    const struct gre_pkt *g)
+                    const struct gre_pkt *g, const struct sockaddr_in *from)
 {
     size_t ihl = (size_t)(in[0] & 0x0f) * 4;
+    int udp = p->cfg.encap == TPB_ENCAP_UDP;
+    struct sockaddr_in to;
     ssize_t n;
 
-    /* a fragment, or no room for a GRE header: not a keepalive */
-    if ((rd16(in + 6) & (IP_MF | IP_OFFMASK)) || ilen < ihl + 4) {
+    /* a fragment, or no room for a GRE header (behind its UDP header with
+     * GRE-in-UDP): not a keepalive */
+    if ((rd16(in + 6) & (IP_MF | IP_OFFMASK)) || ilen < ihl + (udp ? UDP_HLEN : 0) + 4) {
         p->c.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
+    /* It passed the peer's checks: a NAT'd peer's answer goes where it
+     * came from. */
+    if (from && !p->cfg.addr)
+        p->sa = *from;
+    if (udp)
+        to_endpoint(in, ihl, &p->sa);
+    /* a raw socket routes by the address alone (its port is no port) */
+    memset(&to, 0, sizeof(to));
+    to.sin_family = AF_INET;
+    to.sin_addr.s_addr = htonl(rd32(in + 16));
     do
-        n = sendto(pop->hdrincl, in, ilen, 0, (struct sockaddr *)&p->sa, sizeof(p->sa));
+        n = sendto(pop->hdrincl, in, ilen, 0, (struct sockaddr *)&to, sizeof(to));
     while (n < 0 && errno == EINTR);
     if (n != (ssize_t)ilen) {
         p->c.drop[TPB_DROP_SEND]++;
@@ -722,97 +827,144 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
 
 /* 1. ------------------------------------------------------------------ */
 
-static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
+/* The GRE header at g (glen bytes to the end of the datagram) from peer p,
+ * its outer TOS `tos`; ka_id: the keepalive ID a keepalive answer would
+ * carry (GRE: the outer IP ID; GRE-in-UDP: the UDP source port, ka_send);
+ * `from`: GRE-in-UDP's source address and port, which
+ * become the peer's endpoint once the packet is accepted (a NAT'd peer is
+ * answered where its packets come from, and followed when its NAT mapping
+ * changes, as WireGuard follows a roaming peer), or NULL. */
+static void from_peer(struct tpb_pop *pop, struct peer *p, uint8_t tos, uint16_t ka_id,
+                      uint8_t *g, size_t glen, const struct sockaddr_in *from)
 {
-    size_t tot = ip4_check(ip, n), ihl, ilen;
-    struct gre_pkt g;
-    struct peer *p;
+    size_t ilen;
+    struct gre_pkt gp;
     struct learned *slot;
     uint8_t *in, a[16];
     int rc;
 
-    if (!tot) {
-        pop->global.drop[TPB_DROP_OUTER_BAD]++;
-        return;
-    }
-    p = peer_by_addr(pop, rd32(ip + 12));
-    if (!p) {
-        pop->global.drop[TPB_DROP_NOT_PEER]++;
-        return;
-    }
-    ihl = (size_t)(ip[0] & 0x0f) * 4;
-    if (tot - ihl >= 4 && rd16(ip + ihl + 2) == 0) {    /* protocol 0 */
-        rc = gre_keepalive_answer(&p->rx, ip + ihl, tot - ihl);
+    if (glen >= 4 && rd16(g + 2) == 0) {    /* protocol 0 */
+        rc = gre_keepalive_answer(&p->rx, g, glen);
         if (!rc)    /* ip_id is the next one: the last sent is one before */
             rc = ka_id_check((uint16_t)(p->ka.ip_id - 1), p->ka.sent + p->ka.unsent,
-                             ip, p->cfg.keepalive_retries);
-        if (rc)
+                             ka_id, p->cfg.keepalive_retries);
+        if (rc) {
             p->c.drop[rc]++;
-        else
-            ka_answer(pop, p);
+            return;
+        }
+        /* (no endpoint learned: a NAT'd peer gets no keepalives of ours,
+         * so every answer from one is stale) */
+        ka_answer(pop, p);
         return;
     }
-    rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 0, &g);
-    if (rc == TPB_DROP_GRE_CSUM && gro_merged(pop, ip + ihl, tot - ihl))
-        rc = gre_decode(&p->rx, ip + ihl, tot - ihl, 1, &g);
+    rc = gre_decode(&p->rx, g, glen, 0, &gp);
+    if (rc == TPB_DROP_GRE_CSUM && gro_merged(pop, g, glen))
+        rc = gre_decode(&p->rx, g, glen, 1, &gp);
     if (rc) {
         p->c.drop[rc]++;
         return;
     }
-    in = ip + ihl + g.off;
-    ilen = ip_len(in, tot - ihl - g.off, g.proto);
-    if (!ilen || inner_addr(in, ilen, 0, a) != g.proto) {
+    in = g + gp.off;
+    ilen = ip_len(in, glen - gp.off, gp.proto);
+    if (!ilen || inner_addr(in, ilen, 0, a) != gp.proto) {
         p->c.drop[TPB_DROP_INNER_BAD]++;
         return;
     }
-    if (is_keepalive(pop, p, in, g.proto)) {
-        reflect(pop, p, in, ilen, &g);
+    if (is_keepalive(pop, p, in, ilen, gp.proto)) {
+        reflect(pop, p, in, ilen, &gp, from);
         return;
     }
-    if (ecn_decap_inner(ip[1], in, g.proto)) {    /* RFC 6040 4.2 */
+    if (ecn_decap_inner(tos, in, gp.proto)) {    /* RFC 6040 4.2 */
         p->c.drop[TPB_DROP_ECN]++;
         return;
     }
-    rc = learn_check(pop, p, a, g.proto, &slot);
-    if (!rc && (rc = tun_write(pop, p, in, ilen, g.proto)) != 0)
+    rc = learn_check(pop, p, a, gp.proto, &slot);
+    if (!rc && (rc = tun_write(pop, p, in, ilen, gp.proto)) != 0)
         rc = tun_drop(rc);
     if (rc) {
         p->c.drop[rc]++;
         return;
     }
-    /* Delivered: only now does the packet count, move the sequence window
-     * and teach the POP where its source is. */
-    gre_commit_seq(&p->rx, &g);
+    /* Delivered: only now does the packet count, move the sequence window,
+     * teach the POP where its source is and, behind NAT, where its bridge
+     * is now. */
+    gre_commit_seq(&p->rx, &gp);
     if (slot)
         learn_put(slot, pop->peers, a, (uint32_t)(p - pop->peers),
                   pop->now_ns + pop->learn_ns);
+    if (from && !p->cfg.addr)
+        p->sa = *from;
     p->c.decap_packets++;
     p->c.decap_bytes += ilen;
+}
+
+static void from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n)
+{
+    size_t tot = ip4_check(ip, n), ihl;
+    struct peer *p;
+
+    if (!tot) {
+        pop->global.drop[TPB_DROP_OUTER_BAD]++;
+        return;
+    }
+    p = peer_by_addr(pop, rd32(ip + 12), TPB_ENCAP_GRE);
+    if (!p) {
+        pop->global.drop[TPB_DROP_NOT_PEER]++;
+        return;
+    }
+    ihl = (size_t)(ip[0] & 0x0f) * 4;
+    from_peer(pop, p, ip[1], rd16(ip + 4), ip + ihl, tot - ihl, NULL);
+}
+
+/* One GRE-in-UDP datagram's payload: the kernel checked its UDP length and
+ * checksum (a wrong one never reaches the socket: its UdpInCsumErrors). */
+static void from_bridge_udp(struct tpb_pop *pop, uint8_t *g, size_t glen,
+                            const struct sockaddr_in *from, uint8_t tos)
+{
+    struct peer *p;
+
+    if (from->sin_family != AF_INET) {
+        pop->global.drop[TPB_DROP_OUTER_BAD]++;
+        return;
+    }
+    p = peer_by_udp(pop, ntohl(from->sin_addr.s_addr), g, glen);
+    if (!p) {
+        pop->global.drop[TPB_DROP_NOT_PEER]++;
+        return;
+    }
+    from_peer(pop, p, tos, ntohs(from->sin_port), g, glen, from);
 }
 
 /* SO_RXQ_OVFL: the packet carries the socket's drop count (sk_drops) as
  * it stood when the packet was queued; what grew since the last one seen
  * is what the kernel dropped meanwhile, its receive buffer full.  (So the
  * count of an overflow arrives with the first packet queued after it.) */
-static void rx_drops(struct tpb_pop *pop, struct msghdr *m)
+static void rx_drops(struct tpb_pop *pop, struct msghdr *m, uint32_t *last,
+                     uint8_t *tos)
 {
     struct cmsghdr *c;
     uint32_t v;
 
-    for (c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c))
+    for (c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL &&
             c->cmsg_len >= CMSG_LEN(sizeof(v))) {
             memcpy(&v, CMSG_DATA(c), sizeof(v));
-            if ((int32_t)(v - pop->rx_drops) > 0) {
-                pop->global.drop[TPB_DROP_RCVBUF_FULL] += v - pop->rx_drops;
-                pop->rx_drops = v;
+            if ((int32_t)(v - *last) > 0) {
+                pop->global.drop[TPB_DROP_RCVBUF_FULL] += v - *last;
+                *last = v;
             }
         }
+        if (tos && c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TOS &&
+            c->cmsg_len >= CMSG_LEN(1))
+            *tos = *(uint8_t *)CMSG_DATA(c);
+    }
 }
 
-static int from_bridges(struct tpb_pop *pop)
+/* recvmmsg a batch from fd (the raw GRE socket, or the UDP socket). */
+static int receive(struct tpb_pop *pop, int fd, int udp)
 {
     struct msghdr *m;
+    uint8_t tos;
     int n, i;
 
     for (i = 0; i < (int)pop->batch; i++) {
@@ -824,13 +976,30 @@ static int from_bridges(struct tpb_pop *pop)
         m->msg_iovlen = 1;
         m->msg_control = pop->rctl[i].buf;
         m->msg_controllen = sizeof(pop->rctl[i].buf);
+        if (udp) {
+            m->msg_name = &pop->rsrc[i];
+            m->msg_namelen = sizeof(pop->rsrc[i]);
+        }
     }
-    n = recvmmsg(pop->raw, pop->rmsg, pop->batch, MSG_DONTWAIT, NULL);
+    n = recvmmsg(fd, pop->rmsg, pop->batch, MSG_DONTWAIT, NULL);
     for (i = 0; i < n; i++) {
-        rx_drops(pop, &pop->rmsg[i].msg_hdr);
-        from_bridge(pop, pop->riov[i].iov_base, pop->rmsg[i].msg_len);
+        m = &pop->rmsg[i].msg_hdr;
+        tos = 0;
+        rx_drops(pop, m, udp ? &pop->udp_rx_drops : &pop->rx_drops, udp ? &tos : NULL);
+        if (!udp)
+            from_bridge(pop, pop->riov[i].iov_base, pop->rmsg[i].msg_len);
+        else if (m->msg_flags & MSG_TRUNC)
+            pop->global.drop[TPB_DROP_UDP_BAD]++;
+        else
+            from_bridge_udp(pop, pop->riov[i].iov_base, pop->rmsg[i].msg_len,
+                            &pop->rsrc[i], tos);
     }
     return n > 0 ? n : 0;
+}
+
+static int from_bridges(struct tpb_pop *pop)
+{
+    return receive(pop, pop->raw, 0) + receive(pop, pop->udp, 1);
 }
 
 /* 9. ------------------------------------------------------------------ */
@@ -882,12 +1051,19 @@ static int to_bridges(struct tpb_pop *pop)
             pop->global.drop[proto ? TPB_DROP_NO_PEER : TPB_DROP_INNER_BAD]++;
             continue;
         }
+        if (p->cfg.encap == TPB_ENCAP_UDP && !p->sa.sin_port) {
+            p->c.drop[TPB_DROP_NO_ENDPOINT]++;   /* NAT'd, not heard from yet */
+            continue;
+        }
         glen = gre_header(&p->tx, pop->so[n].gre, (uint16_t)proto, (size_t)len,
                           p->tx.csum ? csum_add(0, pkt, (size_t)len) : 0);
         m = &pop->smsg[n].msg_hdr;
         memset(m, 0, sizeof(*m));
-        m->msg_name = &p->sa;
-        m->msg_namelen = sizeof(p->sa);
+        /* A copy: the endpoint may move before the batch leaves. */
+        pop->so[n].to = p->sa;
+        m->msg_name = &pop->so[n].to;
+        m->msg_namelen = sizeof(pop->so[n].to);
+        pop->sudp[n] = p->cfg.encap == TPB_ENCAP_UDP;
         pop->siov[n][0].iov_base = pop->so[n].gre;
         pop->siov[n][0].iov_len = glen;
         pop->siov[n][1].iov_base = pkt;
@@ -903,7 +1079,10 @@ static int to_bridges(struct tpb_pop *pop)
         n++;
     }
     for (i = 0; i < n;) {
-        sent = sendmmsg(pop->raw, &pop->smsg[i], n - i, 0);
+        /* runs of one socket's messages, in order */
+        for (k = i + 1; k < n && pop->sudp[k] == pop->sudp[i]; k++) {
+        }
+        sent = sendmmsg(pop->sudp[i] ? pop->udp : pop->raw, &pop->smsg[i], k - i, 0);
         if (sent <= 0) {
             if (sent < 0 && errno == EINTR)
                 continue;
@@ -930,6 +1109,10 @@ static void gre_side(struct peer *p, uint32_t local)
               c->seq, c->ttl, c->tos);
     p->sa.sin_family = AF_INET;
     p->sa.sin_addr.s_addr = htonl(c->addr);
+    /* GRE-in-UDP to a known address: to port 4754, as RFC 8086 and Linux's
+     * FOU receive it (from the POP's port 4754: one socket for all).  A
+     * NAT'd peer's endpoint is learned (from_peer). */
+    p->sa.sin_port = c->encap == TPB_ENCAP_UDP && c->addr ? htons(GRE_UDP_PORT) : 0;
 }
 
 static void peer_init(struct peer *p, const struct tpb_pop_peer_config *c,
@@ -968,11 +1151,35 @@ static int check_config(const struct tpb_pop_config *cfg,
         return -EINVAL;
     }
     for (i = 0; i < cfg->npeers; i++) {
-        for (j = 0; j < i; j++)
-            if (peers[j].addr == peers[i].addr) {
+        if (peers[i].encap != TPB_ENCAP_GRE && peers[i].encap != TPB_ENCAP_UDP) {
+            snprintf(err, errlen, "peer %u: unknown encapsulation %u", i, peers[i].encap);
+            return -EINVAL;
+        }
+        if (!peers[i].addr) {
+            /* NAT'd: nothing but the key says which bridge a packet is
+             * from, and the POP's own keepalives would need the bridge's
+             * address inside them */
+            if (peers[i].encap != TPB_ENCAP_UDP || !peers[i].has_key) {
+                snprintf(err, errlen, "peer %u: a peer behind NAT (any) needs udp and a key", i);
+                return -EINVAL;
+            }
+            if (peers[i].keepalive_ms) {
+                snprintf(err, errlen, "peer %u: a peer behind NAT (any) takes no keepalives "
+                         "from the POP: its bridge's keep the NAT open", i);
+                return -EINVAL;
+            }
+        }
+        for (j = 0; j < i; j++) {
+            if (peers[i].addr && peers[j].addr == peers[i].addr) {
                 snprintf(err, errlen, "peer %s is given twice", ip4_text(peers[i].addr, a));
                 return -EINVAL;
             }
+            if (!peers[i].addr && !peers[j].addr && peers[j].key == peers[i].key) {
+                snprintf(err, errlen, "peers behind NAT (any) with the same key %u: "
+                         "the key is what tells them apart", peers[i].key);
+                return -EINVAL;
+            }
+        }
         if (peers[i].keepalive_ms && !peers[i].keepalive_retries) {
             snprintf(err, errlen, "peer %s: keepalives need at least one retry",
                      ip4_text(peers[i].addr, a));
@@ -1030,7 +1237,8 @@ static struct reload *reload_build(struct tpb_pop *pop,
         peer_init(&r->peers[i], &peers[i], pop->local);
         r->from[i] = NO_PEER;
         for (j = 0; j < pop->npeers; j++)
-            if (pop->peers[j].cfg.addr == peers[i].addr) {
+            if (pop->peers[j].cfg.addr == peers[i].addr &&
+                (peers[i].addr || pop->peers[j].cfg.key == peers[i].key)) {
                 r->from[i] = j;
                 r->to[j] = i;
                 break;
@@ -1053,6 +1261,8 @@ static void carry(struct peer *n, const struct peer *o)
 
     n->c = o->c;
     n->ka = o->ka;
+    if (!b->addr && b->encap == TPB_ENCAP_UDP)
+        n->sa = o->sa;                     /* a NAT'd peer stays where it was */
     if (a->has_key == b->has_key && a->key == b->key && a->seq == b->seq) {
         n->rx.seq_started = o->rx.seq_started;
         n->rx.next_seq = o->rx.next_seq;
@@ -1132,8 +1342,9 @@ static void take_reload(struct tpb_pop *pop)
 
 int tpb_pop_run(struct tpb_pop *pop)
 {
-    struct pollfd pfd[3] = {
+    struct pollfd pfd[4] = {
         {pop->raw, POLLIN, 0}, {pop->tun, POLLIN, 0}, {pop->stop_fd, POLLIN, 0},
+        {pop->udp, POLLIN, 0},
     };
     uint64_t wakes;
     int work, rc = 0;
@@ -1151,7 +1362,7 @@ int tpb_pop_run(struct tpb_pop *pop)
         work += to_bridges(pop);
         if (work)
             continue;
-        if (poll(pfd, 3, poll_timeout(pop)) < 0 && errno != EINTR) {
+        if (poll(pfd, 4, poll_timeout(pop)) < 0 && errno != EINTR) {
             rc = -errno;
             break;
         }
@@ -1195,7 +1406,7 @@ static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&pop->applied, &ca);
     pthread_condattr_destroy(&ca);
-    pop->raw = pop->stop_fd = pop->hdrincl = -1;
+    pop->raw = pop->stop_fd = pop->hdrincl = pop->udp = -1;
     pop->tun = cfg->tun_fd;
     pop->local = cfg->local;
     pop->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
@@ -1265,6 +1476,24 @@ struct tpb_pop *tpb_pop_open(const struct tpb_pop_config *cfg,
     /* Each packet then carries the socket's drop count (rx_drops()). */
     if (setsockopt(pop->raw, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(one))) {
         snprintf(err, errlen, "SO_RXQ_OVFL: %s", strerror(errno));
+        goto fail;
+    }
+    /* GRE-in-UDP (RFC 8086): one socket on port 4754 of the local address;
+     * the kernel checks each datagram's UDP header and checksum and
+     * reassembles fragments; DF clear as on the raw socket. */
+    pop->udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, IPPROTO_UDP);
+    sa.sin_port = htons(GRE_UDP_PORT);
+    if (pop->udp < 0 || bind(pop->udp, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        snprintf(err, errlen, "cannot use UDP port %d on %s: %s", GRE_UDP_PORT,
+                 inet_ntoa(sa.sin_addr), strerror(errno));
+        goto fail;
+    }
+    setsockopt(pop->udp, IPPROTO_IP, IP_MTU_DISCOVER, &v, sizeof(v));
+    if (setsockopt(pop->udp, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof(rcv)))
+        setsockopt(pop->udp, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+    if (setsockopt(pop->udp, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(one)) ||
+        setsockopt(pop->udp, IPPROTO_IP, IP_RECVTOS, &one, sizeof(one))) {
+        snprintf(err, errlen, "UDP socket options: %s", strerror(errno));
         goto fail;
     }
     return pop;
@@ -1373,6 +1602,10 @@ int tpb_pop_peer_state(struct tpb_pop *pop, uint32_t peer,
     k = &pop->peers[peer].ka;
     memset(out, 0, sizeof(*out));
     out->addr = pop->peers[peer].cfg.addr;
+    if (pop->peers[peer].cfg.encap == TPB_ENCAP_UDP && pop->peers[peer].sa.sin_port) {
+        out->endpoint_addr = ntohl(pop->peers[peer].sa.sin_addr.s_addr);
+        out->endpoint_port = ntohs(pop->peers[peer].sa.sin_port);
+    }
     out->up = out->active = k->up;
     out->transitions = k->transitions;
     out->keepalives_sent = k->sent;
@@ -1399,6 +1632,8 @@ void tpb_pop_close(struct tpb_pop *pop)
         close(pop->raw);
     if (pop->hdrincl >= 0)
         close(pop->hdrincl);
+    if (pop->udp >= 0)
+        close(pop->udp);
     if (pop->stop_fd >= 0)
         close(pop->stop_fd);
     free(pop->peers);
@@ -1419,11 +1654,27 @@ struct tpb_pop *tpb_fuzz_pop_open(const struct tpb_pop_config *cfg,
                                   const struct tpb_pop_peer_config *peers,
                                   const struct tpb_pop_prefix *prefixes)
 {
+    struct tpb_pop *pop;
     char err[128];
 
     if (check_config(cfg, peers, prefixes, err, sizeof(err)))
         return NULL;
-    return pop_new(cfg, peers, prefixes);
+    pop = pop_new(cfg, peers, prefixes);
+    if (pop) {              /* the harness tells the sockets apart by them */
+        pop->raw = TPB_FUZZ_FD_RAW;
+        pop->udp = TPB_FUZZ_FD_UDP;
+        pop->hdrincl = TPB_FUZZ_FD_HDRINCL;
+    }
+    return pop;
+}
+
+/* One datagram as the UDP socket would have handed it over: its payload
+ * (the GRE header on), source and outer TOS (IP_TOS). */
+void tpb_fuzz_pop_from_udp(struct tpb_pop *pop, uint8_t *g, size_t n,
+                           const struct sockaddr_in *from, uint8_t tos, uint64_t now)
+{
+    pop->now_ns = now;
+    from_bridge_udp(pop, g, n, from, tos);
 }
 
 /* One packet as recvmmsg() would have handed it over (outer IPv4 on). */
@@ -1465,7 +1716,7 @@ void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v)
     c->cmsg_type = SO_RXQ_OVFL;
     c->cmsg_len = CMSG_LEN(sizeof(v));
     memcpy(CMSG_DATA(c), &v, sizeof(v));
-    rx_drops(pop, &m);
+    rx_drops(pop, &m, &pop->rx_drops, NULL);
 }
 
 /* Peer i's receive state (its sequence window); -1: no such peer. */

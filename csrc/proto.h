@@ -2,6 +2,8 @@
  *
  *  Ethernet   dst(6) src(6) [tpid(2) tci(2)] type(2)
  *  IPv4       RFC 791: ver/ihl tos len id flags/frag ttl proto csum src dst
+ *  UDP        RFC 768: sport dport len csum (GRE-in-UDP, RFC 8086: dport
+ *             4754, the GRE header right behind the UDP header)
  *  GRE        RFC 2784/2890:
  *              0                   1                   2                   3
  *             |C| |K|S| Reserved0       | Ver |         Protocol Type         |
@@ -29,6 +31,11 @@
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
 #define IPPROTO_GRE_ 47
+
+/* RFC 8086 3.2: the destination port of GRE-in-UDP; the source port
+ * carries the inner flow's entropy, from the dynamic range 49152-65535. */
+#define GRE_UDP_PORT 4754
+#define UDP_HLEN 8
 
 #define IP_DF 0x4000
 #define IP_MF 0x2000
@@ -79,7 +86,15 @@ struct gre_tx {
     uint8_t df;                    /* TPB_DF_* */
     uint32_t seqno;                /* next sequence number to send */
     uint16_t ip_id;                /* next outer IP ID */
+    uint8_t udp;                   /* GRE-in-UDP (RFC 8086) */
 };
+
+/* Whether gre_encap() needs the payload's sum: for the GRE checksum, or
+ * for the UDP checksum GRE-in-UDP always carries. */
+static inline int gre_wants_psum(const struct gre_tx *t)
+{
+    return t->csum || t->udp;
+}
 
 struct gre_rx {
     uint32_t local, remote, key;
@@ -103,12 +118,27 @@ static inline size_t gre_hlen(uint8_t csum, uint8_t key, uint8_t seq)
     return 4 + (csum ? 4 : 0) + (key ? 4 : 0) + (seq ? 4 : 0);
 }
 
-/* Writes outer IPv4 + GRE for a payload of `plen` bytes whose unfolded
- * one's-complement sum is `psum` (needed only with csum), taking TOS/TTL/DF
- * from the inner header per the settings (RFC 6040 for ECN).  Returns the
- * header length (20 + GRE). */
+/* RFC 8086 3.2.1: the UDP source port of a GRE-in-UDP packet, a hash of
+ * the inner flow (addresses, protocol and, when the packet is not a
+ * fragment and holds them within plen bytes, its ports) folded into
+ * 49152-65535, so the packets of one flow take one path and different
+ * flows spread over ECMP.  Fragments hash on addresses and protocol alone,
+ * so all of a datagram's fragments go one way. */
+uint16_t gre_udp_sport(uint16_t proto, const uint8_t *inner, size_t plen);
+
+/* Writes outer IPv4 + GRE (+ UDP between them with t->udp) for a payload
+ * of `plen` bytes whose unfolded one's-complement sum is `psum` (needed
+ * only where gre_wants_psum()), taking TOS/TTL/DF from the inner header per
+ * the settings (RFC 6040 for ECN).  Returns the header length (20 [+ 8] +
+ * GRE). */
 size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
                  const uint8_t *inner, size_t plen, uint32_t psum);
+
+/* The outer IPv4 + UDP headers of a UDP GSO message (udpgso.c) whose UDP
+ * length is ulen: nseg IDs taken, the source port hashed from the first
+ * inner packet (ilen bytes), the checksum field left zero. */
+void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,
+                   const uint8_t *inner, size_t ilen, size_t ulen, uint32_t nseg);
 
 /* Just the GRE header (the POP's kernel writes the outer IPv4 header). */
 size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
@@ -151,7 +181,9 @@ void gre_commit_seq(struct gre_rx *r, const struct gre_pkt *p);
 int gre_keepalive_answer(const struct gre_rx *r, const uint8_t *g, size_t glen);
 
 /* The far end reflects our keepalive's inner IPv4 packet as it is, so an
- * answer carries back one of the IP IDs we sent.  Only the last `window`
+ * answer carries back one of the IP IDs we sent (`id`; a POP's GRE-in-UDP
+ * keepalive carries it in its inner UDP source port too, as the POP's UDP
+ * socket never sees an IP header: pop.c, ka_send).  Only the last `window`
  * sent are answers (older ones are past period x retries anyway): a
  * protocol-0 packet that merely has the POP's address and key must not
  * bring a POP up.  IDs start at a random value (ka_first_id()) so an
@@ -169,8 +201,15 @@ static inline uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-int ka_id_check(uint16_t last_id, uint64_t sent, const uint8_t *ip,
-                unsigned window);
+#ifdef TPB_FUZZ
+/* fuzz/pop.c tells the POP's sockets apart by these (below 0: never
+ * closed, and no descriptor of the harness's process) */
+#define TPB_FUZZ_FD_RAW (-2)
+#define TPB_FUZZ_FD_UDP (-3)
+#define TPB_FUZZ_FD_HDRINCL (-4)
+#endif
+
+int ka_id_check(uint16_t last_id, uint64_t sent, uint16_t id, unsigned window);
 uint16_t ka_first_id(void);
 
 /* RFC 6040 decapsulation: the inner ECN field given the outer's; returns

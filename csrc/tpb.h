@@ -79,7 +79,16 @@ struct tpb_port_counters {
 #define TPB_DROP_MTU_TOO_SMALL 37   /* --out's MTU below the tunnel's minimum */
 #define TPB_DROP_FRAG_OVERFLOW 38   /* no IPv4 header can describe it: > 65535 */
 #define TPB_DROP_KEEPALIVE_STALE 39 /* protocol 0 whose IP ID we never sent lately */
-#define TPB_NDROP 40
+#define TPB_DROP_UDP_BAD 40         /* GRE-in-UDP: UDP header truncated, length wrong */
+#define TPB_DROP_UDP_CSUM 41        /* GRE-in-UDP: UDP checksum wrong */
+#define TPB_DROP_NO_ENDPOINT 42     /* POP: a NAT'd peer not heard from yet */
+#define TPB_NDROP 43
+
+/* The encapsulation: GRE (RFC 2784) straight in IPv4, or GRE-in-UDP
+ * (RFC 8086: UDP destination port 4754, the source port a hash of the
+ * inner flow), which crosses NAT and spreads over ECMP. */
+#define TPB_ENCAP_GRE 0
+#define TPB_ENCAP_UDP 1
 
 /* What a selected frame becomes while no POP answers keepalives. */
 #define TPB_DOWN_BYPASS 0           /* bridged unencapsulated (fail-open) */
@@ -108,6 +117,9 @@ struct tpb_tunnel_counters {
     uint64_t arp_replies;
     uint64_t echo_replies;
     uint64_t bypassed;           /* selected, no POP up: bridged as they are */
+    uint64_t udp_gso_sent;       /* GRE-in-UDP UDP GSO messages sent (udpgso.c) */
+    uint64_t udp_gso_received;   /* ... and received, taken apart (decap.c) */
+    uint64_t udp_gso_coalesced;  /* ... their pieces merged into one (coalesce.c) */
     uint64_t drop[TPB_NDROP];
 };
 
@@ -133,6 +145,7 @@ struct tpb_tunnel_config {
     uint32_t keepalive_ms;       /* period; 0: no keepalives, every POP up */
     uint32_t keepalive_retries;  /* down after period x retries unanswered */
     uint8_t on_down;             /* TPB_DOWN_* */
+    uint8_t encap;               /* TPB_ENCAP_* */
 };
 
 /* Keepalive state of one POP (a bridge's remote, or a POP's peer).  Cisco
@@ -149,6 +162,10 @@ struct tpb_remote_state {
     uint64_t keepalives_reflected; /* the far end's, sent back to it */
     uint64_t rtt_ns;               /* of the last answered one; 0: none yet */
     uint64_t since_reply_ns;       /* time since the last answer; 0: never */
+    /* POP, GRE-in-UDP: where the peer's packets come from and the POP's
+     * go (a NAT'd peer's learned from its checked packets); 0: none. */
+    uint32_t endpoint_addr;        /* host order */
+    uint16_t endpoint_port;
 };
 
 #define TPB_FANOUT_NONE 0
@@ -232,7 +249,9 @@ const char *tpb_drop_name(int reason);
 /* ---- pop.c: the far end of many bridges' tunnels ---- */
 
 struct tpb_pop_peer_config {
-    uint32_t addr;               /* the bridge's tunnel address, host order */
+    uint32_t addr;               /* the bridge's tunnel address, host order;
+                                  * 0: behind NAT (GRE-in-UDP, identified by
+                                  * its key, answered where it sends from) */
     uint32_t key;
     uint8_t has_key;
     uint8_t csum;
@@ -241,6 +260,7 @@ struct tpb_pop_peer_config {
     int16_t tos;                 /* -1: inherit */
     uint32_t keepalive_ms;       /* the POP's own keepalives; 0: off */
     uint32_t keepalive_retries;
+    uint8_t encap;               /* TPB_ENCAP_* */
 };
 
 /* An inner prefix behind a peer; IPv4 as ::ffff:a.b.c.d with len + 96. */

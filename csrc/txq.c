@@ -197,8 +197,15 @@ void txq_commit(struct txq *q, uint32_t i, int niov)
 
 void txq_account(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes)
 {
+    txq_account_n(q, i, kind, bytes, 1);
+}
+
+void txq_account_n(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes,
+                   uint32_t packets)
+{
     q->acct[i] = kind;
     q->acct_bytes[i] = bytes;
+    q->acct_pkts[i] = (uint16_t)packets;
 }
 
 /* Message k left (sent) or was refused: what it counts in the tunnel's
@@ -210,7 +217,7 @@ static void account(struct txq *q, uint32_t k, int sent)
     switch (q->acct[k]) {
     case TXQ_ACCT_ENCAP:
         if (sent && !q->acct_broken && q->tc) {
-            q->tc->encap_packets++;
+            q->tc->encap_packets += q->acct_pkts[k];
             q->tc->encap_bytes += q->acct_bytes[k];
         }
         q->acct_broken = 0;

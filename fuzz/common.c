@@ -236,6 +236,25 @@ int fz_ecn_decap(uint8_t outer, uint8_t inner)
 /* ---- fixing inputs ---- */
 
 static void fix_rec(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4,
+                    size_t base, int depth);
+
+/* The GRE packet at g (glen bytes, base its offset from the outermost
+ * header): its inner packet, then its checksum. */
+static void fix_gre(uint8_t *g, size_t glen, int partial, struct fz_l4 *l4,
+                    size_t base, int depth)
+{
+    uint16_t flags = fz_rd16(g), ip_type = fz_rd16(g + 2);
+    size_t gh = fz_gre_hlen(flags);
+
+    if (glen >= gh && (ip_type == ETYPE_IPV4 || ip_type == ETYPE_IPV6))
+        fix_rec(g + gh, glen - gh, partial, l4, base + gh, depth + 1);
+    if ((flags & GRE_C) && glen >= gh) {
+        g[4] = g[5] = 0;
+        fz_wr16(g + 4, fz_fold(fz_sum(0, g, glen)));
+    }
+}
+
+static void fix_rec(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4,
                     size_t base, int depth)
 {
     size_t hl, plen;
@@ -265,15 +284,16 @@ static void fix_rec(uint8_t *ip, size_t avail, int partial, struct fz_l4 *l4,
     pl = ip + hl;
     plen = avail - hl;
     if (proto == IPPROTO_GRE_ && depth < 2 && plen >= 4) {
-        uint16_t flags = fz_rd16(pl), ip_type = fz_rd16(pl + 2);
-        size_t gh = fz_gre_hlen(flags);
-
-        if (plen >= gh && (ip_type == ETYPE_IPV4 || ip_type == ETYPE_IPV6))
-            fix_rec(pl + gh, plen - gh, partial, l4, base + hl + gh, depth + 1);
-        if ((flags & GRE_C) && plen >= gh) {
-            pl[4] = pl[5] = 0;
-            fz_wr16(pl + 4, fz_fold(fz_sum(0, pl, plen)));
-        }
+        fix_gre(pl, plen, partial, l4, base + hl, depth);
+    } else if (proto == IPPROTO_UDP_ && depth < 2 && plen >= 8 + 4 &&
+               (fz_rd16(pl) == FZ_GRE_UDP_PORT || fz_rd16(pl + 2) == FZ_GRE_UDP_PORT)) {
+        /* GRE-in-UDP (RFC 8086): the GRE packet, then the UDP length and a
+         * complete checksum over it (the innermost L4 takes the partial one) */
+        fix_gre(pl + 8, plen - 8, partial, l4, base + hl + 8, depth);
+        fz_wr16(pl + 4, (uint16_t)plen);
+        if (ip[0] >> 4 == 4)
+            fz_ip4_set_csum(ip);      /* the pseudo header is in it */
+        fz_l4_set_csum(ip, hl, hl + plen, IPPROTO_UDP_, 0);
     } else if ((proto == 4 || proto == 41) && depth < 2) {
         fix_rec(pl, plen, partial, l4, base + hl, depth + 1);
     } else if ((proto == IPPROTO_TCP_ && plen >= 20) ||

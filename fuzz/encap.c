@@ -22,6 +22,8 @@ struct h {
     size_t ilen;                /* the selected IP packet's length */
     uint16_t type;
     uint32_t seq_next;
+    uint16_t sport[2];          /* GRE-in-UDP: the source port of [inner
+                                 * IPv4 fragments, other packets]; 0: none */
     struct pkt *pk;
     size_t npk, cap;
 };
@@ -63,21 +65,53 @@ static void check_outer_fields(struct h *h, const uint8_t *ip, const uint8_t *in
                  "GRE: outer DF against the policy (%u)", t->df);
 }
 
-/* One whole GRE packet (outer fragments put together): its GRE header. */
+/* GRE-in-UDP (RFC 8086): the UDP header of a whole datagram at ip (outer
+ * fragments put together) whose inner packet is at in.  To port 4754,
+ * from the dynamic range (3.2.1), its length, a checksum that verifies
+ * and is not 0 (TPB always sends one, 3.1).  The source port is the
+ * flow's entropy: one port for all of a frame's packets (segments of one
+ * flow), but that inner IPv4 fragments, which carry no ports to hash, may
+ * have another (one for all of them). */
+static void check_udp(struct h *h, const uint8_t *ip, size_t len, const uint8_t *in,
+                      size_t inlen)
+{
+    const uint8_t *u = ip + 20;
+    int frag = h->type == ETYPE_IPV4 && inlen >= 20 &&
+               (fz_rd16(in + 6) & (IP_MF | IP_OFFMASK));
+
+    FZ_CHECK(len >= 28, "GRE-in-UDP: packet of %zu bytes", len);
+    FZ_CHECK(fz_rd16(u + 2) == FZ_GRE_UDP_PORT, "GRE-in-UDP: destination port %u",
+             fz_rd16(u + 2));
+    FZ_CHECK(fz_rd16(u) >= 49152, "GRE-in-UDP: source port %u", fz_rd16(u));
+    FZ_CHECK(fz_rd16(u + 4) == len - 20, "GRE-in-UDP: UDP length %u of %zu",
+             fz_rd16(u + 4), len - 20);
+    FZ_CHECK(fz_rd16(u + 6) != 0 && fz_l4_csum_ok(ip, 20, len, IPPROTO_UDP_),
+             "GRE-in-UDP: UDP checksum");
+    if (!h->sport[frag])
+        h->sport[frag] = fz_rd16(u);
+    FZ_CHECK(fz_rd16(u) == h->sport[frag], "GRE-in-UDP: source ports %u and %u in one flow",
+             fz_rd16(u), h->sport[frag]);
+}
+
+/* One whole GRE packet (outer fragments put together): its GRE header
+ * (behind the UDP header with GRE-in-UDP). */
 static void check_gre(struct h *h, const uint8_t *ip, size_t len, int fragmented)
 {
     const struct tpb_tunnel_config *t = &h->br->cfg;
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
+    size_t ulen = t->encap == TPB_ENCAP_UDP ? 8 : 0;
     size_t glen = fz_gre_hlen(flags);
-    const uint8_t *g = ip + 20;
+    const uint8_t *g = ip + 20 + ulen;
 
-    FZ_CHECK(len >= 20 + glen, "GRE: packet of %zu bytes", len);
+    FZ_CHECK(len >= 20 + ulen + glen, "GRE: packet of %zu bytes", len);
+    if (ulen)
+        check_udp(h, ip, len, g + glen, len - 20 - ulen - glen);
     FZ_CHECK(fz_rd16(g) == flags, "GRE: flags %04x, not %04x", fz_rd16(g), flags);
     FZ_CHECK(fz_rd16(g + 2) == h->type, "GRE: protocol %04x", fz_rd16(g + 2));
-    fz_check_gre_fields(t, g, len - 20, &h->seq_next, "GRE");
-    check_outer_fields(h, ip, g + glen, len - 20 - glen, fragmented);
-    add_pkt(h, g + glen, len - 20 - glen);
+    fz_check_gre_fields(t, g, len - 20 - ulen, &h->seq_next, "GRE");
+    check_outer_fields(h, ip, g + glen, len - 20 - ulen - glen, fragmented);
+    add_pkt(h, g + glen, len - 20 - ulen - glen);
 }
 
 /* Every frame out of --out: GRE, outer fragments put back together. */
@@ -100,7 +134,8 @@ static void parse_out(struct h *h, const struct fz_out *outs, size_t n)
         FZ_CHECK(fz_ip_len(ip, len) == len && ip[0] == 0x45,
                  "GRE: outer IPv4 header invalid or not the frame's length");
         FZ_CHECK(len <= mtu, "GRE: %zu-byte packet over the MTU %u", len, mtu);
-        FZ_CHECK(ip[9] == IPPROTO_GRE_ && fz_rd32(ip + 12) == FZ_LOCAL &&
+        FZ_CHECK(ip[9] == (h->br->cfg.encap == TPB_ENCAP_UDP ? IPPROTO_UDP_ : IPPROTO_GRE_) &&
+                 fz_rd32(ip + 12) == FZ_LOCAL &&
                  h->br->active >= 0 &&
                  fz_rd32(ip + 16) == h->br->remote[h->br->active].addr,
                  "GRE: outer protocol or addresses");
@@ -420,9 +455,9 @@ static void check(struct h *h, const struct fz_snap *b, const struct fz_snap *a,
         return;
     }
     /* RFC 791's 68 bytes inside the tunnel, or nothing selected leaves */
-    if (t->mtu < 68 + 20 + fz_gre_hlen((uint16_t)((t->csum ? GRE_C : 0) |
-                                                   (t->has_key ? GRE_K : 0) |
-                                                   (t->seq ? GRE_S : 0)))) {
+    if (t->mtu < 68 + 20 + (t->encap == TPB_ENCAP_UDP ? 8 : 0) +
+                 fz_gre_hlen((uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
+                                        (t->seq ? GRE_S : 0)))) {
         FZ_CHECK(fz_nouts == 0 && drops == 1 && reason == TPB_DROP_MTU_TOO_SMALL,
                  "MTU %u too small: %zu frames, %llu drops (reason %d)", t->mtu, fz_nouts,
                  (unsigned long long)drops, reason);
@@ -621,11 +656,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* 68-9000: one too small for the tunnel is refused at start, so it
      * comes as the loop finds it on the port while running (encap_mtu) */
     mtu = 68 + fz_u16(&in) % (9000 - 68 + 1);
-    min = encap_min_mtu(20 + gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
-    cfg.tun.mtu = mtu < min ? (uint32_t)min : mtu;
     cfg.tun.mss = (b1 & 0x80) ? fz_u16(&in) : 0;
     b2 = fz_u8(&in);
     cfg.tun.icmp_rate = rates[b2 & 3];
+    cfg.tun.encap = (b2 & 8) ? TPB_ENCAP_UDP : TPB_ENCAP_GRE;
+    min = encap_min_mtu(20 + (cfg.tun.encap == TPB_ENCAP_UDP ? 8 : 0) +
+                        gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
+    cfg.tun.mtu = mtu < min ? (uint32_t)min : mtu;
     /* --out refuses every frame (a full device queue): each one counted
      * egress_full, and no GRE packet counted as encapsulated */
     fz_refuse = (b2 & 4) ? TPB_PORT_OUT : -1;

@@ -64,6 +64,7 @@ static void config(struct tpb_tunnel_config *t, uint8_t b0, uint8_t b1,
     t->ttl = (b1 & 4) ? -1 : 64;
     t->tos = (b1 & 8) ? -1 : 0;
     t->df = (uint8_t)((b1 >> 4) % 3);
+    t->encap = (b0 & 0x40) ? TPB_ENCAP_UDP : TPB_ENCAP_GRE;
 }
 
 static void learn(struct h *h, uint8_t fl, const uint8_t *macs, const uint8_t *tag)
@@ -136,16 +137,196 @@ static void check_echo(const struct fz_frame *z, const struct fz_out *o)
     FZ_CHECK(fz_fold(fz_sum(0, ic, tot - ihl)) == 0, "echo reply: ICMP checksum");
 }
 
-/* The inner packet of a GRE frame to us as it came in (not a fragment). */
+/* RFC 768 and RFC 8086 on the UDP header of a whole GRE-in-UDP datagram
+ * at ip (a valid IPv4 header): 0 if TPB must take it, else the drop it
+ * must count (the header within the datagram, one port 4754, a checksum
+ * that verifies unless it is 0). */
+static int udp_verdict(const uint8_t *ip)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), ulen;
+    const uint8_t *u = ip + ihl;
+
+    if (tot - ihl < 8)
+        return TPB_DROP_UDP_BAD;
+    ulen = fz_rd16(u + 4);
+    if (ulen < 8 || ulen > tot - ihl)
+        return TPB_DROP_UDP_BAD;
+    if (fz_rd16(u) != FZ_GRE_UDP_PORT && fz_rd16(u + 2) != FZ_GRE_UDP_PORT)
+        return TPB_DROP_LOCAL_OTHER;
+    return fz_l4_csum_ok(ip, ihl, ihl + ulen, IPPROTO_UDP_) ? 0 : TPB_DROP_UDP_CSUM;
+}
+
+/* The inner packet of a GRE or GRE-in-UDP frame to us as it came in (not
+ * a fragment): behind the GRE header, to the end of the IPv4 datagram or
+ * of the UDP datagram. */
 static const uint8_t *gre_payload(const struct fz_frame *z, size_t *avail)
 {
-    const uint8_t *ip = z->orig + FZ_ETH;
-    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), gh;
+    const uint8_t *ip = z->orig + FZ_ETH, *g;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), gh, glen;
 
-    gh = fz_gre_hlen(fz_rd16(ip + ihl));
-    FZ_CHECK(tot >= ihl + gh, "decap: GRE header past the packet, yet accepted");
-    *avail = tot - ihl - gh;
-    return ip + ihl + gh;
+    if (ip[9] == IPPROTO_UDP_) {
+        FZ_CHECK(udp_verdict(ip) == 0, "GRE-in-UDP taken with a bad UDP header");
+        g = ip + ihl + 8;
+        glen = fz_rd16(ip + ihl + 4) - 8;
+    } else {
+        g = ip + ihl;
+        glen = tot - ihl;
+    }
+    FZ_CHECK(glen >= 4, "decap: no GRE header, yet accepted");
+    gh = fz_gre_hlen(fz_rd16(g));
+    FZ_CHECK(glen >= gh, "decap: GRE header past the packet, yet accepted");
+    *avail = glen - gh;
+    return g + gh;
+}
+
+static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_out *o,
+                        const uint8_t *piece, size_t piece_avail);
+
+/* Whether an inner packet out of --in is the one in a piece's GRE payload:
+ * equal but for what decapsulation may change (ECN, the IPv4 header
+ * checksum, a SYN's TCP options and checksum).  Only to find the piece;
+ * check_decap() then checks the one found, field by field. */
+static int from_piece(const uint8_t *in, size_t ilen, const uint8_t *src, size_t avail)
+{
+    size_t i, l4;
+    uint8_t l4p;
+
+    if (ilen > avail || !ilen)
+        return 0;
+    l4 = fz_l4_off(src, ilen, &l4p);
+    for (i = 0; i < ilen; i++) {
+        if (i == 1 || ((in[0] >> 4) == 4 && (i == 10 || i == 11)))
+            continue;
+        if (l4 && l4p == IPPROTO_TCP_ && (src[l4 + 13] & 2) && i >= l4 + 16 &&
+            i < l4 + (size_t)(src[l4 + 12] >> 4) * 4)
+            continue;
+        if (in[i] != src[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* A GRE-in-UDP UDP GSO super-packet taken apart (decap.c: udp_gso_split):
+ * taken only as the vnet header and the UDP header describe one (pointing
+ * at this UDP header, the UDP length the whole payload's, a port 4754, from
+ * a remote, not a fragment); then each gso_size piece of its payload went
+ * on as a datagram of its own: every frame out of --in is the inner
+ * packet of a later piece than the one before, and every piece is
+ * accounted for once (delivered, dropped or a keepalive answered). */
+static void check_udp_gso(struct h *h, const struct fz_frame *z, size_t n_in,
+                          size_t n_out, uint64_t drops, uint64_t ka_rx, uint64_t ka_refl)
+{
+    const uint8_t *ip = z->orig + FZ_ETH, *u, *g;
+    const struct virtio_net_hdr *v = &z->vh0;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), seg = v->gso_size;
+    size_t l2 = fz_l2(z), npieces, off, k = 0, j, n, gh;
+
+    FZ_CHECK(ip[9] == IPPROTO_UDP_ && (v->gso_type & 0x7f) == VIRTIO_NET_HDR_GSO_UDP_L4 &&
+             (v->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && seg &&
+             v->csum_start == FZ_ETH + ihl && v->csum_offset == 6 &&
+             !(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)) && tot > ihl + 8 &&
+             remote_of(h->br, fz_rd32(ip + 12)),
+             "UDP GSO: taken apart, yet not one");
+    u = ip + ihl;
+    FZ_CHECK(fz_rd16(u + 4) == tot - ihl &&
+             (fz_rd16(u) == FZ_GRE_UDP_PORT || fz_rd16(u + 2) == FZ_GRE_UDP_PORT),
+             "UDP GSO: taken apart with a wrong UDP header");
+    npieces = (tot - ihl - 8 + seg - 1) / seg;
+    FZ_CHECK(n_out == ka_refl && n_in + drops + ka_rx + ka_refl == npieces,
+             "UDP GSO: %zu pieces, %zu out of --in, %zu of --out, %llu drops, %llu "
+             "keepalives answered, %llu reflected", npieces, n_in, n_out,
+             (unsigned long long)drops, (unsigned long long)ka_rx, (unsigned long long)ka_refl);
+    off = ihl + 8;
+    for (j = 0; j < fz_nouts; j++) {
+        const struct fz_out *o = &fz_outs[j];
+        int found = 0;
+
+        if (o->port != TPB_PORT_IN)
+            continue;               /* a reflected keepalive: counted above */
+        for (; k < npieces && !found; k++) {
+            g = ip + off + k * seg;
+            n = tot - off - k * seg < seg ? tot - off - k * seg : seg;
+            if (n < 4 || (gh = fz_gre_hlen(fz_rd16(g))) > n)
+                continue;
+            if (o->len > l2 && from_piece(o->data + l2, o->len - l2, g + gh, n - gh)) {
+                check_decap(h, z, o, g + gh, n - gh);
+                found = 1;
+            }
+        }
+        FZ_CHECK(found, "UDP GSO: frame %zu out of --in is no later piece's inner packet", j);
+    }
+}
+
+/* The pieces of a UDP GSO super-packet merged into one inner TCP
+ * super-packet (coalesce.c): only pieces GRO would merge — inner IPv4
+ * without options, TCP, right checksums, the IDs counting up by one, the
+ * sequence numbers following on, all payloads the first's length but the
+ * last (not longer) — and the merge is the first piece's headers with the
+ * payloads of all behind them, the flags of all, a vnet header that lets
+ * the kernel cut it back into the same segments. */
+static void check_coalesced(const struct fz_frame *z, size_t n_in, size_t n_out,
+                            uint64_t drops, int reason)
+{
+    const uint8_t *ip = z->orig + FZ_ETH, *g, *p0 = NULL, *in;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, tot = fz_rd16(ip + 2), seg = z->vh0.gso_size;
+    size_t off, n, gh, ilen, thl, plen, plen0 = 0, total = 0, k = 0, l2 = fz_l2(z);
+    const struct fz_out *o;
+    uint32_t seq = 0;
+    uint8_t flags = 0;
+
+    if (n_in == 0 && drops == 1 && reason == TPB_DROP_ECN)
+        return;                                 /* CE on a Not-ECT inner packet */
+    FZ_CHECK(n_in == 1 && n_out == 0 && drops == 0 && fz_outs[0].port == TPB_PORT_IN,
+             "coalesced: %zu frames in, %zu out, %llu drops", n_in, n_out,
+             (unsigned long long)drops);
+    o = &fz_outs[0];
+    in = o->data + l2;
+    for (off = ihl + 8; off < tot; off += n, k++) {
+        n = tot - off < seg ? tot - off : seg;
+        g = ip + off;
+        gh = fz_gre_hlen(fz_rd16(g));
+        FZ_CHECK(n > gh + 40, "coalesced: piece %zu too short", k);
+        g += gh;
+        ilen = n - gh;
+        thl = (size_t)(g[32] >> 4) * 4;
+        FZ_CHECK(g[0] == 0x45 && g[9] == IPPROTO_TCP_ && fz_rd16(g + 2) == ilen &&
+                 !(fz_rd16(g + 6) & (IP_MF | IP_OFFMASK)) && thl >= 20 && 20 + thl < ilen &&
+                 fz_l4_csum_ok(g, 20, ilen, IPPROTO_TCP_),
+                 "coalesced: piece %zu is no whole IPv4 TCP segment with a right checksum", k);
+        plen = ilen - 20 - thl;
+        if (!k) {
+            p0 = g;
+            plen0 = plen;
+            seq = fz_rd32(g + 24);
+        }
+        /* flags: no SYN, RST, URG; CWR only first, PSH and FIN only last */
+        FZ_CHECK(!(g[33] & 0x26) && (!k || !(g[33] & 0x80)) &&
+                 (off + n >= tot || !(g[33] & 0x09)),
+                 "coalesced: piece %zu's flags %02x", k, g[33]);
+        FZ_CHECK(fz_rd16(g + 4) == (uint16_t)(fz_rd16(p0 + 4) + k) && fz_rd32(g + 24) == seq &&
+                 (plen == plen0 || (off + n >= tot && plen <= plen0)) &&
+                 !memcmp(g + 12, p0 + 12, 8) && !memcmp(g + 20, p0 + 20, 4),
+                 "coalesced: piece %zu does not follow on", k);
+        FZ_CHECK(l2 + 20 + thl + total + plen <= o->len &&
+                 !memcmp(in + 20 + thl + total, g + 20 + thl, plen),
+                 "coalesced: piece %zu's payload not in place", k);
+        seq += (uint32_t)plen;
+        total += plen;
+        flags |= g[33];
+    }
+    FZ_CHECK(k >= 2 && p0, "coalesced: %zu pieces", k);
+    thl = (size_t)(p0[32] >> 4) * 4;
+    FZ_CHECK(o->len == l2 + 20 + thl + total, "coalesced: %zu bytes, not %zu", o->len,
+             l2 + 20 + thl + total);
+    FZ_CHECK(fz_rd16(in + 2) == 20 + thl + total && !memcmp(in + 4, p0 + 4, 6) &&
+             !memcmp(in + 12, p0 + 12, 8) && (in[1] & ~3) == (p0[1] & ~3) &&
+             !memcmp(in + 20, p0 + 20, 13) && in[33] == flags &&
+             !memcmp(in + 34, p0 + 34, 2) && !memcmp(in + 38, p0 + 38, thl - 18),
+             "coalesced: headers are not the first piece's");
+    FZ_CHECK(o->qdisc && (o->vh.gso_type & 0x7f) == VIRTIO_NET_HDR_GSO_TCPV4 &&
+             o->vh.gso_size == plen0 && (o->vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+             o->vh.csum_start == l2 + 20 && o->vh.csum_offset == 16,
+             "coalesced: vnet header");
 }
 
 static void check_reflect(struct h *h, const struct fz_frame *z,
@@ -161,9 +342,13 @@ static void check_reflect(struct h *h, const struct fz_frame *z,
     in = o->data + l2;
     FZ_CHECK(fz_ip_len(in, ilen) == ilen && in[0] >> 4 == 4,
              "reflection: not a whole valid IPv4 packet");
-    FZ_CHECK(in[9] == IPPROTO_GRE_ && fz_rd32(in + 12) == FZ_LOCAL && r &&
+    FZ_CHECK((in[9] == IPPROTO_GRE_ ||
+              (in[9] == IPPROTO_UDP_ && ilen >= (size_t)(in[0] & 0x0f) * 4 + 8 &&
+               fz_rd16(in + (in[0] & 0x0f) * 4 + 2) == FZ_GRE_UDP_PORT)) &&
+             fz_rd32(in + 12) == FZ_LOCAL && r &&
              fz_rd32(in + 16) == r->addr && !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
-             "reflection: not a keepalive from us to the remote it came from");
+             "reflection: not a keepalive (GRE, or GRE-in-UDP to 4754) from us to the "
+             "remote it came from");
     if (!(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)) &&
         z->vh0.gso_type == VIRTIO_NET_HDR_GSO_NONE &&
         !(z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
@@ -172,12 +357,15 @@ static void check_reflect(struct h *h, const struct fz_frame *z,
     }
 }
 
-static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_out *o)
+/* One inner packet out of --in: from the frame's GRE payload, or (piece:
+ * a UDP GSO super-packet taken apart) from the piece's, avail bytes. */
+static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_out *o,
+                        const uint8_t *piece, size_t piece_avail)
 {
     const uint8_t *ip = z->orig + FZ_ETH, *in, *src, *dst;
     const struct virtio_net_hdr *v = &z->vh0;
     size_t l2 = fz_l2(z), ilen = o->len - l2, avail, i, l4 = 0, doff = 0;
-    int gso = v->gso_type != VIRTIO_NET_HDR_GSO_NONE, v4;
+    int gso = !piece && v->gso_type != VIRTIO_NET_HDR_GSO_NONE, v4;
     int frag = (fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)) != 0;
     uint8_t l4p = 0, *cp;
     uint16_t type;
@@ -216,7 +404,12 @@ static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_o
     }
     if (frag)
         return;                 /* reassembled: fuzz/reasm.c checks the bytes */
-    src = gre_payload(z, &avail);
+    if (piece) {
+        src = piece;
+        avail = piece_avail;
+    } else {
+        src = gre_payload(z, &avail);
+    }
     FZ_CHECK(ilen <= avail, "decap: %zu bytes out of a %zu-byte payload", ilen, avail);
     /* ECN (RFC 6040) */
     {
@@ -263,6 +456,23 @@ static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_o
     free(cp);
 }
 
+/* The UDP header of GRE-in-UDP at ip + l4, the datagram tot bytes: to
+ * 4754, from the dynamic range (RFC 8086 3.2.1: the flow's entropy) or,
+ * fixed, from 4754; its length the datagram's; a checksum that verifies
+ * and is not 0 (TPB always sends one). */
+static void check_udp(const uint8_t *ip, size_t l4, size_t tot, int fixed, const char *what)
+{
+    const uint8_t *u = ip + l4;
+
+    FZ_CHECK(tot >= l4 + 8, "%s: truncated", what);
+    FZ_CHECK(fz_rd16(u + 2) == FZ_GRE_UDP_PORT, "%s: destination port %u", what, fz_rd16(u + 2));
+    FZ_CHECK(fixed ? fz_rd16(u) == FZ_GRE_UDP_PORT : fz_rd16(u) >= 49152,
+             "%s: source port %u", what, fz_rd16(u));
+    FZ_CHECK(fz_rd16(u + 4) == tot - l4, "%s: length %u of %zu", what, fz_rd16(u + 4), tot - l4);
+    FZ_CHECK(fz_rd16(u + 6) != 0 && fz_l4_csum_ok(ip, l4, tot, IPPROTO_UDP_),
+             "%s: checksum", what);
+}
+
 static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t **sent,
                             uint32_t *nsent)
 {
@@ -272,6 +482,8 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     const uint8_t *ip, *g, *in, *ig;
     uint16_t flags = (uint16_t)((t->csum ? GRE_C : 0) | (t->has_key ? GRE_K : 0) |
                                 (t->seq ? GRE_S : 0));
+    int udp = t->encap == TPB_ENCAP_UDP;
+    size_t ulen = udp ? 8 : 0;
     uint32_t i;
 
     FZ_CHECK(o->port == TPB_PORT_OUT && o->len >= l2 + 20, "keepalive: where/size");
@@ -283,26 +495,33 @@ static void check_keepalive(struct h *h, const struct fz_out *o, const uint8_t *
     ip = o->data + l2;
     FZ_CHECK(fz_ip_len(ip, o->len - l2) == o->len - l2 && ip[0] == 0x45,
              "keepalive: outer IPv4 header");
-    FZ_CHECK(ip[9] == IPPROTO_GRE_ && fz_rd32(ip + 12) == FZ_LOCAL, "keepalive: outer addresses");
+    FZ_CHECK(ip[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) && fz_rd32(ip + 12) == FZ_LOCAL,
+             "keepalive: outer protocol or addresses");
     for (i = 0; i < *nsent; i++)
         FZ_CHECK(fz_rd32(sent[i] + 16) != fz_rd32(ip + 16), "keepalive: two to one remote");
     FZ_CHECK(remote_of(br, fz_rd32(ip + 16)), "keepalive: to no remote");
     FZ_CHECK(!(fz_rd16(ip + 6) & (IP_MF | IP_OFFMASK)), "keepalive: a fragment");
     FZ_CHECK(ip[8] == (t->ttl >= 0 ? t->ttl : 255), "keepalive: TTL %u", ip[8]);
-    g = ip + 20;
+    if (udp)
+        check_udp(ip, 20, o->len - l2, 0, "keepalive: outer UDP");
+    g = ip + 20 + ulen;
     glen = fz_gre_hlen(flags);
-    FZ_CHECK(o->len - l2 >= 20 + glen && fz_rd16(g) == flags &&
+    FZ_CHECK(o->len - l2 >= 20 + ulen + glen && fz_rd16(g) == flags &&
              fz_rd16(g + 2) == ETYPE_IPV4, "keepalive: GRE header");
-    fz_check_gre_fields(t, g, o->len - l2 - 20, &h->seq_next, "keepalive");
+    fz_check_gre_fields(t, g, o->len - l2 - 20 - ulen, &h->seq_next, "keepalive");
     in = g + glen;
-    FZ_CHECK(fz_ip_len(in, o->len - l2 - 20 - glen) == o->len - l2 - 20 - glen,
+    FZ_CHECK(fz_ip_len(in, o->len - l2 - 20 - ulen - glen) == o->len - l2 - 20 - ulen - glen,
              "keepalive: inner IPv4 header");
-    FZ_CHECK(in[0] == 0x45 && in[8] == 255 && in[9] == IPPROTO_GRE_ &&
+    FZ_CHECK(in[0] == 0x45 && in[8] == 255 && in[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) &&
              fz_rd32(in + 12) == fz_rd32(ip + 16) && fz_rd32(in + 16) == FZ_LOCAL,
              "keepalive: inner header");
-    ig = in + 20;
+    /* GRE-in-UDP: the inner GRE header in UDP from and to 4754, so the
+     * far end reflects it as GRE-in-UDP */
+    if (udp)
+        check_udp(in, 20, fz_rd16(in + 2), 1, "keepalive: inner UDP");
+    ig = in + 20 + ulen;
     flags &= (uint16_t)~GRE_S;
-    FZ_CHECK(fz_rd16(in + 2) == 20 + fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
+    FZ_CHECK(fz_rd16(in + 2) == 20 + ulen + fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
              fz_rd16(ig + 2) == 0, "keepalive: inner GRE header");
     if (t->csum)
         FZ_CHECK(fz_fold(fz_sum(0, ig, fz_gre_hlen(flags))) == 0, "keepalive: inner GRE checksum");
@@ -320,7 +539,7 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
     const uint8_t *fr = z->orig, *ar = fr + FZ_ETH;
     size_t len = z->f.len, n_in = 0, n_out = 0, i;
     uint16_t type = fz_rd16(fr + 12);
-    int reason, arp_us, local;
+    int reason, arp_us, local, udp, v;
     uint64_t drops = fz_drops(b, a, &reason);
 
     for (i = 0; i < fz_nouts; i++)
@@ -347,12 +566,35 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
                          a->c[TPB_PORT_IN].drop_gso_bad - b->c[TPB_PORT_IN].drop_gso_bad);
         return;
     }
+    if (a->tc.udp_gso_coalesced != b->tc.udp_gso_coalesced) {
+        check_coalesced(z, n_in, n_out, drops, reason);
+        return;
+    }
+    if (a->tc.udp_gso_received != b->tc.udp_gso_received) {
+        check_udp_gso(h, z, n_in, n_out, drops, ka_rx, ka_refl);
+        return;
+    }
     FZ_CHECK(n_in + n_out <= 1, "to us: %zu frames", n_in + n_out);
+    udp = fr[FZ_ETH + 9] == IPPROTO_UDP_;
+    FZ_CHECK(udp || (reason != TPB_DROP_UDP_BAD && reason != TPB_DROP_UDP_CSUM),
+             "a UDP drop (%s) for protocol %u", tpb_drop_name(reason), fr[FZ_ETH + 9]);
+    /* A whole GRE-in-UDP datagram from a remote, its checksum not left to
+     * TPB to complete, is taken exactly when its UDP header is right, and
+     * otherwise dropped for what is wrong with it. */
+    if (udp && ar[0] >> 4 == 4 && fz_ip_len(ar, len - FZ_ETH) &&
+        remote_of(h->br, fz_rd32(ar + 12)) &&
+        !(fz_rd16(ar + 6) & (IP_MF | IP_OFFMASK)) &&
+        z->vh0.gso_type == VIRTIO_NET_HDR_GSO_NONE &&
+        !(z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && (v = udp_verdict(ar)) != 0)
+        FZ_CHECK(n_in + n_out == 0 && drops == 1 && reason == v,
+                 "GRE-in-UDP with a bad UDP header: %zu frames, %llu drops (%s), not %s",
+                 n_in + n_out, (unsigned long long)drops,
+                 reason >= 0 ? tpb_drop_name(reason) : "-", tpb_drop_name(v));
     if (n_in + n_out == 1) {
         FZ_CHECK(drops == 0, "to us: a frame and %llu drops", (unsigned long long)drops);
         if (n_in) {
             FZ_CHECK(a->tc.decap_packets == b->tc.decap_packets + 1, "decap: not counted");
-            check_decap(h, z, &fz_outs[0]);
+            check_decap(h, z, &fz_outs[0], NULL, 0);
         } else if (fr[FZ_ETH + 9] == IPPROTO_ICMP_) {
             FZ_CHECK(a->tc.echo_replies == b->tc.echo_replies + 1, "echo: not counted");
             check_echo(z, &fz_outs[0]);
@@ -368,11 +610,12 @@ static void check_frame(struct h *h, const struct fz_frame *z, const struct fz_s
     FZ_CHECK(drops == 0, "to us: %llu drops for one frame", (unsigned long long)drops);
     /* consumed, nothing out, nothing dropped: a fragment held, or the
      * answer to a keepalive */
-    if (fr[FZ_ETH + 9] == IPPROTO_GRE_ && (fz_rd16(fr + FZ_ETH + 6) & (IP_MF | IP_OFFMASK)) &&
+    if ((fr[FZ_ETH + 9] == IPPROTO_GRE_ || udp) &&
+        (fz_rd16(fr + FZ_ETH + 6) & (IP_MF | IP_OFFMASK)) &&
         a->tc.reasm_fragments == b->tc.reasm_fragments + 1 &&
         a->tc.reasm_done == b->tc.reasm_done)
         return;
-    FZ_CHECK(ka_rx == 1 && fr[FZ_ETH + 9] == IPPROTO_GRE_ &&
+    FZ_CHECK(ka_rx == 1 && (fr[FZ_ETH + 9] == IPPROTO_GRE_ || udp) &&
              remote_of(h->br, fz_rd32(fr + FZ_ETH + 12)),
              "to us: consumed with no frame, no drop, no fragment held, no keepalive answer");
     /* an answer carries back the IP ID of one of our keepalives to it */
@@ -457,8 +700,8 @@ static void frame_op(struct h *h, struct fz_in *in, uint8_t *buf)
     for (i = 0; i < br->nremotes; i++)
         FZ_CHECK(delivered || !memcmp(&grx[i], &br->remote[i].grx, sizeof(grx[i])),
                  "remote %zu's receive state changed, nothing delivered", i);
-    FZ_CHECK(rx + refl <= 1, "keepalive counters moved by %llu",
-             (unsigned long long)(rx + refl));
+    FZ_CHECK(rx + refl <= 1 || a.tc.udp_gso_received != b.tc.udp_gso_received,
+             "keepalive counters moved by %llu", (unsigned long long)(rx + refl));
     {
         int reason;
         uint64_t d = fz_drops(&b, &a, &reason);
@@ -538,7 +781,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* 68-9000: one below what the tunnel needs is refused at start, so
      * it comes as the loop would see it, once running (encap_mtu) */
     mtu = 68 + fz_u16(&in) % (9000 - 68 + 1);
-    min = encap_min_mtu(20 + gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
+    min = encap_min_mtu(20 + (cfg.tun.encap == TPB_ENCAP_UDP ? 8 : 0) +
+                        gre_hlen(cfg.tun.csum, cfg.tun.has_key, cfg.tun.seq));
     cfg.tun.mtu = mtu < min ? (uint32_t)min : mtu;
     b2 = fz_u8(&in);
     cfg.tun.reasm_memory = mem[b2 & 7];

@@ -19,6 +19,7 @@
 #include "bridge.h"
 
 #define FZ_ETH 14
+#define FZ_GRE_UDP_PORT 4754               /* RFC 8086 */
 
 /* The lab's addresses (tpb/lab.py's tunnel topology), as the seeds use. */
 #define FZ_LOCAL 0xc6336403u               /* 198.51.100.3, the tunnel address */
@@ -211,5 +212,8 @@ int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out);
 /* What ka_first_id() returns in fuzzing builds (csrc/gre.c). */
 extern uint16_t tpb_fuzz_ka_id;
 void tpb_fuzz_pop_rx_ovfl(struct tpb_pop *pop, uint32_t v);
+struct sockaddr_in;
+void tpb_fuzz_pop_from_udp(struct tpb_pop *pop, uint8_t *g, size_t n,
+                           const struct sockaddr_in *from, uint8_t tos, uint64_t now);
 
 #endif

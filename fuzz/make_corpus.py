@@ -31,6 +31,7 @@ PC, SERVER, PC6, SERVER6 = "192.0.2.10", "203.0.113.10", "2001:db8:1::10", "2001
 OUT_MAC, GW1_MAC, GW2_MAC, TPB_IN_MAC = (
     "02:00:00:00:00:44", "02:00:00:00:00:42", "02:00:00:00:00:45", "02:00:00:00:00:43")
 KEY = 7
+GRE_UDP_PORT = 4754
 
 # vnet modes (fuzz.h) and the GSO selector byte's "the type that fits"
 NONE, RAW, GSO, PARTIAL = 0, 1, 2, 3
@@ -93,6 +94,21 @@ def keepalive_of(bridge: str, pop: str, key: int | None, csum: bool, ka_id: int 
     return IP(src=pop, dst=bridge, ttl=255, id=ka_id) / gre(None, key=key, csum=csum, proto=0)
 
 
+def udp_gre(g: Packet, sport: int = 0xC123, chksum: int | None = None) -> Packet:
+    """GRE-in-UDP (RFC 8086): the GRE packet in UDP to 4754."""
+    u = UDP(sport=sport, dport=GRE_UDP_PORT)
+    if chksum is not None:
+        u.chksum = chksum
+    return u / g
+
+
+def udp_keepalive_of(bridge: str, pop: str, key: int | None, csum: bool, ka_id: int = KA_ID,
+                     sport: int = 4754) -> IP:
+    """The same over GRE-in-UDP: the inner GRE header in UDP to 4754."""
+    return IP(src=pop, dst=bridge, ttl=255, id=ka_id) / udp_gre(
+        gre(None, key=key, csum=csum, proto=0), sport=sport)
+
+
 class Corpus:
     def __init__(self, name: str) -> None:
         self.dir = ROOT / name
@@ -111,8 +127,8 @@ class Corpus:
 
 def fo_header(key: bool = True, csum: bool = False, seq: bool = False, ka: bool = False,
               router: bool = True, hop: bool = True, nremotes: int = 1,
-              mem: int = 0, timeout: int = 0, m: int = 1500) -> bytes:
-    b0 = key | csum << 1 | seq << 2 | ka << 3 | router << 4 | hop << 5
+              mem: int = 0, timeout: int = 0, m: int = 1500, udp: bool = False) -> bytes:
+    b0 = key | csum << 1 | seq << 2 | ka << 3 | router << 4 | hop << 5 | udp << 6
     return u8(b0) + u8(nremotes - 1) + u32(KEY) + mtu(m) + u8(mem | timeout << 3)
 
 
@@ -192,6 +208,44 @@ def from_out() -> None:
         tcp4(n=1400 * 3), key=None)
     c.add("transit-gre-super-packet", fo_header() + fo_frame(bytes(other), GSO, u8(0) + u16(1400)))
     c.add("plain-udp", fo_header() + fo_frame(bytes(Ether(src=GW2_MAC, dst=GW1_MAC) / udp4())))
+    # GRE-in-UDP (encap = "udp")
+    def upkt(inner: Packet, csum: bool = False, seq: int | None = None, **kw: Any) -> bytes:
+        return bytes(to_us / IP(src=POP, dst=LOCAL) / udp_gre(gre(inner, csum=csum, seq=seq), **kw))
+
+    c.add("udp-gre-key", fo_header(udp=True) + fo_frame(upkt(tcp4())))
+    c.add("udp-gre-csum-seq", fo_header(udp=True, csum=True, seq=True) +
+          fo_frame(upkt(tcp4(), csum=True, seq=1)) + fo_frame(upkt(udp4(), csum=True, seq=2)))
+    c.add("udp-zero-csum", fo_header(udp=True) + fo_frame(upkt(tcp4(), chksum=0)))
+    c.add("udp-bad-csum", fo_header(udp=True) + fo_frame(upkt(tcp4(), chksum=0x1234)))
+    c.add("udp-from-4754", fo_header(udp=True) + fo_frame(bytes(
+        to_us / IP(src=POP, dst=LOCAL) / UDP(sport=GRE_UDP_PORT, dport=40000) / gre(tcp4()))))
+    ubig = IP(src=POP, dst=LOCAL, id=0x4243) / udp_gre(gre(tcp4(n=2000)))
+    c.add("udp-fragments", fo_header(udp=True) +
+          b"".join(fo_frame(bytes(to_us / f)) for f in fragment(ubig, fragsize=1000)))
+    c.add("udp-keepalive-answer", fo_header(udp=True, ka=True) + u8(5) + u16(0) +
+          fo_frame(bytes(to_us / udp_keepalive_of(LOCAL, POP, KEY, False, KA_ID + 1))) +
+          u8(5) + u16(1000))
+    c.add("udp-keepalive-reflect", fo_header(udp=True) + fo_frame(
+        upkt(udp_keepalive_of(POP, LOCAL, KEY, False, sport=KA_ID))))
+    # A UDP GSO super-packet of GRE-in-UDP (another TPB's udpgso.c): pieces of
+    # one size but the last, each GRE + inner packet, the checksum partial;
+    # the last one shorter.
+    pieces = [bytes(gre(tcp4(n=200, id=k))) for k in range(3)] + [bytes(gre(tcp4(n=50, id=9)))]
+    body = b"".join(pieces)
+    sup = bytes(to_us / IP(src=POP, dst=LOCAL, proto=17, len=28 + len(body))) + struct.pack(
+        "!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, 8 + len(body), 0) + body
+    c.add("udp-gso-pieces", fo_header(udp=True) + fo_frame(
+        sup, RAW, struct.pack("=BBHHHH", 1, 5, 14 + 28, len(pieces[0]), 14 + 20, 6)))
+    # ... and one whose pieces follow on, segments of one TCP flow: merged
+    segs = [IP(src=SERVER, dst=PC, id=7 + k) / TCP(sport=5201, dport=40000, seq=1000 + 200 * k,
+                                                  flags="PA" if k == 3 else "A") /
+            Raw(payload(200 if k < 3 else 50, k)) for k in range(4)]
+    pieces = [bytes(gre(s)) for s in segs]
+    body = b"".join(pieces)
+    sup = bytes(to_us / IP(src=POP, dst=LOCAL, proto=17, len=28 + len(body))) + struct.pack(
+        "!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, 8 + len(body), 0) + body
+    c.add("udp-gso-merge", fo_header(udp=True) + fo_frame(
+        sup, RAW, struct.pack("=BBHHHH", 1, 5, 14 + 28, len(pieces[0]), 14 + 20, 6)))
 
 
 # ---- encap ------------------------------------------------------------------
@@ -200,12 +254,13 @@ def en(frame: bytes, key: bool = True, csum: bool = False, seq: bool = False,
        pmtud: bool = True, frag_outer: bool = False, tagged: bool = False,
        on_down_drop: bool = False, down: bool = False, df: int = 0, mode: int = NONE,
        fix: bool = False, mss: int | None = None, m: int = 1500, vnet: bytes = b"",
-       ttl: int = 64, tos: int | None = None) -> bytes:
+       ttl: int = 64, tos: int | None = None, udp: bool = False) -> bytes:
     b0 = (key | csum << 1 | seq << 2 | pmtud << 3 | frag_outer << 4 | tagged << 5 |
           on_down_drop << 6 | down << 7)
     b1 = df | (tos is None) << 3 | mode << 4 | fix << 6 | (mss is not None) << 7
     out = u8(b0) + u8(b1) + mtu(m) + (u16(mss) if mss is not None else b"")
-    return (out + u8(2) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) + u16(100) + vnet + frame)
+    return (out + u8(2 | udp << 3) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) + u16(100) +
+            vnet + frame)
 
 
 def encap() -> None:
@@ -248,6 +303,16 @@ def encap() -> None:
     c.add("tunnel-down-bypass", en(bytes(eth / tcp4(PC, SERVER)), down=True))
     c.add("tunnel-down-drop", en(bytes(eth / tcp4(PC, SERVER)), down=True, on_down_drop=True))
     c.add("arp-selected", en(bytes(eth / ARP())))
+    # GRE-in-UDP (encap = "udp")
+    c.add("udp-tcp", en(bytes(eth / tcp4(PC, SERVER)), udp=True))
+    c.add("udp-csum-seq-ipv6", en(bytes(eth / tcp6(PC6, SERVER6)), csum=True, seq=True, udp=True))
+    c.add("udp-too-big-frag-inner", en(big4, udp=True))
+    c.add("udp-too-big-frag-outer", en(big4, frag_outer=True, udp=True))
+    c.add("udp-too-big-df", en(bytes(eth / IP(src=PC, dst=SERVER, flags="DF") / TCP(flags="A") /
+                                     Raw(payload(1460))), udp=True))
+    c.add("udp-tso4-frag", en(bytes(eth / tcp4(PC, SERVER, n=1448 * 4)), mode=GSO, fix=True,
+                              vnet=u8(0) + u16(1448), m=1000, pmtud=False, udp=True))
+    c.add("udp-small-mtu", en(bytes(eth / udp4(PC, SERVER, n=300)), m=576, udp=True))
     c.add("icmp-ratelimited", en(bytes(eth / IP(src=PC, dst=SERVER, flags="DF") / ICMP() /
                                        Raw(payload(1500)))))
 
@@ -335,6 +400,12 @@ def pf(ip: bytes, fix: bool = False, sel: int = 0, partial: bool = False) -> byt
     return u8(0) + u8(fix | sel << 1 | partial << 4) + u16(len(ip)) + ip
 
 
+def pu(payload_: bytes, sel: int = 0, sport: int = 0xC123, fix: bool = True, tos: int = 0) -> bytes:
+    """A GRE-in-UDP datagram's payload as the POP's UDP socket hands it over,
+    from pool[sel]:sport."""
+    return u8(1) + u8(fix | sel << 1) + u8(tos) + u16(sport) + u16(len(payload_)) + payload_
+
+
 def pt(ip: bytes, mode: int = NONE, fix: bool = False) -> bytes:
     return u8(3) + u8(fix | mode << 1) + u16(len(ip)) + ip
 
@@ -377,6 +448,38 @@ def pop() -> None:
     c.add("reload", two + pf(bytes(b1 / gre(tcp4("10.1.2.3", SERVER)))) + u8(6) +
           pop_header([(1, False, True, True, False, 0), (0, True, False, False, False, KEY)],
                      [(False, 120, 0, 0)]) + pt(bytes(tcp4(SERVER, "10.1.2.3"))))
+    pop_udp(c)
+
+
+def pop_udp(c: Corpus) -> None:
+    """GRE-in-UDP peers (key byte 0x40) and NAT'd ones (any: 0x80 | 0x40)."""
+    udp, nat = 0x40, 0xC0
+    nat_addr = 4                    # pool[4], 192.0.2.1: the NAT's address
+    one = pop_header([(0, True, False, False, False, KEY | udp)], [(False, 122, 0, 0)])
+    c.add("udp-from-bridge", one + pu(bytes(gre(tcp4(PC, SERVER)))) +
+          pt(bytes(tcp4(SERVER, "192.0.2.10"))))
+    c.add("udp-from-bridge-csum", pop_header([(0, False, True, True, False, udp)],
+                                             [(False, 122, 0, 0)]) +
+          pu(bytes(gre(udp4(PC, SERVER), key=None, csum=True, seq=1))))
+    c.add("udp-keepalives", pop_header([(0, True, False, False, True, KEY | udp)], []) +
+          u8(5) + u16(0) + u8(0) + pu(bytes(gre(None, key=KEY, proto=0)), sport=KA_ID) +
+          u8(5) + u16(1000) + u8(0))
+    c.add("udp-keepalive-reflect", one + pu(bytes(gre(udp_keepalive_of(BRIDGES[0], POP, KEY,
+                                                                       False)))))
+    two_nat = pop_header([(0, True, False, False, False, KEY | nat),
+                          (1, True, False, False, False, 9 | nat)],
+                         [(False, 122, 0, 0), (False, 122, 1, 64)])
+    c.add("udp-nat-learn", two_nat + pt(bytes(tcp4(SERVER, "192.0.2.10"))) +
+          pu(bytes(gre(tcp4(PC, SERVER))), sel=nat_addr, sport=40000) +
+          pu(bytes(gre(udp4("192.0.2.70", SERVER), key=9)), sel=nat_addr, sport=40001) +
+          pt(bytes(tcp4(SERVER, "192.0.2.10"))) + pt(bytes(udp4(SERVER, "192.0.2.70"))))
+    c.add("udp-nat-keepalive-reflect", two_nat + pu(bytes(gre(udp_keepalive_of(
+        "10.0.0.2", POP, KEY, False, sport=4754))), sel=nat_addr, sport=40002) +
+          pt(bytes(tcp4(SERVER, "192.0.2.10"))))
+    c.add("udp-nat-wrong-key", two_nat + pu(bytes(gre(tcp4(PC, SERVER), key=8)), sel=nat_addr))
+    c.add("udp-nat-reload", two_nat + pu(bytes(gre(tcp4(PC, SERVER))), sel=nat_addr, sport=40000) +
+          u8(6) + pop_header([(1, True, False, False, False, KEY | nat)], [(False, 122, 0, 0)]) +
+          pt(bytes(tcp4(SERVER, "192.0.2.10"))))
 
 
 # ---- gre --------------------------------------------------------------------

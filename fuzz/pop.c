@@ -33,7 +33,9 @@ enum { IO_TUN, IO_SEND, IO_SENDMM, IO_SENDTO };
 
 struct io {
     int kind, failed;
+    int fd;                     /* TPB_FUZZ_FD_*: which socket */
     uint32_t dst;
+    uint16_t port;
     int ttl, tos;
     struct virtio_net_hdr vh;   /* IO_TUN */
     uint8_t *data;
@@ -93,6 +95,7 @@ static void msg_meta(struct io *o, const struct msghdr *m)
     FZ_CHECK(sa && m->msg_namelen == sizeof(*sa) && sa->sin_family == AF_INET,
              "send: no IPv4 destination");
     o->dst = ntohl(sa->sin_addr.s_addr);
+    o->port = ntohs(sa->sin_port);
     o->ttl = o->tos = -1;
     for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
         int v;
@@ -144,6 +147,7 @@ ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags)
 {
     struct io *o = io_new(IO_SEND, m->msg_iov, m->msg_iovlen, 0);
 
+    o->fd = fd;
     msg_meta(o, m);
     if (fail_send) {
         o->failed = 1;
@@ -163,6 +167,7 @@ ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
 
     FZ_CHECK(sa && salen == sizeof(*in) && in->sin_family == AF_INET,
              "sendto: no IPv4 destination");
+    o->fd = fd;
     o->dst = ntohl(in->sin_addr.s_addr);
     o->ttl = o->tos = -1;
     if (fail_send) {
@@ -180,6 +185,7 @@ int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
     for (i = 0; i < n; i++) {
         struct io *o = io_new(IO_SENDMM, v[i].msg_hdr.msg_iov, v[i].msg_hdr.msg_iovlen, 0);
 
+        o->fd = fd;
         msg_meta(o, &v[i].msg_hdr);
         if (fail_send) {
             o->failed = 1;
@@ -195,7 +201,7 @@ int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
 
 struct learned {
     uint8_t addr[16];
-    uint32_t peer;              /* its address */
+    uint64_t peer;              /* its peer_id() */
     uint64_t expires;           /* what learn() set then */
 };
 
@@ -214,6 +220,10 @@ struct h {
         uint32_t n;
     } ka[8];
     uint32_t ovfl;              /* the last SO_RXQ_OVFL count taken */
+    struct {                    /* a NAT'd peer's endpoint; port 0: none */
+        uint32_t addr;
+        uint16_t port;
+    } ep[MAX_PEERS];
 };
 
 struct counters {
@@ -252,14 +262,94 @@ static uint64_t drops(struct h *h, const struct counters *a, const struct counte
     return d;
 }
 
-static int peer_index(const struct h *h, uint32_t addr)
+/* What names a peer across reloads: its address, or behind NAT (any)
+ * its key (never 0). */
+static uint64_t peer_id(const struct tpb_pop_peer_config *c)
+{
+    return c->addr ? c->addr : 1ull << 32 | c->key;
+}
+
+static int peer_by_id(const struct h *h, uint64_t id)
 {
     uint32_t i;
 
     for (i = 0; i < h->cfg.npeers; i++)
-        if (h->peers[i].addr == addr)
+        if (peer_id(&h->peers[i]) == id)
             return (int)i;
     return -1;
+}
+
+/* The peer at addr whose encapsulation is encap (peer_index: any). */
+static int peer_at(const struct h *h, uint32_t addr, int encap)
+{
+    uint32_t i;
+
+    for (i = 0; i < h->cfg.npeers; i++)
+        if (h->peers[i].addr == addr && (encap < 0 || h->peers[i].encap == encap))
+            return (int)i;
+    return -1;
+}
+
+static int peer_index(const struct h *h, uint32_t addr)
+{
+    return peer_at(h, addr, -1);
+}
+
+/* GRE-in-UDP from src, its payload g: the udp peer at src, else the NAT'd
+ * peer whose key the GRE header carries (the key is all that tells two
+ * bridges behind one NAT apart). */
+static int peer_of_udp(const struct h *h, uint32_t src, const uint8_t *g, size_t glen)
+{
+    int p = peer_at(h, src, TPB_ENCAP_UDP);
+    uint16_t fl;
+    uint32_t i;
+
+    if (p >= 0 || glen < 4)
+        return p;
+    fl = fz_rd16(g);
+    if (!(fl & GRE_K) || glen < (fl & GRE_C ? 12u : 8u))
+        return -1;
+    for (i = 0; i < h->cfg.npeers; i++)
+        if (!h->peers[i].addr && h->peers[i].has_key &&
+            h->peers[i].key == fz_rd32(g + (fl & GRE_C ? 8 : 4)))
+            return (int)i;
+    return -1;
+}
+
+/* Where the POP must send peer i's packets: GRE to its address; GRE-in-UDP
+ * to its address and port 4754, or behind NAT to the endpoint its last
+ * accepted packet came from (port 0: none yet). */
+static void endpoint(const struct h *h, int i, uint32_t *addr, uint16_t *port)
+{
+    const struct tpb_pop_peer_config *c = &h->peers[i];
+
+    *addr = c->addr;
+    *port = 0;
+    if (c->encap == TPB_ENCAP_UDP && c->addr)
+        *port = FZ_GRE_UDP_PORT;
+    else if (c->encap == TPB_ENCAP_UDP) {
+        *addr = h->ep[i].port ? h->ep[i].addr : 0;
+        *port = h->ep[i].port;
+    }
+}
+
+/* The POP's idea of each peer's endpoint is the model's: learned only from
+ * accepted packets. */
+static void check_endpoints(struct h *h)
+{
+    struct tpb_remote_state st;
+    uint32_t i, a;
+    uint16_t port;
+
+    for (i = 0; i < h->cfg.npeers; i++) {
+        FZ_CHECK(tpb_pop_peer_state(h->pop, i, &st) == 0, "peer state refused");
+        endpoint(h, (int)i, &a, &port);
+        if (h->peers[i].encap != TPB_ENCAP_UDP)
+            a = port = 0;
+        FZ_CHECK(st.endpoint_addr == (port ? a : 0) && st.endpoint_port == port,
+                 "peer %u's endpoint %08x:%u, not %08x:%u", i, st.endpoint_addr,
+                 st.endpoint_port, a, port);
+    }
 }
 
 static void addr16(const uint8_t *ip, int dst, uint8_t out[16])
@@ -310,8 +400,12 @@ static int model_martian(const uint8_t a[16], int v4)
     return i == 15 && a[15] <= 1;
 }
 
-/* The peer a live learned entry routes a to, 0: none. */
-static uint32_t model_owner(const struct h *h, const uint8_t a[16])
+/* The peer a configured prefix (the longest) routes a to, else a live
+ * learned entry; -1: none. */
+static int route(const struct h *h, const uint8_t a[16]);
+
+/* The peer a live learned entry routes a to (its peer_id), 0: none. */
+static uint64_t model_owner(const struct h *h, const uint8_t a[16])
 {
     size_t i;
 
@@ -321,7 +415,12 @@ static uint32_t model_owner(const struct h *h, const uint8_t a[16])
     return 0;
 }
 
-static void model_learn(struct h *h, const uint8_t a[16], uint32_t peer_addr)
+static int route(const struct h *h, const uint8_t a[16])
+{
+    return lpm(h, a) >= 0 ? lpm(h, a) : model_owner(h, a) ? peer_by_id(h, model_owner(h, a)) : -1;
+}
+
+static void model_learn(struct h *h, const uint8_t a[16], uint64_t peer_addr)
 {
     size_t i;
 
@@ -381,13 +480,20 @@ static void read_config(struct h *h, struct fz_in *in)
     h->cfg.tun_mtu = (b & 0x10) ? 68 + fz_u16(in) % (9000 - 68 + 1) : 1500;
     for (i = 0; i < h->cfg.npeers; i++) {
         struct tpb_pop_peer_config *p = &h->peers[i];
-        uint8_t f = fz_u8(in);
+        uint8_t f = fz_u8(in), k;
 
         p->addr = pool[f & 3];
         p->has_key = (f >> 2) & 1;
         p->csum = (f >> 3) & 1;
         p->seq = (f >> 4) & 1;
-        p->key = fz_u8(in);
+        k = fz_u8(in);
+        /* its top bits: GRE-in-UDP, and behind NAT (any: checked as
+         * check_config() would, needing udp and a key and taking no
+         * keepalives, or refused) */
+        p->key = k & 0x3f;
+        p->encap = (k & 0x40) ? TPB_ENCAP_UDP : TPB_ENCAP_GRE;
+        if (k & 0x80)
+            p->addr = 0;
         p->ttl = (f & 0x20) ? -1 : 64;
         p->tos = (f & 0x40) ? -1 : 0;
         if (f & 0x80) {
@@ -489,10 +595,10 @@ static void check_tun(struct h *h, const struct io *o, const uint8_t *ip, int p)
     /* a peer is believed only for sources the POP routes back to it */
     FZ_CHECK(!model_martian(a, v4), "POP: a martian source written");
     FZ_CHECK(lpm(h, a) >= 0 ? lpm(h, a) == p
-                            : !model_owner(h, a) || model_owner(h, a) == h->peers[p].addr,
+                            : !model_owner(h, a) || model_owner(h, a) == peer_id(&h->peers[p]),
              "POP: a source another peer owns written");
     if (!o->failed)
-        model_learn(h, a, h->peers[p].addr);    /* only once written */
+        model_learn(h, a, peer_id(&h->peers[p]));    /* only once written */
 }
 
 /* A packet dropped for its inner source: what the model says of it. */
@@ -515,33 +621,71 @@ static void check_source_drop(struct h *h, const uint8_t *ip, size_t tot, int p,
     } else if (reason == TPB_DROP_SOURCE_OWNED) {
         FZ_CHECK(!model_martian(a, v4) &&
                      (owner >= 0 ? owner != p
-                                 : model_owner(h, a) && model_owner(h, a) != h->peers[p].addr),
+                                 : model_owner(h, a) && model_owner(h, a) != peer_id(&h->peers[p])),
                  "POP: source_owned for a source no other peer owns");
     } else {                    /* learn_full: only a new entry needed room */
-        FZ_CHECK(!model_martian(a, v4) && owner < 0 && model_owner(h, a) != h->peers[p].addr,
+        FZ_CHECK(!model_martian(a, v4) && owner < 0 && model_owner(h, a) != peer_id(&h->peers[p]),
                  "POP: learn_full for a source with nothing to learn");
     }
 }
 
-static void check_reflect(struct h *h, const struct io *o, const uint8_t *ip, int p)
+/* A reflection: the inner packet as it came, its IPv4 header (the ID)
+ * included, through the IP_HDRINCL socket to the peer.  GRE-in-UDP: the
+ * inner UDP to port 4754 from us; a NAT'd peer's goes to the endpoint this
+ * packet came from (src:sport), its destination address and port made
+ * that, the checksums updated (a valid UDP checksum stays valid, 0 stays
+ * 0), nothing else changed. */
+static void check_reflect(struct h *h, const struct io *o, const uint8_t *ip, int p,
+                          uint32_t src, uint16_t sport)
 {
-    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh = fz_gre_hlen(fz_rd16(ip + ihl)), iihl;
-    const uint8_t *in = ip + ihl + gh;
+    const struct tpb_pop_peer_config *c = &h->peers[p];
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, gh = fz_gre_hlen(fz_rd16(ip + ihl)), iihl, i;
+    const uint8_t *in = ip + ihl + gh, *u, *ou;
+    int udp = c->encap == TPB_ENCAP_UDP;
+    uint32_t to = udp && !c->addr ? src : c->addr;
+    uint16_t port = udp && !c->addr ? sport : FZ_GRE_UDP_PORT;
 
-    FZ_CHECK(o->kind == IO_SENDTO && o->dst == h->peers[p].addr, "reflection: not to its peer");
-    FZ_CHECK(in[0] >> 4 == 4 && in[9] == IPPROTO_GRE_ && fz_rd32(in + 12) == POP_LOCAL &&
-                 fz_rd32(in + 16) == h->peers[p].addr && !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
+    FZ_CHECK(o->kind == IO_SENDTO && o->fd == TPB_FUZZ_FD_HDRINCL && o->dst == to,
+             "reflection: not to its peer");
+    FZ_CHECK(in[0] >> 4 == 4 && in[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) &&
+                 fz_rd32(in + 12) == POP_LOCAL && (!c->addr || fz_rd32(in + 16) == c->addr) &&
+                 !(fz_rd16(in + 6) & (IP_MF | IP_OFFMASK)),
              "reflection: not a keepalive from us to that peer");
-    /* the inner packet as it came, its IPv4 header (the ID) included */
     iihl = (size_t)(in[0] & 0x0f) * 4;
-    FZ_CHECK(o->len == fz_rd16(in + 2) && o->len >= iihl + 4 && !memcmp(o->data, in, o->len),
-             "reflection: not the inner packet as it came");
+    FZ_CHECK(o->len == fz_rd16(in + 2) && o->len >= iihl + (udp ? 8 : 0) + 4,
+             "reflection: not the inner packet's length");
+    if (!udp) {
+        FZ_CHECK(!memcmp(o->data, in, o->len), "reflection: not the inner packet as it came");
+        return;
+    }
+    u = in + iihl;
+    ou = o->data + iihl;
+    FZ_CHECK(fz_rd16(u + 2) == FZ_GRE_UDP_PORT, "reflection: not to port 4754");
+    FZ_CHECK(fz_rd32(o->data + 16) == to && fz_rd16(ou + 2) == port && fz_ip4_csum_ok(o->data),
+             "reflection: not to the peer's endpoint, or its IPv4 checksum");
+    for (i = 0; i < o->len; i++)
+        FZ_CHECK((i >= 10 && i < 12) || (i >= 16 && i < 20) ||
+                     (i >= iihl + 2 && i < iihl + 4) || (i >= iihl + 6 && i < iihl + 8) ||
+                     o->data[i] == in[i],
+                 "reflection: byte %zu changed", i);
+    if (!fz_rd16(u + 6))
+        FZ_CHECK(!fz_rd16(ou + 6), "reflection: a UDP checksum where there was none");
+    else if (fz_l4_csum_ok(in, iihl, o->len, IPPROTO_UDP_))
+        FZ_CHECK(fz_rd16(ou + 6) && fz_l4_csum_ok(o->data, iihl, o->len, IPPROTO_UDP_),
+                 "reflection: UDP checksum broken");
 }
 
-static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
+/* A packet from a bridge: through the raw GRE socket (outer IPv4 on), or
+ * with udp through the UDP socket (the payload, from src:sport, the outer
+ * TOS).  The checks see both as the raw socket's: a GRE-in-UDP datagram
+ * is checked behind an outer IPv4 header the harness puts in front of its
+ * payload (what the UDP socket hides). */
+static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf, int udp)
 {
-    uint8_t fl = fz_u8(in), *pkt;
-    size_t len = fz_u16(in) % MAX_PKT, tot;
+    uint8_t fl = fz_u8(in), tos = udp ? fz_u8(in) : 0, *pkt;
+    uint16_t sport = udp ? fz_u16(in) : 0, id;
+    size_t len = fz_u16(in) % MAX_PKT, tot, plen;
+    uint32_t src = 0;
     struct counters b, a;
     struct fz_l4 l4;
     int reason, who, p = -1, delivered;
@@ -549,22 +693,52 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
     struct gre_rx rx[MAX_PEERS];
     uint32_t i;
 
-    len = fz_bytes(in, buf, len);
-    if (fl & 1 && len >= 20) {
-        size_t ihl = (size_t)(buf[0] & 0x0f) * 4;
-
-        if (buf[0] >> 4 != 4 || ihl < 20 || ihl > len)
-            buf[0] = 0x45;
-        buf[9] = IPPROTO_GRE_;
-        fz_wr32(buf + 12, pool[((fl >> 1) & 7) % 5]);
+    if (udp) {
+        /* IPv4 + UDP to 4754 in front of the payload, for the fix-up */
+        src = pool[((fl >> 1) & 7) % 5];
+        len = fz_bytes(in, buf + 28, len < MAX_PKT - 28 ? len : MAX_PKT - 28);
+        memset(buf, 0, 28);
+        buf[0] = 0x45;
+        buf[1] = tos;
+        fz_wr16(buf + 2, (uint16_t)(28 + len));
+        buf[8] = 64;
+        buf[9] = IPPROTO_UDP_;
+        fz_wr32(buf + 12, src);
         fz_wr32(buf + 16, POP_LOCAL);
-        fz_wr16(buf + 6, 0);
-        fz_fix_ip(buf, len, (fl >> 4) & 1, &l4);
+        fz_wr16(buf + 20, sport);
+        fz_wr16(buf + 22, FZ_GRE_UDP_PORT);
+        if (fl & 1)
+            fz_fix_ip(buf, 28 + len, (fl >> 4) & 1, &l4);
+        plen = len;
+        pkt = malloc(plen ? plen : 1);  /* exact size: the UDP socket's payload */
+        if (!pkt)
+            abort();
+        memcpy(pkt, buf + 28, plen);
+        /* the checks' view: GRE straight behind the outer IPv4 header */
+        memmove(buf + 20, buf + 28, len);
+        len += 20;
+        buf[9] = IPPROTO_GRE_;
+        fz_wr16(buf + 2, (uint16_t)len);
+        fz_ip4_set_csum(buf);
+    } else {
+        len = fz_bytes(in, buf, len);
+        if (fl & 1 && len >= 20) {
+            size_t ihl = (size_t)(buf[0] & 0x0f) * 4;
+
+            if (buf[0] >> 4 != 4 || ihl < 20 || ihl > len)
+                buf[0] = 0x45;
+            buf[9] = IPPROTO_GRE_;
+            fz_wr32(buf + 12, pool[((fl >> 1) & 7) % 5]);
+            fz_wr32(buf + 16, POP_LOCAL);
+            fz_wr16(buf + 6, 0);
+            fz_fix_ip(buf, len, (fl >> 4) & 1, &l4);
+        }
+        plen = len;
+        pkt = malloc(plen ? plen : 1);  /* exact size: the raw socket's datagram */
+        if (!pkt)
+            abort();
+        memcpy(pkt, buf, plen);
     }
-    pkt = malloc(len ? len : 1);     /* exact size: the raw socket's datagram */
-    if (!pkt)
-        abort();
-    memcpy(pkt, buf, len);
     fail_tun = (fl >> 5) & 1;
     fail_send = (fl >> 6) & 1;
     tun_errno = tun_errnos[(fl >> 7 | (len & 3) << 1) % 6];
@@ -572,8 +746,23 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
     for (i = 0; i < h->cfg.npeers; i++)
         FZ_CHECK(tpb_fuzz_pop_rx(h->pop, i, &rx[i]) == 0, "no receive state");
     ios_clear();
-    tpb_fuzz_pop_from_bridge(h->pop, pkt, len, h->now);
+    if (udp) {
+        struct sockaddr_in from;
+
+        memset(&from, 0, sizeof(from));
+        from.sin_family = AF_INET;
+        from.sin_addr.s_addr = htonl(src);
+        from.sin_port = htons(sport);
+        tpb_fuzz_pop_from_udp(h->pop, pkt, plen, &from, tos, h->now);
+    } else {
+        tpb_fuzz_pop_from_bridge(h->pop, pkt, plen, h->now);
+    }
     snap(h, &a);
+    tot = len >= 20 && buf[0] >> 4 == 4 ? fz_ip_len(buf, len) : 0;
+    if (udp)
+        p = peer_of_udp(h, src, buf + 20, len - 20);
+    else if (tot)
+        p = peer_at(h, fz_rd32(buf + 12), TPB_ENCAP_GRE);
     /* the sequence window moves only for what was delivered (written to
      * the TUN device, or reflected) */
     delivered = nios == 1 && !ios[0].failed;
@@ -581,18 +770,15 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
         struct gre_rx r;
 
         tpb_fuzz_pop_rx(h->pop, i, &r);
-        FZ_CHECK((delivered && (int)i == peer_index(h, fz_rd32(buf + 12))) ||
-                     !memcmp(&r, &rx[i], sizeof(r)),
+        FZ_CHECK((delivered && (int)i == p) || !memcmp(&r, &rx[i], sizeof(r)),
                  "POP: peer %u's receive state changed, nothing delivered from it", i);
     }
     d = drops(h, &b, &a, &reason, &who);
-    fz_trace("pop: from a bridge, %zu bytes: %zu writes (%s%s), %llu drops (%s)", len, nios,
+    fz_trace("pop: from a bridge%s, %zu bytes: %zu writes (%s%s), %llu drops (%s)",
+             udp ? " (UDP)" : "", plen, nios,
              nios ? (ios[0].kind == IO_TUN ? "TUN" : "send") : "-",
              nios && ios[0].failed ? ", refused" : "", (unsigned long long)d,
              reason >= 0 ? tpb_drop_name(reason) : "-");
-    tot = len >= 20 && buf[0] >> 4 == 4 ? fz_ip_len(buf, len) : 0;
-    if (tot)
-        p = peer_index(h, fz_rd32(buf + 12));
     FZ_CHECK(nios <= 1, "POP: %zu writes for one packet", nios);
     FZ_CHECK(d <= 1, "POP: %llu drops for one packet", (unsigned long long)d);
     if (!tot || p < 0) {
@@ -622,7 +808,13 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
                                : a.st[p].keepalives_reflected ==
                                      b.st[p].keepalives_reflected + 1,
                      "POP: reflection not counted");
-            check_reflect(h, o, buf, p);
+            check_reflect(h, o, buf, p, src, sport);
+        }
+        /* a NAT'd peer is answered where its accepted packets come from:
+         * one written, or a keepalive of its bridge reflected */
+        if (udp && !h->peers[p].addr && (o->kind != IO_TUN || !o->failed)) {
+            h->ep[p].addr = src;
+            h->ep[p].port = sport;
         }
         goto out;
     }
@@ -633,9 +825,11 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf)
         FZ_CHECK(a.st[p].keepalives_received == b.st[p].keepalives_received + 1 &&
                      fz_rd16(buf + (size_t)(buf[0] & 0x0f) * 4 + 2) == 0,
                  "POP: consumed with no write, no drop, no keepalive answer");
-        /* an answer carries back the IP ID of one of our keepalives */
-        FZ_CHECK(ka_id_sent(h, h->peers[p].addr, fz_rd16(buf + 4)),
-                 "POP: a keepalive answer with an ID never sent (%04x)", fz_rd16(buf + 4));
+        /* an answer carries back the ID of one of our keepalives: in its
+         * IPv4 header, or with GRE-in-UDP as its UDP source port */
+        id = udp ? sport : fz_rd16(buf + 4);
+        FZ_CHECK(ka_id_sent(h, h->peers[p].addr, id),
+                 "POP: a keepalive answer with an ID never sent (%04x)", id);
     }
 out:
     free(pkt);
@@ -697,6 +891,19 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
              reason >= 0 ? tpb_drop_name(reason) : "-");
     FZ_CHECK(nios <= 1 && d <= 1,
              "POP: %zu sends, %llu drops for one packet", nios, (unsigned long long)d);
+    if (!nios && reason == TPB_DROP_NO_ENDPOINT) {
+        uint32_t ea;
+        uint16_t ep;
+
+        /* routed to a NAT'd peer not heard from yet */
+        FZ_CHECK(d == 1 && who >= 0 && who < (int)h->cfg.npeers, "POP: no_endpoint, no peer");
+        endpoint(h, who, &ea, &ep);
+        FZ_CHECK(h->peers[who].encap == TPB_ENCAP_UDP && !h->peers[who].addr && !ep,
+                 "POP: no_endpoint for a peer with one");
+        addr16(buf, 1, dst);
+        FZ_CHECK(route(h, dst) == who, "POP: no_endpoint for a peer the route is not to");
+        goto out;
+    }
     if (!nios) {
         FZ_CHECK(d == 1 && who == (int)h->cfg.npeers &&
                      (reason == TPB_DROP_INNER_BAD || reason == TPB_DROP_NO_PEER),
@@ -710,24 +917,27 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
     }
     o = &ios[0];
     FZ_CHECK(o->kind == IO_SENDMM, "POP: sent otherwise than by sendmmsg");
-    p = peer_index(h, o->dst);
-    FZ_CHECK(p >= 0, "POP: sent to no peer");
+    v4 = buf[0] >> 4 == 4;
+    FZ_CHECK(len >= (v4 ? 20u : 40u) && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP packet");
+    /* the route: a configured prefix, else what was learned, and the
+     * peer's socket and endpoint */
+    addr16(buf, 1, dst);
+    p = route(h, dst);
+    FZ_CHECK(p >= 0, "POP: routed to a peer no prefix or live learned source gave");
+    {
+        uint32_t ea;
+        uint16_t ep;
+        int u = h->peers[p].encap == TPB_ENCAP_UDP;
+
+        endpoint(h, p, &ea, &ep);
+        FZ_CHECK(o->fd == (u ? TPB_FUZZ_FD_UDP : TPB_FUZZ_FD_RAW) && o->dst == ea &&
+                     (!u || o->port == ep),
+                 "POP: not sent to the routed peer's endpoint (%08x:%u, not %08x:%u)", o->dst,
+                 o->port, ea, ep);
+    }
     FZ_CHECK(o->failed ? (d == 1 && who == p && reason == TPB_DROP_SEND)
                        : (d == 0 && a.c[p].encap_packets == b.c[p].encap_packets + 1),
              "POP: send not counted");
-    v4 = buf[0] >> 4 == 4;
-    FZ_CHECK(len >= (v4 ? 20u : 40u) && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP packet");
-    /* the route: a configured prefix, else what was learned */
-    addr16(buf, 1, dst);
-    if (lpm(h, dst) >= 0) {
-        FZ_CHECK(h->peers[lpm(h, dst)].addr == o->dst, "POP: not to the longest prefix's peer");
-    } else {
-        for (i = 0; i < h->nlearned && memcmp(h->learned[i].addr, dst, 16); i++)
-            ;
-        FZ_CHECK(i < h->nlearned, "POP: routed to a peer no prefix or source gave");
-        FZ_CHECK(h->learned[i].peer == o->dst, "POP: not to the peer the source was learned from");
-        FZ_CHECK(h->learned[i].expires > h->now, "POP: routed by an expired entry");
-    }
     /* the GRE header */
     {
         const struct tpb_pop_peer_config *c = &h->peers[p];
@@ -781,15 +991,20 @@ static void keepalive_op(struct h *h, struct fz_in *in)
     fz_trace("pop: keepalives at %llu ms: %zu sent", (unsigned long long)(h->now / 1000000), nios);
     for (i = 0; i < nios; i++) {
         const struct io *o = &ios[i];
-        int p = peer_index(h, o->dst);
+        int p = peer_index(h, o->dst), udp;
         const struct tpb_pop_peer_config *c;
         uint16_t flags;
-        size_t gl, off = 4;
+        size_t gl, off = 4, ul;
         const uint8_t *g = o->data, *ip, *ig;
 
         FZ_CHECK(o->kind == IO_SEND && p >= 0 && h->peers[p].keepalive_ms,
                  "keepalive: to a peer without keepalives");
         c = &h->peers[p];
+        udp = c->encap == TPB_ENCAP_UDP;
+        ul = udp ? 8 : 0;
+        FZ_CHECK(udp ? o->fd == TPB_FUZZ_FD_UDP && o->port == FZ_GRE_UDP_PORT
+                     : o->fd == TPB_FUZZ_FD_RAW,
+                 "keepalive: through the wrong socket, or not to port 4754");
         FZ_CHECK(o->failed ? a.st[p].keepalives_unsent == b.st[p].keepalives_unsent + 1
                            : a.st[p].keepalives_sent == b.st[p].keepalives_sent + 1,
                  "keepalive: not counted");
@@ -811,12 +1026,20 @@ static void keepalive_op(struct h *h, struct fz_in *in)
         }
         ip = g + gl;
         FZ_CHECK(fz_ip_len(ip, o->len - gl) == o->len - gl && ip[0] == 0x45 && ip[8] == 255 &&
-                     ip[9] == IPPROTO_GRE_ && fz_rd32(ip + 12) == c->addr &&
+                     ip[9] == (udp ? IPPROTO_UDP_ : IPPROTO_GRE_) && fz_rd32(ip + 12) == c->addr &&
                      fz_rd32(ip + 16) == POP_LOCAL,
                  "keepalive: inner IPv4 header");
-        ig = ip + 20;
+        /* GRE-in-UDP: the inner GRE header in UDP to 4754, from the ID
+         * (the POP's UDP socket sees no IP header of the answer) */
+        if (udp)
+            FZ_CHECK(o->len - gl >= 28 && fz_rd16(ip + 20) == fz_rd16(ip + 4) &&
+                         fz_rd16(ip + 22) == FZ_GRE_UDP_PORT &&
+                         fz_rd16(ip + 24) == o->len - gl - 20 && fz_rd16(ip + 26) != 0 &&
+                         fz_l4_csum_ok(ip, 20, o->len - gl, IPPROTO_UDP_),
+                     "keepalive: inner UDP header");
+        ig = ip + 20 + ul;
         flags &= (uint16_t)~GRE_S;
-        FZ_CHECK(o->len - gl - 20 == fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
+        FZ_CHECK(o->len - gl - 20 - ul == fz_gre_hlen(flags) && fz_rd16(ig) == flags &&
                      fz_rd16(ig + 2) == 0,
                  "keepalive: inner GRE header");
         if (c->csum)
@@ -862,6 +1085,14 @@ static void reload_op(struct h *h, struct fz_in *in)
     FZ_CHECK(rc == 0 || rc == -EINVAL, "reload: %d (%s)", rc, err);
     if (rc)
         return;                 /* refused: nothing changed */
+    /* a NAT'd peer kept (by its key) keeps its endpoint */
+    for (i = 0; i < n.cfg.npeers; i++) {
+        int o = n.peers[i].addr ? -1 : peer_by_id(h, peer_id(&n.peers[i]));
+
+        n.ep[i].addr = o >= 0 ? h->ep[o].addr : 0;
+        n.ep[i].port = o >= 0 ? h->ep[o].port : 0;
+    }
+    memcpy(h->ep, n.ep, sizeof(h->ep));
     h->cfg = n.cfg;
     memcpy(h->peers, n.peers, sizeof(h->peers));
     memcpy(h->prefixes, n.prefixes, sizeof(h->prefixes));
@@ -870,7 +1101,7 @@ static void reload_op(struct h *h, struct fz_in *in)
     /* learned entries behind a peer that is gone go, as do those a
      * prefix now covers */
     for (i = k = 0; i < h->nlearned; i++)
-        if (peer_index(h, h->learned[i].peer) >= 0 && lpm(h, h->learned[i].addr) < 0)
+        if (peer_by_id(h, h->learned[i].peer) >= 0 && lpm(h, h->learned[i].addr) < 0)
             h->learned[k++] = h->learned[i];
     h->nlearned = k;
 }
@@ -912,9 +1143,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7:
             h.now += (uint64_t)fz_u32(&in) * 1000000ull;
             break;
+        case 1:
+            from_bridge_op(&h, &in, buf, 1);    /* GRE-in-UDP */
+            break;
         default:
-            from_bridge_op(&h, &in, buf);
+            from_bridge_op(&h, &in, buf, 0);
         }
+        check_endpoints(&h);
     }
     ios_clear();
     tpb_pop_close(h.pop);

@@ -481,10 +481,11 @@ def tshark(pcap: Path, *args: str) -> str:
     return res.stdout.strip()
 
 
-def tshark_expert(pcap: Path, *args: str) -> list[str]:
+def tshark_expert(pcap: Path, *args: str, only: str | None = None) -> list[str]:
     """tshark's expert items of severity warning or error, one per line:
-    "count group protocol summary"."""
-    out = tshark(pcap, *args, "-q", "-z", "expert,warn")
+    "count group protocol summary"; `only`: of the packets this display
+    filter takes."""
+    out = tshark(pcap, *args, "-q", "-z", "expert,warn" + (f",{only}" if only else ""))
     items, headings = [], []
     for ln in out.splitlines():
         first = ln.split(None, 1)

@@ -309,6 +309,14 @@ POP_LOCAL = ("--local", "198.51.100.34")
         (["198.51.100.3,bogus=1"], ["tpb: --peer 198.51.100.3,bogus=1: unknown peer option"]),
         (["198.51.100.3,key=x"], ["tpb: --peer 198.51.100.3,key=x: peer key must be"]),
         (["not-an-address"], ["tpb: --peer not-an-address: peer address not an IPv4 address"]),
+        (["any,key=7"], ["tpb: --peer any,key=7: a peer behind NAT (address any) needs udp "
+                         "and a key"]),
+        (["any,udp"], ["tpb: --peer any,udp: a peer behind NAT (address any) needs udp and a key"]),
+        (["any,udp,key=7,keepalive=1s,3"], ["tpb: --peer any,udp,key=7,keepalive=1s,3: a peer "
+                                            "behind NAT (address any) takes no keepalive"]),
+        (["any,udp,key=7", "any,udp,key=7,csum"],
+         ["tpb: --peer any,udp,key=7,csum: peer any/key=7 is given twice"]),
+        (["198.51.100.3,encap=ip"], ["tpb: --peer 198.51.100.3,encap=ip: unknown peer option"]),
     ],
     ids=[
         "duplicate-peer",
@@ -318,6 +326,11 @@ POP_LOCAL = ("--local", "198.51.100.34")
         "bad-option",
         "bad-key",
         "bad-addr",
+        "nat-without-udp",
+        "nat-without-key",
+        "nat-with-pop-keepalive",
+        "nat-key-twice",
+        "bad-encap",
     ],
 )
 def test_pop_flag_errors_one_line_each(peers, want):
@@ -468,3 +481,22 @@ def test_flags_win_over_the_file_on_the_wire(clab, tmp_path):
     assert (g.key, g.outer[8], g.src, g.dst) == (2, 20, labmod.T_TPB, labmod.T_POP)
     assert parse_gre(got_file.data) is None, "the file's match was used"
     assert c["tunnel"]["encap_packets"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra, want",
+    [({"encap": "udp"}, "20s,3"), ({"encap": "udp", "keepalive": "off"}, None),
+     ({"encap": "udp", "keepalive": "5s,2"}, "5s,2"), ({}, None)],
+    ids=["udp-default", "udp-off", "udp-given", "gre-default"],
+)
+def test_gre_in_udp_keepalives_on_by_default(extra, want):
+    """With encap = "udp" keepalives keep the NAT's mapping open: on (20 s,
+    under Linux conntrack's 30 s for an unanswered UDP flow) unless set."""
+    from tpb import config
+
+    data = {"ports": {"in": "a", "out": "b"},
+            "tunnel": {"local": "198.51.100.3", "remote": "198.51.100.34", **extra}}
+    s = config.build_settings(data, config.Source())
+    assert s.tunnel is not None
+    assert (str(s.tunnel.keepalive) if s.tunnel.keepalive else None) == want
+    assert s.tunnel.encap == extra.get("encap", "gre")

@@ -423,3 +423,124 @@ def test_transit_super_packet_not_taken_apart_is_counted(tlab, tap, tpb):
     assert got == []
     c = tpb.stop()
     assert c["in"]["drop_gso_bad"] == 1, c["in"]
+
+
+# ---- GRE-in-UDP: a UDP GSO super-packet (another TPB's csrc/udpgso.c) ----------
+
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+GRE_UDP_PORT = 4754
+
+
+@pytest.fixture
+def tpb_udp(tlab, tap, tmp_path):
+    """`tpb run --in eth2 --out tap3 --encap udp`, the tunnel to the pop."""
+    procs = Procs(tlab, tmp_path)
+    yield procs.tpb("--out", TAP, "--encap", "udp")
+    procs.stop_all()
+
+
+def udp_gso_frame(tlab, n: int, last: int, id_step: int = 1) -> tuple[bytes, list[bytes], int]:
+    """A UDP GSO message as TPB's udpgso.c sends one from the pop toward
+    tpb: outer IPv4 + UDP (4754 both ways, the length of the whole, the
+    checksum field the pseudo-header sum: partial) + n pieces of one size
+    but the last, each a GRE header and a whole inner TCP segment.  Returns
+    the frame, the inner packets and the piece size (gso_size)."""
+    inners = []
+    for k in range(n):
+        data = os.urandom(MSS if k < n - 1 else last)
+        inners.append(bytes(IP(src=labmod.T_SERVER, dst=labmod.T_PC, id=100 + k * id_step,
+                               flags="DF", ttl=60) /
+                            TCP(sport=5201, dport=40000, seq=SEQ0 + k * MSS, ack=7,
+                                flags="PA" if k == n - 1 else "A", window=500) / Raw(data)))
+    payload = b"".join(struct.pack("!HH", 0, 0x0800) + i for i in inners)
+    ulen = 8 + len(payload)
+    outer = IP(src=labmod.T_POP, dst=labmod.T_TPB, flags="DF", ttl=62, proto=17,
+               len=20 + ulen)
+    frame = bytearray(bytes(Ether(src=tlab.iface("gw2", "eth0").mac,
+                                  dst=tlab.iface("gw1", "eth1").mac) / outer)
+                      + struct.pack("!HHHH", GRE_UDP_PORT, GRE_UDP_PORT, ulen, 0) + payload)
+    frame[14 + 20 + 6 : 14 + 20 + 8] = struct.pack(
+        "!H", pseudo_sum(bytes(frame), 14, False, 17))
+    return bytes(frame), inners, 4 + 40 + MSS
+
+
+def inject_udp_gso(tap: int, frame: bytes, seg: int, csum_start: int = 14 + 20) -> None:
+    hdr = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 14 + 28, seg,
+                        csum_start, 6)
+    assert os.write(tap, hdr + frame) == len(hdr) + len(frame)
+
+
+def test_udp_gso_super_packet_merged_whole(tlab, tap, tpb_udp):
+    """The pieces of a GRE-in-UDP UDP GSO message are consecutive segments
+    of one TCP flow: they leave --in as one inner super-packet (offloads on
+    at --in: gw1 gets it whole) — the first segment's headers, every
+    payload behind them in order, lengths and flags of the whole."""
+    frame, inners, seg = udp_gso_frame(tlab, 5, 301)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg)
+        got = arrivals(cap, 1)
+    assert len(got) == 1, [len(g) for g in got]
+    out = Ether(got[0])
+    assert got[0][:12] == frame[:12] and got[0][12:14] == b"\x08\x00"
+    first = IP(inners[0])
+    assert (out[IP].src, out[IP].dst, out[IP].id, out[IP].ttl, out[IP].flags) == (
+        first.src, first.dst, first.id, first.ttl, first.flags)
+    assert out[IP].len == 40 + sum(len(IP(i)[TCP].payload) for i in inners)
+    assert (out[TCP].seq, out[TCP].ack, out[TCP].flags) == (SEQ0, 7, "PA")
+    assert bytes(out[TCP].payload) == b"".join(bytes(IP(i)[TCP].payload) for i in inners)
+    c = tpb_udp.stop()
+    assert c["tunnel"]["udp_gso_received"] == 1 and c["tunnel"]["udp_gso_coalesced"] == 1
+    assert c["tunnel"]["decap_packets"] == len(inners)
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+def test_udp_gso_merged_then_segmented_on_egress(tlab, tap, tpb_udp, in_port_no_offloads):
+    """Merged and cut again by the kernel at --in (no TSO there), the
+    segments are the very packets the pieces carried, byte for byte: the
+    merge loses or changes nothing."""
+    frame, inners, seg = udp_gso_frame(tlab, 5, 301)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg)
+        got = arrivals(cap, len(inners))
+    assert [g[14:] for g in got] == inners
+    c = tpb_udp.stop()
+    assert c["tunnel"]["udp_gso_coalesced"] == 1, c["tunnel"]
+
+
+def test_udp_gso_super_packet_taken_apart(tlab, tap, tpb_udp):
+    """Pieces GRO would not merge (here the IP IDs do not count up one by
+    one) are each decapsulated as if they had come alone: each inner
+    packet reaches gw1 byte for byte, in order, behind the Ethernet header
+    as received."""
+    frame, inners, seg = udp_gso_frame(tlab, 5, 301, id_step=2)
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg)
+        got = arrivals(cap, len(inners))
+    assert [g[14:] for g in got] == inners
+    assert all(g[:12] == frame[:12] and g[12:14] == b"\x08\x00" for g in got)
+    c = tpb_udp.stop()
+    assert c["tunnel"]["udp_gso_received"] == 1, c["tunnel"]
+    assert c["tunnel"]["udp_gso_coalesced"] == 0, c["tunnel"]
+    assert c["tunnel"]["decap_packets"] == len(inners)
+    assert c["tunnel"]["decap_bytes"] == sum(map(len, inners))
+    assert not c["tunnel"]["drop"], c["tunnel"]["drop"]
+
+
+@pytest.mark.parametrize("bad", ["csum-start", "udp-length"])
+def test_udp_gso_super_packet_with_wrong_offsets_dropped(tlab, tap, tpb_udp, bad):
+    """A vnet header that does not point at the UDP header, or a UDP length
+    that is not the payload's: nothing is taken apart, one gso_bad."""
+    frame, _inners, seg = udp_gso_frame(tlab, 3, 100)
+    start = 14 + 20
+    if bad == "csum-start":
+        start += 8                                 # the GRE header
+    else:
+        frame = frame[:38] + struct.pack("!H", struct.unpack_from("!H", frame, 38)[0] - 4) \
+            + frame[40:]
+    with Port(tlab.ns("gw1"), "eth1", capture=True) as cap:
+        inject_udp_gso(tap, frame, seg, csum_start=start)
+        got = arrivals(cap, 1, timeout=1.5)
+    assert got == []
+    c = tpb_udp.stop()
+    assert c["tunnel"]["drop"] == {"gso_bad": 1}, c["tunnel"]["drop"]
+    assert c["tunnel"]["decap_packets"] == 0

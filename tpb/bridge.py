@@ -101,8 +101,8 @@ def write_counters(
 
 def overhead(t: config.Tunnel) -> int:
     """Bytes the tunnel adds: outer IPv4 (20) + GRE (4) + key, checksum and
-    sequence number (4 each)."""
-    return 24 + 4 * ((t.key is not None) + t.csum + t.seq)
+    sequence number (4 each), + UDP (8) with GRE-in-UDP."""
+    return 24 + 4 * ((t.key is not None) + t.csum + t.seq) + (8 if t.encap == "udp" else 0)
 
 
 def tunnel_problems(

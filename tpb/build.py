@@ -27,6 +27,8 @@ SOURCES = [
     "gre.c",
     "encap.c",
     "segment.c",
+    "udpgso.c",
+    "coalesce.c",
     "decap.c",
     "reasm.c",
     "keepalive.c",

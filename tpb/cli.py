@@ -57,6 +57,7 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "reassembly_timeout": ("tunnel", "reassembly_timeout"),
     "keepalive": ("tunnel", "keepalive"),
     "on_tunnel_down": ("tunnel", "on_tunnel_down"),
+    "encap": ("tunnel", "encap"),
     "mark": ("select", "mark"),
     "match": ("select", "match"),
     "cpu": ("bridge", "cpu"),
@@ -142,8 +143,11 @@ def _add_run_flags(r: argparse.ArgumentParser) -> None:
                    help="memory for GRE fragments from the POP (4 MiB)")
     g.add_argument("--reassembly-timeout", type=_seconds_flag, metavar="SECONDS",
                    help="fragments of an incomplete datagram expire (30s)")
+    g.add_argument("--encap", choices=["gre", "udp"],
+                   help="gre: GRE straight in IPv4 (the default); udp: GRE-in-UDP "
+                   "(RFC 8086, port 4754), which crosses NAT")
     g.add_argument("--keepalive", metavar="PERIOD,RETRIES",
-                   help='keepalives to each POP, e.g. 10s,3 (off)')
+                   help='keepalives to each POP, e.g. 10s,3 (off; 20s,3 with --encap udp)')
     g.add_argument("--no-keepalive", dest="keepalive", action="store_const", const="off",
                    help="no keepalives: every POP counts as up")
     g.add_argument("--on-tunnel-down", choices=["bypass", "drop"],

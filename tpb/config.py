@@ -70,6 +70,13 @@ class Tunnel:
     reassembly_timeout: float = 30.0
     keepalive: Keepalive | None = None  # None: off, every POP counts as up
     on_tunnel_down: str = "bypass"  # bypass | drop
+    encap: str = "gre"  # gre | udp (GRE-in-UDP, RFC 8086)
+
+
+# With GRE-in-UDP keepalives are on unless turned off: they keep a NAT's
+# UDP mapping open, so they come more often than common UDP timeouts (30 s
+# for an unanswered flow in Linux conntrack, WireGuard's advice is 25 s).
+UDP_KEEPALIVE = Keepalive(20.0, 3)
 
 
 DEFAULT_METRICS_RUN = "127.0.0.1:9547"
@@ -283,6 +290,7 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "reassembly_timeout": _seconds,
         "keepalive": _keepalive,
         "on_tunnel_down": _choice("bypass", "drop"),
+        "encap": _choice("gre", "udp"),
     },
     "select": {"mark": _int(1, U32), "match": _match},
     "bridge": {
@@ -440,6 +448,8 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
                 problems.append(
                     f"{src.where('tunnel', 'remote')}: tunnel.remote equals tunnel.local"
                 )
+            if tun.get("encap") == "udp" and "keepalive" not in tun:
+                tun["keepalive"] = UDP_KEEPALIVE
             s.tunnel = Tunnel(**tun)
     elif "select" in data and not problems:
         problems.append(

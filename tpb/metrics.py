@@ -112,6 +112,15 @@ FAMILIES: dict[str, Family] = {
     "tunnel_bypassed_packets": Family(
         COUNTER, "Selected frames bridged unencapsulated while no POP was up (fail-open)."
     ),
+    "tunnel_udp_gso_sent_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO messages sent: super-packets the kernel cuts into datagrams."
+    ),
+    "tunnel_udp_gso_received_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO super-packets received and taken apart."
+    ),
+    "tunnel_udp_gso_coalesced_messages": Family(
+        COUNTER, "GRE-in-UDP UDP GSO super-packets whose pieces went out of --in as one."
+    ),
     "reassembly_fragments": Family(COUNTER, "GRE fragments taken into reassembly."),
     "reassembly_datagrams": Family(COUNTER, "Datagrams reassembled."),
     "reassembly_memory_bytes": Family(GAUGE, "Bytes reassembly holds now."),
@@ -153,6 +162,12 @@ class To(NamedTuple):
 
 # A field whose value labels the series (a remote's address), not a metric.
 LABEL = To("")
+
+
+def unexported(attr: str) -> To:
+    """A field the Python snapshot carries (as `attr`) that no metric does."""
+    return To("", attr=attr)
+
 # The label value of an array field: one series per entry of DROP_NAMES.
 EACH_DROP = "*"
 
@@ -193,6 +208,9 @@ TUNNEL_FIELDS: dict[str, To] = {
     "arp_replies": To("tunnel_arp_replies"),
     "echo_replies": To("tunnel_echo_replies"),
     "bypassed": To("tunnel_bypassed_packets"),
+    "udp_gso_sent": To("tunnel_udp_gso_sent_messages"),
+    "udp_gso_received": To("tunnel_udp_gso_received_messages"),
+    "udp_gso_coalesced": To("tunnel_udp_gso_coalesced_messages"),
     "drop": To("tunnel_drops", (("reason", EACH_DROP),)),
 }
 
@@ -209,6 +227,11 @@ REMOTE_FIELDS: dict[str, To] = {
     "keepalives_reflected": To("keepalives_reflected"),
     "rtt_ns": To("keepalive_rtt_seconds", attr="rtt"),
     "since_reply_ns": To("keepalive_last_reply_age_seconds", attr="since_reply"),
+    # a NAT'd peer's learned endpoint (RemoteState.endpoint): in `tpb status`
+    # and --counters, not a label (it changes with the NAT mapping: a new
+    # series each time)
+    "endpoint_addr": unexported("endpoint"),
+    "endpoint_port": unexported("endpoint"),
 }
 
 # The C structs, in their order: what the collectors walk.
@@ -270,7 +293,7 @@ class Scrape:
         get = values.get if isinstance(values, dict) else lambda k: getattr(values, k, None)
         for name in _FIELD_NAMES[struct]:
             to = mapping.get(name)
-            if to is None or to is LABEL or name in skip:
+            if to is None or not to.family or name in skip:
                 continue  # unmapped: unmapped() names it, and the tests fail on it
             value = get(to.attr or name)
             if to.labels and to.labels[-1][1] == EACH_DROP:

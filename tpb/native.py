@@ -88,6 +88,7 @@ def tunnel_struct(t: Tunnel, out_mtu: int, out_mac: str) -> Any:
         c.keepalive_ms = max(1, round(t.keepalive.period * 1000))
         c.keepalive_retries = t.keepalive.retries
     c.on_down = ON_DOWN[t.on_tunnel_down]
+    c.encap = lib.TPB_ENCAP_UDP if t.encap == "udp" else lib.TPB_ENCAP_GRE
     return c
 
 
@@ -105,6 +106,7 @@ class RemoteState:
     keepalives_reflected: int
     rtt: float | None  # seconds, of the last answered keepalive
     since_reply: float | None  # seconds since the last answer
+    endpoint: str | None = None  # POP, GRE-in-UDP: "ADDR:PORT" the peer is answered at
 
 
 def _remote_state(c: Any) -> RemoteState:
@@ -119,6 +121,8 @@ def _remote_state(c: Any) -> RemoteState:
         keepalives_reflected=c.keepalives_reflected,
         rtt=c.rtt_ns / 1e9 if c.rtt_ns else None,
         since_reply=c.since_reply_ns / 1e9 if c.since_reply_ns else None,
+        endpoint=f"{ipaddress.IPv4Address(c.endpoint_addr)}:{c.endpoint_port}"
+        if c.endpoint_port else None,
     )
 
 
@@ -256,7 +260,7 @@ class NativePop:
         if pop == ffi.NULL:
             raise TpbError(_err_text(err))
         self._pop = ffi.gc(pop, lib.tpb_pop_close)
-        self._names = [p.address for p in s.peers]
+        self._names = [p.name for p in s.peers]
 
     def _config(self, s: Any, prefixes: list[tuple[bytes, int, int]]) -> tuple[Any, Any, Any]:
         cfg = ffi.new("struct tpb_pop_config *")
@@ -268,7 +272,8 @@ class NativePop:
         cfg.batch = 64
         peers = ffi.new("struct tpb_pop_peer_config[]", max(1, len(s.peers)))
         for i, p in enumerate(s.peers):
-            peers[i].addr = _ip_int(p.address)
+            peers[i].addr = 0 if p.address == "any" else _ip_int(p.address)
+            peers[i].encap = lib.TPB_ENCAP_UDP if p.encap == "udp" else lib.TPB_ENCAP_GRE
             peers[i].has_key = p.key is not None
             peers[i].key = p.key or 0
             peers[i].csum, peers[i].seq = p.csum, p.seq
@@ -299,7 +304,7 @@ class NativePop:
         rc = lib.tpb_pop_reconfigure(self._pop, *self._config(s, prefixes), err, len(err))
         if rc < 0:
             raise TpbError(_err_text(err) or os.strerror(-rc))
-        self._names = [p.address for p in s.peers]
+        self._names = [p.name for p in s.peers]
 
     def peer_states(self) -> dict[str, RemoteState]:
         out = ffi.new("struct tpb_remote_state *")

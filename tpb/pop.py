@@ -38,7 +38,7 @@ TUN_F_CSUM = 0x01
 
 @dataclass
 class Peer:
-    address: str
+    address: str  # the bridge's address, or "any": behind NAT (udp, found by its key)
     key: int | None = None
     csum: bool = False
     seq: bool = False
@@ -46,6 +46,14 @@ class Peer:
     tos: int | None = None
     prefixes: list[str] = field(default_factory=list)
     keepalive: config.Keepalive | None = None
+    encap: str = "gre"  # gre | udp (GRE-in-UDP, RFC 8086)
+
+    @property
+    def name(self) -> str:
+        """How counters, metrics, logs and reloads name the peer: its address,
+        or for a peer behind NAT (any) its key, the one thing that tells such
+        peers apart."""
+        return self.address if self.address != "any" else f"any/key={self.key}"
 
 
 @dataclass
@@ -71,6 +79,10 @@ def _prefixes(v: Any) -> list[str]:
     return [_prefix(x) for x in v]
 
 
+def _peer_address(v: Any) -> str:
+    return "any" if v == "any" else config._ipv4(v)
+
+
 POP_SCHEMA = {
     "local": config._ipv4,
     "tun": config._name,
@@ -79,7 +91,7 @@ POP_SCHEMA = {
     "log_level": config._choice(*config.LOG_LEVELS),
 }
 PEER_SCHEMA = {
-    "address": config._ipv4,
+    "address": _peer_address,
     "key": config._int(0, config.U32),
     "csum": config._bool,
     "seq": config._bool,
@@ -87,12 +99,13 @@ PEER_SCHEMA = {
     "tos": config._int_or_inherit(0, 255),
     "prefixes": _prefixes,
     "keepalive": config._keepalive,
+    "encap": config._choice("gre", "udp"),
 }
 PEER_BOOLS = [k for k, check in PEER_SCHEMA.items() if check is config._bool]
 
 
 def parse_peer_flag(text: str) -> dict[str, Any]:
-    """ADDR[,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit][,tos=N|inherit]
+    """ADDR|any[,gre|udp][,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit][,tos=N|inherit]
     [,keepalive=PERIOD,RETRIES|off][,prefix=CIDR...]; keepalive's value has a comma of its
     own ("keepalive=10s,3")."""
     parts = [p.strip() for p in text.split(",")]
@@ -102,7 +115,9 @@ def parse_peer_flag(text: str) -> dict[str, Any]:
         part = parts[i]
         i += 1
         name, eq, value = part.partition("=")
-        if name in PEER_BOOLS and not eq:
+        if name in ("gre", "udp") and not eq:
+            out["encap"] = name
+        elif name in PEER_BOOLS and not eq:
             out[name] = True
         elif name.startswith("no-") and name[3:] in PEER_BOOLS and not eq:
             out[name[3:]] = False
@@ -110,7 +125,7 @@ def parse_peer_flag(text: str) -> dict[str, Any]:
             out["prefixes"].append(value)
         elif name == "keepalive" and eq:
             if value != "off" and i < len(parts) and "=" not in parts[i] and parts[i] not in (
-                "csum", "seq"
+                "csum", "seq", "gre", "udp"
             ):
                 value += "," + parts[i]  # the RETRIES half
                 i += 1
@@ -165,13 +180,23 @@ def build(data: dict[str, Any], src: config.Source) -> PopSettings:
             if not any(p.startswith(where) and "address" in p for p in problems):
                 problems.append(f"{where}: a peer needs its address")
             continue
-        for pfx in pv.get("prefixes", []):
+        peer = Peer(**pv)
+        if peer.address == "any":
+            # Behind NAT: only the key tells it from the others, and only
+            # GRE-in-UDP crosses a NAT.
+            if peer.encap != "udp" or peer.key is None:
+                problems.append(f"{where}: a peer behind NAT (address any) needs udp and a key")
+                continue
+            if peer.keepalive is not None:
+                problems.append(f"{where}: a peer behind NAT (address any) takes no keepalive "
+                                "from the POP: its bridge's keepalives keep the NAT open")
+        for pfx in peer.prefixes:
             if pfx in seen:
                 problems.append(f"{where}: prefix {pfx} is already behind peer {seen[pfx]}")
-            seen[pfx] = pv["address"]
-        if any(p.address == pv["address"] for p in peers):
-            problems.append(f"{where}: peer {pv['address']} is given twice")
-        peers.append(Peer(**pv))
+            seen[pfx] = peer.name
+        if any(p.name == peer.name for p in peers):
+            problems.append(f"{where}: peer {peer.name} is given twice")
+        peers.append(peer)
     if not peers and not problems and not peers_raw:
         problems.append(f"{src.where('pop')}: tpb pop needs at least one peer (--peer)")
     if problems:
@@ -194,8 +219,10 @@ def add_parser(sub: Any) -> None:
         "--peer",
         action="append",
         metavar="SPEC",
-        help="ADDR[,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit][,tos=N|inherit]"
-        "[,keepalive=PERIOD,RETRIES][,prefix=CIDR...] (repeatable; replaces the file's peers);"
+        help="ADDR|any[,gre|udp][,key=N][,[no-]csum][,[no-]seq][,ttl=N|inherit]"
+        "[,tos=N|inherit][,keepalive=PERIOD,RETRIES][,prefix=CIDR...] (repeatable; replaces "
+        "the file's peers); udp: GRE-in-UDP (RFC 8086, port 4754); any: a bridge behind NAT, "
+        "udp and a key required, answered where its packets come from;"
         " keepalive=10s,3 sends the POP's own keepalives to that bridge every 10 s and counts"
         " it down after 3 unanswered periods (off by default; the POP always reflects a"
         " bridge's)",
@@ -291,7 +318,7 @@ def preflight(s: PopSettings, src: Source, counters_file: str | None = None) -> 
         where = src.flags.get(("pop", "peer", str(i))) or src.where("pop", "peer", str(i))
         for pfx in peer.prefixes:
             if (route := _route_exists(pfx)) is not None:
-                problems.append(f"{where}: peer {peer.address}: prefix {pfx}: cannot route it "
+                problems.append(f"{where}: peer {peer.name}: prefix {pfx}: cannot route it "
                                 f"into {s.tun}: it is routed already ({route})")
     if (why := counters_file_problem(counters_file)) is not None:
         problems.append(why)
@@ -353,13 +380,13 @@ def prefix_table(s: PopSettings) -> list[tuple[bytes, int, int]]:
 
 
 def _routed(s: PopSettings) -> dict[str, str]:
-    return {pfx: peer.address for peer in s.peers for pfx in peer.prefixes}
+    return {pfx: peer.name for peer in s.peers for pfx in peer.prefixes}
 
 
 def peer_changes(old: list[Peer], new: list[Peer]) -> list[str]:
     """What a reload does to the peers, one item per peer."""
-    before = {p.address: p for p in old}
-    after = {p.address: p for p in new}
+    before = {p.name: p for p in old}
+    after = {p.name: p for p in new}
     out = []
     for addr, p in after.items():
         q = before.get(addr)
@@ -411,7 +438,7 @@ class Pop(Lifecycle):
         self._states = StateLog("peer", self._retries)
 
     def _retries(self, addr: str) -> int | None:
-        peer = next((p for p in self.s.peers if p.address == addr), None)
+        peer = next((p for p in self.s.peers if p.name == addr), None)
         return peer.keepalive.retries if peer and peer.keepalive else None
 
     # -- life cycle ------------------------------------------------------------

@@ -66,7 +66,7 @@ def _rate_counters(doc: dict[str, Any]) -> dict[tuple[str, ...], int]:
     for peer in doc.get("peers") or []:
         if peer.get("counters"):
             for k in TUNNEL_RATES:
-                out[("peers", peer["addr"], k)] = peer["counters"][k]
+                out[("peers", peer.get("name", peer["addr"]), k)] = peer["counters"][k]
     return out
 
 
@@ -320,19 +320,21 @@ def pop_snapshot(pop: Any, settings: Any) -> dict[str, Any]:
     doc["peers"] = []
     drops: dict[str, dict[str, int]] = {}
     for p in settings.peers:
-        c = counters["peers"].get(p.address)
+        c = counters["peers"].get(p.name)
         doc["peers"].append({
+            "name": p.name,
             "addr": p.address,
+            "encap": p.encap,
             "key": p.key is not None,
             "csum": p.csum,
             "seq": p.seq,
             "prefixes": list(p.prefixes),
             "keepalive": str(p.keepalive) if p.keepalive else None,
-            "state": _state(states.get(p.address)),
+            "state": _state(states.get(p.name)),
             "counters": c,
         })
         if c:
-            drops[p.address] = c["drop"]
+            drops[p.name] = c["drop"]
     doc["other"] = {"counters": counters["other"]}
     drops["none"] = counters["other"]["drop"]
     doc["top_drops"] = _top_drops(drops)
@@ -431,11 +433,14 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  pop: local {doc['local']}, tun {doc['tun']}, "
                      f"{len(doc['peers'])} peer(s), {doc['learned']} learned")
         for p in doc["peers"]:
-            line = _remote_line("peer", p["addr"], p["state"], p["keepalive"], bridge=False)
+            name = p.get("name", p["addr"])
+            line = _remote_line("peer", name, p["state"], p["keepalive"], bridge=False)
             c = p.get("counters") or {}
-            r = (rates.get("peers") or {}).get(p["addr"])
+            r = (rates.get("peers") or {}).get(name)
+            where = (p["state"] or {}).get("endpoint")
+            udp = f"; udp{' at ' + where if where else ''}" if p.get("encap") == "udp" else ""
             lines.append(
-                f"{line}; key {'yes' if p['key'] else 'no'}"
+                f"{line}; key {'yes' if p['key'] else 'no'}{udp}"
                 f"\n    traffic: {_rate(r, 'decap', 'packets', c.get('decap_packets', 0))}, "
                 f"{_rate(r, 'encap', 'packets', c.get('encap_packets', 0))}"
             )

@@ -39,7 +39,7 @@ KERNEL_META_PKG = os.environ.get("TPB_KGRE_KERNEL_PKG", "linux-image-amd64")
 BUSYBOX_PKG = "busybox-static"
 # The modules loaded at boot, with their dependencies (read from each module's
 # .modinfo "depends=", as the .deb ships no modules.dep) loaded first.
-MODULES = ["virtio_pci", "virtio_net", "ip_gre", "8021q", "ip6_gre"]
+MODULES = ["virtio_pci", "virtio_net", "ip_gre", "8021q", "ip6_gre", "fou"]
 MODULES += os.environ.get("TPB_KGRE_EXTRA_MODULES", "").split()
 # Host binaries copied into the VM with their shared libraries (Debian 12 host,
 # Debian 12 libraries: they run on any kernel).  "ip" is the real iproute2.
