@@ -343,6 +343,9 @@ METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
                     "tpb_tunnel_mss_clamped_total", "tpb_tunnel_gso_packets_total",
                     "tpb_tunnel_gso_segments_total", "tpb_tunnel_arp_replies_total",
                     "tpb_tunnel_echo_replies_total", "tpb_tunnel_bypassed_packets_total",
+                    "tpb_tunnel_udp_gso_sent_messages_total",
+                    "tpb_tunnel_udp_gso_received_messages_total",
+                    "tpb_tunnel_udp_gso_coalesced_messages_total",
                     "tpb_reassembly_fragments_total", "tpb_reassembly_datagrams_total",
                     "tpb_reassembly_memory_bytes", "tpb_reassembly_memory_peak_bytes")},
     **{name: {"bridge": _REMOTES, "pop": [{"peer": PEER}]}
