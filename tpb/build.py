@@ -31,6 +31,7 @@ SOURCES = [
     "reasm.c",
     "keepalive.c",
     "pop.c",
+    "xsk.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 
