@@ -284,7 +284,7 @@ class TpbXdp(TpbRun):
     on the CPU that transmitted into the veth (the generator's), before
     RPS.  The honest equivalent of a NIC interrupting TPB's core is the
     ports' NAPI as kernel threads (sysfs `threaded`) pinned to the DUT's
-    CPU; it is set before TPB starts (veth creates its XDP NAPI when the
+    CPU; it is set once TPB runs (veth creates its XDP NAPI when the
     program is attached) and undone at teardown."""
 
     _threaded: list[str] = field(default_factory=list, init=False, repr=False)
@@ -292,30 +292,30 @@ class TpbXdp(TpbRun):
 
     def setup(self, lab: Lab) -> None:
         self._lab = lab
-        one_core = self.placement == "1core"
-        before = _napi_threads() if one_core else set()
-        if one_core:
-            for port in (self.in_if, self.out_if):
-                lab.run(self.node, ["sh", "-c", f"echo 1 > /sys/class/net/{port}/threaded"])
-                self._threaded.append(port)
         super().setup(lab)
-        if one_core:
-            new = _napi_threads() - before
-            if not new:
-                raise TpbError("tpb-xdp@1core: no NAPI thread of the ports appeared")
-            for pid in new:
-                os.sched_setaffinity(pid, {DUT_CPU})
+        if self.placement != "1core":
+            return
+        # After TPB: veth has a NAPI only once an XDP program is attached
+        # (before, writing `threaded` fails), and setting it makes the
+        # NAPIs' kernel threads, named napi/DEV-ID.
+        before = _napi_threads()
+        for port in (self.in_if, self.out_if):
+            lab.run(self.node, ["sh", "-c", f"echo 1 > /sys/class/net/{port}/threaded"])
+            self._threaded.append(port)
+        new = _napi_threads() - before
+        if not new:
+            raise TpbError("tpb-xdp@1core: no NAPI thread of the ports appeared")
+        for pid in new:
+            os.sched_setaffinity(pid, {DUT_CPU})
 
     def teardown(self, lab: Lab) -> dict[str, float]:
-        try:
-            return super().teardown(lab)
-        finally:
-            self._unthread(lab)
+        self._unthread(lab)  # while the NAPIs exist: the flag would outlive them
+        return super().teardown(lab)
 
     def abort(self) -> None:
-        super().abort()
         if self._lab is not None:
             self._unthread(self._lab)
+        super().abort()
 
     def _unthread(self, lab: Lab) -> None:
         for port in self._threaded:

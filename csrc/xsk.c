@@ -14,12 +14,12 @@
  *                 descriptor as it is to the other port's socket's TX
  *                 ring: both sockets share the UMEM (XDP_SHARED_UMEM), so
  *                 no byte is copied in user space;
- *   4. kick()     sendto() on the TX side's socket: in copy mode the kernel
+ *   4. recycle()  completion-ring addresses (frames sent, or dropped by
+ *                 the egress device) go to the free list, and refill()
+ *                 puts free chunks into every socket's fill ring;
+ *   5. kick()     sendto() on the TX side's socket: in copy mode the kernel
  *                 transmits from the TX ring inside that call, at most 32
  *                 frames a time (hence the loop);
- *   5. recycle()  completion-ring addresses (frames sent or dropped by the
- *                 egress device) go to the free list, and from there back
- *                 into either port's fill ring;
  *   6. run()      go round; when nothing moved, spin briefly, then sleep in
  *                 poll() on both sockets and the stop fd; every second the
  *                 ports' MTUs are read again.
@@ -573,7 +573,7 @@ static uint32_t forward(struct tpb_xsk *x, int from, uint32_t q)
     return n;
 }
 
-/* 5. ------------------------------------------------------------------ */
+/* 4. ------------------------------------------------------------------ */
 
 static void recycle(struct tpb_xsk *x, struct xsock *xs)
 {
@@ -602,7 +602,7 @@ static void refill(struct tpb_xsk *x, struct xsock *xs)
         prod_submit(&xs->fill, room);
 }
 
-/* 4. ------------------------------------------------------------------ */
+/* 5. ------------------------------------------------------------------ */
 
 static void kick(struct tpb_xsk *x, int k, struct xsock *xs)
 {

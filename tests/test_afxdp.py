@@ -103,7 +103,7 @@ def test_tcp_with_checksum_offload_on_the_peers_is_broken(lab, afxdp):
     ping = lab.run("pc", ["ping", "-c", "2", "-i", "0.2", "-W", "2", labmod.SERVER])
     assert " 0% packet loss" in ping.stdout, ping.stdout
     need_tool("iperf3")
-    server = lab.spawn("server", ["iperf3", "-s", "-1", "-B", labmod.SERVER],
+    server = lab.spawn("server", ["iperf3", "-s", "-1", "--forceflush", "-B", labmod.SERVER],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         read_until(server.stdout, b"Server listening", 10, "iperf3 -s")
