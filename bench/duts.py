@@ -280,6 +280,72 @@ class TpbRun(Dut):
             tpb.stop()
 
 
+@dataclass
+class TpbXdp(TpbRun):
+    """`tpb run --backend afxdp`.  In the 1core placement RPS cannot move
+    its receive work: the XDP program runs in veth's own NAPI, scheduled
+    on the CPU that transmitted into the veth (the generator's), before
+    RPS.  The honest equivalent of a NIC interrupting TPB's core is the
+    ports' NAPI as kernel threads (sysfs `threaded`) pinned to the DUT's
+    CPU; it is set once TPB runs (veth creates its XDP NAPI when the
+    program is attached) and undone at teardown."""
+
+    _threaded: list[str] = field(default_factory=list, init=False, repr=False)
+    _lab: Lab | None = field(default=None, init=False, repr=False)
+
+    def setup(self, lab: Lab) -> None:
+        self._lab = lab
+        super().setup(lab)
+        if self.placement != "1core":
+            return
+        # After TPB: veth has a NAPI only once an XDP program is attached
+        # (before, writing `threaded` fails), and setting it makes the
+        # NAPIs' kernel threads, named napi/DEV-ID.
+        before = _napi_threads()
+        for port in (self.in_if, self.out_if):
+            lab.run(self.node, ["sh", "-c", f"echo 1 > /sys/class/net/{port}/threaded"])
+            self._threaded.append(port)
+        new = _napi_threads() - before
+        if not new:
+            raise TpbError("tpb-xdp@1core: no NAPI thread of the ports appeared")
+        for pid in new:
+            os.sched_setaffinity(pid, {DUT_CPU})
+
+    def teardown(self, lab: Lab) -> dict[str, float]:
+        self._unthread(lab)  # while the NAPIs exist: the flag would outlive them
+        return super().teardown(lab)
+
+    def abort(self) -> None:
+        if self._lab is not None:
+            self._unthread(self._lab)
+        super().abort()
+
+    def _unthread(self, lab: Lab) -> None:
+        for port in self._threaded:
+            lab.run(self.node, ["sh", "-c", f"echo 0 > /sys/class/net/{port}/threaded"],
+                    check=False)
+        self._threaded.clear()
+
+
+DUT_CPU = 1  # as bench.placement's
+
+
+def _napi_threads() -> set[int]:
+    """Kernel threads named napi/eth2-* or napi/eth3-* (the ports' NAPI)."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm.startswith(("napi/eth2-", "napi/eth3-")):
+            out.add(int(pid))
+    return out
+
+
 # A scraper of TPB's metrics endpoint: what a Prometheus server polling it
 # every SCRAPE_S would cost TPB (the scrape itself runs in TPB's process).
 SCRAPE_S = 0.1
@@ -370,6 +436,16 @@ def default_duts(workdir: Path, tpb_variants: dict[str, list[str]]) -> list[Dut]
             baselines={"bridge": TPB_TARGETS, "tpb": {}},
             ring_check=True,
             args=["--cpu", "0", "--workers", "2"],
+            workdir=workdir,
+        )
+    )
+    # Issue 14 point 3: the AF_XDP backend (plain bridging), on CPU 1.
+    duts.append(
+        TpbXdp(
+            "tpb-xdp",
+            "tpb run --cpu 1 --backend afxdp",
+            baselines={"bridge": TPB_TARGETS, "tpb": {}},
+            args=["--cpu", "1", "--backend", "afxdp"],
             workdir=workdir,
         )
     )

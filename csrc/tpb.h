@@ -28,6 +28,12 @@ struct tpb_port_counters {
     uint64_t kernel_drops;     /* frames the kernel dropped: ring full */
     uint64_t polls;            /* times the loop slept in poll() */
     uint64_t batches;          /* sendmmsg batches sent */
+    /* backend afxdp only (XDP_STATISTICS, the XDP program's own count): */
+    uint64_t drop_fill_empty;  /* no free UMEM chunk in the fill ring */
+    uint64_t drop_xsk_rx;      /* the kernel dropped it otherwise (rx_dropped) */
+    uint64_t drop_xsk_invalid; /* descriptors the kernel refused (rx/tx_invalid) */
+    uint64_t drop_no_socket;   /* came in on a queue with no socket */
+    uint64_t xsk_tx_ring_empty; /* times the kernel found the TX ring empty */
 };
 
 /* Outer DF policy and fragmentation mode (tunnel settings). */
@@ -245,6 +251,34 @@ void tpb_bridge_tunnel_counters(struct tpb_bridge *br,
                                 struct tpb_tunnel_counters *out);
 
 const char *tpb_drop_name(int reason);
+
+/* ---- xsk.c: the AF_XDP backend (plain bridging) ---- */
+
+#define TPB_XSK_MAX_QUEUES 16
+
+struct tpb_xsk_config {
+    int ifindex[2];          /* TPB_PORT_IN, TPB_PORT_OUT */
+    uint32_t queues[2];      /* receive queues of each: one socket each */
+    uint32_t ring_size;      /* descriptors per ring and socket, a power of two */
+    uint32_t batch;          /* RX descriptors taken per port and pass */
+    uint32_t spin_us;        /* spin this long before sleeping in poll() */
+    uint32_t busy_poll_us;   /* SO_BUSY_POLL with SO_PREFER_BUSY_POLL; 0: off */
+    int force_copy;          /* bind with XDP_COPY (else the kernel chooses) */
+};
+
+struct tpb_xsk;
+
+/* Makes the UMEM, both ports' sockets (one per receive queue) and one XDP
+ * program per port, attached as a bpf_link: detached by tpb_xsk_close or
+ * when the process ends.  NULL and one line in err on failure. */
+struct tpb_xsk *tpb_xsk_open(const struct tpb_xsk_config *cfg, char *err, size_t errlen);
+/* 1: zero-copy, 0: copy mode, -errno: unknown. */
+int tpb_xsk_zerocopy(struct tpb_xsk *x);
+int tpb_xsk_run(struct tpb_xsk *x);
+void tpb_xsk_stop(struct tpb_xsk *x);
+uint64_t tpb_xsk_heartbeat(struct tpb_xsk *x);
+void tpb_xsk_counters(struct tpb_xsk *x, int port, struct tpb_port_counters *out);
+void tpb_xsk_close(struct tpb_xsk *x);
 
 /* ---- pop.c: the far end of many bridges' tunnels ---- */
 

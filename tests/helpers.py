@@ -35,6 +35,11 @@ COUNTER_NAMES = (
     "kernel_drops",
     "polls",
     "batches",
+    "drop_fill_empty",
+    "drop_xsk_rx",
+    "drop_xsk_invalid",
+    "drop_no_socket",
+    "xsk_tx_ring_empty",
 )
 DROP_NAMES = tuple(n for n in COUNTER_NAMES if n.startswith("drop_")) + ("kernel_drops",)
 START_TIMEOUT = 20.0

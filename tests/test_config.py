@@ -500,3 +500,34 @@ def test_gre_in_udp_keepalives_on_by_default(extra, want):
     assert s.tunnel is not None
     assert (str(s.tunnel.keepalive) if s.tunnel.keepalive else None) == want
     assert s.tunnel.encap == extra.get("encap", "gre")
+
+
+def test_backend_must_be_packet_or_afxdp():
+    res = tpb("run", *NO_IF, "--backend", "dpdk")
+    assert res.returncode == 2
+    assert problems(res) == [
+        "tpb: --backend: bridge.backend must be one of packet, afxdp"
+    ], res.stderr
+
+
+def test_backend_afxdp_is_for_one_plain_worker():
+    res = tpb("run", *NO_IF, "--backend", "afxdp", "--local", "198.51.100.3",
+              "--remote", "198.51.100.34")
+    assert res.returncode == 2
+    assert problems(res) == [
+        "tpb: --backend: bridge.backend afxdp is for plain bridging only (no tunnel): "
+        "selection by nftables mark needs backend packet"
+    ], res.stderr
+    res = tpb("run", *NO_IF, "--backend", "afxdp", "--workers", "2")
+    assert res.returncode == 2
+    assert problems(res) == [
+        "tpb: --workers: bridge.workers 2: backend afxdp runs one worker (one queue per port)"
+    ], res.stderr
+
+
+def test_busy_poll_needs_backend_afxdp(tmp_path):
+    f = write(tmp_path, "bp.toml", '[ports]\nin = "a"\nout = "b"\n[bridge]\nbusy_poll = 50\n')
+    res = tpb("run", "--config", str(f))
+    assert res.returncode == 2
+    lines = problems(res)
+    assert len(lines) == 1 and "bridge.busy_poll is for backend afxdp only" in lines[0], lines

@@ -47,7 +47,8 @@ PEER = labmod.GW2_IN  # 203.0.113.1: gw2 sends GRE from it
 PEER_KEYED = "198.51.100.99,key=7"  # configured, never heard from
 NOT_PEER = labmod.GW2  # 198.51.100.2: gw2's other address
 OUT_MTU = 1400  # tpb's eth3: a frame past it is dropped too_big
-PORT_DROP_REASONS = ("truncated", "too_big", "egress_full", "send_error", "gso_bad", "ring_full")
+PORT_DROP_REASONS = ("truncated", "too_big", "egress_full", "send_error", "gso_bad", "ring_full",
+                     "fill_empty", "xsk_rx", "xsk_invalid", "no_socket")
 UNKNOWN_MAC = "02:00:00:00:99:99"
 TUNNEL_LOCAL = "198.51.100.3"
 TUNNEL_REMOTE = "198.51.100.34"  # nobody: what goes there is only counted

@@ -52,8 +52,13 @@ RESTART_SETTINGS = (
     "bridge.batch",
     "bridge.spin_us",
     "bridge.workers",
+    "bridge.backend",
+    "bridge.busy_poll",
     "bridge.priority",
 )
+# backend afxdp: a frame fits one 4 KB UMEM chunk after the kernel's 256
+# bytes of XDP headroom (3840 bytes), an 802.1Q tag included.
+AFXDP_MAX_MTU = 4096 - 256 - 18
 MIN_IPV4_MTU = 68  # RFC 791: every IPv4 host must take a packet this large
 MIN_IPV6_MTU = 1280  # RFC 8200
 
@@ -317,12 +322,21 @@ class Bridge(Lifecycle):
             }
             self.guard = TableGuard(self.selector)
             self._stack.callback(self.guard.close)
+        if s.backend == "afxdp":
+            for p in self.ports.values():
+                if p.mtu > AFXDP_MAX_MTU:
+                    raise TpbError(f"{p.name}: MTU {p.mtu}: backend afxdp carries frames of one "
+                                   f"4 KB UMEM chunk, MTU {AFXDP_MAX_MTU} at most (jumbo "
+                                   "frames need backend packet)")
+            kw = {"names": (self.ports["in"].name, self.ports["out"].name),
+                  "busy_poll_us": s.busy_poll}
         self.native = Workers(
             self.ports["in"].ifindex,
             self.ports["out"].ifindex,
             s.workers,
             cpus=cpus if s.workers > 1 else None,  # one worker: the process is pinned
             priority=s.priority,
+            backend=s.backend,
             ring_frames=s.ring_frames,
             batch=s.batch,
             spin_us=s.spin_us,
@@ -384,7 +398,7 @@ class Bridge(Lifecycle):
     def _what(self) -> str:
         s = self.s
         if s.tunnel is None:
-            return "plain bridge"
+            return "plain bridge" + (", AF_XDP" if s.backend == "afxdp" else "")
         return (f"tunnel {s.tunnel.local} -> {', '.join(s.tunnel.remote)}, "
                 + (f"match {len(s.match)} rule(s)" if s.match else f"mark {s.mark}"))
 

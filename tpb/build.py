@@ -33,6 +33,7 @@ SOURCES = [
     "reasm.c",
     "keepalive.c",
     "pop.c",
+    "xsk.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 

@@ -65,6 +65,8 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "batch": ("bridge", "batch"),
     "spin_us": ("bridge", "spin_us"),
     "workers": ("bridge", "workers"),
+    "backend": ("bridge", "backend"),
+    "busy_poll": ("bridge", "busy_poll"),
     "priority": ("bridge", "priority"),
     "low_latency": ("bridge", "low_latency"),
     "metrics_listen": ("bridge", "metrics_listen"),
@@ -169,6 +171,19 @@ def _add_run_flags(r: argparse.ArgumentParser) -> None:
         "--batch", type=_number, help="frames taken per ring before each flush (64, at most 256)"
     )
     b.add_argument("--spin-us", type=_number, help="busy-poll before sleeping (0)")
+    b.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="packet (AF_PACKET, the default; every mode) or afxdp (AF_XDP with an XDP "
+        "program on each port; plain bridging, one worker, port MTU up to 3822)",
+    )
+    b.add_argument(
+        "--busy-poll",
+        type=_number,
+        metavar="US",
+        help="backend afxdp: preferred busy polling of the ports' NAPI, this many "
+        "microseconds per poll (0, the default: off)",
+    )
     b.add_argument(
         "--workers",
         type=_number,

@@ -95,6 +95,8 @@ class Settings:
     batch: int = 64
     spin_us: int = 0
     workers: int = 1  # forwarding threads, ports' traffic shared by flow
+    backend: str = "packet"  # packet (AF_PACKET) | afxdp (AF_XDP, plain bridging)
+    busy_poll: int = 0  # afxdp: SO_BUSY_POLL microseconds, preferred busy polling; 0: off
     priority: int = 0  # SCHED_FIFO priority of the forwarding threads; 0: normal
     low_latency: bool = True
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9547)  # None: off
@@ -110,7 +112,8 @@ def run_items(s: Settings) -> dict[str, Any]:
             out[f"tunnel.{f.name}"] = getattr(s.tunnel, f.name)
         out["select.mark"] = s.mark
         out["select.match"] = s.match
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "priority", "low_latency",
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "backend", "busy_poll",
+                "priority", "low_latency",
                 "metrics_listen", "log_level"):
         out[f"bridge.{key}"] = getattr(s, key)
     return out
@@ -299,6 +302,8 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "batch": _int(1, 256),
         "spin_us": _int(0, 100_000),
         "workers": _int(1, 64),
+        "backend": _choice("packet", "afxdp"),
+        "busy_poll": _int(0, 1_000_000),
         "priority": _int(0, 99),
         "low_latency": _bool,
         "metrics_listen": _listen,
@@ -425,7 +430,8 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     s = Settings()
     ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
     s.in_if, s.out_if = ports.get("in"), ports.get("out")
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "priority", "low_latency",
+    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "backend", "busy_poll",
+                "priority", "low_latency",
                 "metrics_listen", "log_level"):
         if key in br:
             setattr(s, key, br[key])
@@ -462,6 +468,20 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
             f"{src.where('bridge', 'workers')}: bridge.workers {s.workers}: more than one "
             "worker is for plain bridging only (no tunnel)"
         )
+    if s.backend == "afxdp":
+        # XDP runs in the driver, before the netdev ingress hook where
+        # TPB's nftables table marks the selected flows: nothing an XDP
+        # socket receives can carry the mark.
+        where = src.where("bridge", "backend")
+        if s.tunnel is not None:
+            problems.append(f"{where}: bridge.backend afxdp is for plain bridging only "
+                            "(no tunnel): selection by nftables mark needs backend packet")
+        if s.workers > 1:
+            problems.append(f"{src.where('bridge', 'workers')}: bridge.workers {s.workers}: "
+                            "backend afxdp runs one worker (one queue per port)")
+    elif s.busy_poll:
+        problems.append(f"{src.where('bridge', 'busy_poll')}: bridge.busy_poll is for "
+                        "backend afxdp only")
     if "in" not in data.get("ports", {}) or "out" not in data.get("ports", {}):
         problems.append(
             f"{src.path or 'config'}: both ports are needed (--in and --out, "

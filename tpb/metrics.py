@@ -93,6 +93,10 @@ FAMILIES: dict[str, Family] = {
         "counted on port in)."
     ),
     "port_batches": Family(COUNTER, "sendmmsg batches sent out of the port."),
+    "port_xsk_tx_ring_empty": Family(
+        COUNTER, "backend afxdp: times the kernel found the port's AF_XDP TX ring empty "
+        "(XDP_STATISTICS tx_ring_empty_descs; not a drop)."
+    ),
     "tunnel_packets": Family(
         COUNTER, "GRE packets: encap sent toward the far end, decap received and unwrapped."
     ),
@@ -186,6 +190,11 @@ PORT_FIELDS: dict[str, To] = {
     "kernel_drops": To("port_drops", (("reason", "ring_full"),)),
     "polls": To("port_polls"),
     "batches": To("port_batches"),
+    "drop_fill_empty": To("port_drops", (("reason", "fill_empty"),)),
+    "drop_xsk_rx": To("port_drops", (("reason", "xsk_rx"),)),
+    "drop_xsk_invalid": To("port_drops", (("reason", "xsk_invalid"),)),
+    "drop_no_socket": To("port_drops", (("reason", "no_socket"),)),
+    "xsk_tx_ring_empty": To("port_xsk_tx_ring_empty"),
 }
 
 # struct tpb_tunnel_counters

@@ -37,6 +37,11 @@ class PortCounters:
     kernel_drops: int = 0
     polls: int = 0
     batches: int = 0
+    drop_fill_empty: int = 0
+    drop_xsk_rx: int = 0
+    drop_xsk_invalid: int = 0
+    drop_no_socket: int = 0
+    xsk_tx_ring_empty: int = 0
 
     @property
     def drops(self) -> dict[str, int]:
@@ -235,6 +240,99 @@ class NativeBridge:
         if self._br is not None:
             ffi.release(self._br)  # runs tpb_bridge_close now, once
             self._br = None
+
+
+class NativeXsk:
+    """The AF_XDP loop (csrc/xsk.c) between two ports, plain bridging: the
+    same methods as NativeBridge; its XDP programs are on the ports while
+    it is open (and no longer than the process lives)."""
+
+    def __init__(
+        self,
+        in_ifindex: int,
+        out_ifindex: int,
+        *,
+        names: tuple[str, str],
+        ring_frames: int = 8192,
+        batch: int = 64,
+        spin_us: int = 0,
+        busy_poll_us: int = 0,
+        **_: Any,
+    ) -> None:
+        from tpb.xdp import NapiSettings, rx_queues
+
+        cfg = ffi.new("struct tpb_xsk_config *")
+        cfg.ifindex[PORT_IN], cfg.ifindex[PORT_OUT] = in_ifindex, out_ifindex
+        # A socket per receive queue (an XDP socket gets the frames of the
+        # queue it is bound to only), all sharing one UMEM of 4 KB chunks,
+        # four rings' worth per socket: 64 MB with 4096 descriptors in all.
+        queues = [rx_queues(name) for name in names]
+        for name, n in zip(names, queues, strict=True):
+            if n > lib.TPB_XSK_MAX_QUEUES:
+                raise TpbError(f"{name}: {n} receive queues: backend afxdp binds one socket "
+                               f"to each, {lib.TPB_XSK_MAX_QUEUES} at most")
+        cfg.queues = queues
+        size = 64
+        while size < min(ring_frames, 4096 // sum(queues)):
+            size *= 2
+        cfg.ring_size = size
+        cfg.batch, cfg.spin_us, cfg.busy_poll_us = batch, spin_us, busy_poll_us
+        err = ffi.new("char[256]")
+        x = lib.tpb_xsk_open(cfg, err, len(err))
+        if x == ffi.NULL:
+            raise TpbError(_err_text(err))
+        self._x = ffi.gc(x, lib.tpb_xsk_close)
+        self._napi: NapiSettings | None = NapiSettings()
+        try:
+            for name in names if busy_poll_us else ():
+                self._napi.busy_poll(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def zerocopy(self) -> bool:
+        return lib.tpb_xsk_zerocopy(self._x) == 1
+
+    def run(self) -> None:
+        rc = lib.tpb_xsk_run(self._x)
+        if rc < 0:
+            raise RuntimeFailure(f"AF_XDP loop failed: {os.strerror(-rc)}")
+
+    def stop(self) -> None:
+        lib.tpb_xsk_stop(self._x)
+
+    def heartbeat(self) -> int:
+        return lib.tpb_xsk_heartbeat(self._x)
+
+    def bypass_qdisc(self, port: int, on: bool) -> None:
+        """AF_XDP transmits past the qdisc always (copy mode: dev_direct_xmit)."""
+
+    def reconfigure(self, tunnel: Any = None, sel_ifindex: int = 0, mark: int = 0) -> None:
+        """Plain bridging has nothing a reload changes here."""
+
+    def remotes(self) -> list[RemoteState]:
+        return []
+
+    def fanout_ids(self) -> list[int]:
+        return []
+
+    def counters(self, port: int) -> PortCounters:
+        out = ffi.new("struct tpb_port_counters *")
+        lib.tpb_xsk_counters(self._x, port, out)
+        return PortCounters(**{f.name: getattr(out, f.name) for f in fields(PortCounters)})
+
+    def tunnel_counters(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """Detaches the XDP programs (frames go to the stack again), closes
+        the sockets, frees the UMEM, restores the NAPI settings."""
+        if self._napi is not None:
+            self._napi.close()
+            self._napi = None
+        if self._x is not None:
+            ffi.release(self._x)
+            self._x = None
 
 
 def vlan_tag(tpid: int, tci: int) -> bytes:

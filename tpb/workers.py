@@ -22,7 +22,7 @@ import threading
 from typing import Any
 
 from tpb.errors import RuntimeFailure
-from tpb.native import NativeBridge, PortCounters, RemoteState
+from tpb.native import NativeBridge, NativeXsk, PortCounters, RemoteState
 
 
 def realtime(priority: int) -> None:
@@ -50,6 +50,7 @@ class Workers:
         *,
         cpus: list[int] | None = None,
         priority: int = 0,
+        backend: str = "packet",
         **kw: Any,
     ) -> None:
         """n loops on the two ports (kw: NativeBridge's); cpus: the CPU of
@@ -59,8 +60,15 @@ class Workers:
             raise ValueError(f"{n} workers, CPUs {cpus}")
         self._cpus = cpus
         self._priority = priority
-        self.loops: list[NativeBridge] = []
+        self.loops: list[NativeBridge | NativeXsk] = []
         try:
+            if backend == "afxdp":
+                if n != 1:
+                    raise ValueError("backend afxdp runs one worker")
+                self.loops.append(NativeXsk(in_ifindex, out_ifindex, **kw))
+                return
+            kw.pop("names", None)
+            kw.pop("busy_poll_us", None)
             if n == 1:
                 self.loops.append(NativeBridge(in_ifindex, out_ifindex, **kw))
                 return
@@ -145,3 +153,8 @@ class Workers:
 
     def tunnel_counters(self) -> dict[str, Any]:
         return self.loops[0].tunnel_counters()
+
+    def zerocopy(self) -> bool | None:
+        """backend afxdp: whether the sockets are zero-copy; None for packet."""
+        loop = self.loops[0]
+        return loop.zerocopy() if isinstance(loop, NativeXsk) else None
