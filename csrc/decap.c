@@ -38,6 +38,9 @@
 #include "bridge.h"
 
 static void arp_reply(struct tpb_bridge *br, struct frame *f);
+static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                  uint8_t *ip, uint8_t *gre, size_t glen,
+                  const struct virtio_net_hdr *gso);
 static void to_local(struct tpb_bridge *br, struct frame *f);
 
 /* 1. ------------------------------------------------------------------ */
@@ -155,6 +158,37 @@ static int udp_check(const uint8_t *ip, size_t tot, uint8_t **gre, size_t *glen)
     return 0;
 }
 
+/* A UDP super-packet of GRE-in-UDP: datagrams gso_size long but the last,
+ * back to back behind one IPv4 and UDP header.  The POP sends one per
+ * TCP super-packet it cuts (UDP_SEGMENT: pop_tx.c); where no NIC cuts it
+ * on the way (veth, a VM's virtual NIC) it reaches --out whole, and the
+ * kernel's UDP GRO for forwarding (NETIF_F_GRO_UDP_FWD) makes the same.
+ * Its UDP checksum is partial, as the sender's host left it (or GRO
+ * checked each datagram's); each GRE packet in it is decapsulated as one
+ * datagram would be, its GRE checksum, if any, checked there. */
+static void udp_super(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                      uint8_t *ip, size_t tot)
+{
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4, off, d, gs = f->vh->gso_size;
+    const uint8_t *u = ip + ihl;
+
+    if ((f->vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_UDP_L4 ||
+        !(f->vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !gs ||
+        (rd16(ip + 6) & (IP_MF | IP_OFFMASK)) || tot < ihl + UDP_HLEN + 1 ||
+        f->vh->csum_start != (size_t)(ip - f->mac) + ihl || f->vh->csum_offset != 6) {
+        br->tc.drop[TPB_DROP_GSO_BAD]++;
+        return;
+    }
+    if (rd16(u) != GRE_UDP_PORT && rd16(u + 2) != GRE_UDP_PORT) {
+        br->tc.drop[TPB_DROP_LOCAL_OTHER]++;
+        return;
+    }
+    for (off = ihl + UDP_HLEN; off < tot; off += d) {
+        d = tot - off < gs ? tot - off : gs;
+        decap(br, r, f, ip, ip + off, d, NULL);
+    }
+}
+
 /* A first fragment (offset 0) of GRE-in-UDP: its UDP header's ports (the
  * length and checksum cover the whole datagram: checked once reassembled),
  * then its GRE header as first_fragment_gre() checks it. */
@@ -191,11 +225,8 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
             return;
         }
         if (f->vh->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-            /* GRO merges GRE-in-UDP datagrams only for a socket or tunnel
-             * that asked for it (UDP_GRO, a UDP tunnel's gro_receive); a
-             * merged one is not taken apart here. */
             if (udp) {
-                br->tc.drop[TPB_DROP_GSO_BAD]++;
+                udp_super(br, r, f, ip, tot);
                 return;
             }
             decap(br, r, f, ip, ip + ihl, tot - ihl, f->vh);

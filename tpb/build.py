@@ -31,6 +31,8 @@ SOURCES = [
     "reasm.c",
     "keepalive.c",
     "pop.c",
+    "pop_tx.c",
+    "pop_gro.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 
