@@ -14,7 +14,9 @@
  * From the bridges (raw IPv4 socket, protocol 47, and a UDP socket on port
  * 4754 for GRE-in-UDP, RFC 8086; the host kernel has already reassembled
  * fragments and checked UDP headers):
- *   1. from_bridges()  recvmmsg a batch from each; per packet:
+ *   1. from_bridges()  recvmmsg a batch from each (the UDP socket with
+ *                      UDP_GRO: up to 64 datagrams in one, from_udp_gro()
+ *                      takes them apart); per packet:
  *   2. peer_by_addr()  the outer source must be a configured bridge; for
  *      peer_by_udp()   GRE-in-UDP, or a NAT'd one (address `any`) found by
  *                      its GRE key: from_peer() then checks it as any;
@@ -31,8 +33,12 @@
  *                      fresh entry never moves); within the peer's budget
  *                      of entries (sources inside its own prefixes are
  *                      not learned);
- *   7. tun_write()     into the TUN device behind a vnet header: the host
- *                      routes the inner packet on; what the host's GRO
+ *   7. gro_verdict()   (pop_gro.c) consecutive TCP segments of one flow
+ *      gro_hold()      from one peer are held and written as one TCP
+ *      gro_flush()     super-packet, at the latest at the batch's end;
+ *      tun_write()     anything else into the TUN device behind a vnet
+ *                      header: the host routes the inner packet on; what
+ *                      the host's GRO
  *                      merged goes as a TCP super-packet (tcp_super), and
  *                      its GRE checksum, only the first segment's, is not
  *                      held against it (gro_merged); only once it is
@@ -41,14 +47,19 @@
  *                      (learn_put), with expiry; a NAT'd peer's endpoint
  *                      (address and UDP port) is taken from it, so the
  *                      POP answers where the bridge's NAT now maps it.
- * Toward the bridges (TUN device):
- *   8. to_bridges()    read a batch (a partial checksum completed); per packet:
+ * Toward the bridges (TUN device), pop_tx.c:
+ *   8. to_bridges()    read a batch, TCP super-packets among them (the
+ *                      device offers TSO), each vnet header checked (a
+ *                      partial checksum completed); per packet:
  *   9. route()         the longest configured prefix for the inner
  *                      destination, else a learned entry; none -> counted drop;
- *  10. gre_header()    GRE with the peer's key/csum/seq; the kernel writes
- *                      the outer IPv4 header (TTL/TOS per packet by cmsg,
- *                      DF clear: too big is fragmented, the bridge
- *                      reassembles) and sendmmsg sends the batch.
+ *  10. split()         a super-packet cut into segments that fit the
+ *                      tunnel; gre_header() with the peer's key/csum/seq
+ *                      per packet; the kernel writes the outer IPv4 header
+ *                      (TTL/TOS per message by cmsg, DF clear: too big is
+ *                      fragmented, the bridge reassembles), a GRE-in-UDP
+ *                      super-packet goes as one UDP_SEGMENT message, and
+ *                      sendmmsg sends the batch.
  *
  * Keepalives are Cisco's (what Linux ip_gre reflects too; there is no RFC
  * for them): outer GRE to the far end F whose inner packet is IPv4 from F

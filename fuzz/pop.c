@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/uio.h>
 #include <sanitizer/asan_interface.h>
 
@@ -19,7 +20,9 @@
 #define MAX_PKT 9100
 #define MAX_PEERS 4
 #define MAX_PREFIXES 4
-#define MAX_IO 256
+/* a super-packet read from the TUN device may leave as thousands of
+ * segments (a gso_size of 1 over MAX_PKT bytes) */
+#define MAX_IO 16384
 #define MAX_LEARN 64
 #define POP_LOCAL 0xc6336422u          /* 198.51.100.34 */
 
@@ -37,6 +40,7 @@ struct io {
     uint32_t dst;
     uint16_t port;
     int ttl, tos;
+    uint16_t gso_size;          /* UDP_SEGMENT; 0: none */
     struct virtio_net_hdr vh;   /* IO_TUN */
     uint8_t *data;
     size_t len;
@@ -87,6 +91,11 @@ static struct io *io_new(int kind, const struct iovec *iov, size_t n, size_t ski
     return o;
 }
 
+static int fd_udp(const struct io *o)
+{
+    return o->fd == TPB_FUZZ_FD_UDP;
+}
+
 static void msg_meta(struct io *o, const struct msghdr *m)
 {
     const struct sockaddr_in *sa = m->msg_name;
@@ -100,6 +109,16 @@ static void msg_meta(struct io *o, const struct msghdr *m)
     for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
         int v;
 
+        if (c->cmsg_level == SOL_UDP) {
+            FZ_CHECK(c->cmsg_type == UDP_SEGMENT && c->cmsg_len == CMSG_LEN(sizeof(uint16_t)) &&
+                         fd_udp(o),
+                     "send: odd UDP cmsg");
+            memcpy(&o->gso_size, CMSG_DATA(c), sizeof(o->gso_size));
+            FZ_CHECK(o->gso_size > 0 && o->len > o->gso_size &&
+                         o->len <= (size_t)o->gso_size * 64,
+                     "send: UDP_SEGMENT %u for %zu bytes", o->gso_size, o->len);
+            continue;
+        }
         FZ_CHECK(c->cmsg_level == IPPROTO_IP && c->cmsg_len == CMSG_LEN(sizeof(int)),
                  "send: odd cmsg");
         memcpy(&v, CMSG_DATA(c), sizeof(v));
@@ -835,6 +854,92 @@ out:
     free(pkt);
 }
 
+/* A super-packet read from the TUN device (pop_tx.c): dropped once
+ * (gso_bad, or as a plain packet would be), or cut into segments that all
+ * go to the routed peer, each GRE-wrapped (key, checksum, sequence number
+ * its own), no tunnel packet larger than the TUN device's MTU where the
+ * tunnel leaves room, their payloads the super-packet's in order, counted
+ * as one gso_packet of that many segments.  A GRE-in-UDP message with
+ * UDP_SEGMENT holds several, gso_size apart. */
+static void gso_check(struct h *h, const uint8_t *buf, size_t len,
+                      const struct counters *b, const struct counters *a,
+                      uint64_t d, int reason)
+{
+    const struct tpb_pop_peer_config *c;
+    uint8_t dst[16];
+    int p, v4 = buf[0] >> 4 == 4, failed = 0, udp;
+    size_t k, j, segs = 0, ihl, hl, iplen, gl, got = 0, chunk, slen, off, over;
+    uint16_t flags;
+
+    if (!nios) {
+        FZ_CHECK(d == 1 && (reason == TPB_DROP_GSO_BAD || reason == TPB_DROP_INNER_BAD ||
+                            reason == TPB_DROP_NO_PEER || reason == TPB_DROP_NO_ENDPOINT),
+                 "POP: a super-packet neither sent nor dropped once (%d)", reason);
+        return;
+    }
+    FZ_CHECK(len >= 40 && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP super-packet");
+    addr16(buf, 1, dst);
+    p = route(h, dst);
+    FZ_CHECK(p >= 0, "POP: a super-packet routed to no peer");
+    c = &h->peers[p];
+    udp = c->encap == TPB_ENCAP_UDP;
+    flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0) | (c->seq ? GRE_S : 0));
+    gl = fz_gre_hlen(flags);
+    ihl = v4 ? (size_t)(buf[0] & 0x0f) * 4 : 40;
+    hl = ihl + ((v4 ? buf[9] : buf[6]) == IPPROTO_TCP_ ? (size_t)(buf[ihl + 12] >> 4) * 4 : 8);
+    iplen = v4 ? fz_rd16(buf + 2) : 40 + (size_t)fz_rd16(buf + 4);
+    FZ_CHECK(hl < iplen && iplen <= len, "POP: a super-packet it could not have planned");
+    over = 20 + (udp ? 8 : 0) + gl + hl;
+    for (k = 0; k < nios; k++) {
+        const struct io *o = &ios[k];
+
+        FZ_CHECK(o->kind == IO_SENDMM && o->fd == (udp ? TPB_FUZZ_FD_UDP : TPB_FUZZ_FD_RAW) &&
+                     (udp || !o->gso_size),
+                 "POP: a segment through the wrong socket");
+        failed |= o->failed;
+        chunk = o->gso_size ? o->gso_size : o->len;
+        for (j = 0; j < o->len; j += chunk) {
+            const uint8_t *g = o->data + j, *ip = g + gl;
+
+            slen = o->len - j < chunk ? o->len - j : chunk;
+            FZ_CHECK(slen > gl + hl && fz_rd16(g) == flags &&
+                         fz_rd16(g + 2) == (v4 ? ETYPE_IPV4 : ETYPE_IPV6),
+                     "POP: a segment's GRE header");
+            off = 4;
+            if (c->csum) {
+                FZ_CHECK(fz_fold(fz_sum(0, g, slen)) == 0, "POP: a segment's GRE checksum");
+                off += 4;
+            }
+            if (c->has_key) {
+                FZ_CHECK(fz_rd32(g + off) == c->key, "POP: a segment's key");
+                off += 4;
+            }
+            if (c->seq) {
+                if (h->seq[p] >= 0)
+                    FZ_CHECK(fz_rd32(g + off) == (uint32_t)h->seq[p],
+                             "POP: a segment's sequence number");
+                h->seq[p] = (int64_t)fz_rd32(g + off) + 1;
+            }
+            FZ_CHECK((v4 ? fz_rd16(ip + 2) : 40 + (size_t)fz_rd16(ip + 4)) == slen - gl,
+                     "POP: a segment's IP length");
+            FZ_CHECK(h->cfg.tun_mtu <= over + 64 || over - hl + slen - gl <= h->cfg.tun_mtu,
+                     "POP: a segment of %zu bytes past the MTU %u", slen - gl, h->cfg.tun_mtu);
+            FZ_CHECK(got + slen - gl - hl <= iplen - hl &&
+                         !memcmp(ip + hl, buf + hl + got, slen - gl - hl),
+                     "POP: a segment's payload is not the super-packet's at %zu", got);
+            got += slen - gl - hl;
+            segs++;
+        }
+    }
+    FZ_CHECK(got == iplen - hl, "POP: segments carry %zu of %zu payload bytes", got, iplen - hl);
+    FZ_CHECK(a->c[p].gso_packets == b->c[p].gso_packets + 1 &&
+                 a->c[p].gso_segments == b->c[p].gso_segments + segs,
+             "POP: super-packet not counted");
+    FZ_CHECK(failed ? d > 0 && reason == TPB_DROP_SEND
+                    : d == 0 && a->c[p].encap_packets == b->c[p].encap_packets + segs,
+             "POP: segments sent not counted");
+}
+
 static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
 {
     uint8_t fl = fz_u8(in), dst[16], *fixed;
@@ -860,7 +965,7 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
         fz_fix_ip(scratch, len, 1, &l4);
         free(scratch);
     }
-    fz_vnet(&tun_vh, mode == FZ_VNET_GSO ? FZ_VNET_NONE : mode, in, &l4, 0);
+    fz_vnet(&tun_vh, mode, in, &l4, 0);
     fixed = malloc(len ? len : 1);
     if (!fixed)
         abort();
@@ -889,6 +994,10 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
     fz_trace("pop: from the TUN device, %zu bytes: %zu sends%s, %llu drops (%s)", len, nios,
              nios && ios[0].failed ? " (refused)" : "", (unsigned long long)d,
              reason >= 0 ? tpb_drop_name(reason) : "-");
+    if (tun_vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        gso_check(h, fixed, len, &b, &a, d, reason);  /* as read, not completed */
+        goto out;
+    }
     FZ_CHECK(nios <= 1 && d <= 1,
              "POP: %zu sends, %llu drops for one packet", nios, (unsigned long long)d);
     if (!nios && reason == TPB_DROP_NO_ENDPOINT) {
