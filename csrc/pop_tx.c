@@ -245,23 +245,30 @@ static void split(struct tpb_pop *pop, struct peer *p, struct gso_plan *s,
 
 /* The vnet header the TUN device put before pkt: 0, with *s planned for a
  * super-packet (s->mss 0: a plain packet, its checksum completed), or -1
- * (gso_bad). */
+ * (gso_bad).  *proto and dst: the inner packet's family and destination,
+ * read once the checksum is complete (it may lie anywhere). */
 static int vnet_check(struct virtio_net_hdr *vh, uint8_t *pkt, size_t len,
-                      uint16_t proto, struct gso_plan *s)
+                      int *proto, uint8_t dst[16], struct gso_plan *s)
 {
     size_t ilen;
 
     s->mss = 0;
+    *proto = 0;
     if (vh->flags & ~TUN_F_VALID)
         return -1;
-    if (vh->gso_type == VIRTIO_NET_HDR_GSO_NONE)
-        return (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) ? finish_csum(pkt, len, vh) : 0;
+    if (vh->gso_type == VIRTIO_NET_HDR_GSO_NONE) {
+        if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && finish_csum(pkt, len, vh))
+            return -1;
+        *proto = inner_addr(pkt, len, 1, dst);
+        return 0;
+    }
+    *proto = inner_addr(pkt, len, 1, dst);
     /* The kernel marks every super-packet's checksum partial; each
      * segment's is computed afresh (gso_seg()), so it is not finished. */
-    if (!(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !proto)
+    if (!(vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || !*proto)
         return -1;
-    ilen = ip_len(pkt, len, proto);
-    if (!ilen || gso_plan(s, pkt, ilen, proto, vh->gso_type, vh->gso_size) < 0)
+    ilen = ip_len(pkt, len, (uint16_t)*proto);
+    if (!ilen || gso_plan(s, pkt, ilen, (uint16_t)*proto, vh->gso_type, vh->gso_size) < 0)
         return -1;
     /* ECN (TUN_F_TSO_ECN) goes with TCP only */
     if ((vh->gso_type & VIRTIO_NET_HDR_GSO_ECN) && !s->tcp)
@@ -286,8 +293,7 @@ int to_bridges(struct tpb_pop *pop)
         if (len <= 0)
             break;
         n++;                    /* its buffer stays the packet's until flush() */
-        proto = inner_addr(pkt, (size_t)len, 1, dst);
-        if (vnet_check(vh, pkt, (size_t)len, (uint16_t)proto, &s)) {
+        if (vnet_check(vh, pkt, (size_t)len, &proto, dst, &s)) {
             pop->global.drop[vh->gso_type == VIRTIO_NET_HDR_GSO_NONE
                                  ? TPB_DROP_INNER_BAD : TPB_DROP_GSO_BAD]++;
             continue;

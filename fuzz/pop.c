@@ -877,7 +877,7 @@ static void gso_check(struct h *h, const uint8_t *buf, size_t len,
                  "POP: a super-packet neither sent nor dropped once (%d)", reason);
         return;
     }
-    FZ_CHECK(len >= 40 && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP super-packet");
+    FZ_CHECK(len >= (v4 ? 20u : 40u) && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP super-packet");
     addr16(buf, 1, dst);
     p = route(h, dst);
     FZ_CHECK(p >= 0, "POP: a super-packet routed to no peer");
