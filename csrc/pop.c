@@ -1543,6 +1543,20 @@ void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
     gro_flush(pop);
 }
 
+/* The same, the group pop_gro.c holds left held: a train of packets is
+ * handed over one by one, then tpb_fuzz_pop_flush() ends the batch. */
+void tpb_fuzz_pop_from_bridge_held(struct tpb_pop *pop, uint8_t *ip, size_t n,
+                                   uint64_t now)
+{
+    pop->now_ns = now;
+    from_bridge(pop, ip, n);
+}
+
+void tpb_fuzz_pop_flush(struct tpb_pop *pop)
+{
+    gro_flush(pop);
+}
+
 int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now)
 {
     pop->now_ns = now;
