@@ -374,6 +374,13 @@ def tcp_cubic(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) ->
     return _iperf3(env, "tcp_cubic_gbps", ["-C", "cubic"])
 
 
+def tcp_down(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sample:
+    """iperf3 sink -> gen (-R), the pop lab only: the download a site
+    behind `tpb pop` makes, which reaches the POP through its TUN device."""
+    del dut, results
+    return _iperf3(env, "tcp_down_gbps", ["-R"])
+
+
 def _iperf3(env: Env, key: str, extra: list[str]) -> Sample:
     env.ping_ok()
     omit = max(1, round(env.warmup))
@@ -459,6 +466,12 @@ LOADS = [
         "TCP as above with CUBIC, plain bridging only",
         tcp_cubic,
         lambda dut: dut.topo == "bench" and dut.pingable,
+    ),
+    Load(
+        "tcp-down",
+        "TCP sink -> gen (iperf3 -R), the pop lab only",
+        tcp_down,
+        lambda dut: dut.topo == "pop",
     ),
     Load("rtt", f"idle RTT, ping, {RTT_PINGS} x 20 ms", rtt),
     Load(

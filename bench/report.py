@@ -40,6 +40,7 @@ METRICS = [
     Metric("ring_mpps", "ringcheck", "ring check, Mpps at sink", "{:.3f}", True),
     Metric("tcp_gbps", "tcp", "TCP, Gbit/s", "{:.2f}", True),
     Metric("tcp_cubic_gbps", "tcp-cubic", "TCP with CUBIC, Gbit/s", "{:.2f}", True),
+    Metric("tcp_down_gbps", "tcp-down", "TCP sink -> gen, Gbit/s", "{:.2f}", True),
     Metric("rtt_us", "rtt", "idle RTT, µs", "{:.0f}", False),
 ]
 
@@ -169,7 +170,7 @@ def _note(rec: Record, dut: Dut, m: Metric) -> str:
     if m.key == "ring_mpps" and infos:
         offered = rec.values[dut.name].get("ring_offered_mpps", [])
         parts.insert(0, "offered " + " ".join(f"{v:.3f}" for v in offered))
-    if m.key in ("tcp_gbps", "tcp_cubic_gbps") and infos:
+    if m.key in ("tcp_gbps", "tcp_cubic_gbps", "tcp_down_gbps") and infos:
         parts.append("retransmits " + _ints([i["retransmits"] for i in infos]))
     if m.key == "rtt_us" and infos:
         parts.append("min " + _ints([i["rtt_min_us"] for i in infos]))

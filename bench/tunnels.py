@@ -19,6 +19,7 @@ each with the baseline it is compared with in the same topology.
     pop-tpb      pop lab: plain TPB, the pop a plain router
     pop-gre      pop lab: TPB tunnels the flows to the sink's subnet to
                  `tpb pop`, which routes them on through its TUN device
+    pop-udp      the same with GRE-in-UDP (RFC 8086)
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ class TpbWithPop(TpbTunnel):
         for peer, c in data.get("peers", {}).items():
             stats[f"pop_{peer}_in"] = c["decap_packets"]
             stats[f"pop_{peer}_out"] = c["encap_packets"]
+            for key in ("gso_packets", "gso_segments", "gro_packets", "gro_segments"):
+                stats[f"pop_{peer}_{key}"] = c.get(key, 0)
             for reason, n in c["drop"].items():
                 stats[f"pop_{peer}_drop_{reason}"] = n
         for reason, n in data.get("other", {}).get("drop", {}).items():
@@ -193,7 +196,9 @@ class TpbWithPop(TpbTunnel):
         lines = super().counter_lines(load, infos)
         for peer in peers:
             tag = f"pop_{peer}_"
-            rows = [(tag + "in", "in (GRE decapsulated)"), (tag + "out", "out (encapsulated)")]
+            rows = [(tag + "in", "in (GRE decapsulated)"), (tag + "out", "out (encapsulated)"),
+                    (tag + "gro_packets", "coalesced into"), (tag + "gro_segments", "of"),
+                    (tag + "gso_packets", "split"), (tag + "gso_segments", "into")]
             lines.append(_rows(infos, "pop", rows) + f"   (peer {peer})")
             lines.append(f"  {'pop':<5}drops, peer {peer}: {_drops(infos, tag)}")
         lines.append(f"  {'pop':<5}drops, no peer: {_drops(infos, 'pop_nopeer_')}")
@@ -214,6 +219,13 @@ def _raw_gre_drops(lab: Lab) -> int | None:
 
 def duts(workdir: Path) -> list[Dut]:
     cpu = ["--cpu", "1"]
+    # issue 15.6: through the POP against the same path with TPB plain and
+    # the pop routing
+    pop_targets = {
+        "tcp_gbps": Target(">=", 0.7),
+        "tcp_down_gbps": Target(">=", 0.7),
+        "udp64_mpps": Target(">=", 0.8),
+    }
     chain_skip = {"udp64": "the chain lab is measured with TCP and RTT only"}
     gre_a = [*cpu, "--local", CHAIN_A, "--remote", CHAIN_B, "--match", ALL_IPV4]
     gre_b = [*cpu, "--local", CHAIN_B, "--remote", CHAIN_A, "--match", ALL_IPV4]
@@ -291,10 +303,20 @@ def duts(workdir: Path) -> list[Dut]:
             "pop-gre",
             f'tpb run --cpu 1 --local {POP_TPB} --remote {POP_LINK} --match "{POP_MATCH}"; '
             f"tpb pop --local {POP_LINK} --peer {POP_TPB},prefix={POP_SITE}",
-            baselines={"pop-tpb": {}, "pop-bridge": {}},
+            baselines={"pop-tpb": pop_targets, "pop-bridge": {}},
             topo="pop",
             args=[*cpu, "--local", POP_TPB, "--remote", POP_LINK, "--match", POP_MATCH],
             pop_args=["--local", POP_LINK, "--peer", f"{POP_TPB},prefix={POP_SITE}"],
+            workdir=workdir,
+        ),
+        TpbWithPop(
+            "pop-udp",
+            "pop-gre with GRE-in-UDP: tpb run ... --encap udp; tpb pop --peer ...,udp",
+            baselines={"pop-tpb": pop_targets, "pop-gre": {}},
+            topo="pop",
+            args=[*cpu, "--local", POP_TPB, "--remote", POP_LINK, "--match", POP_MATCH,
+                  "--encap", "udp"],
+            pop_args=["--local", POP_LINK, "--peer", f"{POP_TPB},udp,prefix={POP_SITE}"],
             workdir=workdir,
         ),
     ]

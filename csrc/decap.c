@@ -38,6 +38,9 @@
 #include "bridge.h"
 
 static void arp_reply(struct tpb_bridge *br, struct frame *f);
+static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
+                  uint8_t *ip, uint8_t *gre, size_t glen,
+                  const struct virtio_net_hdr *gso);
 static void to_local(struct tpb_bridge *br, struct frame *f);
 
 /* 1. ------------------------------------------------------------------ */

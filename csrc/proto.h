@@ -152,6 +152,33 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 struct virtio_net_hdr;
 int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
 
+/* segment.c: a TCP (TSO) or UDP (USO) super-packet cut into segments of
+ * at most `mss` payload bytes, as the kernel's tcp_gso_segment and
+ * __udp_gso_segment cut them; used by the bridge (segment()) and the POP
+ * (pop_offload.c). */
+#define GSO_HDR_MAX 120     /* IP + L4 header of a segment, at most */
+struct gso_plan {
+    uint8_t *ip;            /* the super-packet's IP header */
+    size_t ihl, l4hl, hl;   /* IP header, L4 header, both */
+    uint16_t proto;         /* ETYPE_IPV4 / ETYPE_IPV6 */
+    uint16_t mss;           /* payload bytes per segment (may be lowered
+                             * after gso_plan(); gso_count() recounts) */
+    uint8_t tcp;
+    const uint8_t *payload;
+    size_t plen;
+};
+/* Checks the super-packet at ip (len bytes, its IP header checked already)
+ * against the vnet header's gso_type and gso_size (mss); returns how many
+ * segments it makes, or -1 if it cannot be segmented. */
+int gso_plan(struct gso_plan *s, uint8_t *ip, size_t len, uint16_t proto,
+             uint8_t gso_type, uint16_t mss);
+uint32_t gso_count(const struct gso_plan *s);
+/* Segment k of n: its IP+L4 header written to h (s->hl bytes, lengths, ID,
+ * sequence number, flags and checksums its own), *data pointed at its
+ * payload; returns the payload's length. */
+size_t gso_seg(const struct gso_plan *s, uint8_t *h, uint32_t k, uint32_t n,
+               const uint8_t **data);
+
 /* The checks shared by every GRE header from a remote (gre.c); `what`: */
 #define GRE_CHECK_CSUM 1u   /* verify a checksum present over glen bytes */
 #define GRE_CHECK_SEQ 2u    /* require a sequence number where r->seq */

@@ -5,8 +5,10 @@
  *
  *   1. finish_csum()   a CHECKSUM_PARTIAL packet's L4 checksum, completed
  *                      from csum_start/csum_offset;
- *   2. segment()       checks the super-packet (a TCP data offset below 5
- *                      refused: RFC 9293), then per gso_size piece:
+ *   2. gso_plan()      checks the super-packet (a TCP data offset below 5
+ *                      refused: RFC 9293); segment() (the bridge) and
+ *                      pop_offload.c (the POP) then, per gso_size piece,
+ *      gso_seg()       copy the header and:
  *   3. tcp_seg()       copy IP+TCP header, IP length/ID (+1 per segment,
  *                      as Linux without FIXEDID), TCP sequence, CWR only
  *                      on the first, FIN/PSH only on the last, checksums;
@@ -50,16 +52,7 @@ int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh)
 
 /* 3. ------------------------------------------------------------------ */
 
-struct seg_ctx {
-    uint8_t *ip;               /* the super-packet's IP header */
-    size_t ihl, l4hl, hl;      /* IP header, L4 header, both */
-    uint16_t proto;
-    const uint8_t *payload;
-    size_t plen;
-    uint16_t mss;
-};
-
-static void ip_seg_fields(const struct seg_ctx *s, uint8_t *h, size_t d,
+static void ip_seg_fields(const struct gso_plan *s, uint8_t *h, size_t d,
                           uint32_t k)
 {
     if (s->proto == ETYPE_IPV4) {
@@ -71,14 +64,14 @@ static void ip_seg_fields(const struct seg_ctx *s, uint8_t *h, size_t d,
     }
 }
 
-static uint32_t l4_pseudo(const struct seg_ctx *s, const uint8_t *h,
+static uint32_t l4_pseudo(const struct gso_plan *s, const uint8_t *h,
                           uint8_t l4proto, size_t l4len)
 {
     return s->proto == ETYPE_IPV4 ? csum_pseudo4(h, l4proto, (uint32_t)l4len)
                                   : csum_pseudo6(h, l4proto, (uint32_t)l4len);
 }
 
-static void tcp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
+static void tcp_seg(const struct gso_plan *s, uint8_t *h, size_t d, uint32_t k,
                     uint32_t n)
 {
     uint8_t *t = h + s->ihl, fl = s->ip[s->ihl + 13];
@@ -97,14 +90,12 @@ static void tcp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
     wr16(t + 16, csum_finish(sum));
 }
 
-static void udp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
-                    uint32_t n)
+static void udp_seg(const struct gso_plan *s, uint8_t *h, size_t d, uint32_t k)
 {
     uint8_t *u = h + s->ihl;
     uint32_t sum;
     uint16_t c;
 
-    (void)n;
     ip_seg_fields(s, h, d, k);
     wr16(u + 4, (uint16_t)(8 + d));
     wr16(u + 6, 0);
@@ -116,27 +107,91 @@ static void udp_seg(const struct seg_ctx *s, uint8_t *h, size_t d, uint32_t k,
 
 /* 2. ------------------------------------------------------------------ */
 
+uint32_t gso_count(const struct gso_plan *s)
+{
+    return s->mss ? (uint32_t)((s->plen + s->mss - 1) / s->mss) : 0;
+}
+
+int gso_plan(struct gso_plan *s, uint8_t *ip, size_t len, uint16_t proto,
+             uint8_t gso_type, uint16_t mss)
+{
+    uint8_t gso = gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN, l4;
+
+    s->ip = ip;
+    s->proto = proto;
+    s->mss = mss;
+    if (proto == ETYPE_IPV4) {
+        if (len < 20)
+            return -1;
+        s->ihl = (size_t)(ip[0] & 0x0f) * 4;
+        l4 = ip[9];
+    } else {
+        if (len < 40)
+            return -1;
+        s->ihl = 40;
+        l4 = ip[6];
+    }
+    if ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && proto == ETYPE_IPV4 &&
+         l4 == IPPROTO_TCP_) ||
+        (gso == VIRTIO_NET_HDR_GSO_TCPV6 && proto == ETYPE_IPV6 &&
+         l4 == IPPROTO_TCP_)) {
+        if (len < s->ihl + 20)
+            return -1;
+        s->l4hl = (size_t)(ip[s->ihl + 12] >> 4) * 4;
+        /* RFC 9293 3.1: the data offset counts 32-bit words and is at least
+         * 5.  Below that, tcp_seg() would write the flags and checksum past
+         * the header copied for each segment (s->hl bytes). */
+        if (s->l4hl < 20)
+            return -1;
+        s->tcp = 1;
+    } else if (gso == VIRTIO_NET_HDR_GSO_UDP_L4 && l4 == IPPROTO_UDP_) {
+        s->l4hl = 8;
+        s->tcp = 0;
+    } else {
+        return -1;
+    }
+    s->hl = s->ihl + s->l4hl;
+    if (!s->mss || s->ihl < 20 || s->hl > len || s->hl > GSO_HDR_MAX)
+        return -1;
+    s->payload = ip + s->hl;
+    s->plen = len - s->hl;
+    /* No payload: no segment to make (the caller's gso_bad), where a loop
+     * over the segments would emit nothing and the packet vanish
+     * uncounted.  No stack makes such a super-packet (tcp_gso_segment
+     * sends one of at most gso_size bytes as it is). */
+    return s->plen ? (int)gso_count(s) : -1;
+}
+
+size_t gso_seg(const struct gso_plan *s, uint8_t *h, uint32_t k, uint32_t n,
+               const uint8_t **data)
+{
+    size_t d = s->plen - (size_t)k * s->mss;
+
+    if (d > s->mss)
+        d = s->mss;
+    memcpy(h, s->ip, s->hl);
+    if (s->tcp)
+        tcp_seg(s, h, d, k, n);
+    else
+        udp_seg(s, h, d, k);
+    *data = s->payload + (size_t)k * s->mss;
+    return d;
+}
+
 int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
             size_t len, uint16_t proto, const struct virtio_net_hdr *vh,
             inner_fn emit)
 {
-    uint8_t gso = vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN, l4;
-    void (*seg)(const struct seg_ctx *, uint8_t *, size_t, uint32_t, uint32_t);
-    struct seg_ctx s;
+    uint8_t gso = vh->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
+    struct gso_plan s;
     struct inner p;
-    uint32_t n, k;
-    size_t d;
+    int n, k;
     uint8_t *h;
 
-    s.ip = ip;
-    s.proto = proto;
-    s.mss = vh->gso_size;
-    s.ihl = proto == ETYPE_IPV4 ? (size_t)(ip[0] & 0x0f) * 4 : 40;
-    l4 = proto == ETYPE_IPV4 ? ip[9] : ip[6];
     if (gso == VIRTIO_NET_HDR_GSO_UDP) {
         /* UFO: one UDP datagram that is to be IP-fragmented; fit() will. */
         if (finish_csum(f->mac, ETH_HLEN + len, vh))
-            goto bad;
+            return -1;
         p.hdr = ip;
         p.hlen = len;
         p.data = NULL;
@@ -145,56 +200,20 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
         emit(br, f, &p);
         return 1;
     }
-    if ((gso == VIRTIO_NET_HDR_GSO_TCPV4 && proto == ETYPE_IPV4 &&
-         l4 == IPPROTO_TCP_) ||
-        (gso == VIRTIO_NET_HDR_GSO_TCPV6 && proto == ETYPE_IPV6 &&
-         l4 == IPPROTO_TCP_)) {
-        if (len < s.ihl + 20)
-            goto bad;
-        s.l4hl = (size_t)(ip[s.ihl + 12] >> 4) * 4;
-        /* RFC 9293 3.1: the data offset counts 32-bit words and is at least
-         * 5.  Below that, tcp_seg() would write the flags and checksum past
-         * the header copied for each segment (txq_alloc'd to s.hl bytes). */
-        if (s.l4hl < 20)
-            goto bad;
-        seg = tcp_seg;
-    } else if (gso == VIRTIO_NET_HDR_GSO_UDP_L4 && l4 == IPPROTO_UDP_) {
-        s.l4hl = 8;
-        seg = udp_seg;
-    } else {
-        goto bad;
-    }
-    s.hl = s.ihl + s.l4hl;
-    if (!s.mss || s.l4hl < 8 || s.hl > len || s.hl > 120)
-        goto bad;
-    s.payload = ip + s.hl;
-    s.plen = len - s.hl;
-    n = (uint32_t)((s.plen + s.mss - 1) / s.mss);
-    /* No payload: no segment to make (the caller's gso_bad), where the
-     * loop below would emit nothing and the packet vanish uncounted.  No
-     * stack makes such a super-packet (tcp_gso_segment sends one of at
-     * most gso_size bytes as it is). */
-    if (!n)
-        goto bad;
+    n = gso_plan(&s, ip, len, proto, vh->gso_type, vh->gso_size);
+    if (n < 0)
+        return -1;
     for (k = 0; k < n; k++) {
-        d = s.plen - (size_t)k * s.mss;
-        if (d > s.mss)
-            d = s.mss;
         h = txq_alloc(q, s.hl);
         if (!h)
-            goto bad;
-        memcpy(h, ip, s.hl);
-        seg(&s, h, d, k, n);
+            return -1;
+        p.dlen = gso_seg(&s, h, (uint32_t)k, (uint32_t)n, &p.data);
         p.hdr = h;
         p.hlen = s.hl;
-        p.data = s.payload + (size_t)k * s.mss;
-        p.dlen = d;
         p.proto = proto;
         emit(br, f, &p);
     }
-    return (int)n;
-bad:
-    return -1;
+    return n;
 }
 
 /* 5. ------------------------------------------------------------------ */

@@ -116,6 +116,9 @@ struct tpb_tunnel_counters {
     uint64_t mss_clamped;
     uint64_t gso_packets;        /* super-packets segmented */
     uint64_t gso_segments;       /* segments they made */
+    uint64_t gro_packets;        /* POP: super-packets written to the TUN
+                                  * device, coalesced from several */
+    uint64_t gro_segments;       /* the packets coalesced into them */
     uint64_t reasm_fragments;    /* fragments taken into reassembly */
     uint64_t reasm_done;         /* datagrams reassembled */
     uint64_t reasm_memory;       /* bytes held now (a gauge) */

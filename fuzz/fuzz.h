@@ -207,6 +207,9 @@ struct tpb_pop *tpb_fuzz_pop_open(const struct tpb_pop_config *cfg,
 void tpb_fuzz_pop_from_bridge(struct tpb_pop *pop, uint8_t *ip, size_t n,
                               uint64_t now);
 int tpb_fuzz_pop_to_bridges(struct tpb_pop *pop, uint64_t now);
+void tpb_fuzz_pop_from_bridge_held(struct tpb_pop *pop, uint8_t *ip, size_t n,
+                                   uint64_t now);
+void tpb_fuzz_pop_flush(struct tpb_pop *pop);
 void tpb_fuzz_pop_keepalives(struct tpb_pop *pop, uint64_t now);
 int tpb_fuzz_pop_rx(struct tpb_pop *pop, uint32_t i, struct gre_rx *out);
 /* What ka_first_id() returns in fuzzing builds (csrc/gre.c). */

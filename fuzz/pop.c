@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/uio.h>
 #include <sanitizer/asan_interface.h>
 
@@ -19,7 +20,9 @@
 #define MAX_PKT 9100
 #define MAX_PEERS 4
 #define MAX_PREFIXES 4
-#define MAX_IO 256
+/* a super-packet read from the TUN device may leave as thousands of
+ * segments (a gso_size of 1 over MAX_PKT bytes) */
+#define MAX_IO 16384
 #define MAX_LEARN 64
 #define POP_LOCAL 0xc6336422u          /* 198.51.100.34 */
 
@@ -37,6 +40,7 @@ struct io {
     uint32_t dst;
     uint16_t port;
     int ttl, tos;
+    uint16_t gso_size;          /* UDP_SEGMENT; 0: none */
     struct virtio_net_hdr vh;   /* IO_TUN */
     uint8_t *data;
     size_t len;
@@ -87,6 +91,11 @@ static struct io *io_new(int kind, const struct iovec *iov, size_t n, size_t ski
     return o;
 }
 
+static int fd_udp(const struct io *o)
+{
+    return o->fd == TPB_FUZZ_FD_UDP;
+}
+
 static void msg_meta(struct io *o, const struct msghdr *m)
 {
     const struct sockaddr_in *sa = m->msg_name;
@@ -100,6 +109,16 @@ static void msg_meta(struct io *o, const struct msghdr *m)
     for (c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
         int v;
 
+        if (c->cmsg_level == SOL_UDP) {
+            FZ_CHECK(c->cmsg_type == UDP_SEGMENT && c->cmsg_len == CMSG_LEN(sizeof(uint16_t)) &&
+                         fd_udp(o),
+                     "send: odd UDP cmsg");
+            memcpy(&o->gso_size, CMSG_DATA(c), sizeof(o->gso_size));
+            FZ_CHECK(o->gso_size > 0 && o->len > o->gso_size &&
+                         o->len <= (size_t)o->gso_size * 64,
+                     "send: UDP_SEGMENT %u for %zu bytes", o->gso_size, o->len);
+            continue;
+        }
         FZ_CHECK(c->cmsg_level == IPPROTO_IP && c->cmsg_len == CMSG_LEN(sizeof(int)),
                  "send: odd cmsg");
         memcpy(&v, CMSG_DATA(c), sizeof(v));
@@ -835,6 +854,92 @@ out:
     free(pkt);
 }
 
+/* A super-packet read from the TUN device (pop_tx.c): dropped once
+ * (gso_bad, or as a plain packet would be), or cut into segments that all
+ * go to the routed peer, each GRE-wrapped (key, checksum, sequence number
+ * its own), no tunnel packet larger than the TUN device's MTU where the
+ * tunnel leaves room, their payloads the super-packet's in order, counted
+ * as one gso_packet of that many segments.  A GRE-in-UDP message with
+ * UDP_SEGMENT holds several, gso_size apart. */
+static void gso_check(struct h *h, const uint8_t *buf, size_t len,
+                      const struct counters *b, const struct counters *a,
+                      uint64_t d, int reason)
+{
+    const struct tpb_pop_peer_config *c;
+    uint8_t dst[16];
+    int p, v4 = buf[0] >> 4 == 4, failed = 0, udp;
+    size_t k, j, segs = 0, ihl, hl, iplen, gl, got = 0, chunk, slen, off, over;
+    uint16_t flags;
+
+    if (!nios) {
+        FZ_CHECK(d == 1 && (reason == TPB_DROP_GSO_BAD || reason == TPB_DROP_INNER_BAD ||
+                            reason == TPB_DROP_NO_PEER || reason == TPB_DROP_NO_ENDPOINT),
+                 "POP: a super-packet neither sent nor dropped once (%d)", reason);
+        return;
+    }
+    FZ_CHECK(len >= (v4 ? 20u : 40u) && (v4 || buf[0] >> 4 == 6), "POP: sent a non-IP super-packet");
+    addr16(buf, 1, dst);
+    p = route(h, dst);
+    FZ_CHECK(p >= 0, "POP: a super-packet routed to no peer");
+    c = &h->peers[p];
+    udp = c->encap == TPB_ENCAP_UDP;
+    flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0) | (c->seq ? GRE_S : 0));
+    gl = fz_gre_hlen(flags);
+    ihl = v4 ? (size_t)(buf[0] & 0x0f) * 4 : 40;
+    hl = ihl + ((v4 ? buf[9] : buf[6]) == IPPROTO_TCP_ ? (size_t)(buf[ihl + 12] >> 4) * 4 : 8);
+    iplen = v4 ? fz_rd16(buf + 2) : 40 + (size_t)fz_rd16(buf + 4);
+    FZ_CHECK(hl < iplen && iplen <= len, "POP: a super-packet it could not have planned");
+    over = 20 + (udp ? 8 : 0) + gl + hl;
+    for (k = 0; k < nios; k++) {
+        const struct io *o = &ios[k];
+
+        FZ_CHECK(o->kind == IO_SENDMM && o->fd == (udp ? TPB_FUZZ_FD_UDP : TPB_FUZZ_FD_RAW) &&
+                     (udp || !o->gso_size),
+                 "POP: a segment through the wrong socket");
+        failed |= o->failed;
+        chunk = o->gso_size ? o->gso_size : o->len;
+        for (j = 0; j < o->len; j += chunk) {
+            const uint8_t *g = o->data + j, *ip = g + gl;
+
+            slen = o->len - j < chunk ? o->len - j : chunk;
+            FZ_CHECK(slen > gl + hl && fz_rd16(g) == flags &&
+                         fz_rd16(g + 2) == (v4 ? ETYPE_IPV4 : ETYPE_IPV6),
+                     "POP: a segment's GRE header");
+            off = 4;
+            if (c->csum) {
+                FZ_CHECK(fz_fold(fz_sum(0, g, slen)) == 0, "POP: a segment's GRE checksum");
+                off += 4;
+            }
+            if (c->has_key) {
+                FZ_CHECK(fz_rd32(g + off) == c->key, "POP: a segment's key");
+                off += 4;
+            }
+            if (c->seq) {
+                if (h->seq[p] >= 0)
+                    FZ_CHECK(fz_rd32(g + off) == (uint32_t)h->seq[p],
+                             "POP: a segment's sequence number");
+                h->seq[p] = (int64_t)fz_rd32(g + off) + 1;
+            }
+            FZ_CHECK((v4 ? fz_rd16(ip + 2) : 40 + (size_t)fz_rd16(ip + 4)) == slen - gl,
+                     "POP: a segment's IP length");
+            FZ_CHECK(h->cfg.tun_mtu <= over + 64 || over - hl + slen - gl <= h->cfg.tun_mtu,
+                     "POP: a segment of %zu bytes past the MTU %u", slen - gl, h->cfg.tun_mtu);
+            FZ_CHECK(got + slen - gl - hl <= iplen - hl &&
+                         !memcmp(ip + hl, buf + hl + got, slen - gl - hl),
+                     "POP: a segment's payload is not the super-packet's at %zu", got);
+            got += slen - gl - hl;
+            segs++;
+        }
+    }
+    FZ_CHECK(got == iplen - hl, "POP: segments carry %zu of %zu payload bytes", got, iplen - hl);
+    FZ_CHECK(a->c[p].gso_packets == b->c[p].gso_packets + 1 &&
+                 a->c[p].gso_segments == b->c[p].gso_segments + segs,
+             "POP: super-packet not counted");
+    FZ_CHECK(failed ? d > 0 && reason == TPB_DROP_SEND
+                    : d == 0 && a->c[p].encap_packets == b->c[p].encap_packets + segs,
+             "POP: segments sent not counted");
+}
+
 static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
 {
     uint8_t fl = fz_u8(in), dst[16], *fixed;
@@ -860,7 +965,7 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
         fz_fix_ip(scratch, len, 1, &l4);
         free(scratch);
     }
-    fz_vnet(&tun_vh, mode == FZ_VNET_GSO ? FZ_VNET_NONE : mode, in, &l4, 0);
+    fz_vnet(&tun_vh, mode, in, &l4, 0);
     fixed = malloc(len ? len : 1);
     if (!fixed)
         abort();
@@ -889,6 +994,10 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
     fz_trace("pop: from the TUN device, %zu bytes: %zu sends%s, %llu drops (%s)", len, nios,
              nios && ios[0].failed ? " (refused)" : "", (unsigned long long)d,
              reason >= 0 ? tpb_drop_name(reason) : "-");
+    if (tun_vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        gso_check(h, fixed, len, &b, &a, d, reason);  /* as read, not completed */
+        goto out;
+    }
     FZ_CHECK(nios <= 1 && d <= 1,
              "POP: %zu sends, %llu drops for one packet", nios, (unsigned long long)d);
     if (!nios && reason == TPB_DROP_NO_ENDPOINT) {
@@ -973,6 +1082,181 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
     }
 out:
     free(fixed);
+}
+
+/* A train of TCP segments of one flow from one GRE peer (without sequence
+ * numbers, with a prefix of its own to send from), each possibly spoilt
+ * (a wrong TCP checksum, PSH, FIN, a short payload, a gap in the sequence
+ * numbers, another TOS or TCP option), handed over in one batch
+ * (pop_gro.c).  What reaches the TUN device, in order, is every packet:
+ * alone and byte for byte, or merged into a super-packet whose vnet
+ * header is right and whose payload is the merged packets', each of them
+ * one that may be merged (checksum right, ACK or ACK|PSH, no PSH before
+ * the last, payloads gso_size but the last), counted as gro_*. */
+#define TRAIN_MAX 8
+static void train_op(struct h *h, struct fz_in *in)
+{
+    static uint8_t pk[TRAIN_MAX][40 + 16 + 60 + 1500];
+    size_t plen[TRAIN_MAX], ilen[TRAIN_MAX], s, gl, thl, k, n, j, at;
+    uint8_t mut[TRAIN_MAX], good[TRAIN_MAX], tf[TRAIN_MAX], a[16], fl = fz_u8(in), *ip, *g, *t;
+    uint32_t seq = fz_u32(in), i;
+    int p = -1, reason, who;
+    const struct tpb_pop_peer_config *c;
+    struct counters b, aft;
+    uint64_t d;
+    uint16_t flags;
+    size_t merged = 0, alone = 0;
+
+    for (i = 0; i < h->cfg.nprefixes && p < 0; i++) {
+        const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
+
+        c = &h->peers[x->peer];
+        if (x->len >= 96 && x->len <= 128 && x->addr[10] == 0xff && x->addr[11] == 0xff &&
+            c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
+            memcpy(a, x->addr, 16);
+            a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
+            if (!model_martian(a, 1) && lpm(h, a) == (int)x->peer)
+                p = (int)x->peer;
+        }
+    }
+    n = 2 + fl % (TRAIN_MAX - 1);
+    s = 1 + fz_u16(in) % 1400;
+    thl = (fl & 0x80) ? 32 : 20;
+    for (k = 0; k < n; k++)
+        mut[k] = fz_u8(in);
+    if (p < 0)
+        return;
+    c = &h->peers[p];
+    flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0));
+    gl = fz_gre_hlen(flags);
+    for (k = 0; k < n; k++) {
+        ip = pk[k];
+        g = ip + 20;
+        t = g + gl + 20;
+        /* 1 in 8 a short one, 1 in 16 a gap */
+        plen[k] = (mut[k] & 7) == 1 ? s / 2 + 1 : s;
+        ilen[k] = 20 + thl + plen[k];
+        memset(ip, 0, 20 + gl + ilen[k]);
+        ip[0] = 0x45;
+        fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen[k]));
+        ip[8] = 64;
+        ip[9] = IPPROTO_GRE_;
+        fz_wr32(ip + 12, c->addr);
+        fz_wr32(ip + 16, POP_LOCAL);
+        fz_ip4_set_csum(ip);
+        fz_wr16(g, flags);
+        fz_wr16(g + 2, ETYPE_IPV4);
+        if (c->has_key)
+            fz_wr32(g + (c->csum ? 8 : 4), c->key);
+        ip = g + gl;                          /* the inner packet */
+        ip[0] = 0x45;
+        ip[1] = (mut[k] & 0x70) == 0x10 ? 0x20 : 0;
+        fz_wr16(ip + 2, (uint16_t)ilen[k]);
+        fz_wr16(ip + 4, (uint16_t)(0x1234 + k));
+        fz_wr16(ip + 6, 0x4000);
+        ip[8] = 64;
+        ip[9] = IPPROTO_TCP_;
+        memcpy(ip + 12, a + 12, 4);
+        fz_wr32(ip + 16, 0xcb007105u);        /* 203.0.113.5 */
+        fz_ip4_set_csum(ip);
+        fz_wr16(t, 40000);
+        fz_wr16(t + 2, 5201);
+        if ((mut[k] & 0x0f) == 2)
+            seq += 7;                         /* a gap */
+        fz_wr32(t + 4, seq);
+        seq += (uint32_t)plen[k];
+        fz_wr32(t + 8, 777);
+        t[12] = (uint8_t)(thl / 4) << 4;
+        t[13] = 0x10 | ((mut[k] & 0x70) == 0x20 ? 0x08 : 0) | ((mut[k] & 0x70) == 0x30 ? 0x01 : 0);
+        fz_wr16(t + 14, 500);
+        if (thl > 20) {                       /* NOP NOP timestamps */
+            t[20] = t[21] = 1;
+            t[22] = 8;
+            t[23] = 10;
+            fz_wr32(t + 24, (mut[k] & 0x70) == 0x40 ? 99 : 1);
+        }
+        for (j = 0; j < plen[k]; j++)
+            t[thl + j] = (uint8_t)(k * 31 + j);
+        fz_l4_set_csum(ip, 20, ilen[k], IPPROTO_TCP_, 0);
+        if ((mut[k] & 0x0f) == 3)
+            t[16] ^= 0x40;                    /* a wrong checksum */
+        good[k] = fz_fold(fz_sum(fz_pseudo(ip, IPPROTO_TCP_, (uint32_t)(ilen[k] - 20)),
+                                 t, ilen[k] - 20)) == 0;
+        tf[k] = t[13];          /* (a merged group's first header is rewritten) */
+        if (c->csum)
+            fz_wr16(g + 4, fz_fold(fz_sum(0, g, gl + ilen[k])));
+    }
+    fail_tun = 0;
+    snap(h, &b);
+    ios_clear();
+    /* one batch: the packets stay where they are (as in recvmmsg()'s
+     * buffers) until the flush */
+    for (k = 0; k < n; k++)
+        tpb_fuzz_pop_from_bridge_held(h->pop, pk[k], 20 + gl + ilen[k], h->now);
+    tpb_fuzz_pop_flush(h->pop);
+    snap(h, &aft);
+    d = drops(h, &b, &aft, &reason, &who);
+    fz_trace("pop: a train of %zu from peer %d: %zu TUN writes, %llu drops", n, p, nios,
+             (unsigned long long)d);
+    FZ_CHECK(d == 0 && aft.c[p].decap_packets == b.c[p].decap_packets + n,
+             "POP: a train not all delivered (%llu drops, %s)", (unsigned long long)d,
+             reason >= 0 ? tpb_drop_name(reason) : "-");
+    for (i = 0, k = 0; i < nios; i++) {
+        const struct io *o = &ios[i];
+        const struct virtio_net_hdr *v = &o->vh;
+
+        FZ_CHECK(o->kind == IO_TUN && k < n, "POP: a train's packet not to the TUN device");
+        if (fz_vnet_zero(v)) {            /* alone, as it came */
+            FZ_CHECK(o->len == ilen[k] && !memcmp(o->data, pk[k] + 20 + gl, ilen[k]),
+                     "POP: a train's packet %zu changed", k);
+            k++;
+            alone++;
+            continue;
+        }
+        if (ilen[k] > h->cfg.tun_mtu && o->len == ilen[k]) {
+            /* alone, larger than the device's MTU: a super-packet of
+             * MTU-sized segments (tun_write(), checked by check_tun());
+             * only its TCP checksum field differs */
+            FZ_CHECK(!memcmp(o->data, pk[k] + 20 + gl, 36) &&
+                         !memcmp(o->data + 38, pk[k] + 20 + gl + 38, ilen[k] - 38),
+                     "POP: a train's packet %zu over the MTU changed", k);
+            k++;
+            alone++;
+            continue;
+        }
+        merged++;
+        FZ_CHECK(v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
+                     v->gso_type == VIRTIO_NET_HDR_GSO_TCPV4 && v->csum_start == 20 &&
+                     v->csum_offset == 16 && v->hdr_len == 20 + thl && v->gso_size == plen[k] &&
+                     o->len > 20 + thl + v->gso_size && fz_ip_len(o->data, o->len) == o->len,
+                 "POP: a train's super-packet's vnet header");
+        {
+            uint32_t sm = fz_pseudo(o->data, IPPROTO_TCP_, (uint32_t)(o->len - 20));
+
+            while (sm >> 16)
+                sm = (sm & 0xffff) + (sm >> 16);
+            FZ_CHECK(fz_rd16(o->data + 36) == sm, "POP: a train's partial checksum");
+        }
+        FZ_CHECK(!memcmp(o->data + 12, pk[k] + 20 + gl + 12, 8) &&
+                     !memcmp(o->data + 20, pk[k] + 20 + gl + 20, 8),
+                 "POP: a train's super-packet's addresses, ports or sequence number");
+        for (at = 20 + thl; at < o->len; k++) {
+            t = pk[k] + 20 + gl + 20;
+            FZ_CHECK(k < n && good[k] && (tf[k] == 0x10 || tf[k] == 0x18) &&
+                         plen[k] <= v->gso_size && at + plen[k] <= o->len &&
+                         !memcmp(o->data + at, t + thl, plen[k]),
+                     "POP: a train's packet %zu merged that must not be, or changed", k);
+            FZ_CHECK(at + plen[k] == o->len || (plen[k] == v->gso_size && tf[k] == 0x10),
+                     "POP: a short or PSH segment %zu merged before others", k);
+            at += plen[k];
+        }
+        FZ_CHECK(!!(o->data[33] & 0x08) == !!(tf[k - 1] & 0x08),
+                 "POP: a train's super-packet's PSH is not its last segment's");
+    }
+    FZ_CHECK(k == n, "POP: %zu of a train's %zu packets written", k, n);
+    FZ_CHECK(aft.c[p].gro_packets - b.c[p].gro_packets == merged &&
+                 aft.c[p].gro_segments - b.c[p].gro_segments + alone == n,
+             "POP: a train's gro counters");
 }
 
 static void keepalive_op(struct h *h, struct fz_in *in)
@@ -1147,7 +1431,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             from_bridge_op(&h, &in, buf, 1);    /* GRE-in-UDP */
             break;
         default:
-            from_bridge_op(&h, &in, buf, 0);
+            if (op & 0x80)
+                train_op(&h, &in);
+            else
+                from_bridge_op(&h, &in, buf, 0);
         }
         check_endpoints(&h);
     }

@@ -34,6 +34,8 @@ SOURCES = [
     "keepalive.c",
     "pop.c",
     "xsk.c",
+    "pop_tx.c",
+    "pop_gro.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 

@@ -111,6 +111,10 @@ FAMILIES: dict[str, Family] = {
     "tunnel_mss_clamped": Family(COUNTER, "TCP SYNs whose MSS option was clamped."),
     "tunnel_gso_packets": Family(COUNTER, "Super-packets (GSO/GRO) segmented."),
     "tunnel_gso_segments": Family(COUNTER, "Segments made of super-packets."),
+    "tunnel_gro_packets": Family(
+        COUNTER, "Super-packets the POP wrote to its TUN device, coalesced from several."
+    ),
+    "tunnel_gro_segments": Family(COUNTER, "Packets the POP coalesced into super-packets."),
     "tunnel_arp_replies": Family(COUNTER, "ARP replies sent for the tunnel address."),
     "tunnel_echo_replies": Family(COUNTER, "ICMP echo replies sent from the tunnel address."),
     "tunnel_bypassed_packets": Family(
@@ -210,6 +214,8 @@ TUNNEL_FIELDS: dict[str, To] = {
     "mss_clamped": To("tunnel_mss_clamped"),
     "gso_packets": To("tunnel_gso_packets"),
     "gso_segments": To("tunnel_gso_segments"),
+    "gro_packets": To("tunnel_gro_packets"),
+    "gro_segments": To("tunnel_gro_segments"),
     "reasm_fragments": To("reassembly_fragments"),
     "reasm_done": To("reassembly_datagrams"),
     "reasm_memory": To("reassembly_memory_bytes"),

@@ -33,7 +33,16 @@ from tpb.service import Lifecycle
 
 DEFAULT_TUN = "tpbpop0"
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+# include/uapi/linux/if_tun.h: what the POP's C loop takes from the TUN
+# device (csrc/pop_tx.c: vnet_check, split): partial checksums, TCP
+# super-packets (TSO, with ECN's CWR), UDP super-packets (USO, Linux >= 6.2)
 TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 
 @dataclass
@@ -463,11 +472,18 @@ class Pop(Lifecycle):
             raise TpbError(f"cannot create TUN device {s.tun}: {e}") from None
         # A non-persistent TUN device goes away with its fd, routes and all.
         self._stack.callback(self._tun.close)
-        # Checksum offload only (no TSO: the kernel sends no super-packet).
-        # A partial checksum reaches pop.c, which completes it as RFC 1071
-        # computes it: Linux's own completion writes a TCP checksum of zero
-        # as 0xffff, which decoders flag.
-        fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM)
+        # Checksum, TSO and USO offloads: the host hands over a flow toward
+        # a bridge as super-packets of up to 64 KB, which the C loop cuts
+        # into tunnel packets (csrc/pop_tx.c), one read for ~45 packets.  A
+        # partial checksum reaches the C loop, which completes it as RFC
+        # 1071 computes it: Linux's own completion writes a TCP checksum of
+        # zero as 0xffff, which decoders flag.  A kernel before 6.2 refuses
+        # USO (EINVAL): then TSO alone.
+        try:
+            fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD,
+                        TUN_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+        except OSError:
+            fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_OFFLOADS)
         self._tun.up()
         for pfx, peer in _routed(s).items():
             self.routes.add(pfx, peer)
