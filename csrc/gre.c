@@ -153,23 +153,30 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
     uint8_t *ip = out, *u = out + 20;
     size_t glen = gre_hlen(t->csum, t->has_key, t->seq);
     size_t ulen = t->udp ? UDP_HLEN : 0;
-    uint32_t sum;
 
     outer_ip4(t, ip, proto, inner, 20 + ulen + glen + plen, 1);
     gre_header(t, out + 20 + ulen, proto, plen, psum);
     if (!t->udp)
         return 20 + glen;
-    wr16(u, gre_udp_sport(proto, inner, plen));
-    wr16(u + 2, GRE_UDP_PORT);
-    wr16(u + 4, (uint16_t)(UDP_HLEN + glen + plen));
-    wr16(u + 6, 0);
-    /* RFC 768 over the pseudo-header, UDP and GRE headers and the payload
-     * (RFC 8086 3.1: a real checksum, which also lets receivers' GRO merge
-     * the datagrams); a sum of zero goes out as 0xffff. */
-    sum = csum_pseudo4(ip, IPPROTO_UDP_, (uint32_t)(UDP_HLEN + glen + plen));
-    sum = csum_add(sum, u, UDP_HLEN + glen) + psum;
-    wr16(u + 6, csum_finish(sum) ? csum_finish(sum) : 0xffff);
+    /* RFC 8086 3.1: a real checksum, which also lets receivers' GRO merge
+     * the datagrams; the payload's sum is psum. */
+    udp4_put(u, ip, gre_udp_sport(proto, inner, plen), GRE_UDP_PORT,
+             UDP_HLEN + glen + plen, UDP_HLEN + glen, psum);
     return 20 + UDP_HLEN + glen;
+}
+
+void udp4_put(uint8_t *u, const uint8_t *ip, uint16_t sport, uint16_t dport,
+              size_t len, size_t covered, uint32_t psum)
+{
+    uint16_t c;
+
+    wr16(u, sport);
+    wr16(u + 2, dport);
+    wr16(u + 4, (uint16_t)len);
+    wr16(u + 6, 0);
+    c = csum_finish(csum_add(csum_pseudo4(ip, IPPROTO_UDP_, (uint32_t)len), u, covered) +
+                    psum);
+    wr16(u + 6, c ? c : 0xffff);   /* RFC 768: a sum of zero goes as all ones */
 }
 
 void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,

@@ -184,18 +184,8 @@ static size_t ka_inner(const struct tpb_bridge *br, const struct remote *r,
         wr32(g + off, br->cfg.key);
     if (br->cfg.csum)           /* RFC 2784 2.5 */
         wr16(g + 4, csum_finish(csum_add(0, g, glen)));
-    if (ulen) {
-        uint16_t c;
-
-        wr16(u, GRE_UDP_PORT);
-        wr16(u + 2, GRE_UDP_PORT);
-        wr16(u + 4, (uint16_t)(UDP_HLEN + glen));
-        wr16(u + 6, 0);
-        c = csum_finish(csum_add(csum_pseudo4(in, IPPROTO_UDP_,
-                                              (uint32_t)(UDP_HLEN + glen)),
-                                 u, UDP_HLEN + glen));
-        wr16(u + 6, c ? c : 0xffff);
-    }
+    if (ulen)
+        udp4_put(u, in, GRE_UDP_PORT, GRE_UDP_PORT, UDP_HLEN + glen, UDP_HLEN + glen, 0);
     return 20 + ulen + glen;
 }
 

@@ -541,19 +541,10 @@ static void ka_send(struct tpb_pop *pop, struct peer *p)
     wr32(inner + 16, pop->local);
     ip4_set_csum(inner);
     if (ulen) {
-        uint16_t c;
-
         /* The ID again as the source port: the answer reaches the POP's
          * UDP socket, which sees no IP header (from_peer: ka_id_check).
          * Port 0 is RFC 768's "no port", legal too. */
-        wr16(u, p->ka.ip_id);
-        wr16(u + 2, GRE_UDP_PORT);
-        wr16(u + 4, (uint16_t)(UDP_HLEN + glen));
-        wr16(u + 6, 0);
-        c = csum_finish(csum_add(csum_pseudo4(inner, IPPROTO_UDP_,
-                                              (uint32_t)(UDP_HLEN + glen)),
-                                 u, UDP_HLEN + glen));
-        wr16(u + 6, c ? c : 0xffff);
+        udp4_put(u, inner, p->ka.ip_id, GRE_UDP_PORT, UDP_HLEN + glen, UDP_HLEN + glen, 0);
     }
     p->ka.ip_id++;
     iov[0].iov_base = outer;

@@ -140,6 +140,12 @@ size_t gre_encap(struct gre_tx *t, uint8_t *out, uint16_t proto,
 void gre_udp_outer(struct gre_tx *t, uint8_t *out, uint16_t proto,
                    const uint8_t *inner, size_t ilen, size_t ulen, uint32_t nseg);
 
+/* A UDP header (RFC 768) at u, len bytes with the payload, inside the
+ * IPv4 packet ip: its checksum over the pseudo-header, the first `covered`
+ * bytes at u and psum (the unfolded sum of the rest, wherever it lies). */
+void udp4_put(uint8_t *u, const uint8_t *ip, uint16_t sport, uint16_t dport,
+              size_t len, size_t covered, uint32_t psum);
+
 /* Just the GRE header (the POP's kernel writes the outer IPv4 header). */
 size_t gre_header(struct gre_tx *t, uint8_t *g, uint16_t proto,
                   size_t plen, uint32_t psum);

@@ -45,6 +45,9 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
 int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
+/* txq.c: ifindex's MTU now (SIOCGIFMTU through any socket fd); 0 if it
+ * cannot be read (the device gone). */
+uint32_t port_mtu(int fd, int ifindex);
 
 /* A TX ring (PACKET_TX_RING) on a socket of its own, which only sends.
  * Frames are copied into its slots and go with one send() per flush

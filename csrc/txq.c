@@ -66,7 +66,7 @@ static void fz_release(struct txq *q)
  * it is given up and counted, as sendmmsg would count it at once. */
 #define TXRING_TRIES 3
 
-static uint32_t port_mtu(int fd, int ifindex)
+uint32_t port_mtu(int fd, int ifindex)
 {
     struct ifreq ifr;
 

@@ -53,6 +53,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
+#include "ring.h"
 #include "tpb.h"
 
 #ifndef SOL_XDP
@@ -216,17 +217,6 @@ static int ring_map(struct xring *r, int fd, const struct xdp_ring_offset *o,
     return 0;
 }
 
-static uint32_t ring_mtu(int fd, int ifindex)
-{
-    struct ifreq ifr;
-
-    memset(&ifr, 0, sizeof(ifr));
-    if (!if_indextoname((unsigned)ifindex, ifr.ifr_name) ||
-        ioctl(fd, SIOCGIFMTU, &ifr) < 0)
-        return 0;
-    return (uint32_t)ifr.ifr_mtu;
-}
-
 /* Socket q of port k; the very first one registers the UMEM, every other
  * shares it. */
 static int sock_open(struct tpb_xsk *x, int k, uint32_t q, const struct tpb_xsk_config *cfg,
@@ -340,7 +330,7 @@ static int port_open(struct tpb_xsk *x, int k, const struct tpb_xsk_config *cfg,
                  log[0] ? ": " : "", log);
         return -1;
     }
-    p->mtu = ring_mtu(x->ioctl_fd, p->ifindex);
+    p->mtu = port_mtu(x->ioctl_fd, p->ifindex);
     /* A bridge port takes every frame, not only those to its MAC.  A
      * packet socket of protocol 0 receives nothing; its membership is the
      * kernel's promiscuity count, dropped when the socket closes. */
@@ -425,10 +415,17 @@ void tpb_xsk_close(struct tpb_xsk *x)
     free(x);
 }
 
+#define EACH_SOCK(x, k, q) \
+    for (k = 0; k < 2; k++) \
+        for (q = 0; q < (x)->p[k].nq; q++)
+
+static void refill(struct tpb_xsk *x, struct xsock *xs);
+
 struct tpb_xsk *tpb_xsk_open(const struct tpb_xsk_config *cfg, char *err, size_t errlen)
 {
     struct tpb_xsk *x;
     uint32_t n = cfg->ring_size, i, q;
+    int k;
 
     if (n < 64 || n > 16384 || (n & (n - 1))) {
         snprintf(err, errlen, "AF_XDP ring size %u: a power of two, 64-16384", n);
@@ -479,6 +476,11 @@ struct tpb_xsk *tpb_xsk_open(const struct tpb_xsk_config *cfg, char *err, size_t
     for (i = 0; i < 2; i++)
         if (port_open(x, (int)i, cfg, err, errlen) < 0)
             goto fail;
+    /* Every fill ring stocked before a program goes on: a frame that comes
+     * before the loop runs must find a chunk, or the kernel drops it
+     * (rx_fill_ring_empty_descs); the RX ring then holds it. */
+    EACH_SOCK(x, k, q)
+        refill(x, &x->p[k].s[q]);
     for (i = 0; i < 2; i++)
         if (port_attach(&x->p[i], err, errlen) < 0)
             goto fail;
@@ -648,10 +650,6 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-#define EACH_SOCK(x, k, q) \
-    for (k = 0; k < 2; k++) \
-        for (q = 0; q < (x)->p[k].nq; q++)
-
 int tpb_xsk_run(struct tpb_xsk *x)
 {
     uint64_t idle_since = 0, last_mtu = now_ns();
@@ -687,7 +685,7 @@ int tpb_xsk_run(struct tpb_xsk *x)
         if (t - last_mtu > 1000000000ull) {
             last_mtu = t;
             for (k = 0; k < 2; k++)
-                x->p[k].mtu = ring_mtu(x->ioctl_fd, x->p[k].ifindex);
+                x->p[k].mtu = port_mtu(x->ioctl_fd, x->p[k].ifindex);
         }
         if (x->busy_poll) {
             /* recvfrom() drives the queue's NAPI (SO_PREFER_BUSY_POLL):

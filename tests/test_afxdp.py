@@ -27,13 +27,11 @@ from helpers import (
     tpb_argv,
     wait_for,
 )
-from rawsock import Port
 from scapy.layers.inet import IP
 from scapy.layers.l2 import Dot1Q, Ether
-from scapy.packet import Raw
-from test_frames import FRAMES, SILENT, _marker_of
+from test_frames import FRAMES, _marker_of, send_silent_frames
 from test_tcp import check_report, iperf3_run, set_offloads
-from wire import DIRECTIONS, LOCAL_EXPERIMENTAL, check_crossed, cross, ends, sized, udp4
+from wire import DIRECTIONS, check_crossed, cross, ends, sized, udp4
 
 from tpb import lab as labmod
 
@@ -136,21 +134,7 @@ def quiet_lab(request):
 
 def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
     tpb = start_tpb(quiet_lab, extra=AFXDP)
-    e = ends(quiet_lab)
-    sent: dict[str, list[bytes]] = {}
-    for a, b in DIRECTIONS.values():
-        src, dst = e[a], e[b]
-        frames = [build(src, dst, os.urandom(16)) for build in SILENT]
-        fence = os.urandom(16)
-        frames.append(bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(fence)))
-        with (
-            Port(quiet_lab.ns(src.node), src.ifname) as tx,
-            Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
-        ):
-            for f in frames:
-                tx.send(f)
-            rx.collect([], fence)
-        sent[src.tpb_port] = frames
+    sent = send_silent_frames(quiet_lab)
     c = tpb.stop()
     assert_consistent(c)
     for port, other in (("in", "out"), ("out", "in")):

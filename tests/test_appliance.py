@@ -346,6 +346,7 @@ METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
                     "tpb_tunnel_udp_gso_sent_messages_total",
                     "tpb_tunnel_udp_gso_received_messages_total",
                     "tpb_tunnel_udp_gso_coalesced_messages_total",
+                    "tpb_tunnel_gro_packets_total", "tpb_tunnel_gro_segments_total",
                     "tpb_reassembly_fragments_total", "tpb_reassembly_datagrams_total",
                     "tpb_reassembly_memory_bytes", "tpb_reassembly_memory_peak_bytes")},
     **{name: {"bridge": _REMOTES, "pop": [{"peer": PEER}]}

@@ -472,9 +472,11 @@ def quiet_lab(request):
         yield lb
 
 
-def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
-    tpb = start_tpb(quiet_lab)
-    e = ends(quiet_lab)
+def send_silent_frames(lab) -> dict[str, list[bytes]]:
+    """Every silent kind of frame and a fence each way through a running
+    TPB, each direction until its fence has arrived: what was sent, by the
+    TPB port that received it."""
+    e = ends(lab)
     sent: dict[str, list[bytes]] = {}
     for a, b in DIRECTIONS.values():
         src, dst = e[a], e[b]
@@ -482,13 +484,19 @@ def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
         fence = os.urandom(16)
         frames.append(bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(fence)))
         with (
-            Port(quiet_lab.ns(src.node), src.ifname) as tx,
-            Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+            Port(lab.ns(src.node), src.ifname) as tx,
+            Port(lab.ns(dst.node), dst.ifname, capture=True) as rx,
         ):
             for f in frames:
                 tx.send(f)
             rx.collect([], fence)
         sent[src.tpb_port] = frames
+    return sent
+
+
+def test_counters_count_every_frame_exactly(quiet_lab, start_tpb):
+    tpb = start_tpb(quiet_lab)
+    sent = send_silent_frames(quiet_lab)
     c = tpb.stop()
     assert_consistent(c)
     for port, other in (("in", "out"), ("out", "in")):
