@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TpbProcess, netns_unavailable  # noqa: E402
+from pop_util import Daemons  # noqa: E402
 
 from tpb import lab as labmod  # noqa: E402
 
@@ -76,3 +77,13 @@ def tpb(lab, start_tpb) -> TpbProcess:
     """`tpb run --in eth2 --out eth3 --counters FILE` in the lab's tpb node,
     running; `tpb.stop()` returns the exit counters."""
     return start_tpb(lab)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    """Daemons(tmp_path): `tpb run` / `tpb pop` processes of one test, all
+    stopped at teardown (tests/pop_util.py). Modules that need more around
+    them (route caches flushed) define their own."""
+    d = Daemons(tmp_path)
+    yield d
+    d.close()

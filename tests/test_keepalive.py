@@ -22,7 +22,7 @@ import time
 
 import pytest
 from helpers import received, wait_for
-from pop_util import Capture, Daemons, IpSender, assert_ping_ok, need_root, parse_gre, ping
+from pop_util import Capture, IpSender, assert_ping_ok, need_root, parse_gre, ping
 from scapy.layers.inet import IP
 from scapy.layers.l2 import GRE, Ether
 
@@ -64,13 +64,6 @@ def tlab():
             # no router solicitations from the TUN device into exact counts
             lb.sysctl(node, "net.ipv6.conf.default.disable_ipv6", "1")
         yield lb
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 def bridge(daemons, tlab, *extra: str, remotes: str = T_POP):

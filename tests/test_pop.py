@@ -30,7 +30,6 @@ from helpers import (
 from pop_util import (
     TUNSETVNETHDRSZ,
     Capture,
-    Daemons,
     FrameSender,
     IpSender,
     Tcpdump,
@@ -89,13 +88,6 @@ def tlab():
 def iperf_servers(tlab):
     start_iperf_servers(tlab, IPERF_PORTS)
     return IPERF_PORTS
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 def gre_capture(tlab, ifname: str) -> Capture:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from helpers import inet_sum
-from pop_util import Capture, Daemons, IpSender, need_root, parse_gre, wait_for
+from pop_util import Capture, IpSender, need_root, parse_gre, wait_for
 from rawsock import netns
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import GRE
@@ -70,13 +70,6 @@ def tlab():
         # No IPv6 on the TUN devices: nothing but what the tests send on them.
         lb.sysctl("pop", "net.ipv6.conf.default.disable_ipv6", "1")
         yield lb
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 # ---- GRE made by hand ---------------------------------------------------------

@@ -21,7 +21,6 @@ import pytest
 from fault_util import TcpTransfer
 from pop_util import (
     TUNSETVNETHDRSZ,
-    Daemons,
     need_root,
     ping,
     received,
@@ -50,13 +49,6 @@ def tlab():
         # no_peer drops, and the drop counts below are exact
         lb.sysctl("pop", "net.ipv6.conf.default.disable_ipv6", "1")
         yield lb
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 def start(tlab, daemons, encap: str):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from helpers import received, wait_for
-from pop_util import Daemons, IpSender, need_root, ping
+from pop_util import IpSender, need_root, ping
 from prom_util import Prometheus
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import GRE
@@ -44,13 +44,6 @@ def tlab():
         lb.run("gw2", f"ip neigh replace {T_GW1} lladdr {GW1_MAC} nud permanent dev eth0")
         lb.run("gw2", f"ip neigh replace {T_TPB} lladdr 02:00:00:00:00:44 nud permanent dev eth0")
         yield lb
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 def bridge_args(*extra: str) -> list[str]:

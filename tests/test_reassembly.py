@@ -18,7 +18,6 @@ import time
 import pytest
 from pop_util import (
     Capture,
-    Daemons,
     FrameSender,
     mac,
     need_root,
@@ -58,13 +57,6 @@ def rlab():
             ],
         )
         yield lb
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 class Pop:

@@ -20,7 +20,6 @@ import pytest
 from helpers import tshark_problems
 from pop_util import (
     Capture,
-    Daemons,
     FrameSender,
     Tcpdump,
     assert_ping_ok,
@@ -79,13 +78,6 @@ def tlab():
 def iperf_servers(tlab):
     start_iperf_servers(tlab, IPERF_PORTS)
     return IPERF_PORTS
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 # ---- the wire format ----------------------------------------------------------

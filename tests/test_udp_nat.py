@@ -23,7 +23,6 @@ import time
 import pytest
 from pop_util import (
     Capture,
-    Daemons,
     assert_ping_ok,
     iperf,
     iperf_result,
@@ -74,13 +73,6 @@ def tlab():
 def iperf_servers(tlab):
     start_iperf_servers(tlab, IPERF_PORTS)
     return IPERF_PORTS
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.close()
 
 
 def status(tlab, node: str) -> dict:
