@@ -27,11 +27,9 @@ from helpers import (
     tpb_argv,
     wait_for,
 )
-from scapy.layers.inet import IP
-from scapy.layers.l2 import Dot1Q, Ether
-from test_frames import FRAMES, _marker_of, send_silent_frames
+from test_frames import FRAMES, _marker_of, check_past_the_out_mtu, send_silent_frames
 from test_tcp import check_report, iperf3_run, set_offloads
-from wire import DIRECTIONS, check_crossed, cross, ends, sized, udp4
+from wire import DIRECTIONS, check_crossed, cross, ends, udp4
 
 from tpb import lab as labmod
 
@@ -157,21 +155,7 @@ def test_frames_past_the_out_mtu_are_refused_and_counted(quiet_lab, out_mtu_1400
     """MTU + 14 crosses, one byte more is dropped too_big, a tagged frame
     may be 4 bytes longer: as backend packet."""
     tpb = start_tpb(quiet_lab, extra=AFXDP)
-    e = ends(quiet_lab)
-    src, dst = e["gw1"], e["gw2"]
-    m_fit, m_big, m_tag = (os.urandom(16) for _ in range(3))
-    fit = sized(bytes(udp4(src, dst, m_fit)), out_mtu_1400 + 14)
-    big = sized(bytes(udp4(src, dst, m_big)), out_mtu_1400 + 15)
-    tagged = sized(
-        bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100) / udp4(src, dst, m_tag)[IP]),
-        out_mtu_1400 + 18,
-    )
-    got = cross(quiet_lab, src, dst, [fit, big, tagged], [m_fit, m_big, m_tag])
-    c = tpb.stop()
-    check_crossed([fit, tagged], [m_fit, m_tag], got)
-    assert got[m_big] == [], "a frame past the MTU arrived"
-    assert c["out"]["drop_too_big"] == 1, c["out"]
-    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + 1, c
+    check_past_the_out_mtu(quiet_lab, tpb, out_mtu_1400)
 
 
 def test_sigkill_leaves_no_xdp_program(quiet_lab, start_tpb):

@@ -633,6 +633,28 @@ def test_full_ring_drops_are_counted(quiet_lab, start_tpb, ring_frames):
 # sendmmsg; a frame the device refuses is tried again, then counted.
 
 
+def check_past_the_out_mtu(lab, tpb, mtu: int) -> None:
+    """Through a running TPB whose --out has this MTU: a frame of MTU + 14
+    bytes crosses, one byte more is dropped and counted too_big, an
+    802.1Q-tagged frame may be 4 bytes longer; everything else that came in
+    went out.  Stops TPB."""
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    m_fit, m_big, m_tag = (os.urandom(16) for _ in range(3))
+    fit = sized(bytes(udp4(src, dst, m_fit)), mtu + 14)
+    big = sized(bytes(udp4(src, dst, m_big)), mtu + 15)
+    tagged = sized(
+        bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100) / udp4(src, dst, m_tag)[IP]),
+        mtu + 18,
+    )
+    got = cross(lab, src, dst, [fit, big, tagged], [m_fit, m_big, m_tag])
+    c = tpb.stop()
+    check_crossed([fit, tagged], [m_fit, m_tag], got)
+    assert got[m_big] == [], "a frame past the MTU arrived"
+    assert c["out"]["drop_too_big"] == 1, c["out"]
+    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + 1, c
+
+
 @pytest.fixture
 def restore_out_mtu(quiet_lab):
     yield
@@ -655,22 +677,7 @@ def test_frames_past_the_out_mtu_are_refused_and_counted(
     if when == "while-running":
         quiet_lab.run("tpb", set_mtu)
         time.sleep(1.2)  # past TPB's once-a-second look at the MTU
-    e = ends(quiet_lab)
-    src, dst = e["gw1"], e["gw2"]
-    m_fit, m_big, m_tag = (os.urandom(16) for _ in range(3))
-    fit = sized(bytes(udp4(src, dst, m_fit)), out_mtu_1400 + 14)
-    big = sized(bytes(udp4(src, dst, m_big)), out_mtu_1400 + 15)
-    tagged = sized(
-        bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100) / udp4(src, dst, m_tag)[IP]),
-        out_mtu_1400 + 18,
-    )
-    got = cross(quiet_lab, src, dst, [fit, big, tagged], [m_fit, m_big, m_tag])
-    c = tpb.stop()
-    check_crossed([fit, tagged], [m_fit, m_tag], got)
-    assert got[m_big] == [], "a frame past the MTU arrived"
-    assert c["out"]["drop_too_big"] == 1, c["out"]
-    # everything else that came in went out
-    assert c["in"]["rx_frames"] == c["out"]["tx_frames"] + 1, c
+    check_past_the_out_mtu(quiet_lab, tpb, out_mtu_1400)
 
 
 def _tx_dropped(lab: labmod.Lab, node: str, ifname: str) -> int:
