@@ -352,10 +352,8 @@ static int learn_check(struct tpb_pop *pop, struct peer *p, const uint8_t a[16],
 
 /* 7. ------------------------------------------------------------------ */
 
-/* A TCP packet with nothing between the IP and TCP headers: where its
- * TCP header starts (*l4) and how long it is (*thl). */
-static int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
-                     size_t *l4, size_t *thl)
+int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
+              size_t *l4, size_t *thl)
 {
     if (proto == ETYPE_IPV4) {
         if (in[9] != IPPROTO_TCP || (rd16(in + 6) & (IP_MF | IP_OFFMASK)))

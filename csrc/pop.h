@@ -128,6 +128,11 @@ struct tpb_pop {
 
 /* pop.c */
 int inner_addr(const uint8_t *ip, size_t len, int dst, uint8_t out[16]);
+/* A TCP packet, not a fragment, with nothing between the IP and TCP
+ * headers (IPv6: no extension header) and a payload: where its TCP header
+ * starts (*l4) and how long it is (*thl, at least 20). */
+int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
+              size_t *l4, size_t *thl);
 struct peer *route(struct tpb_pop *pop, const uint8_t dst[16]);
 void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v);
 int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,

@@ -101,21 +101,9 @@ static int candidate(const uint8_t *in, size_t ilen, uint16_t proto,
     uint8_t fl;
     uint32_t sum;
 
-    if (proto == ETYPE_IPV4) {
-        if ((in[0] & 0x0f) != 5 || in[9] != IPPROTO_TCP_ ||
-            (rd16(in + 6) & (IP_MF | IP_OFFMASK)))
-            return 0;
-        *l4 = 20;
-    } else {
-        if (in[6] != IPPROTO_TCP_)
-            return 0;
-        *l4 = 40;
-    }
-    if (*l4 + 20 > ilen)
+    /* no payload (a pure ACK): alone; IPv4 options: GRO would not merge */
+    if (!tcp_super(in, ilen, proto, l4, thl) || (proto == ETYPE_IPV4 && *l4 != 20))
         return 0;
-    *thl = (size_t)(in[*l4 + 12] >> 4) * 4;
-    if (*thl < 20 || *l4 + *thl >= ilen)
-        return 0;               /* no payload (a pure ACK): alone */
     fl = in[*l4 + 13];
     if ((in[*l4 + 12] & 0x0f) || (fl != TCP_ACK && fl != (TCP_ACK | TCP_PSH)))
         return 0;
