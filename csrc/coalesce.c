@@ -87,8 +87,8 @@ static int follows(const struct piece *p0, const struct piece *pk, size_t k,
     return (fb & (uint8_t)~(TCP_PSH | TCP_FIN)) == fa;
 }
 
-static size_t pieces_mergeable(struct tpb_bridge *br, struct remote *r, uint8_t *ip,
-                               size_t tot, size_t seg, struct piece *pc)
+static size_t pieces_mergeable(struct remote *r, uint8_t *ip, size_t tot, size_t seg,
+                               struct piece *pc)
 {
     size_t ihl = (size_t)(ip[0] & 0x0f) * 4, off, n = 0, glen, thl = 0, thl0 = 0;
     uint32_t seq = 0;
@@ -116,7 +116,6 @@ static size_t pieces_mergeable(struct tpb_bridge *br, struct remote *r, uint8_t 
         seq += (uint32_t)pc[n].plen;
         n++;
     }
-    (void)br;
     return n >= 2 && pc[0].plen && pc[n - 1].plen && pc[n - 1].plen <= pc[0].plen ? n : 0;
 }
 
@@ -127,7 +126,7 @@ int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
 {
     struct piece pc[MAX_PIECES];
     struct virtio_net_hdr vh;
-    size_t n = pieces_mergeable(br, r, ip, tot, seg, pc), k, hl, len;
+    size_t n = pieces_mergeable(r, ip, tot, seg, pc), k, hl, len;
     uint8_t *buf, *t, flags = 0;
 
     if (!n)
