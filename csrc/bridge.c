@@ -113,10 +113,12 @@ static void dispatch(struct tpb_bridge *br, struct source *s, struct frame *f)
 {
     switch (s->kind) {
     case SRC_BRIDGE:
-        if (br->tunnel && s->port == TPB_PORT_IN) {
-            learn_router(br, f);
+        /* Anyone upstream can send a frame with a stranger's MACs (a
+         * 64-byte flood from a spoofed source, say): a bridged frame must
+         * not readdress what TPB unwraps (learn_router: selected frames
+         * only), and teaches the keepalives' hop only while no frame has. */
+        if (br->tunnel && s->port == TPB_PORT_IN && !br->have_hop)
             ka_learn_hop(br, f);
-        }
         forward(br, &br->q[s->to], f);
         break;
     case SRC_ENCAP:

@@ -76,9 +76,10 @@ void encap_mtu(struct tpb_bridge *br, uint32_t mtu)
 
 /* 1. ------------------------------------------------------------------ */
 
-/* --in faces one router, the enterprise gateway: whatever it sends
- * tells TPB where unwrapped packets go when they were addressed to TPB's
- * own MAC (see decap.c: deliver). */
+/* --in faces one router, the enterprise gateway: the source of the
+ * frames selected for the tunnel tells TPB where unwrapped packets go when
+ * they were addressed to TPB's own MAC (see decap.c: deliver).  Never a
+ * bridged frame: any host upstream can send one from any MAC. */
 void learn_router(struct tpb_bridge *br, const struct frame *f)
 {
     if ((f->mac[6] & 1) ||

@@ -15,9 +15,11 @@
  *                      none, tunnel_down(): bypass (fail-open) or drop;
  *   3. ka_learn_hop()  the Ethernet header a keepalive leaves with: TPB has
  *                      no route and no ARP of its own toward the ISP, so it
- *                      takes the MACs (and VLAN tag) of the last IPv4 frame
- *                      going from --in to --out, as the encapsulated flows
- *                      themselves leave;
+ *                      takes the MACs (and VLAN tag) of the last frame
+ *                      selected for the tunnel, as the encapsulated flows
+ *                      themselves leave (bypassed too, while no POP is up);
+ *                      until one comes, of the first bridged IPv4 frame
+ *                      from --in, which no later bridged frame replaces;
  *   4. ka_tick()       every loop pass: a remote unanswered for period x
  *                      retries goes down; every period, a keepalive to each
  *                      remote (ka_send);

@@ -23,8 +23,10 @@ import time
 import pytest
 from helpers import received, wait_for
 from pop_util import Capture, IpSender, assert_ping_ok, need_root, parse_gre, ping
-from scapy.layers.inet import IP
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import GRE, Ether
+from scapy.packet import Raw
+from tunnel_util import Wire
 
 from tpb import lab as labmod
 from tpb.lab import T_GW2, T_POP, T_SERVER, T_TPB, Iface, Node
@@ -160,6 +162,32 @@ def test_keepalives_are_cisco_format_at_the_period(tlab, daemons):
         assert bytes(IP(bytes(redone))) == bytes(outer)
     # No POP answered: no traffic would go into the tunnel.
     assert c["tunnel"]["encap_packets"] == 0, c["tunnel"]
+
+
+def test_a_strangers_frames_do_not_redirect_the_keepalives(tlab, daemons):
+    """Once TPB knows the hop its keepalives leave by, bridged IPv4 frames
+    from --in with other MACs (a flood from a spoofed source to a MAC
+    nobody has, as anyone upstream can send) do not change it: the
+    keepalives after them still go gw1 -> gw2, where the ISP's router
+    takes them."""
+    cap = Capture(tlab, "gw2", "eth0", keep=lambda f: parse_gre(f) is not None,
+                  incoming_only=True)
+    stranger, nobody = "02:00:00:00:00:77", "02:00:00:00:00:99"
+    junk = bytes(Ether(src=stranger, dst=nobody) / IP(src="192.0.2.10", dst=T_GW2)
+                 / UDP(sport=40000, dport=9) / Raw(b"x" * 18))
+    with cap:
+        t = bridge(daemons, tlab)
+        teach_next_hop(tlab)
+        cap.wait(lambda fs: len(fs) >= 1 and fs, 5, "a first keepalive")
+        with Wire(tlab, "gw1", "eth1", outgoing=False) as w:
+            for _ in range(20):
+                w.send(junk)
+        n = len(cap.snapshot())
+        frames = cap.wait(lambda fs: len(fs) >= n + 3 and fs, 5, "three keepalives more")
+    t.stop()
+    for f in frames[n:]:
+        e = Ether(f.data)
+        assert (e.dst, e.src) == (GW2_MAC, GW1_MAC), e.summary()
 
 
 def test_the_pops_own_keepalive_is_reflected(tlab, daemons):

@@ -541,6 +541,59 @@ def test_no_router_mac_yet(tlab, procs, gw1, gw2):
     assert drops(c) == {"no_router_mac": 1}, c["tunnel"]
 
 
+STRANGER_MAC = "02:00:00:00:00:77"
+
+
+def test_a_strangers_frames_do_not_readdress_what_tpb_unwraps(tlab, procs, gw1, gw2):
+    """Once a selected frame showed the in-side router, bridged frames
+    from another source MAC on --in (anyone upstream can send them: a
+    flood from a spoofed source, say) do not teach TPB another router:
+    GRE to TPB's own MAC, unwrapped after them, still goes to gw1's MAC.
+    Before the fix, the soak's flood took the ping replies it unwrapped to
+    a MAC nobody has (gw1 dropped them as otherhost)."""
+    tpb = procs.tpb(*SELECT_SERVER)
+    learn_router_mac(gw1, gw2)
+    strangers = [marker(f"st{i}") for i in range(3)]
+    for m in strangers:
+        # unselected (to gw2's own address), bridged; from a stranger's MAC
+        gw1.send(eth(udp4(m, dst=T_GW2, dport=9), src=STRANGER_MAC, dst="02:00:00:00:00:99"))
+    for m in strangers:
+        gw2.until(lambda f, m=m: m in f.data, 5.0, "the stranger's frame, bridged")
+    back = marker("back")
+    gw1.drain()
+    gw2.send(gre_to_tpb(to_pc(back)))
+    f = fence_to(gw1, back)
+    c = tpb.stop()
+    assert f.data[:14] == bytes.fromhex(
+        GW1_MAC.replace(":", "") + GW2_MAC.replace(":", "") + "0800"), f.data[:14].hex()
+    assert ip_payload_of(f.data) == to_pc(back)
+    assert drops(c) == {}, c["tunnel"]
+
+
+def test_a_bridged_frame_teaches_no_router(tlab, procs, gw1, gw2):
+    """Only a selected frame teaches TPB the in-side router: before one,
+    a bridged frame from --in (any host upstream can send one, from any
+    MAC) leaves GRE to TPB's own MAC dropped as no_router_mac; after a
+    selected frame from gw1, delivered to gw1."""
+    tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000")
+    first = marker("boot")
+    gw1.send(eth(udp4(first, dst=T_GW2, dport=9), src=STRANGER_MAC))
+    gw2.until(lambda f: first in f.data, 5.0, "the stranger's frame, bridged")
+    early, fence = marker("early"), marker("fence")
+    gw1.drain()
+    gw2.send(gre_to_tpb(to_pc(early)))
+    gw2.send(eth(to_pc(fence), src=GW2_MAC, dst=GW1_MAC))
+    fence_to(gw1, fence)
+    learn_router_mac(gw1, gw2)
+    late = marker("late")
+    gw2.send(gre_to_tpb(to_pc(late)))
+    f = fence_to(gw1, late)
+    c = tpb.stop()
+    assert not gw1.with_marker(early)
+    assert f.data[:6] == bytes.fromhex(GW1_MAC.replace(":", ""))
+    assert drops(c) == {"no_router_mac": 1}, c["tunnel"]
+
+
 def test_arp_and_echo_for_the_tunnel_address(tlab, procs, gw1, gw2):
     """gw2 finds TPB's tunnel address by ARP (TPB's eth3 MAC) and can ping
     it; neither the ARP request nor the echo reaches gw1."""
