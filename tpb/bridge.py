@@ -238,17 +238,12 @@ class QdiscWatch:
     def check(self) -> None:
         for p, port in self._ports.items():
             try:
-                # The link first: a port's qdiscs read as none once it is gone.
-                self._ipr.get_links(port.ifindex)
                 kind = root_qdisc(self._ipr, port.ifindex)
-                if kind is None:  # or it went between the two requests
-                    self._ipr.get_links(port.ifindex)
-            except self._error as e:
-                if e.code == errno.ENODEV:
+            except (OSError, self._error) as e:
+                code = e.errno if isinstance(e, OSError) else e.code
+                if code in (errno.ENXIO, errno.ENODEV):
                     raise RuntimeFailure(f"{port.name}: the port went away") from None
                 continue  # a passing netlink hiccup: look again next time
-            except OSError:
-                continue
             if p in self._kind and kind == self._kind[p]:
                 continue
             bypass = kind == "noqueue"
