@@ -67,20 +67,17 @@ static int tcp_csum_ok(const uint8_t *in, size_t len)
                                 in + 20, len - 20)) == 0;
 }
 
-/* Piece k (k > 0) follows piece 0 as a segment of the same flow would. */
+/* Piece k (k > 0) follows piece 0 as a segment of the same flow would;
+ * the flags as tcp_gro_receive rules: CWR only on the first (it ends a
+ * merge), PSH/FIN only on the last. */
 static int follows(const struct piece *p0, const struct piece *pk, size_t k,
                    uint32_t seq, int last, size_t thl)
 {
-    const uint8_t *a = p0->in, *b = pk->in;
-    uint8_t fa = a[33], fb = b[33];
+    uint8_t fa = p0->in[33], fb = pk->in[33];
 
-    if (memcmp(a, b, 2) || memcmp(a + 6, b + 6, 4) || memcmp(a + 12, b + 12, 8) ||
-        rd16(b + 4) != (uint16_t)(rd16(a + 4) + k))
-        return 0;                  /* TOS, DF, TTL, protocol, addresses, ID */
-    if (memcmp(a + 20, b + 20, 4) || rd32(b + 24) != seq ||
-        memcmp(a + 28, b + 28, 5) || memcmp(a + 34, b + 34, 2) ||
-        memcmp(a + 38, b + 38, thl - 18))
-        return 0;                  /* ports, sequence, ack, offset, window, options */
+    if (!tcp_seg_follows(p0->in, pk->in, ETYPE_IPV4, thl,
+                         (uint16_t)(rd16(p0->in + 4) + k), seq))
+        return 0;
     fa &= (uint8_t)~(TCP_CWR | TCP_PSH | TCP_FIN);
     if (!last && (fb & (TCP_PSH | TCP_FIN)))
         return 0;

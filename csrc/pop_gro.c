@@ -116,24 +116,12 @@ static int candidate(const uint8_t *in, size_t ilen, uint16_t proto,
 
 /* Whether in (a candidate, c_l4/c_thl/c_plen found) is the held group's
  * next segment. */
-static int joins(const struct pop_gro *g, const uint8_t *in, size_t ilen,
-                 uint16_t proto)
+static int joins(const struct pop_gro *g, const uint8_t *in, uint16_t proto)
 {
-    const uint8_t *f = g->first, *t = in + g->c_l4, *ft = f + g->l4;
-
     if (g->proto != proto || g->c_thl != g->thl || g->c_plen > g->gso_size ||
         g->total + g->c_plen > (proto == ETYPE_IPV4 ? 65535u : 65535u + 40))
         return 0;
-    if (proto == ETYPE_IPV4) {
-        if (in[1] != f[1] || in[8] != f[8] || rd16(in + 6) != rd16(f + 6) ||
-            memcmp(in + 12, f + 12, 8) || rd16(in + 4) != g->next_id)
-            return 0;
-    } else if (memcmp(in, f, 4) || in[7] != f[7] || memcmp(in + 8, f + 8, 32)) {
-        return 0;
-    }
-    return rd32(t) == rd32(ft) && rd32(t + 4) == g->next_seq &&
-           rd32(t + 8) == rd32(ft + 8) && rd16(t + 14) == rd16(ft + 14) &&
-           !memcmp(t + 20, ft + 20, g->thl - 20);
+    return tcp_seg_follows(g->first, in, proto, g->thl, g->next_id, g->next_seq);
 }
 
 int gro_verdict(struct tpb_pop *pop, const struct peer *p, const uint8_t *in,
@@ -145,7 +133,7 @@ int gro_verdict(struct tpb_pop *pop, const struct peer *p, const uint8_t *in,
         !candidate(in, ilen, proto, &g->c_l4, &g->c_thl))
         return GRO_NONE;
     g->c_plen = ilen - g->c_l4 - g->c_thl;
-    if (g->n && !g->closed && g->p == p && joins(g, in, ilen, proto))
+    if (g->n && !g->closed && g->p == p && joins(g, in, proto))
         return GRO_APPEND;
     return GRO_START;
 }

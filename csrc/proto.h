@@ -185,6 +185,17 @@ uint32_t gso_count(const struct gso_plan *s);
 size_t gso_seg(const struct gso_plan *s, uint8_t *h, uint32_t k, uint32_t n,
                const uint8_t **data);
 
+/* segment.c, GRO's side: whether TCP segment b (behind a 20-byte IPv4
+ * header, or a 40-byte IPv6 one; TCP header thl long, both checked by the
+ * caller) continues segment a's flow as inet_gro_receive / ipv6_gro_receive
+ * and tcp_gro_receive would merge it: every header field equal but the IP
+ * length and checksum, the IPv4 ID (which must be `id`), the TCP sequence
+ * number (which must be `seq`), flags, checksum and urgent pointer.  The
+ * flags each caller rules on itself.  Used by the bridge (coalesce.c) and
+ * the POP (pop_gro.c). */
+int tcp_seg_follows(const uint8_t *a, const uint8_t *b, uint16_t proto,
+                    size_t thl, uint16_t id, uint32_t seq);
+
 /* The checks shared by every GRE header from a remote (gre.c); `what`: */
 #define GRE_CHECK_CSUM 1u   /* verify a checksum present over glen bytes */
 #define GRE_CHECK_SEQ 2u    /* require a sequence number where r->seq */

@@ -178,6 +178,25 @@ size_t gso_seg(const struct gso_plan *s, uint8_t *h, uint32_t k, uint32_t n,
     return d;
 }
 
+int tcp_seg_follows(const uint8_t *a, const uint8_t *b, uint16_t proto,
+                    size_t thl, uint16_t id, uint32_t seq)
+{
+    size_t l4 = proto == ETYPE_IPV4 ? 20 : 40;
+
+    if (proto == ETYPE_IPV4) {
+        if (a[1] != b[1] || memcmp(a + 6, b + 6, 4) || memcmp(a + 12, b + 12, 8) ||
+            rd16(b + 4) != id)
+            return 0;           /* TOS, DF, TTL, protocol, addresses; the ID */
+    } else if (memcmp(a, b, 4) || memcmp(a + 6, b + 6, 34)) {
+        return 0;               /* class, flow label, next header, hops, addresses */
+    }
+    a += l4;
+    b += l4;
+    return !memcmp(a, b, 4) && rd32(b + 4) == seq && !memcmp(a + 8, b + 8, 5) &&
+           !memcmp(a + 14, b + 14, 2) && !memcmp(a + 20, b + 20, thl - 20);
+    /* ports, the sequence, ACK number and data offset, window, options */
+}
+
 int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
             size_t len, uint16_t proto, const struct virtio_net_hdr *vh,
             inner_fn emit)
