@@ -798,6 +798,9 @@ struct tpb_bridge *tpb_fuzz_bridge_open(const struct tpb_bridge_config *cfg,
         return NULL;
     if (cfg->tunnel && tunnel_state(br, cfg, now, err, sizeof(err)))
         goto fail;
+    /* UDP GSO as on a kernel that takes it (a harness may ugso_free() it) */
+    if (ugso_init(br))
+        goto fail;
     /* txq.c's fuzzing build opens no socket and sends to tpb_fuzz_tx */
     for (p = 0; p < TPB_NPORTS; p++)
         if (txq_init(&br->q[p], -1, -1, cfg->ifindex[p], &br->c[p]))

@@ -114,8 +114,100 @@ static void check_gre(struct h *h, const uint8_t *ip, size_t len, int fragmented
     add_pkt(h, g + glen, len - 20 - ulen - glen);
 }
 
+/* A UDP GSO message (udpgso.c) cut as the kernel's __udp_gso_segment and
+ * inet_gso_segment cut it: every gso_size bytes of UDP payload a datagram
+ * of its own, the IPv4 header copied with its length, the ID one more per
+ * datagram and its checksum; the UDP header with its length and its
+ * checksum completed.  First what the kernel asks of the message: IPv4
+ * without options around UDP, through the qdisc (only there is it cut),
+ * a partial checksum at the UDP header holding the pseudo-header sum of
+ * the whole, lengths that agree, at most 64 datagrams (UDP_MAX_SEGMENTS). */
+static size_t cut_udp_gso(const struct h *h, const struct fz_out *o, struct fz_out *out,
+                          size_t room)
+{
+    const struct virtio_net_hdr *v = &o->vh;
+    size_t l2 = fz_l2(h->z), len = o->len, plen, seg, k, n;
+    const uint8_t *ip = o->data + l2;
+    uint8_t *whole;
+
+    FZ_CHECK(h->br->cfg.encap == TPB_ENCAP_UDP && v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 &&
+                 v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM && o->qdisc,
+             "GRE-in-UDP: a super-packet of GSO type %u, flags %u", v->gso_type, v->flags);
+    FZ_CHECK(len >= l2 + 28 && ip[0] == 0x45 && ip[9] == IPPROTO_UDP_ &&
+                 fz_rd16(ip + 2) == len - l2 && fz_rd16(ip + 24) == len - l2 - 20 &&
+                 fz_ip4_csum_ok(ip),
+             "UDP GSO: IPv4/UDP header or lengths wrong");
+    FZ_CHECK(v->csum_start == l2 + 20 && v->csum_offset == 6 && v->hdr_len == l2 + 28,
+             "UDP GSO: csum_start %u, csum_offset %u, hdr_len %u", v->csum_start,
+             v->csum_offset, v->hdr_len);
+    whole = malloc(len - l2);
+    if (!whole)
+        abort();
+    memcpy(whole, ip, len - l2);
+    fz_l4_set_csum(whole, 20, len - l2, IPPROTO_UDP_, 1);
+    FZ_CHECK(!memcmp(whole + 26, ip + 26, 2), "UDP GSO: not the pseudo-header sum");
+    free(whole);
+    seg = v->gso_size;
+    plen = len - l2 - 28;
+    FZ_CHECK(seg > 0 && plen > seg, "UDP GSO: gso_size %zu for %zu bytes", seg, plen);
+    n = (plen + seg - 1) / seg;
+    FZ_CHECK(n <= 64 && n <= room, "UDP GSO: %zu datagrams", n);
+    for (k = 0; k < n; k++) {
+        size_t sl = k + 1 < n ? seg : plen - k * seg;
+        struct fz_out *d = &out[k];
+        uint8_t *dip;
+
+        *d = *o;
+        memset(&d->vh, 0, sizeof(d->vh));
+        d->len = l2 + 28 + sl;
+        d->data = malloc(d->len);
+        if (!d->data)
+            abort();
+        memcpy(d->data, o->data, l2 + 28);
+        memcpy(d->data + l2 + 28, o->data + l2 + 28 + k * seg, sl);
+        dip = d->data + l2;
+        fz_wr16(dip + 2, (uint16_t)(28 + sl));
+        fz_wr16(dip + 4, (uint16_t)(fz_rd16(ip + 4) + k));
+        fz_ip4_set_csum(dip);
+        fz_wr16(dip + 24, (uint16_t)(8 + sl));
+        fz_l4_set_csum(dip, 20, 28 + sl, IPPROTO_UDP_, 0);
+    }
+    return n;
+}
+
 /* Every frame out of --out: GRE, outer fragments put back together. */
+static void parse_frames(struct h *h, const struct fz_out *outs, size_t n);
+
 static void parse_out(struct h *h, const struct fz_out *outs, size_t n)
+{
+    struct fz_out *all = NULL;
+    size_t k, m = 0, cap = 0;
+
+    for (k = 0; k < n; k++) {
+        if (m + 64 > cap) {
+            cap = 2 * cap + 128;
+            all = realloc(all, cap * sizeof(*all));
+            if (!all)
+                abort();
+        }
+        if (outs[k].vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+            m += cut_udp_gso(h, &outs[k], all + m, cap - m);
+            continue;
+        }
+        all[m] = outs[k];
+        all[m].data = malloc(outs[k].len ? outs[k].len : 1);
+        if (!all[m].data)
+            abort();
+        memcpy(all[m].data, outs[k].data, outs[k].len);
+        m++;
+    }
+    parse_frames(h, all, m);
+    for (k = 0; k < m; k++)
+        free(all[k].data);
+    free(all);
+}
+
+static void parse_frames(struct h *h, const struct fz_out *outs, size_t n)
 {
     const struct fz_frame *z = h->z;
     size_t k, l2 = fz_l2(z), acc = 0;
@@ -700,6 +792,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_vnet(&vh, mode, &in, &l4, FZ_ETH);
 
     h.br = fz_bridge(&cfg, FZ_T0);
+    if (b2 & 0x10)
+        ugso_free(h.br);                /* a kernel before 6.2: no UDP GSO */
     h.br->q[TPB_PORT_OUT].mtu = mtu;    /* as txq_check_mtu() reads it */
     encap_mtu(h.br, mtu);
     down = h.br->active < 0;

@@ -254,12 +254,13 @@ def en(frame: bytes, key: bool = True, csum: bool = False, seq: bool = False,
        pmtud: bool = True, frag_outer: bool = False, tagged: bool = False,
        on_down_drop: bool = False, down: bool = False, df: int = 0, mode: int = NONE,
        fix: bool = False, mss: int | None = None, m: int = 1500, vnet: bytes = b"",
-       ttl: int = 64, tos: int | None = None, udp: bool = False) -> bytes:
+       ttl: int = 64, tos: int | None = None, udp: bool = False,
+       no_uso: bool = False) -> bytes:
     b0 = (key | csum << 1 | seq << 2 | pmtud << 3 | frag_outer << 4 | tagged << 5 |
           on_down_drop << 6 | down << 7)
     b1 = df | (tos is None) << 3 | mode << 4 | fix << 6 | (mss is not None) << 7
     out = u8(b0) + u8(b1) + mtu(m) + (u16(mss) if mss is not None else b"")
-    return (out + u8(2 | udp << 3) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) + u16(100) +
+    return (out + u8(2 | udp << 3 | no_uso << 4) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) + u16(100) +
             vnet + frame)
 
 
@@ -313,6 +314,18 @@ def encap() -> None:
     c.add("udp-tso4-frag", en(bytes(eth / tcp4(PC, SERVER, n=1448 * 4)), mode=GSO, fix=True,
                               vnet=u8(0) + u16(1448), m=1000, pmtud=False, udp=True))
     c.add("udp-small-mtu", en(bytes(eth / udp4(PC, SERVER, n=300)), m=576, udp=True))
+    # super-packets as UDP GSO messages (udpgso.c), the harness cutting them
+    # as the kernel does; and as a kernel before 6.2 sends them, one by one
+    tso4 = bytes(eth / tcp4(PC, SERVER, n=1448 * 5))
+    c.add("udp-gso-tso4", en(tso4, mode=GSO, fix=True, vnet=u8(0) + u16(1400), udp=True))
+    c.add("udp-gso-tso4-csum-seq", en(tso4, mode=GSO, fix=True, vnet=u8(0) + u16(1400),
+                                      udp=True, csum=True, seq=True))
+    c.add("udp-gso-tso6", en(bytes(eth / tcp6(PC6, SERVER6, n=1428 * 5)), mode=GSO, fix=True,
+                             vnet=u8(0) + u16(1400), udp=True, key=False))
+    c.add("udp-gso-uso4", en(bytes(eth / udp4(PC, SERVER, n=1472 * 4)), mode=GSO, fix=True,
+                             vnet=u8(0) + u16(1400), udp=True))
+    c.add("udp-gso-tso4-no-uso", en(tso4, mode=GSO, fix=True, vnet=u8(0) + u16(1400),
+                                    udp=True, no_uso=True))
     c.add("icmp-ratelimited", en(bytes(eth / IP(src=PC, dst=SERVER, flags="DF") / ICMP() /
                                        Raw(payload(1500)))))
 
