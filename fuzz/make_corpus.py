@@ -260,8 +260,8 @@ def en(frame: bytes, key: bool = True, csum: bool = False, seq: bool = False,
           on_down_drop << 6 | down << 7)
     b1 = df | (tos is None) << 3 | mode << 4 | fix << 6 | (mss is not None) << 7
     out = u8(b0) + u8(b1) + mtu(m) + (u16(mss) if mss is not None else b"")
-    return (out + u8(2 | udp << 3 | no_uso << 4) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) + u16(100) +
-            vnet + frame)
+    return (out + u8(2 | udp << 3 | no_uso << 4) + u32(KEY) + u8(ttl) + u8(tos or 0) + u8(0) +
+            u16(100) + vnet + frame)
 
 
 def encap() -> None:
