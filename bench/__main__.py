@@ -303,7 +303,7 @@ def bench_lab(
                     )
                 try:
                     measure(env, load, dut, rec)
-                except TpbError as e:
+                except (TpbError, subprocess.TimeoutExpired) as e:
                     msg = f"{load.name} {dut.name} run {run + 1}: {e}"
                     rec.errors.append(msg)
                     print(f"  ERROR {msg}", flush=True)

@@ -288,13 +288,24 @@ class TpbXdp(TpbRun):
     RPS.  The honest equivalent of a NIC interrupting TPB's core is the
     ports' NAPI as kernel threads (sysfs `threaded`) pinned to the DUT's
     CPU; it is set once TPB runs (veth creates its XDP NAPI when the
-    program is attached) and undone at teardown."""
+    program is attached) and undone at teardown.
+
+    And the gen's and the sink's tx checksumming off while it runs (TSO
+    with it): a veth hands XDP a frame its sender left CHECKSUM_PARTIAL
+    without the checksum filled in, so TCP through afxdp on veth needs its
+    peers to compute checksums (README, *Backends*).  The gen pays for
+    that, where the other DUTs let it leave checksums undone; 64-byte loads
+    (trafgen writes whole frames) are not affected."""
 
     _threaded: list[str] = field(default_factory=list, init=False, repr=False)
     _lab: Lab | None = field(default=None, init=False, repr=False)
+    _tx_off: list[str] = field(default_factory=list, init=False, repr=False)
 
     def setup(self, lab: Lab) -> None:
         self._lab = lab
+        for node in ("gen", "sink"):
+            lab.run(node, ["ethtool", "-K", "eth0", "tx", "off"])
+            self._tx_off.append(node)
         super().setup(lab)
         if self.placement != "1core":
             return
@@ -313,12 +324,21 @@ class TpbXdp(TpbRun):
 
     def teardown(self, lab: Lab) -> dict[str, float]:
         self._unthread(lab)  # while the NAPIs exist: the flag would outlive them
-        return super().teardown(lab)
+        try:
+            return super().teardown(lab)
+        finally:
+            self._tx_on(lab)
 
     def abort(self) -> None:
         if self._lab is not None:
             self._unthread(self._lab)
+            self._tx_on(self._lab)
         super().abort()
+
+    def _tx_on(self, lab: Lab) -> None:
+        for node in self._tx_off:
+            lab.run(node, ["ethtool", "-K", "eth0", "tx", "on"], check=False)
+        self._tx_off.clear()
 
     def _unthread(self, lab: Lab) -> None:
         for port in self._threaded:

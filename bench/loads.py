@@ -310,12 +310,12 @@ def flood(env: Env, dut: Dut, results: dict[str, dict[str, list[float]]]) -> Sam
         got = len(_RTT.findall(res.stdout))
         times = [float(m) * 1000 for m in _RTT.findall(res.stdout)]
         argv = ["taskset", "-c", GEN_CPU, "iperf3", "-c", sink, "-J", "-t", "2"]
-        tcp = lab.run("gen", argv, check=False, timeout=40)
         try:
+            tcp = lab.run("gen", argv, check=False, timeout=40)
             data = json.loads(tcp.stdout)
             mbps = data["end"]["sum_received"]["bits_per_second"] / 1e6
-        except (json.JSONDecodeError, KeyError):
-            mbps = 0.0
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError):
+            mbps = 0.0  # no connection, or none that ended: nothing got through
         return {
             "ping_ok": got / FLOOD_PINGS,
             "ping_ms": median(times) / 1000 if times else float("nan"),
