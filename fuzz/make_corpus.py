@@ -112,10 +112,11 @@ def udp_keepalive_of(bridge: str, pop: str, key: int | None, csum: bool, ka_id: 
 class Corpus:
     def __init__(self, name: str) -> None:
         self.dir = ROOT / name
-        # Findings kept as seeds (regress-*) are not the generator's: kept.
+        # Findings kept as seeds (regress-*) and seeds made by hand (hand-*)
+        # are not the generator's: kept.
         if self.dir.exists():
             for f in self.dir.iterdir():
-                if not f.name.startswith("regress-"):
+                if not f.name.startswith(("regress-", "hand-")):
                     f.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
 
