@@ -181,30 +181,32 @@ static void parse_frames(struct h *h, const struct fz_out *outs, size_t n);
 static void parse_out(struct h *h, const struct fz_out *outs, size_t n)
 {
     struct fz_out *all = NULL;
-    size_t k, m = 0, cap = 0;
+    uint8_t *cut = NULL;        /* all[k] is a datagram cut here: its own data */
+    size_t k, m = 0, cap = 0, c;
 
     for (k = 0; k < n; k++) {
         if (m + 64 > cap) {
             cap = 2 * cap + 128;
             all = realloc(all, cap * sizeof(*all));
-            if (!all)
+            cut = realloc(cut, cap);
+            if (!all || !cut)
                 abort();
         }
         if (outs[k].vh.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-            m += cut_udp_gso(h, &outs[k], all + m, cap - m);
+            c = cut_udp_gso(h, &outs[k], all + m, cap - m);
+            memset(cut + m, 1, c);
+            m += c;
             continue;
         }
-        all[m] = outs[k];
-        all[m].data = malloc(outs[k].len ? outs[k].len : 1);
-        if (!all[m].data)
-            abort();
-        memcpy(all[m].data, outs[k].data, outs[k].len);
-        m++;
+        all[m] = outs[k];       /* the sink's exact-size copy, as it was */
+        cut[m++] = 0;
     }
     parse_frames(h, all, m);
     for (k = 0; k < m; k++)
-        free(all[k].data);
+        if (cut[k])
+            free(all[k].data);
     free(all);
+    free(cut);
 }
 
 static void parse_frames(struct h *h, const struct fz_out *outs, size_t n)
