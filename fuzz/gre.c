@@ -1,7 +1,8 @@
 /* gre.c — the GRE codec (gre.c, csum.c): gre_decode() and
  * gre_keepalive_answer() on arbitrary bytes against a receive state from
  * the input; gre_encap() of the same bytes decoded back; RFC 6040 ECN;
- * ip_len().  Invariants: fuzz/README.md. */
+ * ip_len(); csum_add() against RFC 1071 byte by byte.
+ * Invariants: fuzz/README.md. */
 #include "fuzz.h"
 
 #include <stdlib.h>
@@ -228,6 +229,21 @@ static void ecn_and_len(struct fz_in *in, const uint8_t *bytes, size_t n)
     free(h);
 }
 
+/* csum_add() against the byte-at-a-time sum of RFC 1071, from any start
+ * (its wide loops read unaligned words) and any length, whatever path
+ * (AVX2 or scalar) the length takes. */
+static void sums(const uint8_t *p, size_t n)
+{
+    /* from the bytes themselves: the parameters' layout stays the seeds' */
+    size_t off = n ? p[0] % 64 : 0;
+    uint32_t init = n >= 3 ? (uint32_t)(p[1] << 8 | p[2]) : 0;
+
+    if (off > n)
+        off = n;
+    FZ_CHECK(csum_add(init, p + off, n - off) == fz_sum(init, p + off, n - off),
+             "csum_add: %u bytes from %zu differ from RFC 1071", (unsigned)(n - off), off);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct fz_in in = {data, size};
@@ -244,6 +260,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         decode(&pin, b0, in.p, n);
         roundtrip(&pin, b0, in.p, n);
         ecn_and_len(&pin, in.p, n);
+        sums(in.p, n);
     }
     return 0;
 }
