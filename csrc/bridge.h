@@ -24,6 +24,8 @@
 #define TXQ_MAX 512            /* messages per sendmmsg flush */
 #define TXQ_HDR 224            /* vnet + Ethernet + outer + inner headers */
 #define TXQ_IOV 4
+/* iovecs of the messages gathered from many pieces (txq_reserve_long) */
+#define TXQ_XIOV 1024
 #define ARENA_SIZE (1u << 20)  /* bounce buffers, valid until the flush */
 
 /* Messages waiting to leave one port, pointing at ring slots, their own
@@ -44,6 +46,8 @@ struct txq {
     uint8_t qdisc[TXQ_MAX];      /* 1: send through fd_q */
     uint8_t *arena;
     size_t arena_used;
+    struct iovec xiov[TXQ_XIOV];   /* long messages' iovecs, until sent */
+    uint32_t xiov_used;
     /* What a message counts in the tunnel's counters once it has left
      * (txq_account): TXQ_ACCT_* and its inner bytes. */
     struct tpb_tunnel_counters *tc;
@@ -109,9 +113,18 @@ struct transit {
 
 /* udpgso.c: the GRE-in-UDP UDP GSO message being built from one
  * super-packet's segments. */
+/* include/linux/udp.h: what the kernel takes in one UDP GSO message
+ * (UDP_MAX_SEGMENTS, 64 before Linux 6.10, 128 after). */
+#define UGSO_MAX_SEGS 64u
+
 struct ugso {
     uint8_t *buf;              /* NULL: off (GRE, or a kernel without USO) */
     size_t used;               /* payload bytes (GRE + inner) so far */
+    size_t bused;              /* of them in buf (the rest in the ring) */
+    /* the message: headers, then each datagram's GRE and inner headers
+     * (in buf) and its payload (in the ring, or buf) */
+    struct iovec iov[1 + 2 * UGSO_MAX_SEGS];
+    uint32_t niov;
     size_t seg;                /* every datagram's payload but the last */
     uint32_t n;                /* datagrams */
     uint32_t ibytes;           /* inner bytes, for encap_bytes */
@@ -176,6 +189,7 @@ void txq_free(struct txq *q);
 void txq_check_mtu(struct txq *q);
 int txq_bypass(struct txq *q, int on);
 uint32_t txq_reserve(struct txq *q);
+uint32_t txq_reserve_long(struct txq *q, uint32_t niov);
 uint8_t *txq_alloc(struct txq *q, size_t len);
 void txq_commit(struct txq *q, uint32_t i, int niov);
 void txq_commit_queued(struct txq *q, uint32_t i, int niov);
@@ -251,8 +265,9 @@ int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
                      uint8_t *ip, size_t tot, size_t seg);
 /* decap.c: an inner packet out of --in, its vnet header's offsets counted
  * from the inner packet. */
-int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                        size_t ilen, const struct virtio_net_hdr *vh);
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f,
+                        const struct iovec *pkt, uint32_t npkt, size_t ilen,
+                        const struct virtio_net_hdr *vh);
 
 /* keepalive.c */
 void ka_setup(struct tpb_bridge *br, const struct tpb_tunnel_config *t);

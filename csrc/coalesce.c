@@ -22,10 +22,13 @@
  *                          (RFC 9293 3.1: a segment GRO would not merge
  *                          with a wrong one, nor may TPB); every piece's
  *                          payload gso_size long but the last's;
- *   2. coalesce()          the first piece's headers, every payload behind
- *                          them, lengths and the IPv4 checksum set, the
- *                          TCP checksum left partial (the pseudo-header
- *                          sum), a vnet header of TCPV4 and gso_size.
+ *   2. coalesce()          the first piece's headers, copied, lengths and
+ *                          the IPv4 checksum set, the TCP checksum left
+ *                          partial (the pseudo-header sum), a vnet header
+ *                          of TCPV4 and gso_size; every payload behind
+ *                          them where it lies in the ring slot (the frame
+ *                          is held until its messages have left), not
+ *                          copied: the kernel copies them into its skb.
  * Anything else: decap.c takes the pieces one by one.
  */
 #define _GNU_SOURCE
@@ -122,6 +125,7 @@ int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
                      uint8_t *ip, size_t tot, size_t seg)
 {
     struct piece pc[MAX_PIECES];
+    struct iovec iov[1 + MAX_PIECES];
     struct virtio_net_hdr vh;
     size_t n = pieces_mergeable(r, ip, tot, seg, pc), k, hl, len;
     uint8_t *buf, *t, flags = 0;
@@ -133,13 +137,15 @@ int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
         len += pc[k].plen;
     if (len > 65535)
         return 0;
-    buf = txq_alloc(&br->q[TPB_PORT_IN], len);
+    buf = txq_alloc(&br->q[TPB_PORT_IN], hl);
     if (!buf)
         return 0;
     memcpy(buf, pc[0].in, hl);
-    for (len = hl, k = 0; k < n; k++) {
-        memcpy(buf + len, pc[k].in + hl, pc[k].plen);
-        len += pc[k].plen;
+    iov[0].iov_base = buf;
+    iov[0].iov_len = hl;
+    for (k = 0; k < n; k++) {
+        iov[1 + k].iov_base = pc[k].in + hl;
+        iov[1 + k].iov_len = pc[k].plen;
         flags |= pc[k].in[33];
     }
     wr16(buf + 2, (uint16_t)len);
@@ -160,7 +166,7 @@ int udp_gso_coalesce(struct tpb_bridge *br, struct remote *r, struct frame *f,
         br->tc.drop[TPB_DROP_ECN]++;
         return 1;
     }
-    if (decap_deliver_inner(br, f, buf, len, &vh) == 0) {
+    if (decap_deliver_inner(br, f, iov, (uint32_t)(1 + n), len, &vh) == 0) {
         br->tc.decap_packets += n - 1;   /* deliver counted one */
         br->tc.udp_gso_coalesced++;
     }

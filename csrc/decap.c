@@ -359,7 +359,7 @@ static void echo_reply(struct tpb_bridge *br, struct frame *f, uint8_t *ip,
 
 static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
                    size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso, int gso_inner);
+                   const struct virtio_net_hdr *gso);
 
 /* A GRE super-packet: the port's GRO merged consecutive GRE packets of one
  * inner TCP flow (the kernel does for GRE without sequence numbers) and
@@ -435,7 +435,7 @@ static void decap(struct tpb_bridge *br, struct remote *r, struct frame *f,
     clamp_mss(br, in, ilen, g.proto, 0);
     /* Every check passed and the packet is on its way: only now does its
      * sequence number count as received (gre.c: gre_commit_seq). */
-    if (deliver(br, f, in, ilen, g.proto, gso, 0) == 0)
+    if (deliver(br, f, in, ilen, g.proto, gso) == 0)
         gre_commit_seq(&r->grx, &g);
 }
 
@@ -462,14 +462,18 @@ static void inner_vnet(struct virtio_net_hdr *vh, const struct frame *f,
 }
 
 /* Returns 0 once the packet is queued, -1 if it was dropped (counted).
- * gso's offsets count from the outer Ethernet header (a GRE super-packet
- * GRO merged), or with gso_inner from the inner packet (coalesce.c). */
-static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                   size_t ilen, uint16_t proto,
-                   const struct virtio_net_hdr *gso, int gso_inner)
+ * The inner packet, ilen bytes, is pkt[0..npkt) (coalesce.c gathers a
+ * super-packet from its pieces' payloads in the ring).  gso's offsets
+ * count from the outer Ethernet header (a GRE super-packet GRO merged), or
+ * with gso_inner from the inner packet (coalesce.c). */
+static int deliver_iov(struct tpb_bridge *br, struct frame *f,
+                       const struct iovec *pkt, uint32_t npkt, size_t ilen,
+                       uint16_t proto, const struct virtio_net_hdr *gso,
+                       int gso_inner)
 {
     struct txq *q = &br->q[TPB_PORT_IN];
     const uint8_t *dst = f->mac, *src = f->mac + 6;
+    struct iovec *iov;
     uint32_t i;
     uint8_t *h;
     size_t n;
@@ -481,7 +485,8 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
         }
         dst = br->router_mac;
     }
-    i = txq_reserve(q);
+    i = 1 + npkt <= TXQ_IOV ? txq_reserve(q) : txq_reserve_long(q, 1 + npkt);
+    iov = q->msg[i].msg_hdr.msg_iov;
     h = q->hdr[i];
     memset(h, 0, VNET_LEN);
     n = VNET_LEN + eth_write(h + VNET_LEN, dst, src, f, proto);
@@ -493,24 +498,33 @@ static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
             vh->csum_start = (uint16_t)(vh->csum_start + n - VNET_LEN);
             vh->hdr_len = (uint16_t)(vh->hdr_len + n - VNET_LEN);
         } else {
-            inner_vnet(vh, f, in, ilen, n - VNET_LEN);
+            inner_vnet(vh, f, pkt[0].iov_base, ilen, n - VNET_LEN);
         }
     }
-    q->iov[i][0].iov_base = h;
-    q->iov[i][0].iov_len = n;
-    q->iov[i][1].iov_base = in;
-    q->iov[i][1].iov_len = ilen;
+    iov[0].iov_base = h;
+    iov[0].iov_len = n;
+    memcpy(iov + 1, pkt, npkt * sizeof(*pkt));
     if (gso)
-        txq_commit_queued(q, i, 2);
+        txq_commit_queued(q, i, (int)(1 + npkt));
     else
-        txq_commit(q, i, 2);
+        txq_commit(q, i, (int)(1 + npkt));
     br->tc.decap_packets++;
     br->tc.decap_bytes += ilen;
     return 0;
 }
 
-int decap_deliver_inner(struct tpb_bridge *br, struct frame *f, uint8_t *in,
-                        size_t ilen, const struct virtio_net_hdr *vh)
+static int deliver(struct tpb_bridge *br, struct frame *f, uint8_t *in,
+                   size_t ilen, uint16_t proto,
+                   const struct virtio_net_hdr *gso)
 {
-    return deliver(br, f, in, ilen, ETYPE_IPV4, vh, 1);
+    struct iovec v = { in, ilen };
+
+    return deliver_iov(br, f, &v, 1, ilen, proto, gso, 0);
+}
+
+int decap_deliver_inner(struct tpb_bridge *br, struct frame *f,
+                        const struct iovec *pkt, uint32_t npkt, size_t ilen,
+                        const struct virtio_net_hdr *vh)
+{
+    return deliver_iov(br, f, pkt, npkt, ilen, ETYPE_IPV4, vh, 1);
 }

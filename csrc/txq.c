@@ -1,6 +1,10 @@
 /* txq.c — messages queued for one port, sent with sendmmsg in batches.
  *
  *   1. txq_reserve()  take the next message slot (flushing a full queue);
+ *      txq_reserve_long()  the same for a message gathered from more
+ *                     pieces than a slot has iovecs for (a super-packet
+ *                     whose payloads stay in the ring: udpgso.c,
+ *                     coalesce.c), its iovecs from a pool kept until sent;
  *   2. txq_alloc()    bounce memory for headers or data that outlive the
  *                     ring slot they came from, kept until the flush;
  *   3. txq_bridge()   a received frame as it was: zero copy from the ring,
@@ -122,6 +126,7 @@ int txq_init(struct txq *q, int fd, int fd_q, int ifindex,
     q->c = c;
     q->n = 0;
     q->arena_used = 0;
+    q->xiov_used = 0;
     q->ring.fd = -1;
     q->tc = NULL;
     q->acct_broken = 0;
@@ -181,14 +186,29 @@ uint32_t txq_reserve(struct txq *q)
     return i;
 }
 
+/* niov <= TXQ_XIOV (the callers' messages have at most 1 + 2 * 64). */
+uint32_t txq_reserve_long(struct txq *q, uint32_t niov)
+{
+    uint32_t i;
+
+    if (q->n == TXQ_MAX || q->xiov_used + niov > TXQ_XIOV)
+        txq_send(q);
+    i = q->n;
+    memset(&q->msg[i].msg_hdr, 0, sizeof(q->msg[i].msg_hdr));
+    q->msg[i].msg_hdr.msg_iov = q->xiov + q->xiov_used;
+    q->xiov_used += niov;
+    return i;
+}
+
 void txq_commit(struct txq *q, uint32_t i, int niov)
 {
+    const struct iovec *iov = q->msg[i].msg_hdr.msg_iov;
     uint32_t len = 0;
     int k;
 
     q->msg[i].msg_hdr.msg_iovlen = (size_t)niov;
     for (k = 0; k < niov; k++)
-        len += (uint32_t)q->iov[i][k].iov_len;
+        len += (uint32_t)iov[k].iov_len;
     q->len[i] = len - (uint32_t)VNET_LEN;
     q->qdisc[i] = 0;
     q->acct[i] = TXQ_ACCT_NONE;
@@ -409,9 +429,10 @@ static int ring_refuses(const struct tpb_txring *t, uint32_t tp_len,
  * sendmmsg reports it). */
 static int ring_fits(const struct txq *q, uint32_t i)
 {
-    const struct virtio_net_hdr *vh = q->iov[i][0].iov_base;
+    const struct iovec *iov = q->msg[i].msg_hdr.msg_iov;
+    const struct virtio_net_hdr *vh = iov[0].iov_base;
 
-    if (q->len[i] > q->ring_max || q->iov[i][0].iov_len < VNET_LEN)
+    if (q->len[i] > q->ring_max || iov[0].iov_len < VNET_LEN)
         return 0;
     return !ring_refuses(&q->ring, (uint32_t)VNET_LEN + q->len[i], vh);
 }
@@ -589,6 +610,7 @@ void txq_send(struct txq *q)
     if (q->n)
         q->c->batches++;
     q->n = 0;
+    q->xiov_used = 0;
     return;
 #endif
 
@@ -602,6 +624,7 @@ void txq_send(struct txq *q)
         i = j;
     }
     q->n = 0;
+    q->xiov_used = 0;
 }
 
 /* Sends everything; nothing points into the arena any more. */

@@ -16,8 +16,12 @@
  *                     one that needs fragmenting or an ICMP too big goes
  *                     to fit(); a message that is full (64 datagrams, the
  *                     UDP length limit) or whose size it breaks is sent
- *                     first; then its GRE header and inner packet are
- *                     copied behind the others;
+ *                     first; then its GRE header and inner headers are
+ *                     written behind the others, and its payload, still
+ *                     in the ring slot the frame holds until the message
+ *                     has left, is pointed at, not copied (the kernel
+ *                     copies it into its skb anyway: a copy here cost
+ *                     ~7 % of the CPU in the chain lab's profile);
  *   2. ugso_flush()   (after the super-packet's last segment) vnet header,
  *                     Ethernet header as received, outer IPv4 and UDP
  *                     headers in front; the UDP checksum left partial (the
@@ -35,9 +39,6 @@
 
 #include "bridge.h"
 
-/* include/linux/udp.h: what the kernel takes in one UDP GSO message
- * (UDP_MAX_SEGMENTS, 64 before Linux 6.10, 128 after). */
-#define UGSO_MAX_SEGS 64u
 /* The outer IPv4 total length is 16 bits: the UDP payload's limit. */
 #define UGSO_MAX_PAYLOAD (65535u - 20u - UDP_HLEN)
 /* vnet header, Ethernet header with a VLAN tag, IPv4, UDP */
@@ -74,6 +75,28 @@ void ugso_free(struct tpb_bridge *br)
 }
 
 /* 1. ------------------------------------------------------------------ */
+
+/* Adds n bytes at p to the message, as the last iovec's continuation
+ * where they follow on in memory (headers and copied payloads in buf). */
+static void ugso_iov(struct ugso *u, const uint8_t *p, size_t n)
+{
+    struct iovec *v = &u->iov[u->niov - 1];
+
+    if ((const uint8_t *)v->iov_base + v->iov_len == p) {
+        v->iov_len += n;
+        return;
+    }
+    u->iov[u->niov].iov_base = (void *)p;
+    u->iov[u->niov].iov_len = n;
+    u->niov++;
+}
+
+/* The frame's own bytes (its ring slot), which stay put until the
+ * message leaves: ugso_flush() runs before encap_frame() returns. */
+static int in_frame(const struct frame *f, const uint8_t *p, size_t n)
+{
+    return p >= f->mac && n <= f->len && p - f->mac <= (ptrdiff_t)(f->len - n);
+}
 
 void ugso_add(struct tpb_bridge *br, struct frame *f, struct inner *p)
 {
@@ -115,13 +138,25 @@ void ugso_add(struct tpb_bridge *br, struct frame *f, struct inner *p)
         memcpy(u->inner0, hdr, p->hlen < sizeof(u->inner0) ? p->hlen
                                                            : sizeof(u->inner0));
     }
+    if (!u->n) {
+        u->iov[0].iov_base = u->buf + UGSO_ROOM;     /* ugso_flush's headers */
+        u->iov[0].iov_len = 0;
+        u->niov = 1;
+    }
     if (br->gtx.csum)
         psum = csum_add(csum_add(0, hdr, p->hlen), p->data, p->dlen);
-    g = u->buf + UGSO_ROOM + u->used;
+    g = u->buf + UGSO_ROOM + u->bused;
     gre_header(&br->gtx, g, p->proto, ilen, psum);
     memcpy(g + glen, hdr, p->hlen);
-    if (p->dlen)
+    ugso_iov(u, g, glen + p->hlen);
+    u->bused += glen + p->hlen;
+    if (p->dlen && in_frame(f, p->data, p->dlen)) {
+        ugso_iov(u, p->data, p->dlen);
+    } else if (p->dlen) {
         memcpy(g + glen + p->hlen, p->data, p->dlen);
+        ugso_iov(u, g + glen + p->hlen, p->dlen);
+        u->bused += p->dlen;
+    }
     u->used += size;
     u->ibytes += (uint32_t)ilen;
     u->n++;
@@ -150,9 +185,16 @@ void ugso_flush(struct tpb_bridge *br, struct frame *f)
     memset(vh, 0, VNET_LEN);
     sum = csum_pseudo4(ip, IPPROTO_UDP_, (uint32_t)ulen);
     if (u->n == 1) {
-        /* RFC 768: a sum of zero goes as all ones */
-        uint16_t c = csum_finish(csum_add(sum, udp, ulen));
+        /* RFC 768: a sum of zero goes as all ones.  The headers are
+         * in buf behind the UDP header, the payload (of any length, it
+         * is last) there too or in iov[1]. */
+        uint8_t *end = u->buf + UGSO_ROOM + u->bused;
+        uint16_t c;
 
+        sum = csum_add(sum, udp, (size_t)(end - udp));
+        if (u->niov > 1)
+            sum = csum_add(sum, u->iov[1].iov_base, u->iov[1].iov_len);
+        c = csum_finish(sum);
         wr16(udp + 6, c ? c : 0xffff);
     } else {
         /* CHECKSUM_PARTIAL: the field holds the pseudo-header sum over the
@@ -167,15 +209,17 @@ void ugso_flush(struct tpb_bridge *br, struct frame *f)
         vh->hdr_len = (uint16_t)(elen + 20 + UDP_HLEN);
         br->tc.udp_gso_sent++;
     }
-    i = txq_reserve(q);
-    q->iov[i][0].iov_base = u->buf + start;
-    q->iov[i][0].iov_len = UGSO_ROOM - start + u->used;
-    txq_commit_queued(q, i, 1);
+    u->iov[0].iov_base = u->buf + start;
+    u->iov[0].iov_len += UGSO_ROOM - start;
+    i = txq_reserve_long(q, u->niov);
+    memcpy(q->msg[i].msg_hdr.msg_iov, u->iov, u->niov * sizeof(struct iovec));
+    txq_commit_queued(q, i, (int)u->niov);
     txq_account_n(q, i, TXQ_ACCT_ENCAP, u->ibytes, u->n);
     /* The buffer is the next super-packet's: this one leaves now, behind
      * whatever was queued before it. */
     txq_flush(q);
     u->n = 0;
     u->used = 0;
+    u->bused = 0;
     u->ibytes = 0;
 }

@@ -443,7 +443,7 @@ static int sink(struct txq *q, uint32_t i)
     size_t k, total = 0, at = 0, n;
     uint8_t *all;
 
-    FZ_CHECK(m->msg_iovlen >= 1 && m->msg_iovlen <= TXQ_IOV,
+    FZ_CHECK(m->msg_iovlen >= 1 && m->msg_iovlen <= TXQ_XIOV,
              "txq: message with %zu iovecs", (size_t)m->msg_iovlen);
     FZ_CHECK(m->msg_iov[0].iov_len >= VNET_LEN, "txq: first iovec shorter than the vnet header");
     for (k = 0; k < m->msg_iovlen; k++) {
