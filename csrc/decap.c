@@ -485,7 +485,7 @@ static int deliver_iov(struct tpb_bridge *br, struct frame *f,
         }
         dst = br->router_mac;
     }
-    i = 1 + npkt <= TXQ_IOV ? txq_reserve(q) : txq_reserve_long(q, 1 + npkt);
+    i = txq_reserve_long(q, 1 + npkt);
     iov = q->msg[i].msg_hdr.msg_iov;
     h = q->hdr[i];
     memset(h, 0, VNET_LEN);

@@ -1,10 +1,10 @@
 /* txq.c — messages queued for one port, sent with sendmmsg in batches.
  *
  *   1. txq_reserve()  take the next message slot (flushing a full queue);
- *      txq_reserve_long()  the same for a message gathered from more
- *                     pieces than a slot has iovecs for (a super-packet
- *                     whose payloads stay in the ring: udpgso.c,
- *                     coalesce.c), its iovecs from a pool kept until sent;
+ *      txq_reserve_long()  the same for a message of any number of
+ *                     pieces (a super-packet whose payloads stay in the
+ *                     ring: udpgso.c, coalesce.c): more than a slot has
+ *                     iovecs for come from a pool kept until sent;
  *   2. txq_alloc()    bounce memory for headers or data that outlive the
  *                     ring slot they came from, kept until the flush;
  *   3. txq_bridge()   a received frame as it was: zero copy from the ring,
@@ -186,11 +186,14 @@ uint32_t txq_reserve(struct txq *q)
     return i;
 }
 
-/* niov <= TXQ_XIOV (the callers' messages have at most 1 + 2 * 64). */
+/* Any niov <= TXQ_XIOV (the callers' messages have at most 1 + 2 * 64);
+ * one that fits a slot's own iovecs takes them. */
 uint32_t txq_reserve_long(struct txq *q, uint32_t niov)
 {
     uint32_t i;
 
+    if (niov <= TXQ_IOV)
+        return txq_reserve(q);
     if (q->n == TXQ_MAX || q->xiov_used + niov > TXQ_XIOV)
         txq_send(q);
     i = q->n;

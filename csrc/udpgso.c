@@ -137,8 +137,6 @@ void ugso_add(struct tpb_bridge *br, struct frame *f, struct inner *p)
         u->ilen0 = ilen;
         memcpy(u->inner0, hdr, p->hlen < sizeof(u->inner0) ? p->hlen
                                                            : sizeof(u->inner0));
-    }
-    if (!u->n) {
         u->iov[0].iov_base = u->buf + UGSO_ROOM;     /* ugso_flush's headers */
         u->iov[0].iov_len = 0;
         u->niov = 1;
