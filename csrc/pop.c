@@ -456,6 +456,18 @@ int tun_drop(int e)
     }
 }
 
+/* A packet from a NAT'd peer passed its checks: answers go where it came
+ * from.  A new endpoint is a new path, which may take UDP GSO again. */
+void follow(struct peer *p, const struct sockaddr_in *from)
+{
+    if (!from || p->cfg.addr)
+        return;
+    if (p->sa.sin_addr.s_addr != from->sin_addr.s_addr ||
+        p->sa.sin_port != from->sin_port)
+        p->udp_gso_off = 0;
+    p->sa = *from;
+}
+
 void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v)
 {
     *c = *c ? CMSG_NXTHDR(m, *c) : CMSG_FIRSTHDR(m);
@@ -688,8 +700,7 @@ static void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ile
     }
     /* It passed the peer's checks: a NAT'd peer's answer goes where it
      * came from. */
-    if (from && !p->cfg.addr)
-        p->sa = *from;
+    follow(p, from);
     if (udp)
         to_endpoint(in, ihl, &p->sa);
     /* a raw socket routes by the address alone (its port is no port) */
@@ -783,8 +794,7 @@ static void from_peer(struct tpb_pop *pop, struct peer *p, uint8_t tos, uint16_t
     if (slot)
         learn_put(slot, pop->peers, a, (uint32_t)(p - pop->peers),
                   pop->now_ns + pop->learn_ns);
-    if (from && !p->cfg.addr)
-        p->sa = *from;
+    follow(p, from);
     p->c.decap_packets++;
     p->c.decap_bytes += ilen;
 }

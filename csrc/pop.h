@@ -53,6 +53,8 @@ struct peer {
     struct tpb_tunnel_counters c;
     struct ka ka;
     uint32_t learned;           /* slots of the learned table it holds */
+    uint8_t udp_gso_off;        /* its path refused a UDP GSO message: one
+                                 * datagram per segment until it moves */
 };
 
 struct learned {
@@ -120,7 +122,6 @@ struct tpb_pop {
     /* send side (pop_tx.c) */
     struct pop_tx *tx;
     uint8_t *sbuf;
-    uint8_t udp_gso_off;        /* the UDP socket refused a GSO message */
     /* coalescing toward the TUN device (pop_gro.c) */
     struct pop_gro *gro;
 };
@@ -134,6 +135,7 @@ int inner_addr(const uint8_t *ip, size_t len, int dst, uint8_t out[16]);
 int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
               size_t *l4, size_t *thl);
 struct peer *route(struct tpb_pop *pop, const uint8_t dst[16]);
+void follow(struct peer *p, const struct sockaddr_in *from);
 void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v);
 int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
               uint16_t proto);
@@ -166,6 +168,7 @@ void gro_flush(struct tpb_pop *pop);
 ssize_t tpb_fuzz_read(int fd, void *buf, size_t n);
 ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int iovcnt);
 int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
+ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags);
 #endif
 
 #endif

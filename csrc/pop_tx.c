@@ -51,6 +51,7 @@
 #ifdef TPB_FUZZ
 #define read tpb_fuzz_read
 #define sendmmsg tpb_fuzz_sendmmsg
+#define sendmsg tpb_fuzz_sendmsg
 #endif
 
 #define TX_MSGS 256             /* messages queued before a flush */
@@ -91,6 +92,33 @@ struct pop_tx *pop_tx_new(void)
 
 /* 11. ----------------------------------------------------------------- */
 
+/* A UDP GSO message the kernel refused (EMSGSIZE: the route's MTU below
+ * a datagram; EIO: no checksum offload on the way out; EINVAL): its
+ * datagrams one by one, as a peer without GSO would have had them (the
+ * kernel fragments what the path cannot carry whole: DF is clear), and
+ * that peer's next super-packets likewise (split()).  Its iovecs are two
+ * per datagram, GRE and inner headers then the segment's payload. */
+static void ungso(struct tpb_pop *pop, struct mmsghdr *mm, struct tx_meta *mt)
+{
+    struct msghdr one = mm->msg_hdr;
+    struct peer *p = &pop->peers[mt->peer];
+    size_t k, len;
+
+    p->udp_gso_off = 1;
+    one.msg_controllen = CMSG_SPACE(sizeof(int)) * 2;   /* TTL, TOS: not UDP_SEGMENT */
+    one.msg_iovlen = 2;
+    for (k = 0; k + 1 < mm->msg_hdr.msg_iovlen; k += 2) {
+        one.msg_iov = &mm->msg_hdr.msg_iov[k];
+        len = one.msg_iov[0].iov_len + one.msg_iov[1].iov_len;
+        if (sendmsg(pop->udp, &one, 0) < 0) {
+            p->c.drop[TPB_DROP_SEND]++;
+            continue;
+        }
+        p->c.encap_packets++;
+        p->c.encap_bytes += len - gre_hlen(p->tx.csum, p->tx.has_key, p->tx.seq);
+    }
+}
+
 static void flush(struct tpb_pop *pop)
 {
     struct pop_tx *tx = pop->tx;
@@ -107,12 +135,10 @@ static void flush(struct tpb_pop *pop)
             if (sent < 0 && errno == EINTR)
                 continue;
             mt = &tx->meta[i];
-            /* A GSO message the socket cannot take (a path MTU below the
-             * TUN device's, no checksum offload to fall back on): the
-             * next super-packets go as one datagram per segment. */
             if (mt->gso && (errno == EMSGSIZE || errno == EINVAL || errno == EIO))
-                pop->udp_gso_off = 1;
-            pop->peers[mt->peer].c.drop[TPB_DROP_SEND] += mt->segs;
+                ungso(pop, &tx->msg[i], mt);
+            else
+                pop->peers[mt->peer].c.drop[TPB_DROP_SEND] += mt->segs;
             i++;
             continue;
         }
@@ -212,7 +238,7 @@ static void split(struct tpb_pop *pop, struct peer *p, struct gso_plan *s,
     if (pop->tun_mtu > over + 64 && pop->tun_mtu - over < s->mss)
         s->mss = (uint16_t)(pop->tun_mtu - over);
     n = gso_count(s);
-    if (udp && !pop->udp_gso_off) {
+    if (udp && !p->udp_gso_off) {
         per = (uint32_t)(UDP_GSO_BYTES / (glen + s->hl + s->mss));
         if (per > UDP_GSO_SEGS)
             per = UDP_GSO_SEGS;

@@ -420,8 +420,12 @@ def pu(payload_: bytes, sel: int = 0, sport: int = 0xC123, fix: bool = True, tos
     return u8(1) + u8(fix | sel << 1) + u8(tos) + u16(sport) + u16(len(payload_)) + payload_
 
 
-def pt(ip: bytes, mode: int = NONE, fix: bool = False) -> bytes:
-    return u8(3) + u8(fix | mode << 1) + u16(len(ip)) + ip
+def pt(ip: bytes, mode: int = NONE, fix: bool = False, gso_size: int = 0,
+       refuse_gso: bool = False) -> bytes:
+    """A packet read from the TUN device (mode GSO: a super-packet of
+    gso_size); refuse_gso: the UDP socket refuses UDP GSO messages."""
+    out = u8(3) + u8(fix | mode << 1 | refuse_gso << 4) + u16(len(ip)) + ip
+    return out + (u8(0) + u16(gso_size) if mode == GSO else b"")
 
 
 def pop() -> None:
@@ -490,6 +494,14 @@ def pop_udp(c: Corpus) -> None:
     c.add("udp-nat-keepalive-reflect", two_nat + pu(bytes(gre(udp_keepalive_of(
         "10.0.0.2", POP, KEY, False, sport=4754))), sel=nat_addr, sport=40002) +
           pt(bytes(tcp4(SERVER, "192.0.2.10"))))
+    # a path that refuses UDP GSO (a route MTU below the datagrams): the
+    # super-packet's datagrams one by one, and the peer's next one too
+    sp = bytes(tcp4(SERVER, "192.0.2.10", n=1400 * 4))
+    c.add("udp-to-bridge-uso-refused",
+          pop_header([(0, True, False, False, False, KEY | udp)], [(False, 122, 0, 0)],
+                     tun_mtu=1500) +
+          pt(sp, GSO, fix=True, gso_size=1400, refuse_gso=True) +
+          pt(sp, GSO, fix=True, gso_size=1400))
     c.add("udp-nat-wrong-key", two_nat + pu(bytes(gre(tcp4(PC, SERVER), key=8)), sel=nat_addr))
     c.add("udp-nat-reload", two_nat + pu(bytes(gre(tcp4(PC, SERVER))), sel=nat_addr, sport=40000) +
           u8(6) + pop_header([(1, True, False, False, False, KEY | nat)], [(False, 122, 0, 0)]) +

@@ -36,6 +36,7 @@ enum { IO_TUN, IO_SEND, IO_SENDMM, IO_SENDTO };
 
 struct io {
     int kind, failed;
+    int refused;                /* a UDP GSO message refused (fail_gso) */
     int fd;                     /* TPB_FUZZ_FD_*: which socket */
     uint32_t dst;
     uint16_t port;
@@ -49,6 +50,9 @@ struct io {
 static struct io ios[MAX_IO];
 static size_t nios;
 static int fail_tun, fail_send;
+/* the UDP socket refuses GSO messages (EMSGSIZE: a path MTU below the
+ * datagrams), as a route with a lower MTU toward a bridge makes it do */
+static int fail_gso;
 /* how the TUN device refuses a write (fail_tun): the errno, 0 a short write */
 static const int tun_errnos[6] = {EIO, EAGAIN, ENOBUFS, ENOMEM, EINVAL, 0};
 static int tun_errno;
@@ -211,6 +215,11 @@ int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
             errno = EPERM;
             return -1;
         }
+        if (fail_gso && o->gso_size) {
+            o->failed = o->refused = 1;
+            errno = EMSGSIZE;
+            return i ? (int)i : -1;
+        }
         v[i].msg_len = (unsigned int)o->len;
     }
     return (int)n;
@@ -243,6 +252,7 @@ struct h {
         uint32_t addr;
         uint16_t port;
     } ep[MAX_PEERS];
+    uint8_t gso_off[MAX_PEERS]; /* its path refused UDP GSO (fail_gso) */
 };
 
 struct counters {
@@ -832,6 +842,8 @@ static void from_bridge_op(struct h *h, struct fz_in *in, uint8_t *buf, int udp)
         /* a NAT'd peer is answered where its accepted packets come from:
          * one written, or a keepalive of its bridge reflected */
         if (udp && !h->peers[p].addr && (o->kind != IO_TUN || !o->failed)) {
+            if (h->ep[p].addr != src || h->ep[p].port != sport)
+                h->gso_off[p] = 0;      /* a new path: GSO tried again */
             h->ep[p].addr = src;
             h->ep[p].port = sport;
         }
@@ -867,7 +879,7 @@ static void gso_check(struct h *h, const uint8_t *buf, size_t len,
 {
     const struct tpb_pop_peer_config *c;
     uint8_t dst[16];
-    int p, v4 = buf[0] >> 4 == 4, failed = 0, udp;
+    int p, v4 = buf[0] >> 4 == 4, failed = 0, refused = 0, udp;
     size_t k, j, segs = 0, ihl, hl, iplen, gl, got = 0, chunk, slen, off, over;
     uint16_t flags;
 
@@ -893,9 +905,14 @@ static void gso_check(struct h *h, const uint8_t *buf, size_t len,
     for (k = 0; k < nios; k++) {
         const struct io *o = &ios[k];
 
-        FZ_CHECK(o->kind == IO_SENDMM && o->fd == (udp ? TPB_FUZZ_FD_UDP : TPB_FUZZ_FD_RAW) &&
-                     (udp || !o->gso_size),
-                 "POP: a segment through the wrong socket");
+        FZ_CHECK((o->kind == IO_SENDMM || (o->kind == IO_SEND && refused && !o->gso_size)) &&
+                     o->fd == (udp ? TPB_FUZZ_FD_UDP : TPB_FUZZ_FD_RAW) && (udp || !o->gso_size),
+                 "POP: a segment through the wrong socket, or sent alone unrefused");
+        FZ_CHECK(!h->gso_off[p] || !o->gso_size, "POP: UDP GSO to a peer whose path refused it");
+        if (o->refused) {       /* its datagrams follow one by one */
+            refused = 1;
+            continue;
+        }
         failed |= o->failed;
         chunk = o->gso_size ? o->gso_size : o->len;
         for (j = 0; j < o->len; j += chunk) {
@@ -931,6 +948,10 @@ static void gso_check(struct h *h, const uint8_t *buf, size_t len,
             segs++;
         }
     }
+    if (refused)
+        h->gso_off[p] = 1;
+    fz_trace("pop: a super-packet to peer %d (%s): %zu segments in %zu sends%s", p,
+             udp ? "udp" : "gre", segs, nios, refused ? ", GSO refused, one by one" : "");
     FZ_CHECK(got == iplen - hl, "POP: segments carry %zu of %zu payload bytes", got, iplen - hl);
     FZ_CHECK(a->c[p].gso_packets == b->c[p].gso_packets + 1 &&
                  a->c[p].gso_segments == b->c[p].gso_segments + segs,
@@ -984,9 +1005,11 @@ static void to_bridges_op(struct h *h, struct fz_in *in, uint8_t *buf)
     }
     tun_len = len;
     fail_send = (fl >> 3) & 1;
+    fail_gso = (fl >> 4) & 1;
     snap(h, &b);
     ios_clear();
     tpb_fuzz_pop_to_bridges(h->pop, h->now);
+    fail_gso = 0;
     FZ_CHECK(!tun_pkt, "POP: the TUN device was not read");
     ASAN_UNPOISON_MEMORY_REGION(poisoned, poisoned_len);
     snap(h, &a);
@@ -1377,6 +1400,7 @@ static void reload_op(struct h *h, struct fz_in *in)
         n.ep[i].port = o >= 0 ? h->ep[o].port : 0;
     }
     memcpy(h->ep, n.ep, sizeof(h->ep));
+    memset(h->gso_off, 0, sizeof(h->gso_off));  /* new peers: GSO tried again */
     h->cfg = n.cfg;
     memcpy(h->peers, n.peers, sizeof(h->peers));
     memcpy(h->prefixes, n.prefixes, sizeof(h->prefixes));

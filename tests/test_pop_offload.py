@@ -129,3 +129,29 @@ def test_malformed_vnet_header_is_dropped_counted_and_tcp_recovers(tlab, daemons
     assert cp["peers"][T_TPB]["drop"] == {}, cp
     # (the server's pings before the bridge knew its in-side router aside)
     assert set(c["tunnel"]["drop"]) <= {"no_router_mac"}, c["tunnel"]
+
+
+def test_udp_gso_refused_by_the_path_falls_back_per_datagram_without_loss(tlab, daemons):
+    """The POP's route toward the bridge has an MTU below the tunnel
+    datagrams (a path the TUN device's MTU does not know about): the kernel
+    refuses each UDP GSO message (EMSGSIZE).  The POP sends that message's
+    datagrams one by one, which the kernel fragments (DF clear) and the
+    bridge reassembles, and sends that peer's later super-packets the same
+    way: the download completes byte for byte, nothing dropped."""
+    route = [f"{T_TPB}/32", "via", "198.51.100.33", "dev", "eth0"]
+    tlab.run("pop", ["ip", "route", "add", *route, "mtu", "1300"])
+    try:
+        pop, tpb = start(tlab, daemons, "udp")
+        transfer(tlab, "server", "pc", T_PC, 5304)
+        c, cp = tpb.stop(), pop.stop()
+    finally:
+        tlab.run("pop", ["ip", "route", "del", *route])
+    p = cp["peers"][T_TPB]
+    assert p["drop"] == {} and cp["other"]["drop"] == {}, cp
+    assert set(c["tunnel"]["drop"]) <= {"no_router_mac"}, c["tunnel"]
+    # super-packets were cut, and their datagrams crossed as two fragments
+    # each (but a super-packet's last, which may be short enough)
+    assert p["gso_packets"] > 0 and p["gso_segments"] > 2 * p["gso_packets"], p
+    full = p["gso_segments"] - p["gso_packets"]
+    assert c["tunnel"]["reasm_fragments"] >= 2 * full, (c["tunnel"], p)
+    assert 0.99 * p["encap_packets"] <= c["tunnel"]["decap_packets"] <= p["encap_packets"]
