@@ -164,11 +164,51 @@ void gro_hold(struct tpb_pop *pop, int verdict, struct peer *p, uint8_t *in,
               const struct sockaddr_in *from);
 void gro_flush(struct tpb_pop *pop);
 
+/* pop_rx.c */
+int from_bridges(struct tpb_pop *pop);
+
+/* pop_learn.c */
+struct peer *by_prefix(struct tpb_pop *pop, const uint8_t dst[16]);
+int learn_alloc(struct learn_table *t, uint32_t npeers);
+struct learned *learn_find(const struct learn_table *t, const uint8_t a[16],
+                           uint64_t now, struct learned **free_slot);
+int learn_check(struct tpb_pop *pop, struct peer *p, const uint8_t a[16],
+                int proto, struct learned **slot);
+
+/* pop_ka.c */
+void peer_set_up(struct peer *p, int up);
+void keepalives(struct tpb_pop *pop);
+int poll_timeout(const struct tpb_pop *pop);
+void peer_ka_answer(struct tpb_pop *pop, struct peer *p);
+int is_keepalive(const struct tpb_pop *pop, const struct peer *p,
+                 const uint8_t *in, size_t ilen, uint16_t proto);
+void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
+             const struct gre_pkt *g, const struct sockaddr_in *from);
+
+/* pop_conf.c */
+int check_config(const struct tpb_pop_config *cfg,
+                 const struct tpb_pop_peer_config *peers,
+                 const struct tpb_pop_prefix *prefixes,
+                 char *err, size_t errlen);
+void peer_init(struct peer *p, const struct tpb_pop_peer_config *c,
+               uint32_t local);
+void take_reload(struct tpb_pop *pop);
+
 #ifdef TPB_FUZZ
+/* Fuzzing builds only (fuzz/README.md): fuzz/pop.c stands in for the TUN
+ * device and the sockets, and drives the loop's steps one at a time
+ * (tpb_fuzz_pop_* at the end of pop.c). */
 ssize_t tpb_fuzz_read(int fd, void *buf, size_t n);
 ssize_t tpb_fuzz_writev(int fd, const struct iovec *iov, int iovcnt);
-int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
 ssize_t tpb_fuzz_sendmsg(int fd, const struct msghdr *m, int flags);
+int tpb_fuzz_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags);
+ssize_t tpb_fuzz_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *sa, socklen_t salen);
+#define read tpb_fuzz_read
+#define writev tpb_fuzz_writev
+#define sendmsg tpb_fuzz_sendmsg
+#define sendmmsg tpb_fuzz_sendmmsg
+#define sendto tpb_fuzz_sendto
 #endif
 
 #endif

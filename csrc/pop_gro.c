@@ -55,10 +55,6 @@
 #include "tpb.h"
 #include "pop.h"
 
-#ifdef TPB_FUZZ
-#define writev tpb_fuzz_writev
-#endif
-
 #define GRO_SEGS 64
 #define TCP_ACK 0x10
 #define TCP_PSH 0x08

@@ -48,12 +48,6 @@
 #include "tpb.h"
 #include "pop.h"
 
-#ifdef TPB_FUZZ
-#define read tpb_fuzz_read
-#define sendmmsg tpb_fuzz_sendmmsg
-#define sendmsg tpb_fuzz_sendmsg
-#endif
-
 #define TX_MSGS 256             /* messages queued before a flush */
 #define TX_SEGS 512             /* their headers (GRE + segment's IP/L4) */
 #define TX_IOVS 1024
