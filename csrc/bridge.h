@@ -182,6 +182,11 @@ struct tpb_bridge {
     pthread_mutex_t stats_lock;
 };
 
+/* bridge.c, bridge_open.c: frames taken per ring before each flush (at
+ * most), and a new configuration swapped in between passes */
+#define MAX_BATCH 256
+void apply_pending(struct tpb_bridge *br);
+
 /* txq.c */
 int txq_init(struct txq *q, int fd, int fd_q, int ifindex,
              struct tpb_port_counters *c);

@@ -23,6 +23,7 @@ SOURCES = [
     "ring.c",
     "txq.c",
     "bridge.c",
+    "bridge_open.c",
     "csum.c",
     "gre.c",
     "encap.c",
