@@ -39,6 +39,7 @@ SOURCES = [
     "pop_ka.c",
     "pop_conf.c",
     "xsk.c",
+    "xsk_open.c",
     "pop_tx.c",
     "pop_gro.c",
 ]
