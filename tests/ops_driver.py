@@ -25,7 +25,8 @@ from typing import Any
 from tpb import metrics, status
 from tpb.config import Keepalive, Settings, Tunnel
 from tpb.native import NativeBridge, NativePop, tunnel_struct
-from tpb.pop import TUN_F_CSUM, TUNSETOFFLOAD, Peer, PopSettings, parse_peer_flag
+from tpb.pop import TUN_F_CSUM, TUNSETOFFLOAD
+from tpb.pop_config import Peer, PopSettings, parse_peer_flag
 from tpb.ports import lookup
 from tpb.select import Selector
 

@@ -33,7 +33,8 @@ from pytun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunTapDevice
 from tpb import config
 from tpb.errors import TpbError
 from tpb.native import NativePop
-from tpb.pop import TUN_F_CSUM, TUNSETOFFLOAD, Peer, PopSettings, _prefix_struct
+from tpb.pop import TUN_F_CSUM, TUNSETOFFLOAD, _prefix_struct
+from tpb.pop_config import Peer, PopSettings
 
 
 def settings(cmd: dict[str, Any], tun: str) -> tuple[PopSettings, list[tuple[bytes, int, int]]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tpb import config, pop
+from tpb import config, pop_config
 from tpb.cli import RUN_FLAGS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,11 +78,11 @@ def test_booleans_checked_are_the_ones_the_issue_names():
     assert {k for _, k in BOOLS} >= {"csum", "seq", "pmtud", "low_latency"}
 
 
-@pytest.mark.parametrize("name", pop.PEER_BOOLS)
+@pytest.mark.parametrize("name", pop_config.PEER_BOOLS)
 def test_every_boolean_peer_option_has_a_no_form(name):
-    assert pop.parse_peer_flag(f"198.51.100.3,{name}")[name] is True
-    assert pop.parse_peer_flag(f"198.51.100.3,no-{name}")[name] is False
-    assert name not in pop.parse_peer_flag("198.51.100.3")
+    assert pop_config.parse_peer_flag(f"198.51.100.3,{name}")[name] is True
+    assert pop_config.parse_peer_flag(f"198.51.100.3,no-{name}")[name] is False
+    assert name not in pop_config.parse_peer_flag("198.51.100.3")
 
 
 def test_pop_has_the_service_flags():
@@ -110,9 +110,9 @@ def test_pop_settings_from_the_file_and_flags(tmp_path):
     f.write_text('[pop]\nlocal = "198.51.100.34"\nmetrics_listen = "127.0.0.1:9600"\n'
                  'log_level = "warning"\n[[pop.peer]]\naddress = "198.51.100.3"\n')
     p = sub("pop")
-    s, _ = pop.settings_from(p.parse_args(["--config", str(f)]))
+    s, _ = pop_config.settings_from(p.parse_args(["--config", str(f)]))
     assert (s.metrics_listen, s.log_level) == (("127.0.0.1", 9600), "warning")
-    s, _ = pop.settings_from(p.parse_args(["--config", str(f), "--no-metrics",
+    s, _ = pop_config.settings_from(p.parse_args(["--config", str(f), "--no-metrics",
                                            "--log-level", "debug"]))
     assert (s.metrics_listen, s.log_level) == (None, "debug")
     res = tpb("check", "--offline", "--config", str(f))

@@ -36,9 +36,8 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import GRE
 from scapy.packet import Raw
 
-from tpb import config
+from tpb import config, pop_config
 from tpb import lab as labmod
-from tpb import pop as popmod
 from tpb.lab import T_GW2, T_GW2B, T_PC, T_PC2, T_POP, T_SERVER, T_TPB, T_TPB2
 
 LAB_PREFIX = "tpbpka"
@@ -204,12 +203,12 @@ def outgoing_gre_to(addr: str):
 # ---- --peer ...,keepalive=PERIOD,RETRIES ------------------------------------------
 
 
-def _settings(tmp_path, *peers: str) -> popmod.PopSettings:
+def _settings(tmp_path, *peers: str) -> pop_config.PopSettings:
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     args = argparse.Namespace(config=str(empty), local=T_POP, tun=None, learn_timeout=None,
                               peer=list(peers))
-    return popmod.settings_from(args)[0]
+    return pop_config.settings_from(args)[0]
 
 
 def test_peer_flag_keepalive_takes_its_own_comma(tmp_path):

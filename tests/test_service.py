@@ -25,7 +25,8 @@ from tpb.config import ConfigError, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.metrics import ReloadState
 from tpb.native import RemoteState
-from tpb.pop import Peer, Pop, PopSettings
+from tpb.pop import Pop
+from tpb.pop_config import Peer, PopSettings
 from tpb.sdnotify import Notifier
 
 

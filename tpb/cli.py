@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(c)
     c.add_argument("--offline", action="store_true",
                    help="check the settings only, not this host (a file for another machine)")
-    from tpb.pop import add_parser as add_pop
+    from tpb.pop_config import add_parser as add_pop
 
     add_pop(sub)
     from tpb.status import add_parser as add_status
@@ -260,7 +260,7 @@ def _check(args: argparse.Namespace) -> int:
     `tpb pop`'s [pop] table, or both — and, unless --offline, every check
     of this host either would make before opening anything.  Every problem
     on its own line; warnings too, without failing."""
-    from tpb import pop
+    from tpb import pop, pop_config
 
     flagged = any(getattr(args, d) is not None for d in RUN_FLAGS) or args.counters is not None
     path = args.config or config.DEFAULT_PATH
@@ -269,7 +269,7 @@ def _check(args: argparse.Namespace) -> int:
     problems: list[str] = []
     if "pop" in data:
         try:
-            ps = pop.build({"pop": data["pop"]}, src)
+            ps = pop_config.build({"pop": data["pop"]}, src)
             if not args.offline:
                 problems += _host_problems(lambda: pop.preflight(ps, src))
         except config.ConfigError as e:

@@ -312,7 +312,7 @@ def bridge_snapshot(bridge: Any, ports: dict[str, Any], settings: Any) -> dict[s
 def pop_snapshot(pop: Any, settings: Any) -> dict[str, Any]:
     """A `tpb pop` instance's state: per peer counters and keepalive state.
 
-    pop: tpb.native.NativePop; settings: tpb.pop.PopSettings."""
+    pop: tpb.native.NativePop; settings: tpb.pop_config.PopSettings."""
     doc: dict[str, Any] = _process()
     counters = pop.counters()
     states = pop.peer_states()
