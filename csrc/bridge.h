@@ -162,7 +162,7 @@ struct tpb_bridge {
     size_t overhead;           /* outer IPv4 + GRE */
     int mtu_ok;                /* cfg.mtu (--out's, followed) carries the tunnel */
     uint16_t mss4, mss6;       /* clamps for IPv4 / IPv6 inner TCP */
-    uint8_t router_mac[6];     /* the in-side router, learned */
+    uint8_t router_mac[6];     /* the in-side router, learned or pinned */
     int have_router_mac;
     double icmp_tokens;
     uint64_t icmp_last_ns;

@@ -134,6 +134,13 @@ static void tunnel_settings(struct tpb_bridge *br, const struct tpb_tunnel_confi
     br->gtx.df = t->df;
     br->gtx.udp = t->encap == TPB_ENCAP_UDP;
     br->overhead = tunnel_overhead(t);
+    /* A router the operator named wins over any frame (learn_router());
+     * unpinned by a reload, the one it named stays until a selected frame
+     * shows another. */
+    if (t->router_mac_set) {
+        memcpy(br->router_mac, t->router_mac, 6);
+        br->have_router_mac = 1;
+    }
     /* The port's own MTU, once the loop has read it, over the caller's. */
     encap_mtu(br, br->q[TPB_PORT_OUT].mtu ? br->q[TPB_PORT_OUT].mtu : t->mtu);
     if (br->icmp_tokens > t->icmp_rate)

@@ -79,10 +79,12 @@ void encap_mtu(struct tpb_bridge *br, uint32_t mtu)
 /* --in faces one router, the enterprise gateway: the source of the
  * frames selected for the tunnel tells TPB where unwrapped packets go when
  * they were addressed to TPB's own MAC (see decap.c: deliver).  Never a
- * bridged frame: any host upstream can send one from any MAC. */
+ * bridged frame: any host upstream can send one from any MAC.  Never when
+ * the operator named it (router_mac): on a segment where several hosts'
+ * flows are selected, the last to send would win. */
 void learn_router(struct tpb_bridge *br, const struct frame *f)
 {
-    if ((f->mac[6] & 1) ||
+    if (br->cfg.router_mac_set || (f->mac[6] & 1) ||
         (br->have_router_mac && !memcmp(br->router_mac, f->mac + 6, 6)))
         return;
     memcpy(br->router_mac, f->mac + 6, 6);

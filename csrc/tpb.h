@@ -155,6 +155,9 @@ struct tpb_tunnel_config {
     uint32_t keepalive_retries;  /* down after period x retries unanswered */
     uint8_t on_down;             /* TPB_DOWN_* */
     uint8_t encap;               /* TPB_ENCAP_* */
+    uint8_t router_mac_set;      /* router_mac given: never learned */
+    uint8_t router_mac[6];       /* --in's router, where unwrapped packets
+                                  * addressed to TPB's own MAC go */
 };
 
 /* Keepalive state of one POP (a bridge's remote, or a POP's peer).  Cisco

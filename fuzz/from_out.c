@@ -67,6 +67,17 @@ static void config(struct tpb_tunnel_config *t, uint8_t b0, uint8_t b1,
     t->encap = (b0 & 0x40) ? TPB_ENCAP_UDP : TPB_ENCAP_GRE;
 }
 
+/* the router an operator names (router_mac): not the one frames teach */
+static const uint8_t pinned_mac[6] = {2, 0, 0, 0, 0, 0x4e};
+
+/* A pinned router stays whatever frames come (learn_router()). */
+static void check_pin(const struct h *h)
+{
+    if (h->t.router_mac_set)
+        FZ_CHECK(h->br->have_router_mac && !memcmp(h->br->router_mac, pinned_mac, 6),
+                 "the pinned router MAC moved");
+}
+
 static void learn(struct h *h, uint8_t fl, const uint8_t *macs, const uint8_t *tag)
 {
     uint8_t buf[14];
@@ -83,6 +94,7 @@ static void learn(struct h *h, uint8_t fl, const uint8_t *macs, const uint8_t *t
         learn_router(h->br, &f);
     if (fl & 2)
         ka_learn_hop(h->br, &f);
+    check_pin(h);
 }
 
 /* ---- checks ---- */
@@ -745,14 +757,19 @@ static void tick_op(struct h *h, struct fz_in *in)
 
 static void reconfigure_op(struct h *h, struct fz_in *in)
 {
-    uint8_t b0 = fz_u8(in), b1 = fz_u8(in);
-    uint32_t key = fz_u8(in) & 1 ? h->t.key : fz_u32(in);
+    uint8_t b0 = fz_u8(in), b1 = fz_u8(in), kb = fz_u8(in);
+    uint32_t key = kb & 1 ? h->t.key : fz_u32(in);
 
     config(&h->t, b0, b1, key);
+    if (kb & 2) {               /* router_mac given, or taken away */
+        h->t.router_mac_set ^= 1;
+        memcpy(h->t.router_mac, pinned_mac, 6);
+    }
     fz_outs_clear();
     tpb_fuzz_bridge_reconfigure(h->br, &h->t);
     fz_flush(h->br);
     FZ_CHECK(fz_nouts == 0, "reconfigure sent something");
+    check_pin(h);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -790,11 +807,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cfg.tun.icmp_rate = 100;
     cfg.tun.pmtud = 1;
     memcpy(cfg.tun.out_mac, fz_out_mac, 6);
+    if (b2 & 0x20) {
+        cfg.tun.router_mac_set = 1;
+        memcpy(cfg.tun.router_mac, pinned_mac, 6);
+    }
     h.now = FZ_T0;
     h.t = cfg.tun;
     h.br = fz_bridge(&cfg, h.now);
     h.br->q[TPB_PORT_OUT].mtu = mtu;    /* as txq_check_mtu() reads it */
     encap_mtu(h.br, mtu);
+    check_pin(&h);
     if (b0 & 0x10) {
         memcpy(macs, fz_out_mac, 6);      /* gw1 sends to the next hop */
         memcpy(macs + 6, fz_router_mac, 6);

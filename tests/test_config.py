@@ -531,3 +531,27 @@ def test_busy_poll_needs_backend_afxdp(tmp_path):
     assert res.returncode == 2
     lines = problems(res)
     assert len(lines) == 1 and "bridge.busy_poll is for backend afxdp only" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "mac, want",
+    [("01:00:5e:00:00:01", "not a unicast MAC address: 01:00:5e:00:00:01"),
+     ("00:00:00:00:00:00", "not a unicast MAC address: 00:00:00:00:00:00"),
+     ("02:00:00:00:00", "not a MAC address (aa:bb:cc:dd:ee:ff): '02:00:00:00:00'")],
+    ids=["multicast", "zero", "short"],
+)
+def test_router_mac_must_be_a_unicast_mac(mac, want):
+    res = tpb("run", *NO_IF, "--local", "198.51.100.3", "--remote", "198.51.100.34",
+              "--router-mac", mac)
+    assert res.returncode == 2
+    assert problems(res) == [f"tpb: --router-mac: tunnel.router_mac {want}"], res.stderr
+
+
+def test_router_mac_is_taken_in_any_spelling():
+    from tpb import config
+
+    data = {"ports": {"in": "a", "out": "b"},
+            "tunnel": {"local": "198.51.100.3", "remote": "198.51.100.34",
+                       "router_mac": "02-AB-00-00-00-42"}}
+    s = config.build_settings(data, config.Source())
+    assert s.tunnel is not None and s.tunnel.router_mac == "02:ab:00:00:00:42"

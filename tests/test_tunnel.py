@@ -574,6 +574,31 @@ def test_a_strangers_frames_do_not_readdress_what_tpb_unwraps(tlab, procs, gw1, 
     assert drops(c) == {}, c["tunnel"]
 
 
+def test_router_mac_pinned_is_used_at_once_and_never_relearned(tlab, procs, gw1, gw2):
+    """--router-mac names the in-side router: GRE to TPB's own MAC is
+    delivered to it before any selected frame (no no_router_mac drop), and
+    a selected frame from another host on --in's segment, which would
+    teach a learning TPB that host, does not readdress what TPB unwraps
+    after it."""
+    tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000", "--router-mac", GW1_MAC)
+    early, sel, late = marker("pin1"), marker("pinsel"), marker("pin2")
+    gw1.drain()
+    gw2.send(gre_to_tpb(to_pc(early)))
+    first = fence_to(gw1, early)
+    # a selected frame (UDP to the server's port 5000) from a stranger
+    gw1.send(eth(udp4(sel), src=STRANGER_MAC))
+    f = gw2.until(lambda f: sel in f.data, 5.0, "the stranger's selected frame, encapsulated")
+    assert parse_gre(f.data) is not None, "the stranger's frame was not tunneled"
+    gw2.send(gre_to_tpb(to_pc(late)))
+    second = fence_to(gw1, late)
+    c = tpb.stop()
+    want = bytes.fromhex(GW1_MAC.replace(":", "") + GW2_MAC.replace(":", "") + "0800")
+    for got, m in ((first, early), (second, late)):
+        assert got.data[:14] == want, (m, got.data[:14].hex())
+        assert ip_payload_of(got.data) == to_pc(m)
+    assert drops(c) == {}, c["tunnel"]
+
+
 def test_arp_and_echo_for_the_tunnel_address(tlab, procs, gw1, gw2):
     """gw2 finds TPB's tunnel address by ARP (TPB's eth3 MAC) and can ping
     it; neither the ARP request nor the echo reaches gw1."""

@@ -58,6 +58,7 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "keepalive": ("tunnel", "keepalive"),
     "on_tunnel_down": ("tunnel", "on_tunnel_down"),
     "encap": ("tunnel", "encap"),
+    "router_mac": ("tunnel", "router_mac"),
     "mark": ("select", "mark"),
     "match": ("select", "match"),
     "cpu": ("bridge", "cpu"),
@@ -152,6 +153,9 @@ def _add_run_flags(r: argparse.ArgumentParser) -> None:
                    help='keepalives to each POP, e.g. 10s,3 (off; 20s,3 with --encap udp)')
     g.add_argument("--no-keepalive", dest="keepalive", action="store_const", const="off",
                    help="no keepalives: every POP counts as up")
+    g.add_argument("--router-mac", metavar="MAC",
+                   help="--in's router (the enterprise gateway): unwrapped packets addressed "
+                   "to TPB go to it (default: learned from the first selected frame)")
     g.add_argument("--on-tunnel-down", choices=["bypass", "drop"],
                    help="selected flows while no POP is up: bridged as they are (bypass, "
                    "the default) or dropped")

@@ -71,6 +71,7 @@ class Tunnel:
     keepalive: Keepalive | None = None  # None: off, every POP counts as up
     on_tunnel_down: str = "bypass"  # bypass | drop
     encap: str = "gre"  # gre | udp (GRE-in-UDP, RFC 8086)
+    router_mac: str | None = None  # --in's router, pinned; None: learned
 
 
 # With GRE-in-UDP keepalives are on unless turned off: they keep a NAT's
@@ -195,6 +196,16 @@ def _ipv4(v: Any) -> str:
     return str(addr)
 
 
+def _mac(v: Any) -> str:
+    """A unicast Ethernet address, as aa:bb:cc:dd:ee:ff (or with dashes)."""
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}", v):
+        raise ValueError(f"not a MAC address (aa:bb:cc:dd:ee:ff): {v!r}")
+    mac = v.lower().replace("-", ":")
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise ValueError(f"not a unicast MAC address: {mac}")
+    return mac
+
+
 def _name(v: Any) -> str:
     if not isinstance(v, str) or not re.fullmatch(r"[^\s/]{1,15}", v):
         raise ValueError("must be an interface name (1-15 characters)")
@@ -294,6 +305,7 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "keepalive": _keepalive,
         "on_tunnel_down": _choice("bypass", "drop"),
         "encap": _choice("gre", "udp"),
+        "router_mac": _mac,
     },
     "select": {"mark": _int(1, U32), "match": _match},
     "bridge": {

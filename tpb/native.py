@@ -94,6 +94,9 @@ def tunnel_struct(t: Tunnel, out_mtu: int, out_mac: str) -> Any:
         c.keepalive_retries = t.keepalive.retries
     c.on_down = ON_DOWN[t.on_tunnel_down]
     c.encap = lib.TPB_ENCAP_UDP if t.encap == "udp" else lib.TPB_ENCAP_GRE
+    if t.router_mac is not None:
+        c.router_mac_set = 1
+        c.router_mac = bytes.fromhex(t.router_mac.replace(":", ""))
     return c
 
 
