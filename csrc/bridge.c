@@ -195,6 +195,48 @@ static int spin(struct tpb_bridge *br)
 }
 
 
+static void fold_kernel_stats(struct tpb_bridge *br);
+
+/* Whether a ring of the port holds a queue: its slot a 16th of the ring
+ * past the head is filled already (the kernel fills slots in order). */
+static int queued(const struct tpb_bridge *br, int port)
+{
+    uint32_t st;
+    int i, k;
+
+    for (i = 0; i < br->nsrc; i++) {
+        if (br->src[i].port != port)
+            continue;
+        for (k = 0; k < 2; k++) {
+            const struct tpb_ring *r = &br->src[i].ring[k];
+
+            if (r->frame_nr &&
+                tpb_ring_peek(r, (r->head + r->frame_nr / 16) % r->frame_nr, &st))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* Overload shedding's clock (shed.c), with the ports' ring drops fresh. */
+static void shed_ticks(struct tpb_bridge *br)
+{
+    int p;
+
+    br->shed_tick_ns = br->now_ns;
+    pthread_mutex_lock(&br->stats_lock);
+    fold_kernel_stats(br);
+    pthread_mutex_unlock(&br->stats_lock);
+    for (p = 0; p < TPB_NPORTS; p++)
+        shed_tick(&br->shed[p], br->now_ns, queued(br, p));
+}
+
+/* While a port sheds, the loop wakes often enough to see the flood end. */
+static int shedding(const struct tpb_bridge *br)
+{
+    return br->shed[0].link_fd >= 0 || br->shed[1].link_fd >= 0;
+}
+
 /* Drains an eventfd that only wakes the loop. */
 static void drain(int fd)
 {
@@ -235,6 +277,8 @@ int tpb_bridge_run(struct tpb_bridge *br)
             if (br->tunnel && br->q[TPB_PORT_OUT].mtu)
                 encap_mtu(br, br->q[TPB_PORT_OUT].mtu);
         }
+        if (br->shed_on && br->now_ns - br->shed_tick_ns >= SHED_TICK_NS)
+            shed_ticks(br);
         for (i = 0; i < br->nsrc; i++)
             work += pass(br, &br->src[i]);
         if (br->reasm)
@@ -249,7 +293,7 @@ int tpb_bridge_run(struct tpb_bridge *br)
         br->c[TPB_PORT_IN].polls++;
         /* At least once a second: reassembly and keepalives need a clock,
          * and the heartbeat shows a watchdog the loop is alive. */
-        if (poll(pfd, (nfds_t)nfd + 2, ka_timeout_ms(br, 1000)) < 0) {
+        if (poll(pfd, (nfds_t)nfd + 2, ka_timeout_ms(br, shedding(br) ? 100 : 1000)) < 0) {
             if (errno == EINTR)
                 continue;
             __atomic_store_n(&br->running, 0, __ATOMIC_RELEASE);

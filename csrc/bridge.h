@@ -133,6 +133,24 @@ struct ugso {
     uint8_t inner0[64];        /* the first inner header: outer fields, sport */
 };
 
+/* shed.c: overload shedding on one port (see there) */
+#define SHED_TICK_NS 10000000ull      /* the controller's period: 10 ms */
+struct shed {
+    int ifindex;
+    int map_fd, prog_fd, link_fd;     /* -1: none; link_fd >= 0: shedding */
+    uint64_t *map;                    /* the BPF array, mmapped */
+    struct tpb_port_counters *c;      /* the port's */
+    int refused;                      /* could not load or attach: never again */
+    int spell;                        /* ticks of ring drops in a row */
+    uint64_t rate;                    /* frames admitted per tick */
+    uint64_t shed_ns;                 /* when it last shed a frame */
+    uint64_t last_kdrops, last_rx;
+};
+void shed_init(struct shed *s, int ifindex);
+int shed_load(struct shed *s, char *err, size_t errlen);
+void shed_free(struct shed *s);
+void shed_tick(struct shed *s, uint64_t now_ns, int queued);
+
 struct tpb_bridge {
     struct source src[3];
     int nsrc;
@@ -179,6 +197,10 @@ struct tpb_bridge {
     uint64_t applied;          /* reconfigurations taken by the loop */
     pthread_cond_t applied_cv;
     uint64_t mtu_checked_ns;
+    struct shed shed[TPB_NPORTS];
+    int shed_on;                      /* cfg.shed, one loop, loaded */
+    uint64_t shed_tick_ns;
+    char shed_err[256];               /* why shedding could not be loaded */
     pthread_mutex_t stats_lock;
 };
 

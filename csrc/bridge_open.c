@@ -270,9 +270,33 @@ static struct tpb_bridge *bridge_new(const struct tpb_bridge_config *cfg)
     if (br->batch > MAX_BATCH)
         br->batch = MAX_BATCH;
     br->spin_us = cfg->spin_us;
+    for (i = 0; i < TPB_NPORTS; i++) {
+        shed_init(&br->shed[i], cfg->ifindex[i]);
+        br->shed[i].c = &br->c[i];
+    }
     pthread_mutex_init(&br->stats_lock, NULL);
     pthread_cond_init(&br->applied_cv, NULL);
     return br;
+}
+
+/* Loaded now, so that a kernel without it says so at start (the loop
+ * attaches a program only when a port is overloaded); TPB runs on without. */
+static void open_shed(struct tpb_bridge *br)
+{
+    int i;
+
+    for (i = 0; i < TPB_NPORTS; i++)
+        if (shed_load(&br->shed[i], br->shed_err, sizeof(br->shed_err)) < 0) {
+            br->shed[i].refused = 1;
+            br->c[i].shed_refused = 1;
+            return;
+        }
+    br->shed_on = 1;
+}
+
+const char *tpb_bridge_shed_error(struct tpb_bridge *br)
+{
+    return br->shed_err;
 }
 
 struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
@@ -298,6 +322,8 @@ struct tpb_bridge *tpb_bridge_open(const struct tpb_bridge_config *cfg,
     if ((cfg->tunnel ? open_tunnel(br, cfg, err, errlen)
                      : open_plain(br, cfg, err, errlen)) < 0)
         goto fail;
+    if (cfg->shed && cfg->fanout == TPB_FANOUT_NONE)
+        open_shed(br);
     return br;
 fail:
     tpb_bridge_close(br);
@@ -310,6 +336,8 @@ void tpb_bridge_close(struct tpb_bridge *br)
 
     if (!br)
         return;
+    for (i = 0; i < TPB_NPORTS; i++)
+        shed_free(&br->shed[i]);     /* first: frames go back to the stack */
     for (i = 0; i < 3; i++) {
         tpb_ring_close(&br->src[i].ring[0]);
         tpb_ring_close(&br->src[i].ring[1]);

@@ -34,6 +34,10 @@ struct tpb_port_counters {
     uint64_t drop_xsk_invalid; /* descriptors the kernel refused (rx/tx_invalid) */
     uint64_t drop_no_socket;   /* came in on a queue with no socket */
     uint64_t xsk_tx_ring_empty; /* times the kernel found the TX ring empty */
+    /* backend packet, overload shedding (csrc/shed.c): */
+    uint64_t drop_shed;        /* dropped by the XDP program: TPB overloaded */
+    uint64_t shed_engaged;     /* times shedding started on this port */
+    uint64_t shed_refused;     /* 1: the kernel refused the program */
 };
 
 /* Outer DF policy and fragmentation mode (tunnel settings). */
@@ -197,6 +201,9 @@ struct tpb_bridge_config {
      * joins group fanout_id[i].  Each flow's frames go to one worker. */
     uint32_t fanout;
     uint16_t fanout_id[TPB_FANOUT_RINGS];
+    /* Overload shedding (csrc/shed.c): an XDP program on a port TPB cannot
+     * keep up with drops the excess fairly by flow.  One loop only. */
+    int shed;
     int tunnel;              /* 0: plain bridge */
     int sel_ifindex;         /* tunnel: --in's frames after nftables */
     uint32_t mark;           /* tunnel: the mark that selects a frame */
@@ -251,6 +258,20 @@ void tpb_bridge_close(struct tpb_bridge *br);
 /* The fanout group id of each ring (0 for a ring in no group), in the
  * order TPB_FANOUT_JOIN takes them; returns how many rings. */
 uint32_t tpb_bridge_fanout_ids(struct tpb_bridge *br, uint16_t *out);
+/* Why overload shedding was asked for and could not be loaded ("" if it
+ * was, or was not asked for): TPB then runs without it. */
+const char *tpb_bridge_shed_error(struct tpb_bridge *br);
+
+/* Overload shedding's XDP program on its own, for tests: loaded with its
+ * map (NULL and err on failure); run once on a frame with the quota set
+ * (BPF_PROG_TEST_RUN): its verdict, XDP_PASS (2) or XDP_DROP (1), or
+ * -errno; tpb_shed_map() reads the map: 0 the quota, 1..256 the buckets
+ * (slot << 32 | count), 257 the frames dropped. */
+struct tpb_shed;
+struct tpb_shed *tpb_shed_new(char *err, size_t errlen);
+int tpb_shed_run(struct tpb_shed *t, const uint8_t *frame, uint32_t len, uint64_t quota);
+uint64_t tpb_shed_map(struct tpb_shed *t, uint32_t key);
+void tpb_shed_free(struct tpb_shed *t);
 
 /* The tunnel's counters (zero in plain mode). */
 void tpb_bridge_tunnel_counters(struct tpb_bridge *br,

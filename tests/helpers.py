@@ -40,6 +40,9 @@ COUNTER_NAMES = (
     "drop_xsk_invalid",
     "drop_no_socket",
     "xsk_tx_ring_empty",
+    "drop_shed",
+    "shed_engaged",
+    "shed_refused",
 )
 DROP_NAMES = tuple(n for n in COUNTER_NAMES if n.startswith("drop_")) + ("kernel_drops",)
 START_TIMEOUT = 20.0

@@ -555,3 +555,21 @@ def test_router_mac_is_taken_in_any_spelling():
                        "router_mac": "02-AB-00-00-00-42"}}
     s = config.build_settings(data, config.Source())
     assert s.tunnel is not None and s.tunnel.router_mac == "02:ab:00:00:00:42"
+
+
+@pytest.mark.parametrize("bridge, want", [({}, True), ({"shed": False}, False),
+                                          ({"shed": True}, True)],
+                         ids=["default", "off", "on"])
+def test_overload_shedding_is_on_unless_turned_off(bridge, want):
+    from tpb import config
+
+    data = {"ports": {"in": "a", "out": "b"}, "bridge": bridge}
+    assert config.build_settings(data, config.Source()).shed is want
+
+
+def test_shed_must_be_a_boolean(tmp_path):
+    f = write(tmp_path, "shed.toml", '[ports]\nin = "a"\nout = "b"\n[bridge]\nshed = "yes"\n')
+    res = tpb("run", "--config", str(f))
+    assert res.returncode == 2
+    lines = problems(res)
+    assert len(lines) == 1 and "bridge.shed" in lines[0] and "Traceback" not in res.stderr, lines

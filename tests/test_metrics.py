@@ -48,7 +48,7 @@ PEER_KEYED = "198.51.100.99,key=7"  # configured, never heard from
 NOT_PEER = labmod.GW2  # 198.51.100.2: gw2's other address
 OUT_MTU = 1400  # tpb's eth3: a frame past it is dropped too_big
 PORT_DROP_REASONS = ("truncated", "too_big", "egress_full", "send_error", "gso_bad", "ring_full",
-                     "fill_empty", "xsk_rx", "xsk_invalid", "no_socket")
+                     "fill_empty", "xsk_rx", "xsk_invalid", "no_socket", "shed")
 UNKNOWN_MAC = "02:00:00:00:99:99"
 TUNNEL_LOCAL = "198.51.100.3"
 TUNNEL_REMOTE = "198.51.100.34"  # nobody: what goes there is only counted

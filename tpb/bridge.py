@@ -55,6 +55,7 @@ RESTART_SETTINGS = (
     "bridge.backend",
     "bridge.busy_poll",
     "bridge.priority",
+    "bridge.shed",
 )
 # backend afxdp: a frame fits one 4 KB UMEM chunk after the kernel's 256
 # bytes of XDP headroom (3840 bytes), an 802.1Q tag included.
@@ -335,9 +336,12 @@ class Bridge(Lifecycle):
             ring_frames=s.ring_frames,
             batch=s.batch,
             spin_us=s.spin_us,
+            shed=s.shed and s.backend == "packet" and s.workers == 1,
             **kw,
         )
         self._stack.callback(self.native.close)
+        if why := self.native.shed_error():
+            log.warning("overload shedding off: %s", why)
         log.debug("rings open on %s", ", ".join(
             f"{p.name} (ifindex {p.ifindex}, MTU {p.mtu})" for p in self.ports.values()))
         self._watch = QdiscWatch(self.native, {PORT_IN: self.ports["in"],

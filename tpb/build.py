@@ -42,6 +42,7 @@ SOURCES = [
     "xsk_open.c",
     "pop_tx.c",
     "pop_gro.c",
+    "shed.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 

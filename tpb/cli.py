@@ -69,6 +69,7 @@ RUN_FLAGS: dict[str, tuple[str, str]] = {
     "backend": ("bridge", "backend"),
     "busy_poll": ("bridge", "busy_poll"),
     "priority": ("bridge", "priority"),
+    "shed": ("bridge", "shed"),
     "low_latency": ("bridge", "low_latency"),
     "metrics_listen": ("bridge", "metrics_listen"),
     "log_level": ("bridge", "log_level"),
@@ -201,6 +202,10 @@ def _add_run_flags(r: argparse.ArgumentParser) -> None:
         "normal scheduling); under a flood the receive softirq then runs in TPB's own "
         "system calls and the kernel drops the excess in its input backlog",
     )
+    b.add_argument("--shed", action=argparse.BooleanOptionalAction, default=None,
+                   help="backend packet, one worker: when TPB cannot keep up with a port, an "
+                   "XDP program there drops the excess fairly by flow, before the kernel's "
+                   "receive work (default on)")
     b.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=None,
                    help="keep idle CPUs polling, not halting, while TPB runs: wake-ups "
                    "cost no sleep-state exit (PM QoS; default on)")

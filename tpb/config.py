@@ -99,9 +99,15 @@ class Settings:
     backend: str = "packet"  # packet (AF_PACKET) | afxdp (AF_XDP, plain bridging)
     busy_poll: int = 0  # afxdp: SO_BUSY_POLL microseconds, preferred busy polling; 0: off
     priority: int = 0  # SCHED_FIFO priority of the forwarding threads; 0: normal
+    shed: bool = True  # backend packet, one worker: XDP drops what TPB cannot keep up with
     low_latency: bool = True
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9547)  # None: off
     log_level: str = "info"
+
+
+# [bridge]'s settings, in the order `tpb config` shows them.
+BRIDGE_KEYS = ("cpu", "ring_frames", "batch", "spin_us", "workers", "backend", "busy_poll",
+               "priority", "shed", "low_latency", "metrics_listen", "log_level")
 
 
 def run_items(s: Settings) -> dict[str, Any]:
@@ -113,9 +119,7 @@ def run_items(s: Settings) -> dict[str, Any]:
             out[f"tunnel.{f.name}"] = getattr(s.tunnel, f.name)
         out["select.mark"] = s.mark
         out["select.match"] = s.match
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "backend", "busy_poll",
-                "priority", "low_latency",
-                "metrics_listen", "log_level"):
+    for key in BRIDGE_KEYS:
         out[f"bridge.{key}"] = getattr(s, key)
     return out
 
@@ -317,6 +321,7 @@ RUN_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "backend": _choice("packet", "afxdp"),
         "busy_poll": _int(0, 1_000_000),
         "priority": _int(0, 99),
+        "shed": _bool,
         "low_latency": _bool,
         "metrics_listen": _listen,
         "log_level": _choice(*LOG_LEVELS),
@@ -442,9 +447,7 @@ def build_settings(data: dict[str, Any], src: Source) -> Settings:
     s = Settings()
     ports, tun, sel, br = (v.get(k, {}) for k in ("ports", "tunnel", "select", "bridge"))
     s.in_if, s.out_if = ports.get("in"), ports.get("out")
-    for key in ("cpu", "ring_frames", "batch", "spin_us", "workers", "backend", "busy_poll",
-                "priority", "low_latency",
-                "metrics_listen", "log_level"):
+    for key in BRIDGE_KEYS:
         if key in br:
             setattr(s, key, br[key])
     if "mark" in sel and "match" in sel:

@@ -97,6 +97,14 @@ FAMILIES: dict[str, Family] = {
         COUNTER, "backend afxdp: times the kernel found the port's AF_XDP TX ring empty "
         "(XDP_STATISTICS tx_ring_empty_descs; not a drop)."
     ),
+    "port_shed_engaged": Family(
+        COUNTER, "backend packet: times TPB could not keep up with the port and attached "
+        "its shedding XDP program there (drops with reason shed; detached after 2 s calm)."
+    ),
+    "port_shed_refused": Family(
+        COUNTER, "backend packet: times the kernel refused the shedding XDP program on the "
+        "port, at most 1: it is not tried again (TPB runs without it; the log says why)."
+    ),
     "tunnel_packets": Family(
         COUNTER, "GRE packets: encap sent toward the far end, decap received and unwrapped."
     ),
@@ -199,6 +207,9 @@ PORT_FIELDS: dict[str, To] = {
     "drop_xsk_invalid": To("port_drops", (("reason", "xsk_invalid"),)),
     "drop_no_socket": To("port_drops", (("reason", "no_socket"),)),
     "xsk_tx_ring_empty": To("port_xsk_tx_ring_empty"),
+    "drop_shed": To("port_drops", (("reason", "shed"),)),
+    "shed_engaged": To("port_shed_engaged"),
+    "shed_refused": To("port_shed_refused"),
 }
 
 # struct tpb_tunnel_counters

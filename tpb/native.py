@@ -42,6 +42,9 @@ class PortCounters:
     drop_xsk_invalid: int = 0
     drop_no_socket: int = 0
     xsk_tx_ring_empty: int = 0
+    drop_shed: int = 0
+    shed_engaged: int = 0
+    shed_refused: int = 0
 
     @property
     def drops(self) -> dict[str, int]:
@@ -152,6 +155,7 @@ class NativeBridge:
         ring_frames: int = 8192,
         batch: int = 64,
         spin_us: int = 0,
+        shed: bool = False,
         tunnel: Any = None,
         sel_ifindex: int = 0,
         mark: int = 0,
@@ -161,7 +165,7 @@ class NativeBridge:
         several workers (its rings make new PACKET_FANOUT_HASH groups); the
         first worker's fanout_ids(), another worker joining them."""
         self._ports = (in_ifindex, out_ifindex)
-        self._data = dict(ring_frames=ring_frames, batch=batch, spin_us=spin_us)
+        self._data = dict(ring_frames=ring_frames, batch=batch, spin_us=spin_us, shed=int(shed))
         self._fanout = fanout
         cfg = self._config(tunnel, sel_ifindex, mark)
         err = ffi.new("char[256]")
@@ -176,6 +180,7 @@ class NativeBridge:
         cfg.ring_frames = self._data["ring_frames"]
         cfg.batch = self._data["batch"]
         cfg.spin_us = self._data["spin_us"]
+        cfg.shed = self._data["shed"]
         if self._fanout is not None:
             cfg.fanout = lib.TPB_FANOUT_JOIN if self._fanout else lib.TPB_FANOUT_NEW
             for i, gid in enumerate(self._fanout):
@@ -186,6 +191,10 @@ class NativeBridge:
             cfg.mark = mark
             cfg.tun = tunnel[0]
         return cfg
+
+    def shed_error(self) -> str:
+        """Why overload shedding was asked for and could not be loaded ("")."""
+        return _err_text(lib.tpb_bridge_shed_error(self._br))
 
     def reconfigure(self, tunnel: Any = None, sel_ifindex: int = 0, mark: int = 0) -> None:
         """Applies new tunnel settings at the loop's next pass (rings stay
@@ -243,6 +252,29 @@ class NativeBridge:
         if self._br is not None:
             ffi.release(self._br)  # runs tpb_bridge_close now, once
             self._br = None
+
+
+class ShedProgram:
+    """Overload shedding's XDP program on its own (csrc/shed.c), for tests:
+    BPF_PROG_TEST_RUN on one frame at a time."""
+
+    def __init__(self) -> None:
+        err = ffi.new("char[256]")
+        p = lib.tpb_shed_new(err, len(err))
+        if p == ffi.NULL:
+            raise TpbError(_err_text(err))
+        self._p = ffi.gc(p, lib.tpb_shed_free)
+
+    def run(self, frame: bytes, quota: int) -> int:
+        """The verdict on frame with this quota: XDP_DROP 1, XDP_PASS 2."""
+        rc = lib.tpb_shed_run(self._p, frame, len(frame), quota)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return int(rc)
+
+    def map(self, key: int) -> int:
+        """0: the quota; 1..256: a bucket, slot << 32 | count; 257: drops."""
+        return int(lib.tpb_shed_map(self._p, key))
 
 
 class NativeXsk:

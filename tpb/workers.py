@@ -65,6 +65,7 @@ class Workers:
             if backend == "afxdp":
                 if n != 1:
                     raise ValueError("backend afxdp runs one worker")
+                kw.pop("shed", None)
                 self.loops.append(NativeXsk(in_ifindex, out_ifindex, **kw))
                 return
             kw.pop("names", None)
@@ -72,6 +73,7 @@ class Workers:
             if n == 1:
                 self.loops.append(NativeBridge(in_ifindex, out_ifindex, **kw))
                 return
+            kw.pop("shed", None)  # each worker sees part of a port: one loop only
             first = NativeBridge(in_ifindex, out_ifindex, fanout=[], **kw)
             self.loops.append(first)
             ids = first.fanout_ids()
@@ -153,6 +155,11 @@ class Workers:
 
     def tunnel_counters(self) -> dict[str, Any]:
         return self.loops[0].tunnel_counters()
+
+    def shed_error(self) -> str:
+        """Why overload shedding was asked for and could not be loaded ("")."""
+        loop = self.loops[0]
+        return loop.shed_error() if isinstance(loop, NativeBridge) else ""
 
     def zerocopy(self) -> bool | None:
         """backend afxdp: whether the sockets are zero-copy; None for packet."""

@@ -1,0 +1,227 @@
+"""Overload shedding (csrc/shed.c): a 64-byte flood past what TPB can carry,
+with the ports' receive work on TPB's own CPU (RPS, as a NIC interrupting
+that core would), in the classic lab.
+
+With shedding (the default) TPB attaches its XDP program to the flooded
+port, drops the excess there (counted `shed`), pings across TPB still get
+through, and once the flood ends the program is gone and the flooding
+side's TSO is back.  With `--no-shed` the same flood fills the ring
+(`ring_full`) and no program is ever attached: the shedding is what acts.
+
+The program itself is run on frames of every kind, valid and random
+(BPF_PROG_TEST_RUN: the kernel's verifier has proved it memory-safe; what
+is checked here is its logic), against an independent model of how it
+buckets a frame and what it lets through.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fault_util import ipv4_header, mac_bytes
+from helpers import need_tool, ports_state, received, wait_for
+from test_afxdp import xdp_on
+
+from tpb import lab as labmod
+from tpb.native import ShedProgram
+
+pytestmark = pytest.mark.netns
+LAB_SUFFIX = "s"
+TPB_CPU, FLOOD_CPU = 1, 0
+FLOOD_SECONDS = 6
+PINGS = 20
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs: TPB's and the flood's")
+    with labmod.classic("tpbt" + LAB_SUFFIX) as lb:
+        for ifname in ("eth2", "eth3"):  # the ports' receive work on TPB's CPU
+            lb.run("tpb", ["sh", "-c", f"echo {1 << TPB_CPU:x} > "
+                           f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus"])
+        yield lb
+
+
+def flood_config(path: Path) -> Path:
+    """One 60-byte UDP frame from pc to gw2's address, to a MAC no one has
+    (gw2 throws it away as another host's)."""
+    payload = bytes.fromhex("9c400009001a0000") + bytes(18)
+    frame = (mac_bytes("02:00:00:00:00:99") + mac_bytes("02:00:00:00:00:77") + b"\x08\x00"
+             + ipv4_header(labmod.PC, labmod.GW2, 17, len(payload)) + payload)
+    assert len(frame) == 60
+    path.write_text("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+    return path
+
+
+def tso(lb: labmod.Lab) -> str:
+    """gw1 eth1's TCP segmentation offload as ethtool shows it: the port
+    TPB floods from is its veth peer, whose TSO an XDP program turns off."""
+    out = lb.run("gw1", ["ethtool", "-k", "eth1"]).stdout
+    return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                if ln.startswith("tcp-segmentation-offload:"))
+
+
+def flood_with_pings(lb: labmod.Lab, cfg: Path, during=None) -> int:
+    """trafgen at full speed on FLOOD_CPU for FLOOD_SECONDS (sendto() mode:
+    its TX ring mode gives up when the port's queue is full); pings from pc
+    to the server across TPB from the second second on; during(): called
+    while the flood runs.  Returns the pings answered."""
+    sent0 = tx_packets(lb)
+    flood = lb.spawn("gw1", ["taskset", "-c", str(FLOOD_CPU), "timeout", str(FLOOD_SECONDS),
+                             "trafgen", "--cpus", "1", "-t", "0", "--no-sock-mem", "--notouch-irq",
+                             "-o", "eth1", "-i", str(cfg), "-q"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        ping = lb.run("pc", ["ping", "-n", "-c", str(PINGS), "-i", "0.1", "-W", "1",
+                             labmod.SERVER], check=False)
+        if during is not None:
+            during()
+    finally:
+        _, err = flood.communicate(timeout=FLOOD_SECONDS + 10)
+    assert flood.returncode in (0, 124), f"trafgen: {err}"  # 124: timeout ended it
+    sent = tx_packets(lb) - sent0
+    assert sent > 100_000 * FLOOD_SECONDS, f"trafgen sent only {sent} frames: {err}"
+    return received(ping)
+
+
+def tx_packets(lb: labmod.Lab) -> int:
+    return int(lb.run("gw1", ["cat", "/sys/class/net/eth1/statistics/tx_packets"]).stdout)
+
+
+def test_a_flood_on_tpbs_core_is_shed_and_the_program_leaves_after_it(lab, start_tpb,
+                                                                      tmp_path: Path):
+    need_tool("trafgen", "netsniff-ng")
+    before, tso_before = ports_state(lab), tso(lab)
+    t = start_tpb(lab, extra=("--cpu", str(TPB_CPU)))
+    lab.run("pc", ["ping", "-c", "1", "-W", "2", labmod.SERVER])  # ARP settled
+    seen: dict[str, object] = {}
+
+    def during() -> None:
+        seen["xdp"] = xdp_on(lab, "eth2")
+
+    got = flood_with_pings(lab, flood_config(tmp_path / "flood.cfg"), during)
+    assert seen["xdp"] is not None, "no XDP program on eth2 during the flood"
+    assert got >= PINGS * 9 // 10, f"{got} of {PINGS} pings across TPB under the flood"
+    # Released 2 s after the last frame it shed; the peer's TSO back with it.
+    wait_for(lambda: xdp_on(lab, "eth2") is None, 6, "the program detached after the flood")
+    assert tso(lab) == tso_before
+    inp = t.stop()["in"]
+    assert inp["drop_shed"] > 0 and inp["shed_engaged"] >= 1, inp
+    assert inp["shed_refused"] == 0
+    # What was shed never reached TPB's ring: more than what overflowed it.
+    assert inp["drop_shed"] > inp["kernel_drops"], inp
+    assert ports_state(lab) == before
+
+
+def test_without_shedding_the_same_flood_fills_the_ring_instead(lab, start_tpb,
+                                                                tmp_path: Path):
+    need_tool("trafgen", "netsniff-ng")
+    t = start_tpb(lab, extra=("--cpu", str(TPB_CPU), "--no-shed"))
+    seen: dict[str, object] = {}
+
+    def during() -> None:
+        seen["xdp"] = xdp_on(lab, "eth2")
+
+    flood_with_pings(lab, flood_config(tmp_path / "flood.cfg"), during)
+    assert seen["xdp"] is None
+    inp = t.stop()["in"]
+    assert inp["drop_shed"] == 0 and inp["shed_engaged"] == 0, inp
+    assert inp["kernel_drops"] > 0, inp
+
+
+# -- the program on its own (no lab, no port) ----------------------------------
+
+XDP_DROP, XDP_PASS = 1, 2
+NBUCKET, KEY_DROPS = 256, 257
+
+
+def model_bucket(frame: bytes) -> int:
+    """Which of 1..256 the program counts frame in (csrc/shed.c): the IPv4
+    addresses, and the TCP/UDP ports of a header without options, else the
+    EtherType; a frame too short for all that, bucket of key 0."""
+    if len(frame) < 38:
+        key = 0
+    elif frame[12:14] != b"\x08\x00":
+        key = struct.unpack_from("<H", frame, 12)[0]
+    else:
+        key = struct.unpack_from("<I", frame, 26)[0] ^ struct.unpack_from("<I", frame, 30)[0]
+        if frame[14] == 0x45 and frame[23] in (6, 17):
+            key ^= struct.unpack_from("<I", frame, 34)[0]
+    return (((key * 0x9E3779B1) & 0xFFFFFFFF) >> 24) + 1
+
+
+def udp_frame(sport: int, dport: int = 9, src: str = "10.0.0.1", dst: str = "10.0.0.2") -> bytes:
+    payload = struct.pack("!HHHH", sport, dport, 26, 0) + bytes(18)
+    return (bytes(6) + bytes.fromhex("020000000001") + b"\x08\x00"
+            + ipv4_header(src, dst, 17, len(payload)) + payload)
+
+
+@pytest.fixture(scope="module")
+def prog() -> ShedProgram:
+    return ShedProgram()
+
+
+def counted(prog: ShedProgram) -> list[int]:
+    return [prog.map(b) & 0xFFFFFFFF for b in range(1, NBUCKET + 1)]
+
+
+def test_the_program_buckets_every_kind_of_frame_as_the_model_says(prog):
+    rng = random.Random(14)
+    frames = [udp_frame(1000), udp_frame(1001), udp_frame(1000, src="10.9.9.9"),
+              bytes(12) + b"\x08\x06" + bytes(28),            # ARP
+              bytes(12) + b"\x86\xdd" + bytes(60),            # IPv6
+              bytes(12) + b"\x81\x00" + bytes(60),            # 802.1Q: one bucket
+              udp_frame(7)[:37], udp_frame(7)[:38]]           # one byte short, exact
+    tcp = bytearray(udp_frame(5555))
+    tcp[23] = 6
+    opts = bytearray(udp_frame(5555))
+    opts[14] = 0x46                                           # options: no ports
+    frames += [bytes(tcp), bytes(opts)]
+    for _ in range(3000):  # random bytes, half of them dressed as IPv4
+        f = bytearray(rng.randbytes(rng.randrange(14, 100)))
+        if rng.random() < 0.5 and len(f) >= 24:
+            f[12:14] = b"\x08\x00"
+            f[14] = rng.choice((0x45, 0x45, 0x46, 0x60))
+            f[23] = rng.choice((6, 17, 1, rng.randrange(256)))
+        frames.append(bytes(f))
+    for f in frames:
+        before = counted(prog)
+        assert prog.run(f, 1 << 40) == XDP_PASS, f.hex()
+        after = counted(prog)
+        moved = [b + 1 for b in range(NBUCKET) if after[b] != before[b]]
+        want = model_bucket(f)
+        # Counted in the model's bucket (+1, or 1 if a new slot began).
+        assert after[want - 1] in (before[want - 1] + 1, 1), (f.hex(), want, moved)
+        assert moved in ([want], []), (f.hex(), want, moved)
+        assert moved or before[want - 1] == 1, f.hex()
+
+
+def test_nothing_is_dropped_or_counted_while_the_quota_is_zero(prog):
+    drops = prog.map(KEY_DROPS)
+    before = counted(prog)
+    for sport in range(200):
+        assert prog.run(udp_frame(40000), 0) == XDP_PASS
+        assert prog.run(udp_frame(sport), 0) == XDP_PASS
+    assert counted(prog) == before and prog.map(KEY_DROPS) == drops
+
+
+def test_a_heavy_flow_is_trimmed_to_its_quota_and_a_light_one_passes(prog):
+    heavy, light = udp_frame(40000), udp_frame(40001, src="10.0.0.77")
+    assert model_bucket(heavy) != model_bucket(light)
+    quota, n = 3, 40
+    drops = prog.map(KEY_DROPS)
+    verdicts = [prog.run(heavy, quota) for _ in range(n)]
+    passed = verdicts.count(XDP_PASS)
+    # quota per ~1 ms slot; the 40 runs take far less, but may straddle a
+    # slot boundary once.
+    assert quota <= passed <= 2 * quota, verdicts
+    assert prog.map(KEY_DROPS) - drops == n - passed
+    assert prog.run(light, quota) == XDP_PASS
