@@ -53,8 +53,8 @@
 #include <linux/bpf.h>
 #include <linux/if_link.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 
+#include "bpf.h"
 #include "bridge.h"
 
 #define NBUCKET 256u
@@ -69,13 +69,6 @@
 #define RECENT_SLOTS 16               /* a bucket seen this lately is active */
 #define MIN_RATE 64u                  /* frames per tick admitted, at least */
 
-static int bpf_call(int cmd, union bpf_attr *a)
-{
-    return (int)syscall(__NR_bpf, cmd, a, sizeof(*a));
-}
-
-#define INSN(c, d, s, o, i) ((struct bpf_insn){ .code = (c), .dst_reg = (d), \
-                                                .src_reg = (s), .off = (o), .imm = (i) })
 #define LDX(sz, d, s, o) INSN(BPF_LDX | BPF_MEM | (sz), d, s, o, 0)
 #define MOVK(d, k) INSN(BPF_ALU64 | BPF_MOV | BPF_K, d, 0, 0, k)
 #define MOVX(d, s) INSN(BPF_ALU64 | BPF_MOV | BPF_X, d, s, 0, 0)
@@ -149,18 +142,8 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         /* 66 */ MOVK(BPF_REG_0, XDP_DROP),
         /* 67 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
     };
-    union bpf_attr a;
 
-    memset(&a, 0, sizeof(a));
-    a.prog_type = BPF_PROG_TYPE_XDP;
-    a.insns = (uint64_t)(uintptr_t)p;
-    a.insn_cnt = sizeof(p) / sizeof(p[0]);
-    a.license = (uint64_t)(uintptr_t)"GPL";
-    a.log_buf = (uint64_t)(uintptr_t)log;
-    a.log_size = (uint32_t)loglen;
-    a.log_level = log ? 1 : 0;
-    memcpy(a.prog_name, "tpb_shed", 9);
-    return bpf_call(BPF_PROG_LOAD, &a);
+    return bpf_load_xdp(p, sizeof(p) / sizeof(p[0]), "tpb_shed", log, loglen);
 }
 
 static size_t map_len(void)
@@ -173,16 +156,9 @@ static size_t map_len(void)
 /* The map and the program, not attached: 0, or -errno with err filled. */
 int shed_load(struct shed *s, char *err, size_t errlen)
 {
-    union bpf_attr a;
     char log[2048] = "";
 
-    memset(&a, 0, sizeof(a));
-    a.map_type = BPF_MAP_TYPE_ARRAY;
-    a.key_size = 4;
-    a.value_size = 8;
-    a.max_entries = NKEY;
-    a.map_flags = BPF_F_MMAPABLE;
-    s->map_fd = bpf_call(BPF_MAP_CREATE, &a);
+    s->map_fd = bpf_map_new(BPF_MAP_TYPE_ARRAY, 8, NKEY, BPF_F_MMAPABLE);
     if (s->map_fd < 0) {
         snprintf(err, errlen, "shedding: its BPF map: %s", strerror(errno));
         return -errno;
@@ -237,16 +213,10 @@ void shed_free(struct shed *s)
 static int attach(struct shed *s)
 {
     static const uint32_t modes[] = { XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE };
-    union bpf_attr a;
     unsigned i;
 
     for (i = 0; i < 2; i++) {
-        memset(&a, 0, sizeof(a));
-        a.link_create.prog_fd = (uint32_t)s->prog_fd;
-        a.link_create.target_ifindex = (uint32_t)s->ifindex;
-        a.link_create.attach_type = BPF_XDP;
-        a.link_create.flags = modes[i];
-        s->link_fd = bpf_call(BPF_LINK_CREATE, &a);
+        s->link_fd = bpf_link_xdp(s->prog_fd, s->ifindex, modes[i]);
         if (s->link_fd >= 0)
             return 0;
         if (errno == EBUSY || errno == EEXIST)

@@ -25,19 +25,12 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include "bpf.h"
 #include "ring.h"
 #include "tpb.h"
 #include "xsk.h"
 
-static int sys_bpf(int cmd, union bpf_attr *attr)
-{
-    return (int)syscall(__NR_bpf, cmd, attr, sizeof(*attr));
-}
-
 /* 1. ------------------------------------------------------------------ */
-
-#define INSN(c, d, s, o, i) ((struct bpf_insn){ .code = (c), .dst_reg = (d), \
-                                                .src_reg = (s), .off = (o), .imm = (i) })
 
 /* return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_ABORTED) ==
  *        XDP_REDIRECT ? XDP_REDIRECT : (stats[0]++, XDP_DROP); */
@@ -64,30 +57,8 @@ static int xdp_prog(int xsks_fd, int stats_fd, char *log, size_t loglen)
         INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, XDP_DROP),
         INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
     };
-    union bpf_attr a;
 
-    memset(&a, 0, sizeof(a));
-    a.prog_type = BPF_PROG_TYPE_XDP;
-    a.insns = (uint64_t)(uintptr_t)p;
-    a.insn_cnt = sizeof(p) / sizeof(p[0]);
-    a.license = (uint64_t)(uintptr_t)"GPL";
-    a.log_buf = (uint64_t)(uintptr_t)log;
-    a.log_size = (uint32_t)loglen;
-    a.log_level = 1;
-    memcpy(a.prog_name, "tpb_xsk", 8);
-    return sys_bpf(BPF_PROG_LOAD, &a);
-}
-
-static int map_create(uint32_t type, uint32_t value_size, uint32_t entries)
-{
-    union bpf_attr a;
-
-    memset(&a, 0, sizeof(a));
-    a.map_type = type;
-    a.key_size = 4;
-    a.value_size = value_size;
-    a.max_entries = entries;
-    return sys_bpf(BPF_MAP_CREATE, &a);
+    return bpf_load_xdp(p, sizeof(p) / sizeof(p[0]), "tpb_xsk", log, loglen);
 }
 
 static int map_update(int fd, uint32_t key, const void *value)
@@ -98,7 +69,7 @@ static int map_update(int fd, uint32_t key, const void *value)
     a.map_fd = (uint32_t)fd;
     a.key = (uint64_t)(uintptr_t)&key;
     a.value = (uint64_t)(uintptr_t)value;
-    return sys_bpf(BPF_MAP_UPDATE_ELEM, &a);
+    return bpf_call(BPF_MAP_UPDATE_ELEM, &a);
 }
 
 uint64_t xsk_map_read(int fd, uint32_t key)
@@ -110,7 +81,7 @@ uint64_t xsk_map_read(int fd, uint32_t key)
     a.map_fd = (uint32_t)fd;
     a.key = (uint64_t)(uintptr_t)&key;
     a.value = (uint64_t)(uintptr_t)&v;
-    return sys_bpf(BPF_MAP_LOOKUP_ELEM, &a) == 0 ? v : 0;
+    return bpf_call(BPF_MAP_LOOKUP_ELEM, &a) == 0 ? v : 0;
 }
 
 /* 2. ------------------------------------------------------------------ */
@@ -231,8 +202,8 @@ static int port_open(struct tpb_xsk *x, int k, const struct tpb_xsk_config *cfg,
 
     p->ifindex = cfg->ifindex[k];
     p->nq = cfg->queues[k];
-    p->xsks_fd = map_create(BPF_MAP_TYPE_XSKMAP, 4, MAXQ);
-    p->stats_fd = map_create(BPF_MAP_TYPE_ARRAY, 8, 1);
+    p->xsks_fd = bpf_map_new(BPF_MAP_TYPE_XSKMAP, 4, MAXQ, 0);
+    p->stats_fd = bpf_map_new(BPF_MAP_TYPE_ARRAY, 8, 1, 0);
     if (p->xsks_fd < 0 || p->stats_fd < 0) {
         snprintf(err, errlen, "BPF map for AF_XDP: %s", strerror(errno));
         return -1;
@@ -267,15 +238,9 @@ static int port_open(struct tpb_xsk *x, int k, const struct tpb_xsk_config *cfg,
  * program already is refused (EBUSY) rather than taken over. */
 static int port_attach(struct xport *p, char *err, size_t errlen)
 {
-    union bpf_attr a;
     char name[IF_NAMESIZE] = "?";
 
-    memset(&a, 0, sizeof(a));
-    a.link_create.prog_fd = (uint32_t)p->prog_fd;
-    a.link_create.target_ifindex = (uint32_t)p->ifindex;
-    a.link_create.attach_type = BPF_XDP;
-    a.link_create.flags = XDP_FLAGS_DRV_MODE;
-    p->link_fd = sys_bpf(BPF_LINK_CREATE, &a);
+    p->link_fd = bpf_link_xdp(p->prog_fd, p->ifindex, XDP_FLAGS_DRV_MODE);
     if (p->link_fd >= 0)
         return 0;
     if_indextoname((unsigned)p->ifindex, name);

@@ -43,6 +43,7 @@ SOURCES = [
     "pop_tx.c",
     "pop_gro.c",
     "shed.c",
+    "bpf.c",
 ]
 _DEFINE = re.compile(r"#define\s+\w+\s+-?\d+\s*(/\*.*\*/\s*)?$")
 
