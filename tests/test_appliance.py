@@ -327,7 +327,8 @@ METRICS: dict[str, dict[str, list[dict[str, str]]]] = {
                        "pop": [{"version": "0.1.0", "mode": "pop"}]},
     **{f"tpb_port_{name}_total": {"bridge": _PORTS}
        for name in ("receive_frames", "receive_bytes", "transmit_frames", "transmit_bytes",
-                    "kernel_frames", "polls", "batches", "xsk_tx_ring_empty")},
+                    "kernel_frames", "polls", "batches", "xsk_tx_ring_empty", "shed_engaged",
+                    "shed_refused")},
     "tpb_port_drops_total": {"bridge": [{**p, "reason": r} for p in _PORTS
                                         for r in ("ring_full", "too_big")]},
     **{f"tpb_tunnel_{name}_total": {"bridge": [{"direction": d} for d in ("encap", "decap")],

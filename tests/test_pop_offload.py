@@ -106,7 +106,11 @@ def test_malformed_vnet_header_is_dropped_counted_and_tcp_recovers(tlab, daemons
     reads then is a header it must not trust, its packet two bytes off.
     Every super-packet read then is gso_bad and every plain one inner_bad,
     nothing reaches the bridge from them; once the size is back, TCP
-    retransmits and the download completes byte for byte."""
+    retransmits and the download completes byte for byte.  Which kinds the
+    window catches is TCP's timing: after its first loss the sender may
+    only retransmit plain packets until the size is back (seen here, about
+    1 run in 8), so the test asks for one or the other; the pop fuzz
+    harness feeds malformed super-packets to gso_bad on every run."""
     pop, tpb = start(tlab, daemons, "gre")
     t = TcpTransfer(tlab, "server", "pc", T_PC, SIZE, 8e6, port=5303)
     try:
@@ -124,7 +128,7 @@ def test_malformed_vnet_header_is_dropped_counted_and_tcp_recovers(tlab, daemons
     assert sent == got and sent.startswith(f"{SIZE} "), (sent, got)
     c, cp = tpb.stop(), pop.stop()
     other = cp["other"]["drop"]
-    assert other.get("gso_bad", 0) > 0, cp["other"]
+    assert other.get("gso_bad", 0) + other.get("inner_bad", 0) > 0, cp["other"]
     assert set(other) <= {"gso_bad", "inner_bad"}, other
     assert cp["peers"][T_TPB]["drop"] == {}, cp
     # (the server's pings before the bridge knew its in-side router aside)
