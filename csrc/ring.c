@@ -37,6 +37,10 @@
 #include "tpb.h"
 #include "ring.h"
 
+#ifndef PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+#define PACKET_FANOUT_FLAG_IGNORE_OUTGOING 0x4000   /* Linux 6.2 */
+#endif
+
 /* Two rings per source (see ring.h): small slots of 2 KB, a 1518-byte
  * frame and its TPACKET and vnet headers (up to TPB_SMALL_MAX bytes), many
  * of them, since many slots are what rides out a stall of TPB's CPU (8192:
@@ -178,17 +182,30 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint32_t id,
 {
     struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
     struct sock_fprog nothing = {1, none};
-    int flags = id == TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0;
+    int flags = (id == TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0) |
+                PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
     int arg = (int)((id & 0xffffu) | ((PACKET_FANOUT_HASH | flags) << 16));
     socklen_t len = sizeof(arg);
     int rc;
 
     if ((rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &nothing,
                      sizeof(nothing), err, errlen, "SO_ATTACH_FILTER")) ||
-        (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)) ||
-        (rc = setopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg),
-                     err, errlen, "PACKET_FANOUT")))
+        (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
         return rc;
+    /* In a group the group's hook is the one registered, and it ignores
+     * outgoing frames only with this flag (Linux >= 6.2): the socket's own
+     * PACKET_IGNORE_OUTGOING no longer applies, and a worker would take
+     * in what TPB's transmit-only sockets sent out of the port and forward
+     * it back.  An older kernel refuses the flag: groups made there see
+     * TPB's qdisc-path sends (super-packets, a port with a qdisc). */
+    if (setsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg)) < 0) {
+        if (errno != EINVAL)
+            return fail(err, errlen, "PACKET_FANOUT", errno);
+        arg &= ~(PACKET_FANOUT_FLAG_IGNORE_OUTGOING << 16);
+        if ((rc = setopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg),
+                         err, errlen, "PACKET_FANOUT")))
+            return rc;
+    }
     if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, &len) < 0)
         return fail(err, errlen, "PACKET_FANOUT", errno);
     r->fanout_id = (uint16_t)(arg & 0xffff);

@@ -140,3 +140,48 @@ def test_two_workers_keep_each_flow_in_order_and_count_every_frame(quiet_lab, st
         [w["in"]["rx_frames"] for w in workers],
     )
 
+
+
+def test_workers_behind_a_queuing_qdisc_never_take_back_what_tpb_sent(quiet_lab, start_tpb):
+    """Behind a qdisc that queues TPB sends through it, and the kernel shows
+    every frame sent there to the port's packet taps.  A socket in a fanout
+    group is reached through the group's hook, which ignores outgoing
+    frames only with PACKET_FANOUT_FLAG_IGNORE_OUTGOING: without it a
+    worker took in TPB's own sends and forwarded them back, so each frame
+    reached gw2 twice and came back to gw1."""
+    for ifname in ("eth2", "eth3"):
+        quiet_lab.run("tpb", ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo"])
+    try:
+        tpb = start_tpb(quiet_lab, extra=("--workers", "2"))
+        e = ends(quiet_lab)
+        src, dst = e["gw1"], e["gw2"]
+        tag = os.urandom(8)
+        n = 400
+        with (
+            Port(quiet_lab.ns(src.node), src.ifname, capture=True) as tx,
+            Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+        ):
+            time.sleep(1.5)  # TPB's qdisc watch has seen pfifo: sends go through it
+            for i in range(n):
+                tx.send(bytes(Ether(src=src.mac, dst=dst.mac)
+                              / IP(src="192.0.2.1", dst="198.51.100.9")
+                              / UDP(sport=20000 + i % FLOWS, dport=9)
+                              / Raw(tag + struct.pack("!I", i))))
+
+            def ours(port: Port, seconds: float) -> list[int]:
+                seen, until = [], time.monotonic() + seconds
+                while time.monotonic() < until:
+                    f = port.recv(0.1)
+                    if f is not None and tag in f.data:
+                        at = f.data.index(tag) + len(tag)
+                        seen.append(struct.unpack("!I", f.data[at : at + 4])[0])
+                return seen
+
+            at_gw2 = ours(rx, 2.0)
+            back_at_gw1 = ours(tx, 0.5)
+        tpb.stop()
+        assert sorted(at_gw2) == list(range(n)), (len(at_gw2), len(set(at_gw2)))
+        assert back_at_gw1 == [], f"{len(back_at_gw1)} of gw1's frames came back"
+    finally:
+        for ifname in ("eth2", "eth3"):
+            quiet_lab.run("tpb", ["tc", "qdisc", "del", "dev", ifname, "root"], check=False)
