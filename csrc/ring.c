@@ -12,7 +12,8 @@
  *  - Two rings per source, split by frame length with a cBPF filter: many
  *    small slots for ordinary frames, a few 68 KB ones for super-packets
  *    and jumbo frames (SMALL_SLOT).
- *  - PACKET_IGNORE_OUTGOING: the socket must not see what it sent itself.
+ *  - PACKET_IGNORE_OUTGOING: the socket must not see what it sent itself
+ *    (in a fanout group, the group's flag of the same name: fanout_join).
  *  - PACKET_QDISC_BYPASS: a bridge port needs no qdisc of its own; on
  *    while the port's root qdisc is noqueue, off while one queues (txq.c).
  *  - Promiscuous mode as a socket membership (PACKET_MR_PROMISC), not an
