@@ -90,7 +90,8 @@ class Stream:
             self._tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self._tx.bind((self.ifname, 0))
         with netns(self.lab.ns(self.rx_node)):
-            self._rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # protocol 0 until bind(): nothing from other interfaces queues first
+            self._rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
         self._rx.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         self._rx.bind((self.rx_ifname, ETH_P_ALL))

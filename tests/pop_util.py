@@ -187,7 +187,9 @@ class Capture:
         self.lock = threading.Lock()
         self.done = threading.Event()
         with netns(lab.ns(node)):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # protocol 0 until bind(): created with ETH_P_ALL it would queue
+            # every interface's frames until bind() names this one
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
             self.sock.bind((ifname, ETH_P_ALL))
         self.thread = threading.Thread(target=self._loop, daemon=True)

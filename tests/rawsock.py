@@ -88,7 +88,10 @@ class Port:
         self.received = 0
         with netns(ns):
             proto = ETH_P_ALL if capture else 0
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+            # created with protocol 0, so that it takes nothing in until bind()
+            # names the port: created with proto, it would queue every
+            # interface's frames until then
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
                 if capture:
                     self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)

@@ -245,7 +245,8 @@ class Wire:
         self.where = f"{node}:{ifname}"
         self.outgoing = outgoing
         with netns(lab.ns(node)):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # protocol 0 until bind(): nothing from other interfaces queues first
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
                 self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
