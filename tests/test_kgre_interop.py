@@ -187,7 +187,8 @@ def test_keepalives_reflected_by_linux_ip_gre(lab, tmp_path, accept_local):
 
 # ---- GRE-in-UDP against Linux's FOU ---------------------------------------------
 
-def iperf3(lab: labmod.Lab, *extra: str) -> subprocess.CompletedProcess[str]:
+def iperf3(lab: labmod.Lab, *extra: str,
+           peer: kgre.KernelGrePeer | None = None) -> subprocess.CompletedProcess[str]:
     """A 2-second iperf3 test from pc to the VM's server.  After each test
     iperf3's server closes its listening socket and opens a new one (slowly
     under TCG): a client that comes in between is refused, or reset in the
@@ -195,8 +196,17 @@ def iperf3(lab: labmod.Lab, *extra: str) -> subprocess.CompletedProcess[str]:
     (no stream connected), tries again; any other failure is the result."""
     deadline = time.monotonic() + 30
     while True:
-        r = lab.run("pc", ["iperf3", "-c", VM_INNER, "-t", "2", "-J", *extra], check=False,
-                    timeout=60)
+        argv = ["iperf3", "-c", VM_INNER, "-t", "2", "-J", *extra]
+        try:
+            r = lab.run("pc", argv, check=False, timeout=60)
+        except subprocess.TimeoutExpired as e:
+            # a hung test says where it hung: the pc's TCP sockets at the time
+            ss = lab.run("pc", ["ss", "-tinoea"], check=False).stdout
+            if peer is not None:
+                ss += "\nthe VM's:\n" + peer.sh("ss -tinoea", check=False)
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+            return subprocess.CompletedProcess(argv, -1, out,
+                                               f"timed out after 60 s; pc's sockets:\n{ss}")
         try:
             out = json.loads(r.stdout)
         except ValueError:
@@ -284,7 +294,7 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
             assert r.returncode == 0, r.stdout + r.stderr
             big = ping(lab, "-M", "dont", "-s", "1472")
             huge = ping(lab, "-M", "dont", "-s", "4000")
-            up, down = iperf3(lab), iperf3(lab, "-R")
+            up, down = iperf3(lab, peer=peer), iperf3(lab, "-R", peer=peer)
         finally:
             c = tpb.stop()
             frames = dump.stop()
@@ -296,6 +306,7 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     # TCP both ways; how fast is the TCG VM's business (a busy host slows it
     # to a few hundred kbit/s)
     for res in (up, down):
+        assert res.returncode != -1, (res.stderr, c["tunnel"], c["in"], c["out"])
         out = json.loads(res.stdout)
         assert "sum_received" in out.get("end", {}), out.get("error", res.stdout[-500:])
         assert out["end"]["sum_received"]["bytes"] > 20_000, res.stdout[-500:]
