@@ -229,6 +229,10 @@ void txq_account_n(struct txq *q, uint32_t i, uint8_t kind, uint32_t bytes,
                    uint32_t packets);
 void txq_flush(struct txq *q);
 void txq_bridge(struct txq *q, const struct frame *f);
+/* txq.c's senders, and txring.c's path past the qdisc */
+void txq_count_refused(struct tpb_port_counters *c, int e);
+void txq_send_mmsg(struct txq *q, int fd, uint32_t i, uint32_t end);
+void txring_send(struct txq *q, uint32_t i, uint32_t end);
 size_t eth_write(uint8_t *out, const uint8_t *dst, const uint8_t *src,
                  const struct frame *f, uint16_t type);
 

@@ -10,7 +10,7 @@ FUZZ_SECONDS  ?= 60
 FUZZ_SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer -std=gnu11 -Wall -Wextra \
                  -Wno-unused-parameter -DTPB_FUZZ -Icsrc -Ifuzz $(FUZZ_SAN)
-FUZZ_CSRC     := ring txq bridge bridge_open csum gre encap segment udpgso coalesce decap reasm keepalive pop pop_rx pop_learn pop_ka pop_conf pop_tx pop_gro shed bpf
+FUZZ_CSRC     := ring txq txring bridge bridge_open csum gre encap segment udpgso coalesce decap reasm keepalive pop pop_rx pop_learn pop_ka pop_conf pop_tx pop_gro shed bpf
 FUZZ_OBJS     := $(FUZZ_CSRC:%=$(FUZZ_DIR)/obj/%.o) $(FUZZ_DIR)/obj/common.o
 FUZZ_BINS     := $(FUZZ_HARNESS:%=$(FUZZ_DIR)/%)
 

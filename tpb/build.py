@@ -22,6 +22,7 @@ CSRC = ROOT / "csrc"
 SOURCES = [
     "ring.c",
     "txq.c",
+    "txring.c",
     "bridge.c",
     "bridge_open.c",
     "csum.c",
