@@ -20,7 +20,7 @@ from tpb import config, metrics, status
 from tpb.config import ConfigError, PortsNotReady, Settings, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.log import log, set_level
-from tpb.metrics import Closeable, ReloadState
+from tpb.metrics import Closeable
 from tpb.native import (
     PORT_IN,
     PORT_NAMES,
@@ -32,7 +32,7 @@ from tpb.nftguard import TableGuard
 from tpb.ports import Port, host_addresses, lookup, refresh, require_privileges, root_qdisc
 from tpb.select import Selector
 from tpb.service import (
-    Lifecycle,
+    Served,
     StateLog,
     counters_file_problem,
     keepalive_retries,
@@ -258,7 +258,7 @@ class QdiscWatch:
         self._ipr.close()
 
 
-class Bridge(Lifecycle):
+class Bridge(Served[Settings]):
     """`tpb run` as a service.Daemon.  open() makes everything (undone by
     close(), also after a failure half-way); reload() applies a re-read
     configuration without closing a ring."""
@@ -270,20 +270,13 @@ class Bridge(Lifecycle):
         counters_file: str | None = None,
         load: Callable[[], tuple[Settings, Source]] | None = None,
     ) -> None:
-        self.s = s
-        self.src = src or Source()
-        self.counters_file = counters_file
-        self._load = load
-        self.reload_state = ReloadState()
+        super().__init__(s, src, counters_file, load)
         self.ports: dict[str, Port] = {}
         self.selector: Selector | None = None
         self.guard: TableGuard | None = None
         self.native: Workers | None = None
         self._watch: QdiscWatch | None = None
         self._qos: int | None = None
-        self._metrics: Closeable | None = None
-        self._status: Closeable | None = None
-        self._stack = ExitStack()
         self._states = StateLog(
             "tunnel to",
             lambda _addr: keepalive_retries(self.s.tunnel.keepalive if self.s.tunnel else None),
@@ -365,14 +358,6 @@ class Bridge(Lifecycle):
     def _snapshot(self) -> dict[str, Any]:
         return status.bridge_snapshot(self.native, self.ports, self.s)
 
-    def _close_servers(self) -> None:
-        """Before the C side closes: a scrape or a status request must not
-        read a closed loop's counters."""
-        for srv in (self._metrics, self._status):
-            if srv is not None:
-                srv.close()
-        self._metrics = self._status = None
-
     def close(self) -> None:
         self._close_servers()
         self._stack.close()
@@ -381,18 +366,6 @@ class Bridge(Lifecycle):
             self._qos = None
 
     # -- service.Daemon --------------------------------------------------------
-
-    def run(self) -> None:
-        assert self.native
-        self.native.run()
-
-    def stop(self) -> None:
-        if self.native is not None:
-            self.native.stop()
-
-    def heartbeat(self) -> int:
-        assert self.native
-        return self.native.heartbeat()
 
     def _what(self) -> str:
         s = self.s

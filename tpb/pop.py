@@ -28,9 +28,9 @@ from tpb import config, metrics, status
 from tpb.config import ConfigError, Source
 from tpb.errors import TpbError
 from tpb.log import log, set_level
-from tpb.metrics import Closeable, ReloadState
+from tpb.metrics import Closeable
 from tpb.pop_config import Peer, PopSettings, settings_from
-from tpb.service import Lifecycle
+from tpb.service import Served
 
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 # include/uapi/linux/if_tun.h: what the POP's C loop takes from the TUN
@@ -184,7 +184,7 @@ def pop_items(s: PopSettings) -> dict[str, Any]:
 RESTART_SETTINGS = ("pop.local", "pop.tun")  # the socket and the device are made for them
 
 
-class Pop(Lifecycle):
+class Pop(Served[PopSettings]):
     """`tpb pop` as a service.Daemon: the TUN device, its routes and the C
     loop; reload() takes new peers and prefixes without closing either."""
 
@@ -197,17 +197,9 @@ class Pop(Lifecycle):
     ) -> None:
         from tpb.service import StateLog
 
-        self.s = s
-        self.src = src or Source()
-        self.counters_file = counters_file
-        self._load = load
-        self.reload_state = ReloadState()
-        self.native: Any = None  # tpb.native.NativePop
+        super().__init__(s, src, counters_file, load)
         self._tun: Any = None
         self.routes = TunRoutes(s.tun)
-        self._metrics: Closeable | None = None
-        self._status: Closeable | None = None
-        self._stack = ExitStack()
         self._states = StateLog("peer", self._retries)
 
     def _retries(self, addr: str) -> int | None:
@@ -263,29 +255,11 @@ class Pop(Lifecycle):
 
         return serve_metrics(listen, lambda: metrics.PopCollector(self.native, self.reload_state))
 
-    def _close_servers(self) -> None:
-        """Before the C side closes: a scrape or a status request must not
-        read a closed loop's counters."""
-        for srv in (self._metrics, self._status):
-            if srv is not None:
-                srv.close()
-        self._metrics = self._status = None
-
     def close(self) -> None:
         self._close_servers()
         self._stack.close()
 
     # -- service.Daemon ----------------------------------------------------------
-
-    def run(self) -> None:
-        self.native.run()
-
-    def stop(self) -> None:
-        if self.native is not None:
-            self.native.stop()
-
-    def heartbeat(self) -> int:
-        return int(self.native.heartbeat())
 
     def status(self) -> str:
         return f"pop {self.s.local} on {self.s.tun} for {len(self.s.peers)} bridge(s)"

@@ -21,9 +21,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from tpb.config import ConfigError, Keepalive
+from tpb.config import ConfigError, Keepalive, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.log import log
 from tpb.sdnotify import Notifier
@@ -98,6 +99,58 @@ class Lifecycle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+S = TypeVar("S")
+
+
+class Served(Lifecycle, Generic[S]):
+    """What bridge.Bridge and pop.Pop share as daemons: their settings `s`
+    and where these came from (reload() reads them again through `load`),
+    the --counters file, the reload state the metrics show, the C side
+    (`native`), the metrics and status servers that read its counters, and
+    the stack that undoes what _open() made."""
+
+    native: Any
+
+    def __init__(
+        self,
+        s: S,
+        src: Source | None,
+        counters_file: str | None,
+        load: Callable[[], tuple[S, Source]] | None,
+    ) -> None:
+        from tpb.metrics import ReloadState
+
+        self.s = s
+        self.src = src or Source()
+        self.counters_file = counters_file
+        self._load = load
+        self.reload_state = ReloadState()
+        self.native = None
+        self._metrics: Closeable | None = None
+        self._status: Closeable | None = None
+        self._stack = ExitStack()
+
+    def _close_servers(self) -> None:
+        """Before the C side closes: a scrape or a status request must not
+        read a closed loop's counters."""
+        for srv in (self._metrics, self._status):
+            if srv is not None:
+                srv.close()
+        self._metrics = self._status = None
+
+    def run(self) -> None:
+        assert self.native is not None
+        self.native.run()
+
+    def stop(self) -> None:
+        if self.native is not None:
+            self.native.stop()
+
+    def heartbeat(self) -> int:
+        assert self.native is not None
+        return int(self.native.heartbeat())
 
 
 def request_reload(_signum: int = 0, _frame: object = None) -> None:
