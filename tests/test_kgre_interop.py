@@ -203,7 +203,8 @@ def iperf3(lab: labmod.Lab, *extra: str,
             # a hung test says where it hung: the pc's TCP sockets at the time
             ss = lab.run("pc", ["ss", "-tinoea"], check=False).stdout
             if peer is not None:
-                ss += "\nthe VM's:\n" + peer.sh("ss -tinoea", check=False)
+                ss += "\nthe VM's:\n" + peer.sh("ss -tinoea; tail -5 /var/log/iperf3.log",
+                                                 check=False)
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
             return subprocess.CompletedProcess(argv, -1, out,
                                                f"timed out after 60 s; pc's sockets:\n{ss}")
@@ -306,7 +307,7 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     # TCP both ways; how fast is the TCG VM's business (a busy host slows it
     # to a few hundred kbit/s)
     for res in (up, down):
-        assert res.returncode != -1, (res.stderr, c["tunnel"], c["in"], c["out"])
+        assert res.returncode != -1, (res.stderr, c["tunnel"], c["in"], c["out"], stats, snmp)
         out = json.loads(res.stdout)
         assert "sum_received" in out.get("end", {}), out.get("error", res.stdout[-500:])
         assert out["end"]["sum_received"]["bytes"] > 20_000, res.stdout[-500:]
