@@ -359,8 +359,7 @@ class Bridge(Served[Settings]):
         return status.bridge_snapshot(self.native, self.ports, self.s)
 
     def close(self) -> None:
-        self._close_servers()
-        self._stack.close()
+        super().close()
         if self._qos is not None:
             os.close(self._qos)
             self._qos = None

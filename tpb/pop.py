@@ -255,10 +255,6 @@ class Pop(Served[PopSettings]):
 
         return serve_metrics(listen, lambda: metrics.PopCollector(self.native, self.reload_state))
 
-    def close(self) -> None:
-        self._close_servers()
-        self._stack.close()
-
     # -- service.Daemon ----------------------------------------------------------
 
     def status(self) -> str:

@@ -140,6 +140,10 @@ class Served(Lifecycle, Generic[S]):
                 srv.close()
         self._metrics = self._status = None
 
+    def close(self) -> None:
+        self._close_servers()
+        self._stack.close()
+
     def run(self) -> None:
         assert self.native is not None
         self.native.run()
