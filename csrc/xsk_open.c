@@ -115,7 +115,7 @@ static int sock_open(struct tpb_xsk *x, int k, uint32_t q, const struct tpb_xsk_
     struct xdp_mmap_offsets off;
     struct sockaddr_xdp sa;
     socklen_t ol = sizeof(off);
-    uint32_t n = cfg->ring_size;
+    uint32_t n = cfg->ring_size, nfill = 2 * n;
     int first = k == 0 && q == 0, rc;
 
     xs->fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0);
@@ -135,7 +135,14 @@ static int sock_open(struct tpb_xsk *x, int k, uint32_t q, const struct tpb_xsk_
             return -1;
         }
     }
-    if (setsockopt(xs->fd, SOL_XDP, XDP_UMEM_FILL_RING, &n, sizeof(n)) < 0 ||
+    /* The fill ring twice the RX ring (as the kernel's xdpsock sample
+     * has it): when the loop falls behind, the RX ring fills first and the
+     * kernel stops taking chunks (__xsk_rcv takes a chunk, then fails to
+     * queue it, and keeps it for the next frame), so the excess is counted
+     * rx_ring_full, congestion; with rings of one size the fill ring ran
+     * dry at the same frame and every later one counted fill_empty, which
+     * is kept for a real shortage of chunks. */
+    if (setsockopt(xs->fd, SOL_XDP, XDP_UMEM_FILL_RING, &nfill, sizeof(nfill)) < 0 ||
         setsockopt(xs->fd, SOL_XDP, XDP_UMEM_COMPLETION_RING, &n, sizeof(n)) < 0 ||
         setsockopt(xs->fd, SOL_XDP, XDP_RX_RING, &n, sizeof(n)) < 0 ||
         setsockopt(xs->fd, SOL_XDP, XDP_TX_RING, &n, sizeof(n)) < 0 ||
@@ -149,7 +156,7 @@ static int sock_open(struct tpb_xsk *x, int k, uint32_t q, const struct tpb_xsk_
                        XDP_PGOFF_RX_RING)) < 0 ||
         (rc = ring_map(&xs->tx, xs->fd, &off.tx, n, sizeof(struct xdp_desc),
                        XDP_PGOFF_TX_RING)) < 0 ||
-        (rc = ring_map(&xs->fill, xs->fd, &off.fr, n, sizeof(uint64_t),
+        (rc = ring_map(&xs->fill, xs->fd, &off.fr, nfill, sizeof(uint64_t),
                        XDP_UMEM_PGOFF_FILL_RING)) < 0 ||
         (rc = ring_map(&xs->comp, xs->fd, &off.cr, n, sizeof(uint64_t),
                        XDP_UMEM_PGOFF_COMPLETION_RING)) < 0) {
@@ -330,9 +337,9 @@ struct tpb_xsk *tpb_xsk_open(const struct tpb_xsk_config *cfg, char *err, size_t
     x->spin_us = cfg->spin_us;
     x->busy_poll = cfg->busy_poll_us;
     x->nsocks = cfg->queues[0] + cfg->queues[1];
-    /* Fill and RX rings full on every socket, and TX and completion rings
-     * as much again. */
-    x->nchunks = 4 * n * x->nsocks;
+    /* Every ring of every socket full at once: the fill ring (2n), the
+     * RX, TX and completion rings (n each). */
+    x->nchunks = 5 * n * x->nsocks;
     x->umem_len = (size_t)x->nchunks * CHUNK;
     x->umem = mmap(NULL, x->umem_len, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);

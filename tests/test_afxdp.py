@@ -27,7 +27,16 @@ from helpers import (
     tpb_argv,
     wait_for,
 )
-from test_frames import FRAMES, _marker_of, check_past_the_out_mtu, send_silent_frames
+from rawsock import Port
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+from test_frames import (
+    FRAMES,
+    LOCAL_EXPERIMENTAL,
+    _marker_of,
+    check_past_the_out_mtu,
+    send_silent_frames,
+)
 from test_tcp import check_report, iperf3_run, set_offloads
 from wire import DIRECTIONS, check_crossed, cross, ends, udp4
 
@@ -233,3 +242,31 @@ def test_frames_of_a_vlan_device_keep_their_tag(lab, vlan_devices, afxdp):
     ping = lab.run("gw1", ["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.99.0.2"], check=False)
     assert " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
     assert_consistent(afxdp.stop())
+
+
+def test_a_stalled_loop_overflows_the_rx_ring_not_the_fill_ring(quiet_lab, start_tpb):
+    """TPB's loop held still (SIGSTOP: its CPU busy elsewhere, as under
+    load) while frames keep coming: the RX ring fills before the fill ring
+    runs dry, so the excess is counted ring_full, congestion, and
+    fill_empty stays for a real shortage of chunks.  Every frame offered is
+    counted once, taken or dropped."""
+    tpb = start_tpb(quiet_lab, extra=AFXDP)
+    e = ends(quiet_lab)
+    src, dst = e["gw1"], e["gw2"]
+    # an EtherType nobody answers: only these frames reach port in
+    frame = bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(os.urandom(46)))
+    offered = 20000  # past every ring: 4096 descriptors a ring at most
+    os.kill(tpb.pid, signal.SIGSTOP)
+    try:
+        with Port(quiet_lab.ns(src.node), src.ifname) as tx:
+            for _ in range(offered):
+                tx.send(frame)
+    finally:
+        os.kill(tpb.pid, signal.SIGCONT)
+    time.sleep(0.5)
+    c = tpb.stop()
+    port = c["in"]
+    assert port["kernel_drops"] > 0, port
+    assert port["drop_fill_empty"] == 0, port
+    assert port["rx_frames"] + port["kernel_drops"] == offered, port
+    assert_consistent(c, ring_full_ok=True)

@@ -300,7 +300,8 @@ class NativeXsk:
         cfg.ifindex[PORT_IN], cfg.ifindex[PORT_OUT] = in_ifindex, out_ifindex
         # A socket per receive queue (an XDP socket gets the frames of the
         # queue it is bound to only), all sharing one UMEM of 4 KB chunks,
-        # four rings' worth per socket: 64 MB with 4096 descriptors in all.
+        # five rings' worth per socket (the fill ring counts twice): 80 MB
+        # with 4096 descriptors in all.
         queues = [rx_queues(name) for name in names]
         for name, n in zip(names, queues, strict=True):
             if n > lib.TPB_XSK_MAX_QUEUES:
