@@ -188,10 +188,17 @@ def test_keepalives_reflected_by_linux_ip_gre(lab, tmp_path, accept_local):
 # ---- GRE-in-UDP against Linux's FOU ---------------------------------------------
 
 def hung_sockets(lab: labmod.Lab, peer: kgre.KernelGrePeer) -> str:
-    """Where a hung iperf3 test hung: both ends' TCP sockets, and the VM's
-    iperf3 server log."""
+    """Where a hung iperf3 test hung: both ends' TCP sockets, the VM's
+    iperf3 processes (where each sleeps), its gre1 and eth0 with their
+    queues, its TCP counters, and its iperf3 server log."""
     return ("the pc's sockets:\n" + lab.run("pc", ["ss", "-tinoea"], check=False).stdout
-            + "\nthe VM's:\n" + peer.sh("ss -tinoea; tail -5 /var/log/iperf3.log", check=False))
+            + "\nthe VM's:\n" + peer.sh(
+                "ss -tinoea; for p in $(pidof iperf3); do echo \"iperf3 $p: $(cat /proc/$p/wchan)"
+                " $(cat /proc/$p/stat)\"; cat /proc/$p/stack 2>/dev/null; done;"
+                " ip -s -d link show gre1; ip -s link show eth0; tc -s qdisc;"
+                " grep -E '^(Tcp|TcpExt):' /proc/net/snmp /proc/net/netstat;"
+                " dmesg | tail -20; tail -5 /var/log/iperf3.log", check=False)
+            + "\nqemu's NIC:\n" + peer.nic_state())
 
 
 def iperf3(lab: labmod.Lab, peer: kgre.KernelGrePeer) -> subprocess.CompletedProcess[str]:
@@ -234,15 +241,25 @@ def iperf3_from_vm(lab: labmod.Lab, peer: kgre.KernelGrePeer) -> subprocess.Comp
     while "5201" not in lab.run("pc", ["ss", "-Hltn", "sport = :5201"]).stdout:
         assert time.monotonic() < deadline and server.poll() is None, "iperf3 -s on the pc"
         time.sleep(0.1)
-    rc, client = peer.run(f"iperf3 -c {labmod.T_PC} -t 2 -J", timeout=60)
+    # in the background, so that a client still running after 40 s can be
+    # looked at while it hangs
+    peer.sh(f"iperf3 -c {labmod.T_PC} -t 2 -J > /tmp/c.json 2>&1 & echo $! > /tmp/c.pid")
+    deadline = time.monotonic() + 40
+    while (alive := peer.run("kill -0 $(cat /tmp/c.pid)")[0] == 0) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    hung = hung_sockets(lab, peer) if alive else ""
+    client = peer.sh("kill $(cat /tmp/c.pid) 2>/dev/null; tail -c 3000 /tmp/c.json",
+                     check=False)
     try:
-        out, err = server.communicate(timeout=10 if rc == 0 else 1)
+        out, err = server.communicate(timeout=10 if not alive else 1)
     except subprocess.TimeoutExpired:
         server.kill()
         out, err = server.communicate()
-        return subprocess.CompletedProcess(server.args, -1, out,
-                                           f"the VM's client exited {rc}:\n{client[-2000:]}\n"
-                                           + hung_sockets(lab, peer))
+    if alive or server.returncode != 0:
+        return subprocess.CompletedProcess(
+            server.args, -1, out, f"the VM's client {'hung' if alive else 'ended'}:\n"
+            f"{client}\npc's server: {err}\n{hung or hung_sockets(lab, peer)}")
     return subprocess.CompletedProcess(server.args, server.returncode, out, err)
 
 

@@ -494,7 +494,7 @@ class KernelGrePeer:
     def qemu_command(self, initrd: Path, console: Path, ctl: Path, accel: str) -> list[str]:
         cache = cache_dir()
         append = "console=ttyS0 panic=-1 reboot=t" + ("" if self.kernel_log else " quiet")
-        net = f"virtio-net-pci,netdev=n0,mac={self.mac}"
+        net = f"virtio-net-pci,id=nic0,netdev=n0,mac={self.mac}"
         if not self.offloads:
             net += "".join(f",{f}=off" for f in (
                 "csum", "gso", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
@@ -509,6 +509,8 @@ class KernelGrePeer:
             "-chardev", f"socket,id=ctl,path={ctl},server=on,wait=off", "-serial", "chardev:ctl",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device", net,
+            # qemu's own view of the NIC's queues, for a hang report (nic_state)
+            "-monitor", f"unix:{ctl.with_name('monitor.sock')},server=on,wait=off",
         ]
 
     # -- life cycle ---------------------------------------------------------------------
@@ -689,6 +691,50 @@ class KernelGrePeer:
         """``ip -s -j link show dev`` in the VM: stats64 {"rx": {...}, "tx": {...}}."""
         info = json.loads(self.sh(f"ip -s -j link show dev {shlex.quote(dev)}"))[0]
         return info["stats64"]
+
+    def monitor(self, command: str, timeout: float = 5) -> str:
+        """One command on qemu's human monitor; its answer."""
+        assert self.workdir is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.workdir / "monitor.sock"))
+            buf = b""
+            for send in (b"", command.encode() + b"\n"):
+                s.sendall(send)
+                while not buf.endswith(b"(qemu) "):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                answer, buf = buf, b""
+        # the monitor echoes the command with terminal escapes before the answer
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", answer.decode(errors="replace"))
+        return text.replace("\r", "").rsplit("(qemu) ", 1)[0].split("\n", 1)[-1]
+
+    def nic_state(self) -> str:
+        """The virtio NIC as qemu sees it: each queue's indexes (0 is RX, 1 TX),
+        and the index the guest has made available on each, read from the
+        guest's memory: a TX queue whose guest index runs ahead of qemu's
+        last_avail_idx holds frames qemu has not taken."""
+        dev = "/machine/peripheral/nic0/virtio-backend"
+        out = []
+        try:
+            for q in (0, 1):
+                st = self.monitor(f"info virtio-queue-status {dev} {q}")
+                out.append(st)
+                num = re.search(r"num:\s+(\d+)", st)
+                avail = re.search(r"avail:\s+(0x[0-9a-f]+)", st)
+                used = re.search(r"used:\s+(0x[0-9a-f]+)", st)
+                if num and avail and used:
+                    n, a, u = int(num.group(1)), int(avail.group(1), 16), int(used.group(1), 16)
+                    # vring_avail {flags, idx, ring[n], used_event}, vring_used
+                    # {flags, idx, ring[n] of 8 bytes, avail_event}: le16 each
+                    for what, addr in (("guest avail flags, idx", a), ("used_event", a + 4 + 2 * n),
+                                       ("used flags, idx", u), ("avail_event", u + 4 + 8 * n)):
+                        out.append(f"{what}: {self.monitor(f'xp /2hx {addr:#x}').strip()}")
+        except OSError as e:
+            out.append(f"qemu's monitor: {e}")
+        return "\n".join(out)
 
     def read_file(self, path: str) -> str:
         return self.sh(f"cat {shlex.quote(path)}")
