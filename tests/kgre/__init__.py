@@ -428,6 +428,9 @@ class KernelGrePeer:
         self._ctl: socket.socket | None = None
         self._ctl_buf = b""
         self._ctl_lock = threading.Lock()
+        self._mon_lock = threading.Lock()
+        self._nic_watch: tuple[threading.Thread, threading.Event] | None = None
+        self.nic_stalls: list[str] = []  # what _watch_nic() found and healed
         self._ctl_seq = 0
 
     # -- configuration ------------------------------------------------------------------
@@ -559,6 +562,11 @@ class KernelGrePeer:
         except BaseException:
             self.stop()
             raise
+        if accel == "tcg":
+            stop = threading.Event()
+            thread = threading.Thread(target=self._watch_nic, args=(stop,), daemon=True)
+            thread.start()
+            self._nic_watch = (thread, stop)
 
     def _wait_ready(self, t0: float, timeout: float) -> None:
         assert self.proc is not None
@@ -606,6 +614,12 @@ class KernelGrePeer:
 
     def stop(self) -> None:
         """Stops qemu, deletes the tap (if this made it) and the work folder."""
+        if self._nic_watch is not None:
+            self._nic_watch[1].set()
+            self._nic_watch[0].join()
+            self._nic_watch = None
+            for stall in self.nic_stalls:  # on the test's output: pytest -rA, -s
+                print(f"kgre: the VM's NIC was healed: {stall}")
         if self.proc is not None:
             self._console_cache = self.console()
             if self._ctl is not None:
@@ -695,7 +709,7 @@ class KernelGrePeer:
     def monitor(self, command: str, timeout: float = 5) -> str:
         """One command on qemu's human monitor; its answer."""
         assert self.workdir is not None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        with self._mon_lock, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(self.workdir / "monitor.sock"))
             buf = b""
@@ -735,6 +749,51 @@ class KernelGrePeer:
         except OSError as e:
             out.append(f"qemu's monitor: {e}")
         return "\n".join(out)
+
+    def _tx_indexes(self) -> tuple[int, int, int] | None:
+        """The TX queue: (the guest's avail index, qemu's last_avail_idx, size)."""
+        st = self.monitor("info virtio-queue-status /machine/peripheral/nic0/virtio-backend 1")
+        last = re.search(r"last_avail_idx:\s+(\d+)", st)
+        avail = re.search(r"avail:\s+(0x[0-9a-f]+)", st)
+        num = re.search(r"num:\s+(\d+)", st)
+        if not (last and avail and num):
+            return None
+        words = self.monitor(f"xp /2hx {int(avail.group(1), 16):#x}").split(":")[-1].split()
+        if len(words) != 2:
+            return None
+        return int(words[1], 16), int(last.group(1)), int(num.group(1))
+
+    def _watch_nic(self, stop: threading.Event, period: float = 3.0) -> None:
+        """Under TCG, qemu 7.2's virtio-net can stop taking the guest's
+        frames for good (seen here about one FOU test in fifteen with both
+        host CPUs busy): the guest has made descriptors available on the TX
+        queue, qemu's last_avail_idx stays behind them and so does its
+        avail_event, so the guest, already past it, never kicks again; its
+        queue is not full, so its watchdog never fires.  Every frame the VM
+        sends waits there and its TCP retransmits nothing (the segments are
+        still in the host queue): a transfer through TPB hangs for a fault
+        of the peer.  A TX queue with frames qemu has not taken, and the same
+        indexes one period later, is such a stall, healed as a NIC's driver
+        would be by a reset of the queue: a link flap (qemu's set_link drops
+        what waits and takes notifications again, if it thought a flush was
+        still to come), then a resize of the guest's TX ring (ethtool -G:
+        a queue reset, after which the guest's next frame kicks); TCP
+        retransmits.  Each one is noted in nic_stalls."""
+        last = None
+        while not stop.wait(period):
+            try:
+                idx = self._tx_indexes()
+                if idx is not None and idx[0] != idx[1] and idx == last:
+                    self.nic_stalls.append(f"{time.strftime('%T')}: TX queue stalled, "
+                                           f"guest avail {idx[0]}, qemu's last_avail {idx[1]}")
+                    self.monitor("set_link n0 off")
+                    time.sleep(0.2)
+                    self.monitor("set_link n0 on")
+                    self.run(f"ethtool -G eth0 tx {idx[2] // 2} && ethtool -G eth0 tx {idx[2]}")
+                    idx = None
+                last = idx
+            except (OSError, KgreError):
+                return  # qemu has gone
 
     def read_file(self, path: str) -> str:
         return self.sh(f"cat {shlex.quote(path)}")
