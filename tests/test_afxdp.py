@@ -30,15 +30,9 @@ from helpers import (
 from rawsock import Port
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
-from test_frames import (
-    FRAMES,
-    LOCAL_EXPERIMENTAL,
-    _marker_of,
-    check_past_the_out_mtu,
-    send_silent_frames,
-)
+from test_frames import FRAMES, _marker_of, check_past_the_out_mtu, send_silent_frames
 from test_tcp import check_report, iperf3_run, set_offloads
-from wire import DIRECTIONS, check_crossed, cross, ends, udp4
+from wire import DIRECTIONS, LOCAL_EXPERIMENTAL, check_crossed, cross, ends, udp4
 
 from tpb import lab as labmod
 
@@ -253,20 +247,38 @@ def test_a_stalled_loop_overflows_the_rx_ring_not_the_fill_ring(quiet_lab, start
     tpb = start_tpb(quiet_lab, extra=AFXDP)
     e = ends(quiet_lab)
     src, dst = e["gw1"], e["gw2"]
-    # an EtherType nobody answers: only these frames reach port in
-    frame = bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(os.urandom(46)))
+
+    def frame(payload: bytes) -> bytes:
+        # an EtherType nobody answers: only these frames reach port in
+        return bytes(Ether(src=src.mac, dst=dst.mac, type=LOCAL_EXPERIMENTAL) / Raw(payload))
+
     offered = 20000  # past every ring: 4096 descriptors a ring at most
-    os.kill(tpb.pid, signal.SIGSTOP)
-    try:
-        with Port(quiet_lab.ns(src.node), src.ifname) as tx:
+    fence = os.urandom(16)
+    with (
+        Port(quiet_lab.ns(src.node), src.ifname) as tx,
+        Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+    ):
+        os.kill(tpb.pid, signal.SIGSTOP)
+        try:
             for _ in range(offered):
-                tx.send(frame)
-    finally:
-        os.kill(tpb.pid, signal.SIGCONT)
-    time.sleep(0.5)
+                tx.send(frame(os.urandom(46)))
+        finally:
+            os.kill(tpb.pid, signal.SIGCONT)
+        # A fence behind the backlog, in the same ring, instead of a blind
+        # sleep: once it is out, every frame before it was taken or dropped.
+        # It is sent again until one copy crosses (the first may still find
+        # the ring full), and every copy is offered too.
+        fences, fenced, deadline = 0, False, time.monotonic() + 10
+        while not fenced and time.monotonic() < deadline:
+            tx.send(frame(fence + bytes(30)))
+            fences += 1
+            until = time.monotonic() + 0.2
+            while not fenced and (f := rx.recv(until - time.monotonic())) is not None:
+                fenced = fence in f.data
+        assert fenced, "no fence crossed within 10 s"
     c = tpb.stop()
     port = c["in"]
     assert port["kernel_drops"] > 0, port
     assert port["drop_fill_empty"] == 0, port
-    assert port["rx_frames"] + port["kernel_drops"] == offered, port
+    assert port["rx_frames"] + port["kernel_drops"] == offered + fences, (port, fences)
     assert_consistent(c, ring_full_ok=True)

@@ -65,6 +65,10 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 cache_dir = _build.cache_dir
 
 
+# the VM's NIC in qemu's object tree (`-device virtio-net-pci,id=nic0`)
+NIC = "/machine/peripheral/nic0/virtio-backend"
+
+
 class KgreError(RuntimeError):
     """The VM did not boot, failed its setup, or a command in it failed."""
 
@@ -725,22 +729,32 @@ class KernelGrePeer:
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", answer.decode(errors="replace"))
         return text.replace("\r", "").rsplit("(qemu) ", 1)[0].split("\n", 1)[-1]
 
+    def _queue(self, q: int) -> tuple[str, dict[str, int]]:
+        """Queue q of the NIC (0 RX, 1 TX) as qemu's monitor shows it, and
+        the numbers that matter here: its size, its rings' addresses, qemu's
+        last_avail_idx and the avail index the guest has written (read from
+        the guest's memory)."""
+        st = self.monitor(f"info virtio-queue-status {NIC} {q}")
+        fields = {k: int(m.group(1), 0) for k in ("num", "avail", "used", "last_avail_idx")
+                  if (m := re.search(rf"\b{k}:\s+(0x[0-9a-f]+|\d+)", st))}
+        if "avail" in fields:
+            words = self.monitor(f"xp /2hx {fields['avail']:#x}").split(":")[-1].split()
+            if len(words) == 2:
+                fields["guest_avail_idx"] = int(words[1], 16)
+        return st, fields
+
     def nic_state(self) -> str:
         """The virtio NIC as qemu sees it: each queue's indexes (0 is RX, 1 TX),
-        and the index the guest has made available on each, read from the
-        guest's memory: a TX queue whose guest index runs ahead of qemu's
-        last_avail_idx holds frames qemu has not taken."""
-        dev = "/machine/peripheral/nic0/virtio-backend"
+        and the guest's side of each ring read from its memory: a TX queue
+        whose guest avail index runs ahead of qemu's last_avail_idx holds
+        frames qemu has not taken."""
         out = []
         try:
             for q in (0, 1):
-                st = self.monitor(f"info virtio-queue-status {dev} {q}")
+                st, f = self._queue(q)
                 out.append(st)
-                num = re.search(r"num:\s+(\d+)", st)
-                avail = re.search(r"avail:\s+(0x[0-9a-f]+)", st)
-                used = re.search(r"used:\s+(0x[0-9a-f]+)", st)
-                if num and avail and used:
-                    n, a, u = int(num.group(1)), int(avail.group(1), 16), int(used.group(1), 16)
+                if {"num", "avail", "used"} <= f.keys():
+                    n, a, u = f["num"], f["avail"], f["used"]
                     # vring_avail {flags, idx, ring[n], used_event}, vring_used
                     # {flags, idx, ring[n] of 8 bytes, avail_event}: le16 each
                     for what, addr in (("guest avail flags, idx", a), ("used_event", a + 4 + 2 * n),
@@ -752,16 +766,10 @@ class KernelGrePeer:
 
     def _tx_indexes(self) -> tuple[int, int, int] | None:
         """The TX queue: (the guest's avail index, qemu's last_avail_idx, size)."""
-        st = self.monitor("info virtio-queue-status /machine/peripheral/nic0/virtio-backend 1")
-        last = re.search(r"last_avail_idx:\s+(\d+)", st)
-        avail = re.search(r"avail:\s+(0x[0-9a-f]+)", st)
-        num = re.search(r"num:\s+(\d+)", st)
-        if not (last and avail and num):
+        f = self._queue(1)[1]
+        if not {"guest_avail_idx", "last_avail_idx", "num"} <= f.keys():
             return None
-        words = self.monitor(f"xp /2hx {int(avail.group(1), 16):#x}").split(":")[-1].split()
-        if len(words) != 2:
-            return None
-        return int(words[1], 16), int(last.group(1)), int(num.group(1))
+        return f["guest_avail_idx"], f["last_avail_idx"], f["num"]
 
     def _watch_nic(self, stop: threading.Event, period: float = 3.0) -> None:
         """Under TCG, qemu 7.2's virtio-net can stop taking the guest's
