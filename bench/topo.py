@@ -114,6 +114,12 @@ class PopLab(Lab):
         try:
             for key in ("default", "all"):
                 self.sysctl("pop", f"net.ipv6.conf.{key}.disable_ipv6", "1")
+            # The sink counts frames (rx_packets), and a veth passes a UDP
+            # super-packet whole: one that `tpb pop` coalesced would count
+            # once.  Without USO on eth1 the pop's kernel cuts it into its
+            # datagrams before sending, as for a NIC without USO (the
+            # costlier case for the pop), and each counts.
+            self.run("pop", ["ethtool", "-K", "eth1", "tx-udp-segmentation", "off"])
         except BaseException:
             self.down()
             raise

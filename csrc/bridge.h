@@ -18,9 +18,6 @@
 #include "proto.h"
 
 #define VNET_LEN sizeof(struct virtio_net_hdr)
-#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
-#define VIRTIO_NET_HDR_GSO_UDP_L4 5    /* older uapi headers lack it */
-#endif
 #define TXQ_MAX 512            /* messages per sendmmsg flush */
 #define TXQ_HDR 224            /* vnet + Ethernet + outer + inner headers */
 #define TXQ_IOV 4

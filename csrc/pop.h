@@ -55,6 +55,7 @@ struct peer {
     uint32_t learned;           /* slots of the learned table it holds */
     uint8_t udp_gso_off;        /* its path refused a UDP GSO message: one
                                  * datagram per segment until it moves */
+    uint64_t from_stamp;        /* the arrival whose endpoint sa is */
 };
 
 struct learned {
@@ -135,7 +136,7 @@ int inner_addr(const uint8_t *ip, size_t len, int dst, uint8_t out[16]);
 int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
               size_t *l4, size_t *thl);
 struct peer *route(struct tpb_pop *pop, const uint8_t dst[16]);
-void follow(struct peer *p, const struct sockaddr_in *from);
+void follow(struct peer *p, const struct sockaddr_in *from, uint64_t stamp);
 void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v);
 int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
               uint16_t proto);
@@ -150,19 +151,25 @@ int to_bridges(struct tpb_pop *pop);
 struct pop_tx *pop_tx_new(void);
 
 /* pop_gro.c: what from_peer() accepted, on its way to the TUN device.
- * gro_verdict() before learn_check(): GRO_APPEND joins the held group;
- * otherwise the group is written first (gro_flush()), so that the learned
- * table and the TUN device see the packets in order; then GRO_START holds
- * the packet as a new group, GRO_NONE writes it alone (tun_write()). */
+ * gro_verdict() before learn_check(): GRO_APPEND joins its flow's held
+ * group; otherwise gro_make_way() writes that group (GRO_NONE without
+ * ports: every group) first, so that the TUN device sees each flow's
+ * packets in order; gro_learn_new() writes every group before a packet
+ * that makes a new learned entry (then learn_check() again); then
+ * GRO_START holds the packet as a new group, GRO_NONE writes it alone
+ * (tun_write()).  gro_flush(): every group, at a batch's end. */
 enum { GRO_NONE, GRO_START, GRO_APPEND };
 struct pop_gro *pop_gro_new(void);
 int gro_verdict(struct tpb_pop *pop, const struct peer *p, const uint8_t *in,
                 size_t ilen, uint16_t proto);
+void gro_make_way(struct tpb_pop *pop, int verdict);
+int gro_learn_new(struct tpb_pop *pop, const struct learned *slot);
 void gro_hold(struct tpb_pop *pop, int verdict, struct peer *p, uint8_t *in,
               size_t ilen, uint16_t proto, const struct gre_pkt *gp,
               struct learned *slot, const uint8_t a[16],
               const struct sockaddr_in *from);
 void gro_flush(struct tpb_pop *pop);
+uint64_t gro_stamp(struct tpb_pop *pop);
 
 /* pop_rx.c */
 int from_bridges(struct tpb_pop *pop);

@@ -246,7 +246,7 @@ void reflect(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
     }
     /* It passed the peer's checks: a NAT'd peer's answer goes where it
      * came from. */
-    follow(p, from);
+    follow(p, from, gro_stamp(pop));
     if (udp)
         to_endpoint(in, ihl, &p->sa);
     /* a raw socket routes by the address alone (its port is no port) */

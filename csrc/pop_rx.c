@@ -174,11 +174,14 @@ int tun_drop(int e)
 }
 
 /* A packet from a NAT'd peer passed its checks: answers go where it came
- * from.  A new endpoint is a new path, which may take UDP GSO again. */
-void follow(struct peer *p, const struct sockaddr_in *from)
+ * from.  A new endpoint is a new path, which may take UDP GSO again.
+ * stamp: the packet's place in the arrivals (gro_stamp()); held groups
+ * are written out of it, and an older packet's endpoint is not taken. */
+void follow(struct peer *p, const struct sockaddr_in *from, uint64_t stamp)
 {
-    if (!from || p->cfg.addr)
+    if (!from || p->cfg.addr || stamp < p->from_stamp)
         return;
+    p->from_stamp = stamp;
     if (p->sa.sin_addr.s_addr != from->sin_addr.s_addr ||
         p->sa.sin_port != from->sin_port)
         p->udp_gso_off = 0;
@@ -247,12 +250,18 @@ static void from_peer(struct tpb_pop *pop, struct peer *p, uint8_t tos, uint16_t
         p->c.drop[TPB_DROP_ECN]++;
         return;
     }
-    /* 7. a TCP segment that may join the held group (pop_gro.c) waits
-     * for the next ones; anything else writes the group out first */
+    /* 7. a TCP segment or UDP datagram that may join its flow's group
+     * (pop_gro.c) waits for the next ones; anything else writes its
+     * flow's group out first */
     verdict = gro_verdict(pop, p, in, ilen, gp.proto);
-    if (verdict != GRO_APPEND)
-        gro_flush(pop);
+    gro_make_way(pop, verdict);
     rc = learn_check(pop, p, a, gp.proto, &slot);
+    if (!rc && gro_learn_new(pop, slot)) {
+        /* every group written: the table as this packet must find it */
+        rc = learn_check(pop, p, a, gp.proto, &slot);
+        if (verdict == GRO_APPEND)
+            verdict = GRO_START;
+    }
     if (!rc && verdict != GRO_NONE) {
         gro_hold(pop, verdict, p, in, ilen, gp.proto, &gp, slot, a, from);
         return;
@@ -270,7 +279,7 @@ static void from_peer(struct tpb_pop *pop, struct peer *p, uint8_t tos, uint16_t
     if (slot)
         learn_put(slot, pop->peers, a, (uint32_t)(p - pop->peers),
                   pop->now_ns + pop->learn_ns);
-    follow(p, from);
+    follow(p, from, gro_stamp(pop));
     p->c.decap_packets++;
     p->c.decap_bytes += ilen;
 }

@@ -36,6 +36,9 @@
  * carries the inner flow's entropy, from the dynamic range 49152-65535. */
 #define GRE_UDP_PORT 4754
 #define UDP_HLEN 8
+#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5    /* older uapi headers lack it */
+#endif
 
 #define IP_DF 0x4000
 #define IP_MF 0x2000

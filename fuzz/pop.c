@@ -1282,6 +1282,194 @@ static void train_op(struct h *h, struct fz_in *in)
              "POP: a train's gro counters");
 }
 
+/* Two or three UDP flows from one GRE peer (as train_op's), their
+ * datagrams interleaved in one batch, each possibly spoilt (a wrong or no
+ * checksum, a short payload, an ID out of turn, another TOS); a flow has
+ * DF or not, and consecutive IDs or one ID for all (pop_gro.c).  What
+ * reaches the TUN device is every datagram, each flow's in order: alone
+ * and byte for byte, or merged into a UDP super-packet
+ * (VIRTIO_NET_HDR_GSO_UDP_L4) whose headers are the first one's with the
+ * lengths and the pseudo-header sum NEEDS_CSUM asks for, and whose
+ * payload is the merged datagrams', each of them one that may be merged
+ * (checksum right and not 0, same TOS/DF/TTL, IDs consecutive or all the
+ * same with DF, payloads gso_size but the last), counted as gro_*. */
+#define UTRAIN_MAX 16
+static void udp_train_op(struct h *h, struct fz_in *in)
+{
+    static uint8_t pk[UTRAIN_MAX][20 + 16 + 28 + 1500];
+    size_t plen[UTRAIN_MAX], ilen[UTRAIN_MAX], s, gl, k, n, j, at, nf, nxt[3] = {0, 0, 0};
+    uint8_t mut[UTRAIN_MAX], good[UTRAIN_MAX], flow[UTRAIN_MAX], a[16], fl = fz_u8(in);
+    uint8_t *ip, *g, *u;
+    uint16_t id[3];
+    uint32_t i;
+    int p = -1, reason, who;
+    const struct tpb_pop_peer_config *c;
+    struct counters b, aft;
+    uint64_t d;
+    uint16_t flags;
+    size_t merged = 0, alone = 0, per[3] = {0, 0, 0};
+
+    for (i = 0; i < h->cfg.nprefixes && p < 0; i++) {
+        const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
+
+        c = &h->peers[x->peer];
+        if (x->len >= 96 && x->len <= 128 && x->addr[10] == 0xff && x->addr[11] == 0xff &&
+            c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
+            memcpy(a, x->addr, 16);
+            a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
+            if (!model_martian(a, 1) && lpm(h, a) == (int)x->peer)
+                p = (int)x->peer;
+        }
+    }
+    nf = 2 + (fl & 1);
+    n = 2 + fz_u8(in) % (UTRAIN_MAX - 1);
+    s = 1 + fz_u16(in) % 1400;
+    for (k = 0; k < 3; k++)
+        id[k] = fz_u16(in);
+    for (k = 0; k < n; k++) {
+        mut[k] = fz_u8(in);
+        /* in turn, and 1 in 4 out of turn */
+        flow[k] = (uint8_t)((mut[k] & 0x80) && (mut[k] & 0x40) ? (k + 1) % nf : k % nf);
+    }
+    if (p < 0)
+        return;
+    c = &h->peers[p];
+    flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0));
+    gl = fz_gre_hlen(flags);
+    for (k = 0; k < n; k++) {
+        uint8_t f = flow[k], df = (fl >> (1 + f)) & 1, fixed = (fl >> (4 + f)) & 1;
+
+        ip = pk[k];
+        g = ip + 20;
+        plen[k] = (mut[k] & 7) == 1 ? s / 2 + 1 : s;   /* 1 in 8 a short one */
+        ilen[k] = 28 + plen[k];
+        memset(ip, 0, 20 + gl + ilen[k]);
+        ip[0] = 0x45;
+        fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen[k]));
+        ip[8] = 64;
+        ip[9] = IPPROTO_GRE_;
+        fz_wr32(ip + 12, c->addr);
+        fz_wr32(ip + 16, POP_LOCAL);
+        fz_ip4_set_csum(ip);
+        fz_wr16(g, flags);
+        fz_wr16(g + 2, ETYPE_IPV4);
+        if (c->has_key)
+            fz_wr32(g + (c->csum ? 8 : 4), c->key);
+        ip = g + gl;                          /* the inner packet */
+        u = ip + 20;
+        ip[0] = 0x45;
+        ip[1] = (mut[k] & 0x38) == 0x08 ? 0x20 : 0;
+        fz_wr16(ip + 2, (uint16_t)ilen[k]);
+        fz_wr16(ip + 4, (uint16_t)(id[f] + ((mut[k] & 0x38) == 0x10 ? 5 : 0)));
+        if (!fixed)
+            id[f]++;
+        fz_wr16(ip + 6, df ? 0x4000 : 0);
+        ip[8] = 64;
+        ip[9] = IPPROTO_UDP_;
+        memcpy(ip + 12, a + 12, 4);
+        fz_wr32(ip + 16, 0xcb007105u);        /* 203.0.113.5 */
+        fz_ip4_set_csum(ip);
+        fz_wr16(u, (uint16_t)(7000 + f));
+        fz_wr16(u + 2, 443);
+        fz_wr16(u + 4, (uint16_t)(8 + plen[k]));
+        for (j = 0; j < plen[k]; j++)
+            u[8 + j] = (uint8_t)(k * 31 + j);
+        fz_l4_set_csum(ip, 20, ilen[k], IPPROTO_UDP_, 0);
+        if ((mut[k] & 0x38) == 0x18)
+            u[6] ^= 0x40;                     /* a wrong checksum */
+        else if ((mut[k] & 0x38) == 0x20)
+            fz_wr16(u + 6, 0);                /* none */
+        good[k] = fz_rd16(u + 6) != 0 &&
+                  fz_fold(fz_sum(fz_pseudo(ip, IPPROTO_UDP_, (uint32_t)(ilen[k] - 20)), u,
+                                 ilen[k] - 20)) == 0;
+        if (c->csum)
+            fz_wr16(g + 4, fz_fold(fz_sum(0, g, gl + ilen[k])));
+    }
+    fail_tun = 0;
+    snap(h, &b);
+    ios_clear();
+    for (k = 0; k < n; k++)
+        tpb_fuzz_pop_from_bridge_held(h->pop, pk[k], 20 + gl + ilen[k], h->now);
+    tpb_fuzz_pop_flush(h->pop);
+    snap(h, &aft);
+    d = drops(h, &b, &aft, &reason, &who);
+    fz_trace("pop: %zu datagrams of %zu flows from peer %d: %zu TUN writes, %llu drops", n, nf,
+             p, nios, (unsigned long long)d);
+    FZ_CHECK(d == 0 && aft.c[p].decap_packets == b.c[p].decap_packets + n,
+             "POP: UDP flows not all delivered (%llu drops, %s)", (unsigned long long)d,
+             reason >= 0 ? tpb_drop_name(reason) : "-");
+    for (k = 0; k < n; k++)
+        per[flow[k]]++;
+    for (i = 0; i < nios; i++) {
+        const struct io *o = &ios[i];
+        const struct virtio_net_hdr *v = &o->vh;
+        const uint8_t *f0;
+        size_t ff, k0, seg;
+        uint32_t sm;
+        int cons = 1, same = 1;
+
+        FZ_CHECK(o->kind == IO_TUN && o->len >= 28, "POP: a datagram not to the TUN device");
+        ff = fz_rd16(o->data + 20) - 7000u;
+        FZ_CHECK(ff < nf, "POP: a datagram of no flow");
+        /* the flow's next datagram */
+        for (k0 = 0, j = 0; k0 < n; k0++)
+            if (flow[k0] == ff && j++ == nxt[ff])
+                break;
+        FZ_CHECK(k0 < n, "POP: more of flow %zu written than sent", ff);
+        f0 = pk[k0] + 20 + gl;
+        if (fz_vnet_zero(v)) {
+            FZ_CHECK(o->len == ilen[k0] && !memcmp(o->data, f0, ilen[k0]),
+                     "POP: flow %zu's datagram %zu changed or out of order", ff, k0);
+            nxt[ff]++;
+            alone++;
+            continue;
+        }
+        merged++;
+        FZ_CHECK(v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
+                     v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 && v->csum_start == 20 &&
+                     v->csum_offset == 6 && v->hdr_len == 28 && v->gso_size == plen[k0] &&
+                     o->len > 28 + v->gso_size && fz_ip_len(o->data, o->len) == o->len &&
+                     fz_rd16(o->data + 24) == o->len - 20,
+                 "POP: a UDP super-packet's vnet header or lengths");
+        sm = fz_pseudo(o->data, IPPROTO_UDP_, (uint32_t)(o->len - 20));
+        while (sm >> 16)
+            sm = (sm & 0xffff) + (sm >> 16);
+        FZ_CHECK(fz_rd16(o->data + 26) == sm, "POP: a UDP super-packet's partial checksum");
+        FZ_CHECK(!memcmp(o->data, f0, 2) && !memcmp(o->data + 4, f0 + 4, 6) &&
+                     !memcmp(o->data + 12, f0 + 12, 12),
+                 "POP: a UDP super-packet's header is not its first datagram's");
+        for (at = 28, seg = 0; at < o->len; seg++) {
+            const uint8_t *q;
+            uint16_t want = (uint16_t)(fz_rd16(f0 + 4) + seg);
+
+            for (k = 0, j = 0; k < n; k++)
+                if (flow[k] == ff && j++ == nxt[ff])
+                    break;
+            FZ_CHECK(k < n, "POP: a super-packet holds more of flow %zu than was sent", ff);
+            q = pk[k] + 20 + gl;
+            FZ_CHECK(good[k] && plen[k] <= v->gso_size && at + plen[k] <= o->len &&
+                         !memcmp(o->data + at, q + 28, plen[k]) && q[1] == f0[1] &&
+                         !memcmp(q + 6, f0 + 6, 4),
+                     "POP: datagram %zu merged that must not be, or changed", k);
+            cons &= fz_rd16(q + 4) == want;
+            same &= fz_rd16(q + 4) == fz_rd16(f0 + 4);
+            FZ_CHECK(at + plen[k] == o->len || plen[k] == v->gso_size,
+                     "POP: a short datagram %zu merged before others", k);
+            at += plen[k];
+            nxt[ff]++;
+        }
+        FZ_CHECK(seg >= 2, "POP: a super-packet of one datagram");
+        /* IPv4 IDs: consecutive, or with DF all the first one's (RFC 6864) */
+        FZ_CHECK(cons || (same && (f0[6] & 0x40)), "POP: datagrams merged with IDs out of turn");
+    }
+    for (k = 0; k < nf; k++)
+        FZ_CHECK(nxt[k] == per[k], "POP: %zu of flow %zu's %zu datagrams written", nxt[k], k,
+                 per[k]);
+    FZ_CHECK(aft.c[p].gro_packets - b.c[p].gro_packets == merged &&
+                 aft.c[p].gro_segments - b.c[p].gro_segments + alone == n,
+             "POP: UDP flows' gro counters");
+}
+
 static void keepalive_op(struct h *h, struct fz_in *in)
 {
     struct counters b, a;
@@ -1455,7 +1643,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             from_bridge_op(&h, &in, buf, 1);    /* GRE-in-UDP */
             break;
         default:
-            if (op & 0x80)
+            if ((op & 0xc0) == 0xc0)
+                udp_train_op(&h, &in);
+            else if (op & 0x80)
                 train_op(&h, &in);
             else
                 from_bridge_op(&h, &in, buf, 0);
