@@ -1282,7 +1282,8 @@ static void train_op(struct h *h, struct fz_in *in)
              "POP: a train's gro counters");
 }
 
-/* Two or three UDP flows from one GRE peer (as train_op's), their
+/* Two or three UDP flows (IPv4, or IPv6 from a peer's IPv6 prefix) from
+ * one GRE peer (as train_op's), their
  * datagrams interleaved in one batch, each possibly spoilt (a wrong or no
  * checksum, a short payload, an ID out of turn, another TOS); a flow has
  * DF or not, and consecutive IDs or one ID for all (pop_gro.c).  What
@@ -1296,13 +1297,13 @@ static void train_op(struct h *h, struct fz_in *in)
 #define UTRAIN_MAX 16
 static void udp_train_op(struct h *h, struct fz_in *in)
 {
-    static uint8_t pk[UTRAIN_MAX][20 + 16 + 28 + 1500];
-    size_t plen[UTRAIN_MAX], ilen[UTRAIN_MAX], s, gl, k, n, j, at, nf, nxt[3] = {0, 0, 0};
+    static uint8_t pk[UTRAIN_MAX][20 + 16 + 48 + 1500];
+    size_t L, plen[UTRAIN_MAX], ilen[UTRAIN_MAX], s, gl, k, n, j, at, nf, nxt[3] = {0, 0, 0};
     uint8_t mut[UTRAIN_MAX], good[UTRAIN_MAX], flow[UTRAIN_MAX], a[16], fl = fz_u8(in);
     uint8_t *ip, *g, *u;
     uint16_t id[3];
     uint32_t i;
-    int p = -1, reason, who;
+    int p = -1, reason, who, v6 = 0;
     const struct tpb_pop_peer_config *c;
     struct counters b, aft;
     uint64_t d;
@@ -1312,13 +1313,17 @@ static void udp_train_op(struct h *h, struct fz_in *in)
     for (i = 0; i < h->cfg.nprefixes && p < 0; i++) {
         const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
 
+        int m = x->addr[10] == 0xff && x->addr[11] == 0xff;
+
         c = &h->peers[x->peer];
-        if (x->len >= 96 && x->len <= 128 && x->addr[10] == 0xff && x->addr[11] == 0xff &&
+        if (((m && x->len >= 96) || (!m && x->addr[0] == 0x20)) && x->len <= 128 &&
             c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
             memcpy(a, x->addr, 16);
             a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
-            if (!model_martian(a, 1) && lpm(h, a) == (int)x->peer)
+            if (!model_martian(a, m) && lpm(h, a) == (int)x->peer) {
                 p = (int)x->peer;
+                v6 = !m;
+            }
         }
     }
     nf = 2 + (fl & 1);
@@ -1334,6 +1339,7 @@ static void udp_train_op(struct h *h, struct fz_in *in)
     if (p < 0)
         return;
     c = &h->peers[p];
+    L = v6 ? 40 : 20;
     flags = (uint16_t)((c->csum ? GRE_C : 0) | (c->has_key ? GRE_K : 0));
     gl = fz_gre_hlen(flags);
     for (k = 0; k < n; k++) {
@@ -1342,7 +1348,7 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         ip = pk[k];
         g = ip + 20;
         plen[k] = (mut[k] & 7) == 1 ? s / 2 + 1 : s;   /* 1 in 8 a short one */
-        ilen[k] = 28 + plen[k];
+        ilen[k] = L + 8 + plen[k];
         memset(ip, 0, 20 + gl + ilen[k]);
         ip[0] = 0x45;
         fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen[k]));
@@ -1352,36 +1358,52 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         fz_wr32(ip + 16, POP_LOCAL);
         fz_ip4_set_csum(ip);
         fz_wr16(g, flags);
-        fz_wr16(g + 2, ETYPE_IPV4);
+        fz_wr16(g + 2, v6 ? ETYPE_IPV6 : ETYPE_IPV4);
         if (c->has_key)
             fz_wr32(g + (c->csum ? 8 : 4), c->key);
         ip = g + gl;                          /* the inner packet */
-        u = ip + 20;
-        ip[0] = 0x45;
-        ip[1] = (mut[k] & 0x38) == 0x08 ? 0x20 : 0;
-        fz_wr16(ip + 2, (uint16_t)ilen[k]);
-        fz_wr16(ip + 4, (uint16_t)(id[f] + ((mut[k] & 0x38) == 0x10 ? 5 : 0)));
-        if (!fixed)
-            id[f]++;
-        fz_wr16(ip + 6, df ? 0x4000 : 0);
-        ip[8] = 64;
-        ip[9] = IPPROTO_UDP_;
-        memcpy(ip + 12, a + 12, 4);
-        fz_wr32(ip + 16, 0xcb007105u);        /* 203.0.113.5 */
-        fz_ip4_set_csum(ip);
+        u = ip + L;
+        if (v6) {
+            ip[0] = 0x60;
+            ip[1] = (mut[k] & 0x38) == 0x08 ? 0x02 : 0;   /* another class */
+            ip[3] = (uint8_t)(f + 1);                     /* flow label */
+            fz_wr16(ip + 4, (uint16_t)(8 + plen[k]));
+            ip[6] = IPPROTO_UDP_;
+            ip[7] = (mut[k] & 0x38) == 0x10 ? 63 : 64;    /* another hop limit */
+            memcpy(ip + 8, a, 16);
+            memset(ip + 24, 0, 16);
+            ip[24] = 0x20;
+            ip[25] = 0x01;
+            ip[26] = 0x0d;
+            ip[27] = 0xb8;
+            ip[39] = 5;                                   /* 2001:db8::5 */
+        } else {
+            ip[0] = 0x45;
+            ip[1] = (mut[k] & 0x38) == 0x08 ? 0x20 : 0;
+            fz_wr16(ip + 2, (uint16_t)ilen[k]);
+            fz_wr16(ip + 4, (uint16_t)(id[f] + ((mut[k] & 0x38) == 0x10 ? 5 : 0)));
+            if (!fixed)
+                id[f]++;
+            fz_wr16(ip + 6, df ? 0x4000 : 0);
+            ip[8] = 64;
+            ip[9] = IPPROTO_UDP_;
+            memcpy(ip + 12, a + 12, 4);
+            fz_wr32(ip + 16, 0xcb007105u);    /* 203.0.113.5 */
+            fz_ip4_set_csum(ip);
+        }
         fz_wr16(u, (uint16_t)(7000 + f));
         fz_wr16(u + 2, 443);
         fz_wr16(u + 4, (uint16_t)(8 + plen[k]));
         for (j = 0; j < plen[k]; j++)
             u[8 + j] = (uint8_t)(k * 31 + j);
-        fz_l4_set_csum(ip, 20, ilen[k], IPPROTO_UDP_, 0);
+        fz_l4_set_csum(ip, L, ilen[k], IPPROTO_UDP_, 0);
         if ((mut[k] & 0x38) == 0x18)
             u[6] ^= 0x40;                     /* a wrong checksum */
         else if ((mut[k] & 0x38) == 0x20)
             fz_wr16(u + 6, 0);                /* none */
         good[k] = fz_rd16(u + 6) != 0 &&
-                  fz_fold(fz_sum(fz_pseudo(ip, IPPROTO_UDP_, (uint32_t)(ilen[k] - 20)), u,
-                                 ilen[k] - 20)) == 0;
+                  fz_fold(fz_sum(fz_pseudo(ip, IPPROTO_UDP_, (uint32_t)(ilen[k] - L)), u,
+                                 ilen[k] - L)) == 0;
         if (c->csum)
             fz_wr16(g + 4, fz_fold(fz_sum(0, g, gl + ilen[k])));
     }
@@ -1408,8 +1430,8 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         uint32_t sm;
         int cons = 1, same = 1;
 
-        FZ_CHECK(o->kind == IO_TUN && o->len >= 28, "POP: a datagram not to the TUN device");
-        ff = fz_rd16(o->data + 20) - 7000u;
+        FZ_CHECK(o->kind == IO_TUN && o->len >= L + 8, "POP: a datagram not to the TUN device");
+        ff = fz_rd16(o->data + L) - 7000u;
         FZ_CHECK(ff < nf, "POP: a datagram of no flow");
         /* the flow's next datagram */
         for (k0 = 0, j = 0; k0 < n; k0++)
@@ -1426,19 +1448,20 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         }
         merged++;
         FZ_CHECK(v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
-                     v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 && v->csum_start == 20 &&
-                     v->csum_offset == 6 && v->hdr_len == 28 && v->gso_size == plen[k0] &&
-                     o->len > 28 + v->gso_size && fz_ip_len(o->data, o->len) == o->len &&
-                     fz_rd16(o->data + 24) == o->len - 20,
+                     v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 && v->csum_start == L &&
+                     v->csum_offset == 6 && v->hdr_len == L + 8 && v->gso_size == plen[k0] &&
+                     o->len > L + 8 + v->gso_size && fz_ip_len(o->data, o->len) == o->len &&
+                     fz_rd16(o->data + L + 4) == o->len - L,
                  "POP: a UDP super-packet's vnet header or lengths");
-        sm = fz_pseudo(o->data, IPPROTO_UDP_, (uint32_t)(o->len - 20));
+        sm = fz_pseudo(o->data, IPPROTO_UDP_, (uint32_t)(o->len - L));
         while (sm >> 16)
             sm = (sm & 0xffff) + (sm >> 16);
-        FZ_CHECK(fz_rd16(o->data + 26) == sm, "POP: a UDP super-packet's partial checksum");
-        FZ_CHECK(!memcmp(o->data, f0, 2) && !memcmp(o->data + 4, f0 + 4, 6) &&
-                     !memcmp(o->data + 12, f0 + 12, 12),
+        FZ_CHECK(fz_rd16(o->data + L + 6) == sm, "POP: a UDP super-packet's partial checksum");
+        FZ_CHECK(v6 ? !memcmp(o->data, f0, 4) && !memcmp(o->data + 6, f0 + 6, 38)
+                    : !memcmp(o->data, f0, 2) && !memcmp(o->data + 4, f0 + 4, 6) &&
+                          !memcmp(o->data + 12, f0 + 12, 12),
                  "POP: a UDP super-packet's header is not its first datagram's");
-        for (at = 28, seg = 0; at < o->len; seg++) {
+        for (at = L + 8, seg = 0; at < o->len; seg++) {
             const uint8_t *q;
             uint16_t want = (uint16_t)(fz_rd16(f0 + 4) + seg);
 
@@ -1448,8 +1471,9 @@ static void udp_train_op(struct h *h, struct fz_in *in)
             FZ_CHECK(k < n, "POP: a super-packet holds more of flow %zu than was sent", ff);
             q = pk[k] + 20 + gl;
             FZ_CHECK(good[k] && plen[k] <= v->gso_size && at + plen[k] <= o->len &&
-                         !memcmp(o->data + at, q + 28, plen[k]) && q[1] == f0[1] &&
-                         !memcmp(q + 6, f0 + 6, 4),
+                         !memcmp(o->data + at, q + L + 8, plen[k]) &&
+                         (v6 ? !memcmp(q, f0, 4) && q[7] == f0[7]
+                             : q[1] == f0[1] && !memcmp(q + 6, f0 + 6, 4)),
                      "POP: datagram %zu merged that must not be, or changed", k);
             cons &= fz_rd16(q + 4) == want;
             same &= fz_rd16(q + 4) == fz_rd16(f0 + 4);
@@ -1460,7 +1484,8 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         }
         FZ_CHECK(seg >= 2, "POP: a super-packet of one datagram");
         /* IPv4 IDs: consecutive, or with DF all the first one's (RFC 6864) */
-        FZ_CHECK(cons || (same && (f0[6] & 0x40)), "POP: datagrams merged with IDs out of turn");
+        FZ_CHECK(v6 || cons || (same && (f0[6] & 0x40)),
+                 "POP: datagrams merged with IDs out of turn");
     }
     for (k = 0; k < nf; k++)
         FZ_CHECK(nxt[k] == per[k], "POP: %zu of flow %zu's %zu datagrams written", nxt[k], k,
