@@ -188,6 +188,7 @@ static struct tpb_pop *pop_new(const struct tpb_pop_config *cfg,
     pop->tun = cfg->tun_fd;
     pop->local = cfg->local;
     pop->tun_mtu = cfg->tun_mtu ? cfg->tun_mtu : 1500;
+    pop->tun_uso = cfg->tun_uso != 0;
     pop->batch = cfg->batch && cfg->batch <= MAX_BATCH ? cfg->batch : MAX_BATCH;
     pop->learn_ns = (uint64_t)cfg->learn_timeout_s * NSEC;
     pop->npeers = cfg->npeers;

@@ -94,6 +94,7 @@ struct tpb_pop {
     int udp;                    /* GRE-in-UDP: bound to local:4754 */
     uint32_t local;
     uint32_t npeers, nprefixes, batch, tun_mtu;
+    uint8_t tun_uso;            /* the TUN device takes UDP super-packets */
     struct peer *peers;
     struct tpb_pop_prefix *prefixes;
     struct tpb_tunnel_counters global;      /* belongs to no peer */

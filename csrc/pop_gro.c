@@ -241,7 +241,7 @@ int gro_verdict(struct tpb_pop *pop, const struct peer *p, const uint8_t *in,
             return GRO_NONE;
         x->c_udp = 0;
     } else {
-        if (!udp_candidate(in, ilen, proto, l4))
+        if (!pop->tun_uso || !udp_candidate(in, ilen, proto, l4))
             return GRO_NONE;
         x->c_l4 = l4;
         x->c_thl = UDP_HLEN;

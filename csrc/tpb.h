@@ -339,6 +339,9 @@ struct tpb_pop_config {
     uint32_t learn_timeout_s;    /* learned inner source -> peer entries */
     uint32_t batch;
     uint32_t tun_mtu;            /* the TUN device (IFF_VNET_HDR) */
+    uint32_t tun_uso;            /* it takes UDP super-packets (TUN_F_USO4/6
+                                  * accepted: Linux >= 6.2): pop_gro.c merges
+                                  * UDP datagrams */
 };
 
 struct tpb_pop;

@@ -551,6 +551,9 @@ static void read_config(struct h *h, struct fz_in *in)
         }
         x->peer = (uint32_t)((f >> 1) % h->cfg.npeers);
     }
+    /* a TUN device without USO (a kernel before 6.2) when the first peer's
+     * key has bit 5: no byte of its own, so the corpus keeps its meaning */
+    h->cfg.tun_uso = !(h->peers[0].key & 0x20);
 }
 
 /* ---- checks ---- */
@@ -1447,6 +1450,7 @@ static void udp_train_op(struct h *h, struct fz_in *in)
             continue;
         }
         merged++;
+        FZ_CHECK(h->cfg.tun_uso, "POP: a UDP super-packet to a TUN device without USO");
         FZ_CHECK(v->flags == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
                      v->gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 && v->csum_start == L &&
                      v->csum_offset == 6 && v->hdr_len == L + 8 && v->gso_size == plen[k0] &&
@@ -1614,6 +1618,7 @@ static void reload_op(struct h *h, struct fz_in *in)
     }
     memcpy(h->ep, n.ep, sizeof(h->ep));
     memset(h->gso_off, 0, sizeof(h->gso_off));  /* new peers: GSO tried again */
+    n.cfg.tun_uso = h->cfg.tun_uso;     /* the same TUN device */
     h->cfg = n.cfg;
     memcpy(h->peers, n.peers, sizeof(h->peers));
     memcpy(h->prefixes, n.prefixes, sizeof(h->prefixes));

@@ -385,9 +385,14 @@ class NativePop:
     """The POP's C loop: raw GRE socket <-> TUN device."""
 
     def __init__(
-        self, s: Any, tun_fd: int, tun_mtu: int, prefixes: list[tuple[bytes, int, int]]
+        self,
+        s: Any,
+        tun_fd: int,
+        tun_mtu: int,
+        prefixes: list[tuple[bytes, int, int]],
+        tun_uso: bool = False,
     ) -> None:
-        self._tun = (tun_fd, tun_mtu)
+        self._tun = (tun_fd, tun_mtu, int(tun_uso))
         args = self._config(s, prefixes)
         err = ffi.new("char[256]")
         pop = lib.tpb_pop_open(*args, err, len(err))
@@ -399,7 +404,7 @@ class NativePop:
     def _config(self, s: Any, prefixes: list[tuple[bytes, int, int]]) -> tuple[Any, Any, Any]:
         cfg = ffi.new("struct tpb_pop_config *")
         cfg.local = _ip_int(s.local)
-        cfg.tun_fd, cfg.tun_mtu = self._tun
+        cfg.tun_fd, cfg.tun_mtu, cfg.tun_uso = self._tun
         cfg.npeers = len(s.peers)
         cfg.nprefixes = len(prefixes)
         cfg.learn_timeout_s = s.learn_timeout

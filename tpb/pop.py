@@ -234,16 +234,19 @@ class Pop(Served[PopSettings]):
         # partial checksum reaches the C loop, which completes it as RFC
         # 1071 computes it: Linux's own completion writes a TCP checksum of
         # zero as 0xffff, which decoders flag.  A kernel before 6.2 refuses
-        # USO (EINVAL): then TSO alone.
+        # USO (EINVAL): then TSO alone, and the C loop writes no UDP
+        # super-packet either (its vnet header would be refused).
+        uso = True
         try:
             fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD,
                         TUN_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
         except OSError:
             fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_OFFLOADS)
+            uso = False
         self._tun.up()
         for pfx, peer in _routed(s).items():
             self.routes.add(pfx, peer)
-        self.native = NativePop(s, self._tun.fileno(), self._tun.mtu, prefix_table(s))
+        self.native = NativePop(s, self._tun.fileno(), self._tun.mtu, prefix_table(s), uso)
         self._stack.callback(self.native.close)
         log.debug("TUN device %s up (MTU %d), %d prefix(es) routed into it", s.tun,
                   self._tun.mtu, len(_routed(s)))
