@@ -31,13 +31,15 @@
  *                     the peer's TSO off: only for as long as it sheds).
  *
  * The program, per frame:  bucket = hash(IPv4 addresses, and TCP/UDP
- * ports when the header has no options; else the EtherType) into 1..256;
+ * ports when the header has no options; IPv6: the EtherType and the low
+ * 64 bits of both addresses, and TCP/UDP ports right behind the header;
+ * else the EtherType) into 1..256;
  * a bucket's count restarts with each slot; over the quota, XDP_DROP and
  * the map's drop counter counts it (drop reason `shed`).  Light flows
  * (ARP, pings, a TCP flow beside a UDP flood) stay under their bucket's
  * quota and pass; heavy ones are trimmed to it.  Frames the program does
  * not understand pass.  One 802.1Q-tagged link is one bucket (the tag is
- * not looked into).
+ * not looked into), as is an IPv6 flow's extension headers' (no ports).
  *
  * The map is one BPF array, mmapped (BPF_F_MMAPABLE) so the loop reads
  * and writes it without a system call: [0] the quota (0: pass all), [1..256]
@@ -90,57 +92,78 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         /*  2 */ LDX(BPF_W, BPF_REG_3, BPF_REG_6, offsetof(struct xdp_md, data_end)),
         /*  3 */ MOVK(BPF_REG_7, 0),
         /*  4 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /*  5 */ ALUK(BPF_ADD, BPF_REG_4, 38),       /* Ethernet + IPv4 + ports */
-        /*  6 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 12, 0), /* -> 19 */
+        /*  5 */ ALUK(BPF_ADD, BPF_REG_4, 14),
+        /*  6 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 33, 0), /* -> 40 */
         /*  7 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),  /* EtherType, as stored */
-        /*  8 */ JK(BPF_JNE, BPF_REG_7, 0x0008, 10),     /* not IPv4 -> 19 */
-        /*  9 */ LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
-        /* 10 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
-        /* 11 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 12 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
-        /* 13 */ JK(BPF_JNE, BPF_REG_4, 0x45, 5),        /* options -> 19 */
-        /* 14 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
-        /* 15 */ JK(BPF_JEQ, BPF_REG_4, 6, 1),           /* TCP -> 17 */
-        /* 16 */ JK(BPF_JNE, BPF_REG_4, 17, 2),          /* not UDP -> 19 */
-        /* 17 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),  /* both ports */
+        /*  8 */ JK(BPF_JEQ, BPF_REG_7, 0x0008, 16),     /* IPv4 -> 25 */
+        /*  9 */ JK(BPF_JNE, BPF_REG_7, 0xdd86, 30),     /* not IPv6 -> 40 */
+        /* 10 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 11 */ ALUK(BPF_ADD, BPF_REG_4, 58),       /* Ethernet + IPv6 + ports */
+        /* 12 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 27, 0), /* -> 40 */
+        /* 13 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
+        /* 14 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 15 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
+        /* 16 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 17 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
         /* 18 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 19 */ INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
-        /* 20 */ INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
-        /* 21 */ ALUK(BPF_ADD, BPF_REG_7, 1),        /* bucket 1..256 */
-        /* 22 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
-        /* 23 */ LOOKUP(map_fd),                       /* 23..27 */
-        /* 28 */ JK(BPF_JEQ, BPF_REG_0, 0, 26),          /* -> 55 */
-        /* 29 */ LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
-        /* 30 */ JK(BPF_JEQ, BPF_REG_8, 0, 24),          /* not shedding -> 55 */
-        /* 31 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
-        /* 32 */ LOOKUP(map_fd),                       /* 32..36 */
-        /* 37 */ JK(BPF_JEQ, BPF_REG_0, 0, 17),          /* -> 55 */
-        /* 38 */ MOVX(BPF_REG_9, BPF_REG_0),
-        /* 39 */ CALL(BPF_FUNC_ktime_get_ns),
-        /* 40 */ ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
-        /* 41 */ ALUK(BPF_LSH, BPF_REG_0, 32),
-        /* 42 */ LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
-        /* 43 */ MOVX(BPF_REG_2, BPF_REG_1),
-        /* 44 */ ALUK(BPF_RSH, BPF_REG_2, 32),
-        /* 45 */ ALUK(BPF_LSH, BPF_REG_2, 32),
-        /* 46 */ INSN(BPF_JMP | BPF_JEQ | BPF_X, BPF_REG_2, BPF_REG_0, 3, 0), /* -> 50 */
-        /* 47 */ ALUK(BPF_ADD, BPF_REG_0, 1),        /* a new slot: count 1 */
-        /* 48 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
-        /* 49 */ INSN(BPF_JMP | BPF_JA, 0, 0, 5, 0),     /* -> 55 */
-        /* 50 */ ALUK(BPF_ADD, BPF_REG_1, 1),
-        /* 51 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
-        /* 52 */ ALUK(BPF_LSH, BPF_REG_1, 32),
-        /* 53 */ ALUK(BPF_RSH, BPF_REG_1, 32),       /* this slot's count */
-        /* 54 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_1, BPF_REG_8, 2, 0), /* -> 57 */
-        /* 55 */ MOVK(BPF_REG_0, XDP_PASS),
-        /* 56 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
-        /* 57 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
-        /* 58 */ LOOKUP(map_fd),                       /* 58..62 */
-        /* 63 */ JK(BPF_JEQ, BPF_REG_0, 0, 2),           /* -> 66 */
-        /* 64 */ MOVK(BPF_REG_1, 1),
-        /* 65 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
-        /* 66 */ MOVK(BPF_REG_0, XDP_DROP),
-        /* 67 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        /* 19 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
+        /* 20 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 21 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
+        /* 22 */ MOVX(BPF_REG_5, BPF_REG_2),
+        /* 23 */ ALUK(BPF_ADD, BPF_REG_5, 54),       /* its ports */
+        /* 24 */ INSN(BPF_JMP | BPF_JA, 0, 0, 11, 0),    /* -> 36 */
+        /* 25 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 26 */ ALUK(BPF_ADD, BPF_REG_4, 38),       /* Ethernet + IPv4 + ports */
+        /* 27 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 12, 0), /* -> 40 */
+        /* 28 */ LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
+        /* 29 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
+        /* 30 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 31 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
+        /* 32 */ JK(BPF_JNE, BPF_REG_4, 0x45, 7),        /* options -> 40 */
+        /* 33 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
+        /* 34 */ MOVX(BPF_REG_5, BPF_REG_2),
+        /* 35 */ ALUK(BPF_ADD, BPF_REG_5, 34),       /* its ports */
+        /* 36 */ JK(BPF_JEQ, BPF_REG_4, 6, 1),           /* TCP -> 38 */
+        /* 37 */ JK(BPF_JNE, BPF_REG_4, 17, 2),          /* not UDP -> 40 */
+        /* 38 */ LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
+        /* 39 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 40 */ INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
+        /* 41 */ INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
+        /* 42 */ ALUK(BPF_ADD, BPF_REG_7, 1),        /* bucket 1..256 */
+        /* 43 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
+        /* 44 */ LOOKUP(map_fd),                       /* 44..48 */
+        /* 49 */ JK(BPF_JEQ, BPF_REG_0, 0, 26),          /* -> 76 */
+        /* 50 */ LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
+        /* 51 */ JK(BPF_JEQ, BPF_REG_8, 0, 24),          /* not shedding -> 76 */
+        /* 52 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
+        /* 53 */ LOOKUP(map_fd),                       /* 53..57 */
+        /* 58 */ JK(BPF_JEQ, BPF_REG_0, 0, 17),          /* -> 76 */
+        /* 59 */ MOVX(BPF_REG_9, BPF_REG_0),
+        /* 60 */ CALL(BPF_FUNC_ktime_get_ns),
+        /* 61 */ ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
+        /* 62 */ ALUK(BPF_LSH, BPF_REG_0, 32),
+        /* 63 */ LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
+        /* 64 */ MOVX(BPF_REG_2, BPF_REG_1),
+        /* 65 */ ALUK(BPF_RSH, BPF_REG_2, 32),
+        /* 66 */ ALUK(BPF_LSH, BPF_REG_2, 32),
+        /* 67 */ INSN(BPF_JMP | BPF_JEQ | BPF_X, BPF_REG_2, BPF_REG_0, 3, 0), /* -> 71 */
+        /* 68 */ ALUK(BPF_ADD, BPF_REG_0, 1),        /* a new slot: count 1 */
+        /* 69 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
+        /* 70 */ INSN(BPF_JMP | BPF_JA, 0, 0, 5, 0),     /* -> 76 */
+        /* 71 */ ALUK(BPF_ADD, BPF_REG_1, 1),
+        /* 72 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
+        /* 73 */ ALUK(BPF_LSH, BPF_REG_1, 32),
+        /* 74 */ ALUK(BPF_RSH, BPF_REG_1, 32),       /* this slot's count */
+        /* 75 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_1, BPF_REG_8, 2, 0), /* -> 78 */
+        /* 76 */ MOVK(BPF_REG_0, XDP_PASS),
+        /* 77 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        /* 78 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
+        /* 79 */ LOOKUP(map_fd),                       /* 79..83 */
+        /* 84 */ JK(BPF_JEQ, BPF_REG_0, 0, 2),           /* -> 87 */
+        /* 85 */ MOVK(BPF_REG_1, 1),
+        /* 86 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
+        /* 87 */ MOVK(BPF_REG_0, XDP_DROP),
+        /* 88 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
     };
 
     return bpf_load_xdp(p, sizeof(p) / sizeof(p[0]), "tpb_shed", log, loglen);
