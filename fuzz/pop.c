@@ -1110,6 +1110,72 @@ out:
     free(fixed);
 }
 
+/* For a train: a GRE peer without sequence numbers with a prefix of its
+ * own (v4-mapped; or IPv6 too if v6 is given), and a source a inside it
+ * that is no martian; -1 if the configuration has none.  *v6: which. */
+static int train_peer(const struct h *h, uint8_t fl, uint8_t a[16], int *v6)
+{
+    uint32_t i;
+
+    for (i = 0; i < h->cfg.nprefixes; i++) {
+        const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
+        const struct tpb_pop_peer_config *c = &h->peers[x->peer];
+        int m = x->addr[10] == 0xff && x->addr[11] == 0xff;
+
+        if (((m && x->len >= 96) || (v6 && !m && x->addr[0] == 0x20)) && x->len <= 128 &&
+            c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
+            memcpy(a, x->addr, 16);
+            a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
+            if (!model_martian(a, m) && lpm(h, a) == (int)x->peer) {
+                if (v6)
+                    *v6 = !m;
+                return (int)x->peer;
+            }
+        }
+    }
+    return -1;
+}
+
+/* The outer IPv4 and GRE headers of a train's packet from peer c, its
+ * inner packet ilen bytes of proto to come at ip + 20 + gl. */
+static void train_outer(uint8_t *ip, const struct tpb_pop_peer_config *c, uint16_t flags,
+                        size_t gl, size_t ilen, uint16_t proto)
+{
+    uint8_t *g = ip + 20;
+
+    memset(ip, 0, 20 + gl + ilen);
+    ip[0] = 0x45;
+    fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen));
+    ip[8] = 64;
+    ip[9] = IPPROTO_GRE_;
+    fz_wr32(ip + 12, c->addr);
+    fz_wr32(ip + 16, POP_LOCAL);
+    fz_ip4_set_csum(ip);
+    fz_wr16(g, flags);
+    fz_wr16(g + 2, proto);
+    if (c->has_key)
+        fz_wr32(g + (c->csum ? 8 : 4), c->key);
+}
+
+/* A train handed over as one batch: the packets stay where they are (as
+ * in recvmmsg()'s buffers) until the flush; b, aft: the counters around
+ * it; returns the drops it made (reason, who as drops() gives them). */
+static uint64_t train_run(struct h *h, uint8_t (*pk)[20 + 16 + 60 + 1500], const size_t *len,
+                          size_t n, struct counters *b, struct counters *aft, int *reason,
+                          int *who)
+{
+    size_t k;
+
+    fail_tun = 0;
+    snap(h, b);
+    ios_clear();
+    for (k = 0; k < n; k++)
+        tpb_fuzz_pop_from_bridge_held(h->pop, pk[k], len[k], h->now);
+    tpb_fuzz_pop_flush(h->pop);
+    snap(h, aft);
+    return drops(h, b, aft, reason, who);
+}
+
 /* A train of TCP segments of one flow from one GRE peer (without sequence
  * numbers, with a prefix of its own to send from), each possibly spoilt
  * (a wrong TCP checksum, PSH, FIN, a short payload, a gap in the sequence
@@ -1122,8 +1188,8 @@ out:
 #define TRAIN_MAX 8
 static void train_op(struct h *h, struct fz_in *in)
 {
-    static uint8_t pk[TRAIN_MAX][40 + 16 + 60 + 1500];
-    size_t plen[TRAIN_MAX], ilen[TRAIN_MAX], s, gl, thl, k, n, j, at;
+    static uint8_t pk[TRAIN_MAX][20 + 16 + 60 + 1500];
+    size_t plen[TRAIN_MAX], ilen[TRAIN_MAX], tot[TRAIN_MAX], s, gl, thl, k, n, j, at;
     uint8_t mut[TRAIN_MAX], good[TRAIN_MAX], tf[TRAIN_MAX], a[16], fl = fz_u8(in), *ip, *g, *t;
     uint32_t seq = fz_u32(in), i;
     int p = -1, reason, who;
@@ -1133,18 +1199,7 @@ static void train_op(struct h *h, struct fz_in *in)
     uint16_t flags;
     size_t merged = 0, alone = 0;
 
-    for (i = 0; i < h->cfg.nprefixes && p < 0; i++) {
-        const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
-
-        c = &h->peers[x->peer];
-        if (x->len >= 96 && x->len <= 128 && x->addr[10] == 0xff && x->addr[11] == 0xff &&
-            c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
-            memcpy(a, x->addr, 16);
-            a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
-            if (!model_martian(a, 1) && lpm(h, a) == (int)x->peer)
-                p = (int)x->peer;
-        }
-    }
+    p = train_peer(h, fl, a, NULL);
     n = 2 + fl % (TRAIN_MAX - 1);
     s = 1 + fz_u16(in) % 1400;
     thl = (fl & 0x80) ? 32 : 20;
@@ -1162,18 +1217,7 @@ static void train_op(struct h *h, struct fz_in *in)
         /* 1 in 8 a short one, 1 in 16 a gap */
         plen[k] = (mut[k] & 7) == 1 ? s / 2 + 1 : s;
         ilen[k] = 20 + thl + plen[k];
-        memset(ip, 0, 20 + gl + ilen[k]);
-        ip[0] = 0x45;
-        fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen[k]));
-        ip[8] = 64;
-        ip[9] = IPPROTO_GRE_;
-        fz_wr32(ip + 12, c->addr);
-        fz_wr32(ip + 16, POP_LOCAL);
-        fz_ip4_set_csum(ip);
-        fz_wr16(g, flags);
-        fz_wr16(g + 2, ETYPE_IPV4);
-        if (c->has_key)
-            fz_wr32(g + (c->csum ? 8 : 4), c->key);
+        train_outer(ip, c, flags, gl, ilen[k], ETYPE_IPV4);
         ip = g + gl;                          /* the inner packet */
         ip[0] = 0x45;
         ip[1] = (mut[k] & 0x70) == 0x10 ? 0x20 : 0;
@@ -1212,16 +1256,9 @@ static void train_op(struct h *h, struct fz_in *in)
         if (c->csum)
             fz_wr16(g + 4, fz_fold(fz_sum(0, g, gl + ilen[k])));
     }
-    fail_tun = 0;
-    snap(h, &b);
-    ios_clear();
-    /* one batch: the packets stay where they are (as in recvmmsg()'s
-     * buffers) until the flush */
     for (k = 0; k < n; k++)
-        tpb_fuzz_pop_from_bridge_held(h->pop, pk[k], 20 + gl + ilen[k], h->now);
-    tpb_fuzz_pop_flush(h->pop);
-    snap(h, &aft);
-    d = drops(h, &b, &aft, &reason, &who);
+        tot[k] = 20 + gl + ilen[k];
+    d = train_run(h, pk, tot, n, &b, &aft, &reason, &who);
     fz_trace("pop: a train of %zu from peer %d: %zu TUN writes, %llu drops", n, p, nios,
              (unsigned long long)d);
     FZ_CHECK(d == 0 && aft.c[p].decap_packets == b.c[p].decap_packets + n,
@@ -1300,8 +1337,8 @@ static void train_op(struct h *h, struct fz_in *in)
 #define UTRAIN_MAX 16
 static void udp_train_op(struct h *h, struct fz_in *in)
 {
-    static uint8_t pk[UTRAIN_MAX][20 + 16 + 48 + 1500];
-    size_t L, plen[UTRAIN_MAX], ilen[UTRAIN_MAX], s, gl, k, n, j, at, nf, nxt[3] = {0, 0, 0};
+    static uint8_t pk[UTRAIN_MAX][20 + 16 + 60 + 1500];
+    size_t L, plen[UTRAIN_MAX], ilen[UTRAIN_MAX], tot[UTRAIN_MAX], s, gl, k, n, j, at, nf, nxt[3] = {0, 0, 0};
     uint8_t mut[UTRAIN_MAX], good[UTRAIN_MAX], flow[UTRAIN_MAX], a[16], fl = fz_u8(in);
     uint8_t *ip, *g, *u;
     uint16_t id[3];
@@ -1313,22 +1350,7 @@ static void udp_train_op(struct h *h, struct fz_in *in)
     uint16_t flags;
     size_t merged = 0, alone = 0, per[3] = {0, 0, 0};
 
-    for (i = 0; i < h->cfg.nprefixes && p < 0; i++) {
-        const struct tpb_pop_prefix *x = &h->prefixes[(i + fl) % h->cfg.nprefixes];
-
-        int m = x->addr[10] == 0xff && x->addr[11] == 0xff;
-
-        c = &h->peers[x->peer];
-        if (((m && x->len >= 96) || (!m && x->addr[0] == 0x20)) && x->len <= 128 &&
-            c->encap == TPB_ENCAP_GRE && c->addr && !c->seq) {
-            memcpy(a, x->addr, 16);
-            a[15] ^= (uint8_t)(x->len < 128 ? 1 : 0);
-            if (!model_martian(a, m) && lpm(h, a) == (int)x->peer) {
-                p = (int)x->peer;
-                v6 = !m;
-            }
-        }
-    }
+    p = train_peer(h, fl, a, &v6);
     nf = 2 + (fl & 1);
     n = 2 + fz_u8(in) % (UTRAIN_MAX - 1);
     s = 1 + fz_u16(in) % 1400;
@@ -1352,18 +1374,7 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         g = ip + 20;
         plen[k] = (mut[k] & 7) == 1 ? s / 2 + 1 : s;   /* 1 in 8 a short one */
         ilen[k] = L + 8 + plen[k];
-        memset(ip, 0, 20 + gl + ilen[k]);
-        ip[0] = 0x45;
-        fz_wr16(ip + 2, (uint16_t)(20 + gl + ilen[k]));
-        ip[8] = 64;
-        ip[9] = IPPROTO_GRE_;
-        fz_wr32(ip + 12, c->addr);
-        fz_wr32(ip + 16, POP_LOCAL);
-        fz_ip4_set_csum(ip);
-        fz_wr16(g, flags);
-        fz_wr16(g + 2, v6 ? ETYPE_IPV6 : ETYPE_IPV4);
-        if (c->has_key)
-            fz_wr32(g + (c->csum ? 8 : 4), c->key);
+        train_outer(ip, c, flags, gl, ilen[k], v6 ? ETYPE_IPV6 : ETYPE_IPV4);
         ip = g + gl;                          /* the inner packet */
         u = ip + L;
         if (v6) {
@@ -1410,14 +1421,9 @@ static void udp_train_op(struct h *h, struct fz_in *in)
         if (c->csum)
             fz_wr16(g + 4, fz_fold(fz_sum(0, g, gl + ilen[k])));
     }
-    fail_tun = 0;
-    snap(h, &b);
-    ios_clear();
     for (k = 0; k < n; k++)
-        tpb_fuzz_pop_from_bridge_held(h->pop, pk[k], 20 + gl + ilen[k], h->now);
-    tpb_fuzz_pop_flush(h->pop);
-    snap(h, &aft);
-    d = drops(h, &b, &aft, &reason, &who);
+        tot[k] = 20 + gl + ilen[k];
+    d = train_run(h, pk, tot, n, &b, &aft, &reason, &who);
     fz_trace("pop: %zu datagrams of %zu flows from peer %d: %zu TUN writes, %llu drops", n, nf,
              p, nios, (unsigned long long)d);
     FZ_CHECK(d == 0 && aft.c[p].decap_packets == b.c[p].decap_packets + n,
