@@ -33,9 +33,10 @@
  *                      fresh entry never moves); within the peer's budget
  *                      of entries (sources inside its own prefixes are
  *                      not learned);
- *   7. gro_verdict()   (pop_gro.c) consecutive TCP segments of one flow
- *      gro_hold()      from one peer are held and written as one TCP
- *      gro_flush()     super-packet, at the latest at the batch's end;
+ *   7. gro_verdict()   (pop_gro.c) consecutive TCP segments or UDP
+ *      gro_hold()      datagrams of one flow from one peer (up to 16
+ *      gro_flush()     flows at once) are held and written as one TCP or
+ *                      UDP super-packet, at the latest at the batch's end;
  *      tun_write()     anything else into the TUN device behind a vnet
  *                      header: the host routes the inner packet on; what
  *                      the host's GRO
