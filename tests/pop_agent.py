@@ -84,7 +84,7 @@ def main() -> int:
             saved = pop._tun
             spare = os.dup(tun.fileno()) if cmd.get("other_tun_fd") else None
             if spare is not None:
-                pop._tun = (spare, tun.mtu)  # the same device, another fd
+                pop._tun = (spare, *saved[1:])  # the same device, another fd
             try:
                 pop.reconfigure(s, prefixes)
                 answer({"ok": True})

@@ -136,7 +136,10 @@ def test_malformed_vnet_header_is_dropped_counted_and_tcp_recovers(tlab, daemons
     other = cp["other"]["drop"]
     assert other.get("gso_bad", 0) + other.get("inner_bad", 0) > 0, cp["other"]
     assert set(other) <= {"gso_bad", "inner_bad"}, other
-    assert cp["peers"][T_TPB]["drop"] == {}, cp
+    # The POP's writes in the window (pc's ACKs for data already on its
+    # way) carry a header the device no longer expects: it refuses them
+    # (EINVAL, tun_invalid), seen once in a full run; nothing else.
+    assert set(cp["peers"][T_TPB]["drop"]) <= {"tun_invalid"}, cp
     # (the server's pings before the bridge knew its in-side router aside)
     assert set(c["tunnel"]["drop"]) <= {"no_router_mac"}, c["tunnel"]
 
