@@ -142,7 +142,7 @@ void add_cmsg_int(struct msghdr *m, struct cmsghdr **c, int type, int v);
 int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in, size_t ilen,
               uint16_t proto);
 int tun_drop(int e);
-uint16_t tcp_pseudo(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4);
+uint16_t l4_pseudo(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4, uint8_t l4proto);
 void learn_put(struct learned *e, struct peer *peers, const uint8_t a[16],
                uint32_t peer, uint64_t expires);
 

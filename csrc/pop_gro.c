@@ -74,7 +74,8 @@
 #include "pop.h"
 
 #define GRO_SEGS 64
-#define GRO_FLOWS 16            /* slots; a power of two, at most 32 */
+#define GRO_FLOW_BITS 4
+#define GRO_FLOWS (1u << GRO_FLOW_BITS)     /* slots; at most 32 (held) */
 #define GRO_ALL GRO_FLOWS       /* c_slot of a packet without ports */
 #define TCP_ACK 0x10
 #define TCP_PSH 0x08
@@ -124,11 +125,16 @@ struct pop_gro *pop_gro_new(void)
 
 /* 1. ------------------------------------------------------------------ */
 
+/* Whether in's l4proto checksum (its header at l4) is right. */
+static int l4_sum_ok(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4, uint8_t l4proto)
+{
+    return csum_finish(csum_add(l4_pseudo(in, ilen, proto, l4, l4proto), in + l4, ilen - l4)) == 0;
+}
+
 static int tcp_candidate(const uint8_t *in, size_t ilen, uint16_t proto,
                          size_t *l4, size_t *thl)
 {
     uint8_t fl;
-    uint32_t sum;
 
     /* no payload (a pure ACK): alone; IPv4 options: GRO would not merge */
     if (!tcp_super(in, ilen, proto, l4, thl) || (proto == ETYPE_IPV4 && *l4 != 20))
@@ -136,9 +142,7 @@ static int tcp_candidate(const uint8_t *in, size_t ilen, uint16_t proto,
     fl = in[*l4 + 13];
     if ((in[*l4 + 12] & 0x0f) || (fl != TCP_ACK && fl != (TCP_ACK | TCP_PSH)))
         return 0;
-    sum = proto == ETYPE_IPV4 ? csum_pseudo4(in, IPPROTO_TCP_, (uint32_t)(ilen - *l4))
-                              : csum_pseudo6(in, IPPROTO_TCP_, (uint32_t)(ilen - *l4));
-    return csum_finish(csum_add(sum, in + *l4, ilen - *l4)) == 0;
+    return l4_sum_ok(in, ilen, proto, *l4, IPPROTO_TCP_);
 }
 
 /* The transport protocol and header offset of in, when it has ports: TCP
@@ -163,13 +167,9 @@ static uint8_t l4_of(const uint8_t *in, size_t ilen, uint16_t proto, size_t *l4)
 
 static int udp_candidate(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4)
 {
-    uint32_t sum;
-
     if (ilen <= l4 + UDP_HLEN || rd16(in + l4 + 4) != ilen - l4 || !rd16(in + l4 + 6))
         return 0;
-    sum = proto == ETYPE_IPV4 ? csum_pseudo4(in, IPPROTO_UDP_, (uint32_t)(ilen - l4))
-                              : csum_pseudo6(in, IPPROTO_UDP_, (uint32_t)(ilen - l4));
-    return csum_finish(csum_add(sum, in + l4, ilen - l4)) == 0;
+    return l4_sum_ok(in, ilen, proto, l4, IPPROTO_UDP_);
 }
 
 /* The slot of in's flow from peer p: its addresses, protocol and ports. */
@@ -183,7 +183,7 @@ static uint32_t flow_slot(const struct tpb_pop *pop, const struct peer *p,
         h = (h ^ rd32(in + i)) * 0x01000193u;
     h ^= in[proto == ETYPE_IPV4 ? 9 : 6];
     h *= 0x9e3779b1u;
-    return h >> (32 - 4);       /* GRO_FLOWS = 16 */
+    return h >> (32 - GRO_FLOW_BITS);
 }
 
 /* 2. ------------------------------------------------------------------ */
@@ -310,8 +310,6 @@ static int write_merged(struct tpb_pop *pop, struct gro_group *g)
 {
     struct virtio_net_hdr vh;
     uint8_t *f = g->first, *t = f + g->l4;
-    uint16_t sum;
-    uint32_t s;
     ssize_t n;
 
     if (g->proto == ETYPE_IPV4) {
@@ -325,19 +323,13 @@ static int write_merged(struct tpb_pop *pop, struct gro_group *g)
         /* the pseudo-header over the whole length: __udp_gso_segment
          * takes each datagram's from it */
         wr16(t + 4, (uint16_t)(g->total - g->l4));
-        s = g->proto == ETYPE_IPV4
-                ? csum_pseudo4(f, IPPROTO_UDP_, (uint32_t)(g->total - g->l4))
-                : csum_pseudo6(f, IPPROTO_UDP_, (uint32_t)(g->total - g->l4));
-        while (s >> 16)
-            s = (s & 0xffff) + (s >> 16);
-        sum = (uint16_t)s;
-        wr16(t + 6, sum);
+        wr16(t + 6, l4_pseudo(f, g->total, g->proto, g->l4, IPPROTO_UDP_));
         vh.csum_offset = 6;
         vh.gso_type = VIRTIO_NET_HDR_GSO_UDP_L4;
     } else {
         if (g->psh)
             t[13] |= TCP_PSH;
-        wr16(t + 16, tcp_pseudo(f, g->total, g->proto, g->l4));
+        wr16(t + 16, l4_pseudo(f, g->total, g->proto, g->l4, IPPROTO_TCP_));
         vh.csum_offset = 16;
         vh.gso_type = g->proto == ETYPE_IPV4 ? VIRTIO_NET_HDR_GSO_TCPV4
                                              : VIRTIO_NET_HDR_GSO_TCPV6;

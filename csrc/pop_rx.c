@@ -87,16 +87,15 @@ int tcp_super(const uint8_t *in, size_t ilen, uint16_t proto,
     return *thl >= 20 && *l4 + *thl < ilen;
 }
 
-/* The checksum field a merge leaves: the pseudo-header sum, uncomplemented. */
-uint16_t tcp_pseudo(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4)
+/* The checksum field a merge leaves (NEEDS_CSUM): the pseudo-header sum of
+ * in's l4proto header at l4, over the rest of in, folded, uncomplemented. */
+uint16_t l4_pseudo(const uint8_t *in, size_t ilen, uint16_t proto, size_t l4, uint8_t l4proto)
 {
     uint32_t sum = proto == ETYPE_IPV4
-                       ? csum_pseudo4(in, IPPROTO_TCP, (uint32_t)(ilen - l4))
-                       : csum_pseudo6(in, IPPROTO_TCP, (uint32_t)(ilen - l4));
+                       ? csum_pseudo4(in, l4proto, (uint32_t)(ilen - l4))
+                       : csum_pseudo6(in, l4proto, (uint32_t)(ilen - l4));
 
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)sum;
+    return (uint16_t)~csum_finish(sum);
 }
 
 /* Whether a GRE packet whose checksum failed is one the host's GRO merged:
@@ -115,7 +114,7 @@ static int gro_merged(const struct tpb_pop *pop, const uint8_t *g, size_t glen)
         return 0;
     ilen = ip_len(in, glen - off, proto);
     return ilen > pop->tun_mtu && tcp_super(in, ilen, proto, &l4, &thl) &&
-           rd16(in + l4 + 16) == tcp_pseudo(in, ilen, proto, l4);
+           rd16(in + l4 + 16) == l4_pseudo(in, ilen, proto, l4, IPPROTO_TCP_);
 }
 
 /* A packet larger than the TUN device's MTU did not cross the wire so: the
@@ -135,7 +134,7 @@ int tun_write(struct tpb_pop *pop, struct peer *p, uint8_t *in,
     memset(&vh, 0, sizeof(vh));
     if (ilen > pop->tun_mtu && tcp_super(in, ilen, proto, &l4, &thl) &&
         pop->tun_mtu > l4 + thl) {
-        wr16(in + l4 + 16, tcp_pseudo(in, ilen, proto, l4));
+        wr16(in + l4 + 16, l4_pseudo(in, ilen, proto, l4, IPPROTO_TCP_));
         vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
         vh.csum_start = (uint16_t)l4;
         vh.csum_offset = 16;
