@@ -20,8 +20,8 @@ import struct
 import time
 
 import pytest
-from fault_util import TcpTransfer
-from helpers import inet_sum
+from fault_util import TcpTransfer, ipv4_header
+from helpers import inet_sum, pseudo_sum
 from pop_util import (
     TUNSETVNETHDRSZ,
     IpSender,
@@ -173,16 +173,14 @@ def test_udp_gso_refused_by_the_path_falls_back_per_datagram_without_loss(tlab, 
 def udp4(src: str, dst: str, sport: int, dport: int, payload: bytes, ident: int,
          df: bool, good: bool = True) -> bytes:
     """An IPv4/UDP packet for a raw socket (IP_HDRINCL: the kernel fills in
-    the header checksum, and an ID of 0, so none here is 0)."""
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), ident,
-                     0x4000 if df else 0, 64, 17, 0, socket.inet_aton(src),
-                     socket.inet_aton(dst))
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
-    s = inet_sum(ip[12:20] + struct.pack("!BBH", 0, 17, len(udp) + len(payload)) + udp + payload)
-    csum = (~s & 0xFFFF) or 0xFFFF
+    an ID of 0, so none here is 0), its UDP checksum right unless not good."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = ipv4_header(src, dst, 17, len(udp), ident=ident, frag=0x4000 if df else 0) + udp
+    s = inet_sum(udp) + pseudo_sum(ip, 0, False, 17)
+    csum = (~((s & 0xFFFF) + (s >> 16)) & 0xFFFF) or 0xFFFF
     if not good:
         csum ^= 0x0100
-    return ip + udp[:6] + struct.pack("!H", csum) + payload
+    return ip[:26] + struct.pack("!H", csum) + ip[28:]
 
 
 def rx_queue(tlab, table: str, port: int) -> int:
