@@ -190,13 +190,18 @@ def git_rev() -> str:
     return res.stdout.strip() or "?"
 
 
-def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
-    cpu = "?"
+def cpu_model() -> str:
+    """The CPU's model name: figures taken on machines of one kind differ by
+    the host CPU they landed on (AMD EPYC and Intel Xeon both seen here)."""
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def header(args: argparse.Namespace, duts: list[Dut], loads: list[Load]) -> str:
+    cpu = cpu_model()
     lines = [
         f"TPB bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_rev()}  "
         f"Linux {platform.release()}  {os.cpu_count()} x {cpu}",
@@ -377,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "options": vars(args),
             "git": git_rev(),
             "kernel": platform.release(),
+            "cpu": f"{os.cpu_count()} x {cpu_model()}",
             "seconds_total": elapsed,
         }
         report.write_json(path, rec, duts, meta)
