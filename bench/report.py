@@ -230,11 +230,23 @@ def counters(rec: Record, duts: list[Dut]) -> str:
     return ("counters of the tunnel DUTs:\n" + "\n".join(lines)) if lines else ""
 
 
+def measured_as(rec: Record, name: str) -> str | None:
+    """The name a baseline was measured under: the chain and pop labs'
+    DUTs name the bench lab's `tpb`, which runs as tpb@default (and
+    tpb@1core) whenever placements are measured; the default placement,
+    no RPS, is the one those labs run in."""
+    for n in (name, f"{name}@default"):
+        if n in rec.values:
+            return n
+    return None
+
+
 def ratios(rec: Record, duts: list[Dut]) -> str:
     lines = []
     for d in duts:
-        for base, targets in d.baselines.items():
-            if base not in rec.values or d.name not in rec.values:
+        for wanted, targets in d.baselines.items():
+            base = measured_as(rec, wanted)
+            if base is None or d.name not in rec.values:
                 continue
             lines.append(f"{d.name} / {base}:")
             for m in METRICS:
