@@ -512,11 +512,62 @@ def tshark_expert(pcap: Path, *args: str, only: str | None = None) -> list[str]:
 ENDPOINTS_OWN = {"Sequence TCP D-SACK Sequence"}
 
 
+# An application that closes a socket with data it has not read makes its
+# kernel send a reset (RFC 9293, 3.10.4; iperf3's server does so at a
+# test's end on a loaded machine), and a segment still on its way then gets
+# a bare reset from a connection that is gone (3.10.7.1): the end's own
+# doing, as tshark_resets_early() tells them apart from a reset a mangled or
+# misdelivered segment would draw.
+RESET = "Sequence TCP Connection reset (RST)"
+
+
 def tshark_problems(pcap: Path, *args: str) -> list[str]:
-    """tshark_expert() less what TCP's ends do of their own (ENDPOINTS_OWN),
-    and any packet the pcap holds twice (tshark_repeats())."""
+    """tshark_expert() less what TCP's ends do of their own (ENDPOINTS_OWN,
+    and resets after every byte was acknowledged), and any packet the pcap
+    holds twice (tshark_repeats())."""
     items = [p for p in tshark_expert(pcap, *args) if p.split(" ", 1)[-1] not in ENDPOINTS_OWN]
+    if any(p.split(" ", 1)[-1] == RESET for p in items):
+        early = tshark_resets_early(pcap, *args)
+        items = [p for p in items if p.split(" ", 1)[-1] != RESET] + early
     return items + tshark_repeats(pcap, *args)
+
+
+def tshark_resets_early(pcap: Path, *args: str) -> list[str]:
+    """TCP resets (of the innermost TCP, as PACKET_KEY's fields) that are
+    not an end's own: one with an ACK that does not acknowledge all that the
+    other end sent on the connection before it, or a bare one (no ACK: the
+    answer of a connection that does not exist) from an end that had not
+    closed or reset that connection before."""
+    fields = ("tcp.stream", "ip.src", "tcp.srcport", "tcp.nxtseq", "tcp.ack",
+              "tcp.flags.ack", "tcp.flags.fin", "tcp.flags.reset")
+    # relative numbers (the caller's options may have turned them off): a
+    # connection's raw ones may wrap round 2^32 within the capture
+    relative = ("-o", "tcp.analyze_sequence_numbers:TRUE",
+                "-o", "tcp.relative_sequence_numbers:TRUE")
+    out = tshark(pcap, *args, *relative, "-T", "fields", "-E", "occurrence=l",
+                 *[a for f in fields for a in ("-e", f)], "-Y", "tcp")
+    sent: dict[tuple[str, str, str], int] = {}
+    closed: set[tuple[str, str, str]] = set()
+    early = []
+    for row in out.splitlines():
+        stream, src, sport, nxt, ack, has_ack, fin, rst = (row.split("\t") + [""] * 8)[:8]
+        end = (stream, src, sport)
+        if rst in ("1", "True"):
+            peer = max((n for (st, s2, p2), n in sent.items()
+                        if st == stream and (s2, p2) != (src, sport)), default=0)
+            if has_ack in ("1", "True"):
+                own = bool(ack) and int(ack) >= peer
+            else:
+                own = end in closed
+            if not own:
+                early.append(f"reset before delivery: {row}")
+            closed.add(end)
+            continue
+        if nxt:
+            sent[end] = max(sent.get(end, 0), int(nxt))
+        if fin in ("1", "True"):
+            closed.add(end)
+    return early
 
 
 # Fields of the innermost IPv4 packet and its TCP segment, or the fragment,
