@@ -142,6 +142,26 @@ def tpb_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tpb", "run", *args]
 
 
+def _proc_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def task_stacks(pid: int, depth: int = 12) -> str:
+    """Where each thread of a process that will not exit waits: its name,
+    wait channel and the top of its kernel stack (root reads those), so that
+    a hang seen once says whether it was a send, a join or a netlink call."""
+    parts = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        stack = " < ".join(ln.split()[-1]
+                           for ln in _proc_text(task / "stack").splitlines()[:depth])
+        parts.append(f"[{task.name} {_proc_text(task / 'comm')} "
+                     f"wchan={_proc_text(task / 'wchan')} {stack}]")
+    return " ".join(parts) or "(gone)"
+
+
 class TpbDaemon:
     """`tpb run` or `tpb pop` in a lab node, started and stopped the way an
     operator would: wait for its ready line on stderr, stop it with a
@@ -228,10 +248,11 @@ class TpbDaemon:
         try:
             out, err = self.proc.communicate(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
+            stuck = task_stacks(self.proc.pid)
             self.kill()
             raise AssertionError(
                 f"{self.what}: did not exit within {STOP_TIMEOUT}s of signal {signum}; "
-                f"stderr: {self.stderr!r}"
+                f"stderr: {self.stderr!r}; its threads: {stuck}"
             ) from None
         self._collect(out, err)
         return self.returncode
