@@ -547,10 +547,15 @@ def tshark_problems(pcap: Path, *args: str) -> list[str]:
     and resets after every byte was acknowledged), and any packet the pcap
     holds twice (tshark_repeats())."""
     items = [p for p in tshark_expert(pcap, *args) if p.split(" ", 1)[-1] not in ENDPOINTS_OWN]
-    if any(p.split(" ", 1)[-1] == RESET for p in items):
-        early = tshark_resets_early(pcap, *args)
-        items = [p for p in items if p.split(" ", 1)[-1] != RESET] + early
+    resets = [p for p in items if p.split(" ", 1)[-1] == RESET]
+    if resets:
+        items = [p for p in items if p not in resets] + tshark_resets_early(pcap, *args)
     return items + tshark_repeats(pcap, *args)
+
+
+def _set(flag: str) -> bool:
+    """A tshark flag field: 1 or True, by its version."""
+    return flag in ("1", "True")
 
 
 def tshark_resets_early(pcap: Path, *args: str) -> list[str]:
@@ -565,18 +570,16 @@ def tshark_resets_early(pcap: Path, *args: str) -> list[str]:
     # connection's raw ones may wrap round 2^32 within the capture
     relative = ("-o", "tcp.analyze_sequence_numbers:TRUE",
                 "-o", "tcp.relative_sequence_numbers:TRUE")
-    out = tshark(pcap, *args, *relative, "-T", "fields", "-E", "occurrence=l",
-                 *[a for f in fields for a in ("-e", f)], "-Y", "tcp")
     sent: dict[tuple[str, str, str], int] = {}
     closed: set[tuple[str, str, str]] = set()
     early = []
-    for row in out.splitlines():
+    for row in tshark_inner_fields(pcap, fields, *args, *relative, "-Y", "tcp"):
         stream, src, sport, nxt, ack, has_ack, fin, rst = (row.split("\t") + [""] * 8)[:8]
         end = (stream, src, sport)
-        if rst in ("1", "True"):
+        if _set(rst):
             peer = max((n for (st, s2, p2), n in sent.items()
                         if st == stream and (s2, p2) != (src, sport)), default=0)
-            if has_ack in ("1", "True"):
+            if _set(has_ack):
                 own = bool(ack) and int(ack) >= peer
             else:
                 own = end in closed
@@ -586,7 +589,7 @@ def tshark_resets_early(pcap: Path, *args: str) -> list[str]:
             continue
         if nxt:
             sent[end] = max(sent.get(end, 0), int(nxt))
-        if fin in ("1", "True"):
+        if _set(fin):
             closed.add(end)
     return early
 
@@ -598,10 +601,16 @@ PACKET_KEY = ("ip.src", "ip.dst", "ip.id", "ip.frag_offset", "ip.flags.mf", "ip.
               "tcp.seq_raw", "tcp.ack_raw", "tcp.len")
 
 
+def tshark_inner_fields(pcap: Path, fields: tuple[str, ...], *args: str) -> list[str]:
+    """One tab-separated row of `fields` per packet, each field of the
+    innermost header that has it (occurrence=l: inside the GRE)."""
+    out = tshark(pcap, *args, "-T", "fields", "-E", "occurrence=l",
+                 *[a for f in fields for a in ("-e", f)])
+    return out.splitlines()
+
+
 def tshark_repeats(pcap: Path, *args: str) -> list[str]:
     """Packets a pcap holds more than once (by PACKET_KEY): what a bridge
     that sent something twice leaves, unlike a sender's retransmission."""
-    fields = [a for f in PACKET_KEY for a in ("-e", f)]
-    out = tshark(pcap, *args, "-T", "fields", "-E", "occurrence=l", *fields)
-    seen = collections.Counter(out.splitlines())
+    seen = collections.Counter(tshark_inner_fields(pcap, PACKET_KEY, *args))
     return [f"{n}x {row}" for row, n in seen.items() if n > 1]
