@@ -12,6 +12,8 @@ import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -153,7 +155,7 @@ def listener():
 @pytest.fixture(autouse=True)
 def logs_to_stderr():
     logmod.setup("debug")
-    service._reload_requested.clear()
+    service._reload_requested.take()
     yield
     logmod.setup("info")
 
@@ -268,6 +270,67 @@ def test_sighup_while_starting_is_kept_for_the_loop(listener):
     assert service.serve(d, Notifier({"NOTIFY_SOCKET": listener.env})) == 0
     listener.close()
     assert d.calls.count("reload") == 1
+
+
+STORM_DAEMON = """
+import sys, threading
+from tpb import log, service
+from tpb.metrics import ReloadState
+
+class D:
+    reload_state = ReloadState()
+    def __init__(self):
+        self.done = threading.Event()
+        self.beat = 0
+    def run(self):
+        while not self.done.wait(0.001):
+            self.beat += 1
+    def stop(self): self.done.set()
+    def heartbeat(self): return self.beat
+    def ready(self): return "storm ready"
+    def status(self): return "storm"
+    def tick(self): pass
+    def reload(self): return []
+    def finish(self): print("finished", flush=True)
+
+log.setup("warning")
+sys.exit(service.serve(D()))
+"""
+
+
+def test_a_storm_of_signals_never_deadlocks_the_main_thread():
+    """Thousands of SIGHUPs, then SIGTERM: each handler runs between two
+    bytecodes of the main thread, wherever it is (inside its own sleep's
+    lock, once: threading.Event.set() from the handler hung `tpb run` for
+    good).  In a child, so that a hang fails the test instead of the run."""
+    child = subprocess.Popen([sys.executable, "-c", STORM_DAEMON], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not _catches(child.pid, signal.SIGHUP):  # SIGHUP's default would end it
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the child never installed its handlers"
+            time.sleep(0.01)
+        for _ in range(100_000):
+            os.kill(child.pid, signal.SIGHUP)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        stack = Path(f"/proc/{child.pid}/stack").read_text()
+        child.kill()
+        child.communicate()
+        raise AssertionError(
+            f"serve() did not return after SIGTERM; main thread: {stack}") from None
+    assert child.returncode == 0, err
+    assert out == "finished\n"
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether `pid` has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
 
 
 def test_loop_failure_is_a_runtime_failure_after_the_summary(listener):

@@ -28,6 +28,7 @@ from tpb.config import ConfigError, Keepalive, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.log import log
 from tpb.sdnotify import Notifier
+from tpb.wakeup import Flag, Wakeup
 
 if TYPE_CHECKING:  # the compiled helper and the servers load with the daemon
     from tpb.metrics import Closeable, ReloadState
@@ -74,7 +75,7 @@ class Daemon(Protocol):
 
 # A SIGHUP that arrives while TPB is still starting is kept for the loop,
 # not lost (nor fatal: SIGHUP's default action would end the process).
-_reload_requested = threading.Event()
+_reload_requested = Flag()
 
 
 class Lifecycle:
@@ -165,8 +166,14 @@ def serve(d: Daemon, notify: Notifier | None = None) -> int:
     """Run `d` until a stop signal or a failure; returns the exit status
     (0), or raises RuntimeFailure (exit 1)."""
     notify = notify or Notifier()
-    wake = threading.Event()
-    stopping = threading.Event()
+    with Wakeup() as wake:
+        return _serve(d, notify, wake)
+
+
+def _serve(d: Daemon, notify: Notifier, wake: Wakeup) -> int:
+    # The handlers set flags and nothing else (tpb.wakeup says why); the
+    # signal itself wakes the main thread's sleep.
+    stopping = Flag()
     failure: list[BaseException] = []
 
     def loop() -> None:
@@ -179,11 +186,9 @@ def serve(d: Daemon, notify: Notifier | None = None) -> int:
 
     def on_stop(_signum: int, _frame: object) -> None:
         stopping.set()
-        wake.set()
 
     def on_hup(_signum: int, _frame: object) -> None:
         _reload_requested.set()
-        wake.set()
 
     old = {
         signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
@@ -200,17 +205,15 @@ def serve(d: Daemon, notify: Notifier | None = None) -> int:
             shown = d.status()
             notify.ready(shown)
             dog.start()
-            while not stopping.is_set() and worker.is_alive():
-                if _reload_requested.is_set():
-                    _reload_requested.clear()
+            while not stopping.value and worker.is_alive():
+                if _reload_requested.take():
                     _reload(d, notify)
                 d.tick()
                 if (now := d.status()) != shown:
                     notify.status(now)
                     shown = now
                 dog.check()
-                wake.wait(dog.timeout(HOUSEKEEPING))
-                wake.clear()
+                wake.sleep(dog.timeout(HOUSEKEEPING))
     except TpbError as e:  # from tick(): the daemon cannot go on
         failure.append(e if isinstance(e, RuntimeFailure) else RuntimeFailure(str(e)))
     except Exception as e:  # a bug in housekeeping: stop as cleanly as for a failure
@@ -241,11 +244,11 @@ def serve(d: Daemon, notify: Notifier | None = None) -> int:
     return 0
 
 
-def _first_pass(d: Daemon, worker: threading.Thread, stopping: threading.Event) -> bool:
+def _first_pass(d: Daemon, worker: threading.Thread, stopping: Flag) -> bool:
     """Waits until the loop has made its first pass (its rings are being
     read): False if it stopped or failed first."""
     deadline = time.monotonic() + FIRST_PASS_TIMEOUT
-    while worker.is_alive() and not stopping.is_set():
+    while worker.is_alive() and not stopping.value:
         beat = d.heartbeat()
         if beat > 0:
             return True
