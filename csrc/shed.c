@@ -33,13 +33,18 @@
  * The program, per frame:  bucket = hash(IPv4 addresses, and TCP/UDP
  * ports when the header has no options; IPv6: the EtherType and the low
  * 64 bits of both addresses, and TCP/UDP ports right behind the header;
- * else the EtherType) into 1..256;
+ * else the EtherType) into 1..256, behind up to two VLAN tags (802.1Q or
+ * 802.1ad) whose VLAN IDs join the hash: on a trunk, flows are buckets of
+ * their own as on an untagged link, and one VLAN's flood does not take
+ * another's quota (a tag a driver moved out of the frame, as NICs with
+ * VLAN offload do, is not seen: the flow is still hashed by its
+ * addresses);
  * a bucket's count restarts with each slot; over the quota, XDP_DROP and
  * the map's drop counter counts it (drop reason `shed`).  Light flows
  * (ARP, pings, a TCP flow beside a UDP flood) stay under their bucket's
  * quota and pass; heavy ones are trimmed to it.  Frames the program does
- * not understand pass.  One 802.1Q-tagged link is one bucket (the tag is
- * not looked into), as is an IPv6 flow's extension headers' (no ports).
+ * not understand pass.  An IPv6 flow with extension headers is hashed
+ * without its ports; a frame with a third tag by its VLAN IDs.
  *
  * The map is one BPF array, mmapped (BPF_F_MMAPABLE) so the loop reads
  * and writes it without a system call: [0] the quota (0: pass all), [1..256]
@@ -91,79 +96,102 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         /*  1 */ LDX(BPF_W, BPF_REG_2, BPF_REG_6, offsetof(struct xdp_md, data)),
         /*  2 */ LDX(BPF_W, BPF_REG_3, BPF_REG_6, offsetof(struct xdp_md, data_end)),
         /*  3 */ MOVK(BPF_REG_7, 0),
-        /*  4 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /*  5 */ ALUK(BPF_ADD, BPF_REG_4, 14),
-        /*  6 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 33, 0), /* -> 40 */
-        /*  7 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),  /* EtherType, as stored */
-        /*  8 */ JK(BPF_JEQ, BPF_REG_7, 0x0008, 16),     /* IPv4 -> 25 */
-        /*  9 */ JK(BPF_JNE, BPF_REG_7, 0xdd86, 30),     /* not IPv6 -> 40 */
-        /* 10 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 11 */ ALUK(BPF_ADD, BPF_REG_4, 58),       /* Ethernet + IPv6 + ports */
-        /* 12 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 27, 0), /* -> 40 */
-        /* 13 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
-        /* 14 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 15 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
-        /* 16 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 17 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
-        /* 18 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 19 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
-        /* 20 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 21 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
-        /* 22 */ MOVX(BPF_REG_5, BPF_REG_2),
-        /* 23 */ ALUK(BPF_ADD, BPF_REG_5, 54),       /* its ports */
-        /* 24 */ INSN(BPF_JMP | BPF_JA, 0, 0, 11, 0),    /* -> 36 */
-        /* 25 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 26 */ ALUK(BPF_ADD, BPF_REG_4, 38),       /* Ethernet + IPv4 + ports */
-        /* 27 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 12, 0), /* -> 40 */
-        /* 28 */ LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
-        /* 29 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
-        /* 30 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 31 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
-        /* 32 */ JK(BPF_JNE, BPF_REG_4, 0x45, 7),        /* options -> 40 */
-        /* 33 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
-        /* 34 */ MOVX(BPF_REG_5, BPF_REG_2),
-        /* 35 */ ALUK(BPF_ADD, BPF_REG_5, 34),       /* its ports */
-        /* 36 */ JK(BPF_JEQ, BPF_REG_4, 6, 1),           /* TCP -> 38 */
-        /* 37 */ JK(BPF_JNE, BPF_REG_4, 17, 2),          /* not UDP -> 40 */
-        /* 38 */ LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
-        /* 39 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 40 */ INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
-        /* 41 */ INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
-        /* 42 */ ALUK(BPF_ADD, BPF_REG_7, 1),        /* bucket 1..256 */
-        /* 43 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
-        /* 44 */ LOOKUP(map_fd),                       /* 44..48 */
-        /* 49 */ JK(BPF_JEQ, BPF_REG_0, 0, 26),          /* -> 76 */
-        /* 50 */ LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
-        /* 51 */ JK(BPF_JEQ, BPF_REG_8, 0, 24),          /* not shedding -> 76 */
-        /* 52 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
-        /* 53 */ LOOKUP(map_fd),                       /* 53..57 */
-        /* 58 */ JK(BPF_JEQ, BPF_REG_0, 0, 17),          /* -> 76 */
-        /* 59 */ MOVX(BPF_REG_9, BPF_REG_0),
-        /* 60 */ CALL(BPF_FUNC_ktime_get_ns),
-        /* 61 */ ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
-        /* 62 */ ALUK(BPF_LSH, BPF_REG_0, 32),
-        /* 63 */ LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
-        /* 64 */ MOVX(BPF_REG_2, BPF_REG_1),
-        /* 65 */ ALUK(BPF_RSH, BPF_REG_2, 32),
-        /* 66 */ ALUK(BPF_LSH, BPF_REG_2, 32),
-        /* 67 */ INSN(BPF_JMP | BPF_JEQ | BPF_X, BPF_REG_2, BPF_REG_0, 3, 0), /* -> 71 */
-        /* 68 */ ALUK(BPF_ADD, BPF_REG_0, 1),        /* a new slot: count 1 */
-        /* 69 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
-        /* 70 */ INSN(BPF_JMP | BPF_JA, 0, 0, 5, 0),     /* -> 76 */
-        /* 71 */ ALUK(BPF_ADD, BPF_REG_1, 1),
-        /* 72 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
-        /* 73 */ ALUK(BPF_LSH, BPF_REG_1, 32),
-        /* 74 */ ALUK(BPF_RSH, BPF_REG_1, 32),       /* this slot's count */
-        /* 75 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_1, BPF_REG_8, 2, 0), /* -> 78 */
-        /* 76 */ MOVK(BPF_REG_0, XDP_PASS),
-        /* 77 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
-        /* 78 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
-        /* 79 */ LOOKUP(map_fd),                       /* 79..83 */
-        /* 84 */ JK(BPF_JEQ, BPF_REG_0, 0, 2),           /* -> 87 */
-        /* 85 */ MOVK(BPF_REG_1, 1),
-        /* 86 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
-        /* 87 */ MOVK(BPF_REG_0, XDP_DROP),
-        /* 88 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        /*  4 */ MOVK(BPF_REG_8, 0),                     /* the tags' VLAN IDs */
+        /*  5 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /*  6 */ ALUK(BPF_ADD, BPF_REG_4, 14),
+        /*  7 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 54, 0), /* -> 62 */
+        /*  8 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),  /* EtherType, as stored */
+        /*  9 */ JK(BPF_JEQ, BPF_REG_7, 0x0081, 1),      /* 802.1Q -> 11 */
+        /* 10 */ JK(BPF_JNE, BPF_REG_7, 0xa888, 19),     /* not 802.1ad -> 30 */
+        /* 11 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 12 */ ALUK(BPF_ADD, BPF_REG_4, 18),       /* the tag and the next type */
+        /* 13 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 48, 0), /* -> 62 */
+        /* 14 */ LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),  /* TCI, as stored */
+        /* 15 */ ALUK(BPF_AND, BPF_REG_4, 0xff0f),   /* its VLAN ID */
+        /* 16 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        /* 17 */ ALUK(BPF_LSH, BPF_REG_8, 16),
+        /* 18 */ ALUK(BPF_ADD, BPF_REG_2, 4),        /* on as if untagged */
+        /* 19 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
+        /* 20 */ JK(BPF_JEQ, BPF_REG_7, 0x0081, 1),      /* an inner tag -> 22 */
+        /* 21 */ JK(BPF_JNE, BPF_REG_7, 0xa888, 8),      /* -> 30 */
+        /* 22 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 23 */ ALUK(BPF_ADD, BPF_REG_4, 18),
+        /* 24 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 37, 0), /* -> 62 */
+        /* 25 */ LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),
+        /* 26 */ ALUK(BPF_AND, BPF_REG_4, 0xff0f),
+        /* 27 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        /* 28 */ ALUK(BPF_ADD, BPF_REG_2, 4),        /* a third tag: its type's bucket */
+        /* 29 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
+        /* 30 */ JK(BPF_JEQ, BPF_REG_7, 0x0008, 16),     /* IPv4 -> 47 */
+        /* 31 */ JK(BPF_JNE, BPF_REG_7, 0xdd86, 30),     /* not IPv6 -> 62 */
+        /* 32 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 33 */ ALUK(BPF_ADD, BPF_REG_4, 58),       /* Ethernet + IPv6 + ports */
+        /* 34 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 27, 0), /* -> 62 */
+        /* 35 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
+        /* 36 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 37 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
+        /* 38 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 39 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
+        /* 40 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 41 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
+        /* 42 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 43 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
+        /* 44 */ MOVX(BPF_REG_5, BPF_REG_2),
+        /* 45 */ ALUK(BPF_ADD, BPF_REG_5, 54),       /* its ports */
+        /* 46 */ INSN(BPF_JMP | BPF_JA, 0, 0, 11, 0),    /* -> 58 */
+        /* 47 */ MOVX(BPF_REG_4, BPF_REG_2),
+        /* 48 */ ALUK(BPF_ADD, BPF_REG_4, 38),       /* Ethernet + IPv4 + ports */
+        /* 49 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 12, 0), /* -> 62 */
+        /* 50 */ LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
+        /* 51 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
+        /* 52 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 53 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
+        /* 54 */ JK(BPF_JNE, BPF_REG_4, 0x45, 7),        /* options -> 62 */
+        /* 55 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
+        /* 56 */ MOVX(BPF_REG_5, BPF_REG_2),
+        /* 57 */ ALUK(BPF_ADD, BPF_REG_5, 34),       /* its ports */
+        /* 58 */ JK(BPF_JEQ, BPF_REG_4, 6, 1),           /* TCP -> 60 */
+        /* 59 */ JK(BPF_JNE, BPF_REG_4, 17, 2),          /* not UDP -> 62 */
+        /* 60 */ LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
+        /* 61 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        /* 62 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_8, 0, 0),
+        /* 63 */ INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
+        /* 64 */ INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
+        /* 65 */ ALUK(BPF_ADD, BPF_REG_7, 1),        /* bucket 1..256 */
+        /* 66 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
+        /* 67 */ LOOKUP(map_fd),                       /* 67..71 */
+        /* 72 */ JK(BPF_JEQ, BPF_REG_0, 0, 26),          /* -> 99 */
+        /* 73 */ LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
+        /* 74 */ JK(BPF_JEQ, BPF_REG_8, 0, 24),          /* not shedding -> 99 */
+        /* 75 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
+        /* 76 */ LOOKUP(map_fd),                       /* 76..80 */
+        /* 81 */ JK(BPF_JEQ, BPF_REG_0, 0, 17),          /* -> 99 */
+        /* 82 */ MOVX(BPF_REG_9, BPF_REG_0),
+        /* 83 */ CALL(BPF_FUNC_ktime_get_ns),
+        /* 84 */ ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
+        /* 85 */ ALUK(BPF_LSH, BPF_REG_0, 32),
+        /* 86 */ LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
+        /* 87 */ MOVX(BPF_REG_2, BPF_REG_1),
+        /* 88 */ ALUK(BPF_RSH, BPF_REG_2, 32),
+        /* 89 */ ALUK(BPF_LSH, BPF_REG_2, 32),
+        /* 90 */ INSN(BPF_JMP | BPF_JEQ | BPF_X, BPF_REG_2, BPF_REG_0, 3, 0), /* -> 94 */
+        /* 91 */ ALUK(BPF_ADD, BPF_REG_0, 1),        /* a new slot: count 1 */
+        /* 92 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
+        /* 93 */ INSN(BPF_JMP | BPF_JA, 0, 0, 5, 0),     /* -> 99 */
+        /* 94 */ ALUK(BPF_ADD, BPF_REG_1, 1),
+        /* 95 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
+        /* 96 */ ALUK(BPF_LSH, BPF_REG_1, 32),
+        /* 97 */ ALUK(BPF_RSH, BPF_REG_1, 32),       /* this slot's count */
+        /* 98 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_1, BPF_REG_8, 2, 0), /* -> 101 */
+        /* 99 */ MOVK(BPF_REG_0, XDP_PASS),
+        /* 100 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        /* 101 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
+        /* 102 */ LOOKUP(map_fd),                       /* 102..106 */
+        /* 107 */ JK(BPF_JEQ, BPF_REG_0, 0, 2),           /* -> 110 */
+        /* 108 */ MOVK(BPF_REG_1, 1),
+        /* 109 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
+        /* 110 */ MOVK(BPF_REG_0, XDP_DROP),
+        /* 111 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
     };
 
     return bpf_load_xdp(p, sizeof(p) / sizeof(p[0]), "tpb_shed", log, loglen);
