@@ -80,121 +80,172 @@
 #define MOVK(d, k) INSN(BPF_ALU64 | BPF_MOV | BPF_K, d, 0, 0, k)
 #define MOVX(d, s) INSN(BPF_ALU64 | BPF_MOV | BPF_X, d, s, 0, 0)
 #define ALUK(op, d, k) INSN(BPF_ALU64 | (op) | BPF_K, d, 0, 0, k)
-#define JK(op, d, k, off) INSN(BPF_JMP | (op) | BPF_K, d, 0, off, k)
 #define CALL(f) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, f)
 #define MAP(fd) INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_1, BPF_PSEUDO_MAP_FD, 0, fd), \
                 INSN(0, 0, 0, 0, 0)
 #define LOOKUP(fd) MOVX(BPF_REG_2, BPF_REG_10), ALUK(BPF_ADD, BPF_REG_2, -4), MAP(fd), \
                    CALL(BPF_FUNC_map_lookup_elem)
 
-/* The program of the header comment; jump offsets count instructions after
- * the jump (a MAP is two). */
+/* Jumps name a label (LABEL() marks one: it takes no instruction); asm_link()
+ * turns each into its offset, so inserting instructions moves no jump. */
+#define LABEL(l) INSN(PSEUDO_LABEL, 0, 0, (l), 0)
+#define JK(op, d, k, l) INSN(BPF_JMP | (op) | BPF_K, d, 0, (l), k)
+#define JX(op, d, s, l) INSN(BPF_JMP | (op) | BPF_X, d, s, (l), 0)
+#define JA(l) INSN(BPF_JMP | BPF_JA, 0, 0, (l), 0)
+#define PSEUDO_LABEL 0xff              /* no BPF opcode */
+#define MAX_INSNS 160
+
+/* p without its labels into out (MAX_INSNS at most): the number of
+ * instructions. */
+static size_t asm_link(const struct bpf_insn *p, size_t n, struct bpf_insn *out)
+{
+    int at[32];
+    size_t i, k = 0;
+
+    for (i = 0; i < n; i++) {
+        if (p[i].code == PSEUDO_LABEL)
+            at[p[i].off] = (int)k;
+        else
+            k++;
+    }
+    for (i = 0, k = 0; i < n; i++) {
+        uint8_t op = BPF_OP(p[i].code);
+
+        if (p[i].code == PSEUDO_LABEL)
+            continue;
+        out[k] = p[i];
+        if (BPF_CLASS(p[i].code) == BPF_JMP && op != BPF_CALL && op != BPF_EXIT)
+            out[k].off = (int16_t)(at[p[i].off] - (int)k - 1);
+        k++;
+    }
+    return k;
+}
+
+enum {
+    L_TAG1, L_TAG2, L_TYPE, L_IPV4, L_PORTS_IF, L_PORTS, L_HASH, L_SAME_SLOT, L_PASS, L_SHED,
+    L_COUNTED
+};
+
+/* The program of the header comment. */
 static int shed_prog(int map_fd, char *log, size_t loglen)
 {
     const struct bpf_insn p[] = {
-        /*  0 */ MOVX(BPF_REG_6, BPF_REG_1),
-        /*  1 */ LDX(BPF_W, BPF_REG_2, BPF_REG_6, offsetof(struct xdp_md, data)),
-        /*  2 */ LDX(BPF_W, BPF_REG_3, BPF_REG_6, offsetof(struct xdp_md, data_end)),
-        /*  3 */ MOVK(BPF_REG_7, 0),
-        /*  4 */ MOVK(BPF_REG_8, 0),                     /* the tags' VLAN IDs */
-        /*  5 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /*  6 */ ALUK(BPF_ADD, BPF_REG_4, 14),
-        /*  7 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 54, 0), /* -> 62 */
-        /*  8 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),  /* EtherType, as stored */
-        /*  9 */ JK(BPF_JEQ, BPF_REG_7, 0x0081, 1),      /* 802.1Q -> 11 */
-        /* 10 */ JK(BPF_JNE, BPF_REG_7, 0xa888, 19),     /* not 802.1ad -> 30 */
-        /* 11 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 12 */ ALUK(BPF_ADD, BPF_REG_4, 18),       /* the tag and the next type */
-        /* 13 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 48, 0), /* -> 62 */
-        /* 14 */ LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),  /* TCI, as stored */
-        /* 15 */ ALUK(BPF_AND, BPF_REG_4, 0xff0f),   /* its VLAN ID */
-        /* 16 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
-        /* 17 */ ALUK(BPF_LSH, BPF_REG_8, 16),
-        /* 18 */ ALUK(BPF_ADD, BPF_REG_2, 4),        /* on as if untagged */
-        /* 19 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
-        /* 20 */ JK(BPF_JEQ, BPF_REG_7, 0x0081, 1),      /* an inner tag -> 22 */
-        /* 21 */ JK(BPF_JNE, BPF_REG_7, 0xa888, 8),      /* -> 30 */
-        /* 22 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 23 */ ALUK(BPF_ADD, BPF_REG_4, 18),
-        /* 24 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 37, 0), /* -> 62 */
-        /* 25 */ LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),
-        /* 26 */ ALUK(BPF_AND, BPF_REG_4, 0xff0f),
-        /* 27 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
-        /* 28 */ ALUK(BPF_ADD, BPF_REG_2, 4),        /* a third tag: its type's bucket */
-        /* 29 */ LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
-        /* 30 */ JK(BPF_JEQ, BPF_REG_7, 0x0008, 16),     /* IPv4 -> 47 */
-        /* 31 */ JK(BPF_JNE, BPF_REG_7, 0xdd86, 30),     /* not IPv6 -> 62 */
-        /* 32 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 33 */ ALUK(BPF_ADD, BPF_REG_4, 58),       /* Ethernet + IPv6 + ports */
-        /* 34 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 27, 0), /* -> 62 */
-        /* 35 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
-        /* 36 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 37 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
-        /* 38 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 39 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
-        /* 40 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 41 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
-        /* 42 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 43 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
-        /* 44 */ MOVX(BPF_REG_5, BPF_REG_2),
-        /* 45 */ ALUK(BPF_ADD, BPF_REG_5, 54),       /* its ports */
-        /* 46 */ INSN(BPF_JMP | BPF_JA, 0, 0, 11, 0),    /* -> 58 */
-        /* 47 */ MOVX(BPF_REG_4, BPF_REG_2),
-        /* 48 */ ALUK(BPF_ADD, BPF_REG_4, 38),       /* Ethernet + IPv4 + ports */
-        /* 49 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_4, BPF_REG_3, 12, 0), /* -> 62 */
-        /* 50 */ LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
-        /* 51 */ LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
-        /* 52 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 53 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
-        /* 54 */ JK(BPF_JNE, BPF_REG_4, 0x45, 7),        /* options -> 62 */
-        /* 55 */ LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
-        /* 56 */ MOVX(BPF_REG_5, BPF_REG_2),
-        /* 57 */ ALUK(BPF_ADD, BPF_REG_5, 34),       /* its ports */
-        /* 58 */ JK(BPF_JEQ, BPF_REG_4, 6, 1),           /* TCP -> 60 */
-        /* 59 */ JK(BPF_JNE, BPF_REG_4, 17, 2),          /* not UDP -> 62 */
-        /* 60 */ LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
-        /* 61 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
-        /* 62 */ INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_8, 0, 0),
-        /* 63 */ INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
-        /* 64 */ INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
-        /* 65 */ ALUK(BPF_ADD, BPF_REG_7, 1),        /* bucket 1..256 */
-        /* 66 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
-        /* 67 */ LOOKUP(map_fd),                       /* 67..71 */
-        /* 72 */ JK(BPF_JEQ, BPF_REG_0, 0, 26),          /* -> 99 */
-        /* 73 */ LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
-        /* 74 */ JK(BPF_JEQ, BPF_REG_8, 0, 24),          /* not shedding -> 99 */
-        /* 75 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
-        /* 76 */ LOOKUP(map_fd),                       /* 76..80 */
-        /* 81 */ JK(BPF_JEQ, BPF_REG_0, 0, 17),          /* -> 99 */
-        /* 82 */ MOVX(BPF_REG_9, BPF_REG_0),
-        /* 83 */ CALL(BPF_FUNC_ktime_get_ns),
-        /* 84 */ ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
-        /* 85 */ ALUK(BPF_LSH, BPF_REG_0, 32),
-        /* 86 */ LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
-        /* 87 */ MOVX(BPF_REG_2, BPF_REG_1),
-        /* 88 */ ALUK(BPF_RSH, BPF_REG_2, 32),
-        /* 89 */ ALUK(BPF_LSH, BPF_REG_2, 32),
-        /* 90 */ INSN(BPF_JMP | BPF_JEQ | BPF_X, BPF_REG_2, BPF_REG_0, 3, 0), /* -> 94 */
-        /* 91 */ ALUK(BPF_ADD, BPF_REG_0, 1),        /* a new slot: count 1 */
-        /* 92 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
-        /* 93 */ INSN(BPF_JMP | BPF_JA, 0, 0, 5, 0),     /* -> 99 */
-        /* 94 */ ALUK(BPF_ADD, BPF_REG_1, 1),
-        /* 95 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
-        /* 96 */ ALUK(BPF_LSH, BPF_REG_1, 32),
-        /* 97 */ ALUK(BPF_RSH, BPF_REG_1, 32),       /* this slot's count */
-        /* 98 */ INSN(BPF_JMP | BPF_JGT | BPF_X, BPF_REG_1, BPF_REG_8, 2, 0), /* -> 101 */
-        /* 99 */ MOVK(BPF_REG_0, XDP_PASS),
-        /* 100 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
-        /* 101 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
-        /* 102 */ LOOKUP(map_fd),                       /* 102..106 */
-        /* 107 */ JK(BPF_JEQ, BPF_REG_0, 0, 2),           /* -> 110 */
-        /* 108 */ MOVK(BPF_REG_1, 1),
-        /* 109 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
-        /* 110 */ MOVK(BPF_REG_0, XDP_DROP),
-        /* 111 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+        MOVX(BPF_REG_6, BPF_REG_1),
+        LDX(BPF_W, BPF_REG_2, BPF_REG_6, offsetof(struct xdp_md, data)),
+        LDX(BPF_W, BPF_REG_3, BPF_REG_6, offsetof(struct xdp_md, data_end)),
+        MOVK(BPF_REG_7, 0),
+        MOVK(BPF_REG_8, 0),                     /* the tags' VLAN IDs */
+        MOVX(BPF_REG_4, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_4, 14),
+        JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
+        LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),  /* EtherType, as stored */
+        JK(BPF_JEQ, BPF_REG_7, 0x0081, L_TAG1),   /* 802.1Q */
+        JK(BPF_JNE, BPF_REG_7, 0xa888, L_TYPE),   /* nor 802.1ad */
+    LABEL(L_TAG1),
+        MOVX(BPF_REG_4, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_4, 18),           /* the tag and the next type */
+        JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
+        LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),  /* TCI, as stored */
+        ALUK(BPF_AND, BPF_REG_4, 0xff0f),       /* its VLAN ID */
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        ALUK(BPF_LSH, BPF_REG_8, 16),
+        ALUK(BPF_ADD, BPF_REG_2, 4),            /* on as if untagged */
+        LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
+        JK(BPF_JEQ, BPF_REG_7, 0x0081, L_TAG2),   /* an inner tag */
+        JK(BPF_JNE, BPF_REG_7, 0xa888, L_TYPE),
+    LABEL(L_TAG2),
+        MOVX(BPF_REG_4, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_4, 18),
+        JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
+        LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),
+        ALUK(BPF_AND, BPF_REG_4, 0xff0f),
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        ALUK(BPF_ADD, BPF_REG_2, 4),            /* a third tag: its type's bucket */
+        LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
+    LABEL(L_TYPE),
+        JK(BPF_JEQ, BPF_REG_7, 0x0008, L_IPV4),
+        JK(BPF_JNE, BPF_REG_7, 0xdd86, L_HASH),   /* nor IPv6 */
+        MOVX(BPF_REG_4, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_4, 58),           /* Ethernet + IPv6 + ports */
+        JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
+        LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
+        MOVX(BPF_REG_5, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_5, 54),           /* its ports */
+        JA(L_PORTS_IF),
+    LABEL(L_IPV4),
+        MOVX(BPF_REG_4, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_4, 38),           /* Ethernet + IPv4 + ports */
+        JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
+        LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
+        LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
+        JK(BPF_JNE, BPF_REG_4, 0x45, L_HASH),     /* options: no ports */
+        LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
+        MOVX(BPF_REG_5, BPF_REG_2),
+        ALUK(BPF_ADD, BPF_REG_5, 34),           /* its ports */
+    LABEL(L_PORTS_IF),
+        JK(BPF_JEQ, BPF_REG_4, 6, L_PORTS),       /* TCP */
+        JK(BPF_JNE, BPF_REG_4, 17, L_HASH),       /* nor UDP */
+    LABEL(L_PORTS),
+        LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+    LABEL(L_HASH),
+        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_8, 0, 0),
+        INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
+        INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
+        ALUK(BPF_ADD, BPF_REG_7, 1),            /* bucket 1..256 */
+        INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_QUOTA),
+        LOOKUP(map_fd),
+        JK(BPF_JEQ, BPF_REG_0, 0, L_PASS),
+        LDX(BPF_DW, BPF_REG_8, BPF_REG_0, 0),
+        JK(BPF_JEQ, BPF_REG_8, 0, L_PASS),        /* not shedding */
+        INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_7, -4, 0),
+        LOOKUP(map_fd),
+        JK(BPF_JEQ, BPF_REG_0, 0, L_PASS),
+        MOVX(BPF_REG_9, BPF_REG_0),
+        CALL(BPF_FUNC_ktime_get_ns),
+        ALUK(BPF_RSH, BPF_REG_0, SLOT_SHIFT),
+        ALUK(BPF_LSH, BPF_REG_0, 32),
+        LDX(BPF_DW, BPF_REG_1, BPF_REG_9, 0),
+        MOVX(BPF_REG_2, BPF_REG_1),
+        ALUK(BPF_RSH, BPF_REG_2, 32),
+        ALUK(BPF_LSH, BPF_REG_2, 32),
+        JX(BPF_JEQ, BPF_REG_2, BPF_REG_0, L_SAME_SLOT),
+        ALUK(BPF_ADD, BPF_REG_0, 1),            /* a new slot: count 1 */
+        INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_0, 0, 0),
+        JA(L_PASS),
+    LABEL(L_SAME_SLOT),
+        ALUK(BPF_ADD, BPF_REG_1, 1),
+        INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_9, BPF_REG_1, 0, 0),
+        ALUK(BPF_LSH, BPF_REG_1, 32),
+        ALUK(BPF_RSH, BPF_REG_1, 32),           /* this slot's count */
+        JX(BPF_JGT, BPF_REG_1, BPF_REG_8, L_SHED),
+    LABEL(L_PASS),
+        MOVK(BPF_REG_0, XDP_PASS),
+        INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+    LABEL(L_SHED),
+        INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, KEY_DROPS),
+        LOOKUP(map_fd),
+        JK(BPF_JEQ, BPF_REG_0, 0, L_COUNTED),
+        MOVK(BPF_REG_1, 1),
+        INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
+    LABEL(L_COUNTED),
+        MOVK(BPF_REG_0, XDP_DROP),
+        INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
     };
+    struct bpf_insn out[MAX_INSNS];
+    _Static_assert(sizeof(p) / sizeof(p[0]) <= MAX_INSNS, "MAX_INSNS");
 
-    return bpf_load_xdp(p, sizeof(p) / sizeof(p[0]), "tpb_shed", log, loglen);
+    return bpf_load_xdp(out, asm_link(p, sizeof(p) / sizeof(p[0]), out), "tpb_shed", log, loglen);
 }
 
 static size_t map_len(void)
