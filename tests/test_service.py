@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tpb import log as logmod
-from tpb import service
+from tpb import service, wakeup
 from tpb.config import ConfigError, Source
 from tpb.errors import RuntimeFailure, TpbError
 from tpb.metrics import ReloadState
@@ -323,6 +324,41 @@ def test_a_storm_of_signals_never_deadlocks_the_main_thread():
             f"serve() did not return after SIGTERM; main thread: {stack}") from None
     assert child.returncode == 0, err
     assert out == "finished\n"
+
+
+def test_the_main_threads_sleep_works_with_descriptors_past_1023():
+    """A POP with many peers, or a process started with many descriptors
+    open: its wake-up socket may be past 1023, where select() refuses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    fillers: list[int] = []
+    try:
+        while len(fillers) < 1100 and (not fillers or fillers[-1] < 1024):
+            fillers.append(os.open("/dev/null", os.O_RDONLY))
+        with wakeup.Wakeup() as w:
+            assert w._r.fileno() > 1023
+            t0 = time.monotonic()
+            w.sleep(0.05)  # nothing to wake it: the whole timeout
+            assert 0.04 <= time.monotonic() - t0 < 2
+            w.set()
+            t0 = time.monotonic()
+            w.sleep(10)
+            assert time.monotonic() - t0 < 2
+            os.kill(os.getpid(), signal.SIGWINCH)  # no handler: no byte, no wake-up
+            signal.signal(signal.SIGUSR1, lambda *_: None)
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)  # a handler: its byte ends the sleep
+                t0 = time.monotonic()
+                w.sleep(10)
+                assert time.monotonic() - t0 < 2
+            finally:
+                signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _catches(pid: int, signum: int) -> bool:

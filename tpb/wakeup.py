@@ -6,7 +6,7 @@ takes the Event's lock, so a handler that calls it deadlocks when the
 signal lands inside the main thread's own Event.wait() or Event.clear():
 `tpb run` hung for good on a SIGTERM that way (a futex wait; twice in
 full test runs, and most times under a storm of signals).  So here a
-handler only sets a Flag (no lock), and the main thread sleeps in select()
+handler only sets a Flag (no lock), and the main thread sleeps in poll()
 on a socket pair that the kernel-level signal handler writes to
 (signal.set_wakeup_fd) and the loop thread writes to when it ends; a
 signal that arrives before the sleep still ends it.
@@ -14,6 +14,7 @@ signal that arrives before the sleep still ends it.
 
 from __future__ import annotations
 
+import math
 import select
 import signal
 import socket
@@ -47,6 +48,8 @@ class Wakeup:
         self._r.setblocking(False)
         self._w.setblocking(False)
         self._old = -1
+        self._poll = select.poll()  # not select(): the fd may be past 1023
+        self._poll.register(self._r, select.POLLIN)
 
     def __enter__(self) -> Wakeup:
         self._old = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
@@ -66,10 +69,9 @@ class Wakeup:
 
     def sleep(self, timeout: float) -> None:
         """Up to `timeout` seconds, less if woken; empties the wake-ups.
-        Signal handlers have run when it returns (PEP 475: select retries
+        Signal handlers have run when it returns (PEP 475: poll retries
         after them, and then finds the byte their signal wrote)."""
-        ready, _, _ = select.select([self._r], [], [], timeout)
-        if ready:
+        if self._poll.poll(max(0, math.ceil(timeout * 1000))):
             try:
                 while self._r.recv(4096):
                     pass
