@@ -80,6 +80,7 @@
 #define MOVK(d, k) INSN(BPF_ALU64 | BPF_MOV | BPF_K, d, 0, 0, k)
 #define MOVX(d, s) INSN(BPF_ALU64 | BPF_MOV | BPF_X, d, s, 0, 0)
 #define ALUK(op, d, k) INSN(BPF_ALU64 | (op) | BPF_K, d, 0, 0, k)
+#define ALUX(op, d, s) INSN(BPF_ALU64 | (op) | BPF_X, d, s, 0, 0)
 #define CALL(f) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, f)
 #define MAP(fd) INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_1, BPF_PSEUDO_MAP_FD, 0, fd), \
                 INSN(0, 0, 0, 0, 0)
@@ -95,11 +96,16 @@
 #define PSEUDO_LABEL 0xff              /* no BPF opcode */
 #define MAX_INSNS 160
 
+enum {
+    L_TAG1, L_TAG2, L_TYPE, L_IPV4, L_PORTS_IF, L_PORTS, L_HASH, L_SAME_SLOT, L_PASS, L_SHED,
+    L_COUNTED, L_N
+};
+
 /* p without its labels into out (MAX_INSNS at most): the number of
  * instructions. */
 static size_t asm_link(const struct bpf_insn *p, size_t n, struct bpf_insn *out)
 {
-    int at[32];
+    int at[L_N];
     size_t i, k = 0;
 
     for (i = 0; i < n; i++) {
@@ -120,11 +126,6 @@ static size_t asm_link(const struct bpf_insn *p, size_t n, struct bpf_insn *out)
     }
     return k;
 }
-
-enum {
-    L_TAG1, L_TAG2, L_TYPE, L_IPV4, L_PORTS_IF, L_PORTS, L_HASH, L_SAME_SLOT, L_PASS, L_SHED,
-    L_COUNTED
-};
 
 /* The program of the header comment. */
 static int shed_prog(int map_fd, char *log, size_t loglen)
@@ -147,7 +148,7 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
         LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),  /* TCI, as stored */
         ALUK(BPF_AND, BPF_REG_4, 0xff0f),       /* its VLAN ID */
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_8, BPF_REG_4),
         ALUK(BPF_LSH, BPF_REG_8, 16),
         ALUK(BPF_ADD, BPF_REG_2, 4),            /* on as if untagged */
         LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
@@ -159,7 +160,7 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
         LDX(BPF_H, BPF_REG_4, BPF_REG_2, 14),
         ALUK(BPF_AND, BPF_REG_4, 0xff0f),
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_8, BPF_REG_4),
         ALUK(BPF_ADD, BPF_REG_2, 4),            /* a third tag: its type's bucket */
         LDX(BPF_H, BPF_REG_7, BPF_REG_2, 12),
     LABEL(L_TYPE),
@@ -169,13 +170,13 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         ALUK(BPF_ADD, BPF_REG_4, 58),           /* Ethernet + IPv6 + ports */
         JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
         LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* source, its low 64 bits */
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
         LDX(BPF_W, BPF_REG_4, BPF_REG_2, 34),
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
         LDX(BPF_W, BPF_REG_4, BPF_REG_2, 46),  /* destination, the same */
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
         LDX(BPF_W, BPF_REG_4, BPF_REG_2, 50),
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
         LDX(BPF_B, BPF_REG_4, BPF_REG_2, 20),  /* next header */
         MOVX(BPF_REG_5, BPF_REG_2),
         ALUK(BPF_ADD, BPF_REG_5, 54),           /* its ports */
@@ -186,7 +187,7 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         JX(BPF_JGT, BPF_REG_4, BPF_REG_3, L_HASH),
         LDX(BPF_W, BPF_REG_7, BPF_REG_2, 26),  /* source address */
         LDX(BPF_W, BPF_REG_4, BPF_REG_2, 30),  /* destination */
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
         LDX(BPF_B, BPF_REG_4, BPF_REG_2, 14),
         JK(BPF_JNE, BPF_REG_4, 0x45, L_HASH),     /* options: no ports */
         LDX(BPF_B, BPF_REG_4, BPF_REG_2, 23),  /* protocol */
@@ -197,9 +198,9 @@ static int shed_prog(int map_fd, char *log, size_t loglen)
         JK(BPF_JNE, BPF_REG_4, 17, L_HASH),       /* nor UDP */
     LABEL(L_PORTS),
         LDX(BPF_W, BPF_REG_4, BPF_REG_5, 0),   /* both ports */
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_4, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_4),
     LABEL(L_HASH),
-        INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_7, BPF_REG_8, 0, 0),
+        ALUX(BPF_XOR, BPF_REG_7, BPF_REG_8),
         INSN(BPF_ALU | BPF_MUL | BPF_K, BPF_REG_7, 0, 0, (int32_t)0x9E3779B1u),
         INSN(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_7, 0, 0, 24),
         ALUK(BPF_ADD, BPF_REG_7, 1),            /* bucket 1..256 */

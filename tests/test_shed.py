@@ -183,11 +183,11 @@ def test_a_flood_on_a_vlan_trunk_is_shed_by_flow_and_a_flow_beside_it_passes(
     need_tool("tcpdump")
     need_tool("tshark")
     t = start_tpb(lab, extra=("--cpu", str(TPB_CPU)))
-    flood = tagged(flood_frame(), (b"\x81\x00", VLAN))
+    flood = tagged(flood_frame(), (DOT1Q, VLAN))
     payload = struct.pack("!HHHH", 40000, LIGHT_PORT, 8 + 22, 0) + b"TPBLIGHT" + bytes(14)
     light = tagged(mac_bytes("02:00:00:00:00:77") + mac_bytes("02:00:00:00:00:98") + b"\x08\x00"
                    + ipv4_header("192.0.2.98", labmod.GW2, 17, len(payload)) + payload,
-                   (b"\x81\x00", VLAN))
+                   (DOT1Q, VLAN))
     assert model_bucket(light) != model_bucket(flood)
     pcap = tmp_path / "light.pcap"
     dump = lab.spawn("gw2", ["tcpdump", "-i", "eth0", "-Q", "in", "-n", "-U", "-w", str(pcap),
@@ -250,7 +250,7 @@ XDP_DROP, XDP_PASS = 1, 2
 NBUCKET, KEY_DROPS = 256, 257
 
 
-TAGS = (b"\x81\x00", b"\x88\xa8")  # 802.1Q, 802.1ad
+TAGS = DOT1Q, DOT1AD = (b"\x81\x00", b"\x88\xa8")
 
 
 def model_bucket(frame: bytes) -> int:
@@ -275,8 +275,6 @@ def model_bucket(frame: bytes) -> int:
             vids <<= 16
         at += 4
         key = struct.unpack_from("<H", frame, at + 12)[0]
-    else:
-        pass
     kind = frame[at + 12:at + 14]
     if kind == b"\x08\x00" and len(frame) >= at + 38:
         key = w(26) ^ w(30)
@@ -333,7 +331,7 @@ def test_the_program_buckets_every_kind_of_frame_as_the_model_says(prog):
     opts = bytearray(udp_frame(5555))
     opts[14] = 0x46                                           # options: no ports
     frames += [bytes(tcp), bytes(opts)]
-    q, ad = b"\x81\x00", b"\x88\xa8"
+    q, ad = DOT1Q, DOT1AD
     for f in (udp_frame(1000), udp6_frame(1000), bytes(tcp), bytes(opts),
               bytes(12) + b"\x08\x06" + bytes(28)):
         frames += [tagged(f, (q, 100)), tagged(f, (q, 101)), tagged(f, (q, 0xE064)),  # PCP 7

@@ -64,7 +64,7 @@ class Wakeup:
         """From any thread: ends the current or next sleep."""
         try:
             self._w.send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # full (a wake-up is pending anyway) or closed (nobody sleeps)
 
     def sleep(self, timeout: float) -> None:
