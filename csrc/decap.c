@@ -243,8 +243,7 @@ static void to_local(struct tpb_bridge *br, struct frame *f)
          * outer header (which is checked already) and the sum ends with the
          * packet, not with any Ethernet padding. */
         if ((f->vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
-            (f->vh->csum_start < ETH_HLEN + ihl ||
-             finish_csum(f->mac, ETH_HLEN + tot, f->vh))) {
+            finish_csum(f->mac, ETH_HLEN + tot, f->vh, ETH_HLEN + ihl)) {
             br->tc.drop[TPB_DROP_INNER_BAD]++;
             return;
         }

@@ -136,7 +136,7 @@ void encap_frame(struct tpb_bridge *br, struct frame *f)
         br->tc.gso_segments += (uint64_t)n;
         return;
     }
-    if (partial && finish_csum(f->mac, ETH_HLEN + len, vh)) {
+    if (partial && finish_csum(f->mac, ETH_HLEN + len, vh, ETH_HLEN + ip_hlen(ip, proto))) {
         br->tc.drop[TPB_DROP_ENCAP_BAD]++;
         return;
     }

@@ -277,7 +277,7 @@ static int vnet_check(struct virtio_net_hdr *vh, uint8_t *pkt, size_t len,
     if (vh->flags & ~TUN_F_VALID)
         return -1;
     if (vh->gso_type == VIRTIO_NET_HDR_GSO_NONE) {
-        if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && finish_csum(pkt, len, vh))
+        if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && finish_csum(pkt, len, vh, 0))
             return -1;
         *proto = inner_addr(pkt, len, 1, dst);
         return 0;

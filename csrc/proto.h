@@ -157,9 +157,19 @@ uint8_t outer_ttl(const struct gre_tx *t, uint16_t proto, const uint8_t *inner);
 
 /* segment.c: completes a CHECKSUM_PARTIAL packet's L4 checksum from the
  * vnet header's csum_start/csum_offset (counted from `frame`); -1 if they
- * point outside it. */
+ * point outside it or start before `from` (where the L4 header may begin:
+ * a header the kernel never writes must not have the sum written over the
+ * Ethernet or IP header). */
 struct virtio_net_hdr;
-int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh);
+int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh,
+                size_t from);
+
+/* The length of a validated IPv4 or IPv6 header (without IPv6's extension
+ * headers): where its payload begins at the earliest. */
+static inline size_t ip_hlen(const uint8_t *ip, uint16_t proto)
+{
+    return proto == ETYPE_IPV4 ? (size_t)(ip[0] & 0x0f) * 4 : 40;
+}
 
 /* segment.c: a TCP (TSO) or UDP (USO) super-packet cut into segments of
  * at most `mss` payload bytes, as the kernel's tcp_gso_segment and

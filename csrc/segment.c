@@ -32,12 +32,13 @@
 
 /* 1. ------------------------------------------------------------------ */
 
-int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh)
+int finish_csum(uint8_t *frame, size_t len, const struct virtio_net_hdr *vh,
+                size_t from)
 {
     size_t start = vh->csum_start, off = vh->csum_offset;
     uint16_t c;
 
-    if (start + off + 2 > len)
+    if (start < from || start + off + 2 > len)
         return -1;
     /* The field holds the pseudo-header sum: summing over it finishes it. */
     c = csum_finish(csum_add(0, frame + start, len - start));
@@ -208,8 +209,11 @@ int segment(struct tpb_bridge *br, struct txq *q, struct frame *f, uint8_t *ip,
     uint8_t *h;
 
     if (gso == VIRTIO_NET_HDR_GSO_UDP) {
-        /* UFO: one UDP datagram that is to be IP-fragmented; fit() will. */
-        if (finish_csum(f->mac, ETH_HLEN + len, vh))
+        /* UFO: one UDP datagram that is to be IP-fragmented; fit() will.
+         * Its checksum is partial only if the header says so: without the
+         * flag the sum is the sender's, and the csum fields mean nothing. */
+        if ((vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+            finish_csum(f->mac, ETH_HLEN + len, vh, ETH_HLEN + ip_hlen(ip, proto)))
             return -1;
         p.hdr = ip;
         p.hlen = len;

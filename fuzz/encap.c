@@ -609,6 +609,12 @@ static void check(struct h *h, const struct fz_snap *b, const struct fz_snap *a,
         int overflow = v4 && t->frag_mode == TPB_FRAG_INNER
                            ? (size_t)(fz_rd16(oip + 6) & IP_OFFMASK) * 8 + h->ilen > 65535
                            : h->ilen + br->overhead > 65535;
+        /* a partial checksum must lie in the L4 header's place: past the
+         * IP header, inside the packet (the sum is finished first) */
+        size_t cs = z->vh0.csum_start, ihl = v4 ? (size_t)(oip[0] & 0x0f) * 4 : 40;
+        int csum_bad = gso == VIRTIO_NET_HDR_GSO_NONE &&
+                       (z->vh0.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) &&
+                       (cs < FZ_ETH + ihl || cs + z->vh0.csum_offset + 2 > FZ_ETH + h->ilen);
 
         if (gso != VIRTIO_NET_HDR_GSO_NONE)
             FZ_CHECK(a->tc.gso_packets == b->tc.gso_packets + 1 &&
@@ -621,7 +627,10 @@ static void check(struct h *h, const struct fz_snap *b, const struct fz_snap *a,
             FZ_CHECK(drops == 1, "encap: no GRE packet and %llu drops",
                      (unsigned long long)drops);
             FZ_CHECK(reason != TPB_DROP_TOO_BIG || (!fits && df), "too_big, yet it fits");
-            FZ_CHECK((reason == TPB_DROP_FRAG_OVERFLOW) == (!fits && !df && overflow),
+            FZ_CHECK((reason == TPB_DROP_ENCAP_BAD) == csum_bad,
+                     "encap_bad (reason %d), the partial checksum's place bad %d", reason,
+                     csum_bad);
+            FZ_CHECK((reason == TPB_DROP_FRAG_OVERFLOW) == (!csum_bad && !fits && !df && overflow),
                      "frag_overflow (reason %d) and fits %d, DF %d, overflow %d", reason,
                      fits, df, overflow);
             FZ_CHECK(n_in == 0 || reason == TPB_DROP_TOO_BIG, "ICMP without too_big");
