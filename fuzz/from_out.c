@@ -194,20 +194,31 @@ static const uint8_t *gre_payload(const struct fz_frame *z, size_t *avail)
 static void check_decap(struct h *h, const struct fz_frame *z, const struct fz_out *o,
                         const uint8_t *piece, size_t piece_avail);
 
-/* Whether an inner packet out of --in is the one in a piece's GRE payload:
- * equal but for what decapsulation may change (ECN, the IPv4 header
- * checksum, a SYN's TCP options and checksum).  Only to find the piece;
- * check_decap() then checks the one found, field by field. */
-static int from_piece(const uint8_t *in, size_t ilen, const uint8_t *src, size_t avail)
+/* Whether an inner packet out of --in is the one in a piece's GRE payload
+ * (outer TOS otos): equal but for what decapsulation may change — ECN as
+ * RFC 6040 says from otos, the IPv4 header checksum only with it, a SYN's
+ * TCP options and checksum.  Pieces may differ in no more than that (ECN
+ * and a checksum that no longer holds), and the first such piece may be
+ * the one dropped.  Only to find the piece; check_decap() then checks the
+ * one found, field by field. */
+static int from_piece(const uint8_t *in, size_t ilen, const uint8_t *src, size_t avail,
+                      uint8_t otos)
 {
     size_t i, l4;
-    uint8_t l4p;
+    uint8_t l4p, ecn_mask;
+    int v4 = in[0] >> 4 == 4, e;
 
-    if (ilen > avail || !ilen)
+    if (ilen > avail || !ilen || ilen < 2)
+        return 0;
+    /* ECN: IPv4's TOS bits 0-1; IPv6's traffic class straddles bytes 0-1 */
+    ecn_mask = v4 ? 0x03 : 0x30;
+    e = fz_ecn_decap(otos, v4 ? src[1] : (uint8_t)((src[0] & 0x0f) << 4 | src[1] >> 4));
+    if (e < 0 || (in[1] & ecn_mask) != (v4 ? e : e << 4) ||
+        (in[1] & ~ecn_mask) != (src[1] & ~ecn_mask))
         return 0;
     l4 = fz_l4_off(src, ilen, &l4p);
     for (i = 0; i < ilen; i++) {
-        if (i == 1 || ((in[0] >> 4) == 4 && (i == 10 || i == 11)))
+        if (i == 1 || (v4 && (i == 10 || i == 11) && in[1] != src[1]))
             continue;
         if (l4 && l4p == IPPROTO_TCP_ && (src[l4 + 13] & 2) && i >= l4 + 16 &&
             i < l4 + (size_t)(src[l4 + 12] >> 4) * 4)
@@ -260,7 +271,8 @@ static void check_udp_gso(struct h *h, const struct fz_frame *z, size_t n_in,
             n = tot - off - k * seg < seg ? tot - off - k * seg : seg;
             if (n < 4 || (gh = fz_gre_hlen(fz_rd16(g))) > n)
                 continue;
-            if (o->len > l2 && from_piece(o->data + l2, o->len - l2, g + gh, n - gh)) {
+            if (o->len > l2 &&
+                from_piece(o->data + l2, o->len - l2, g + gh, n - gh, ip[1])) {
                 check_decap(h, z, o, g + gh, n - gh);
                 found = 1;
             }
