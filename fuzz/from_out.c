@@ -208,7 +208,7 @@ static int from_piece(const uint8_t *in, size_t ilen, const uint8_t *src, size_t
     uint8_t l4p, ecn_mask;
     int v4 = in[0] >> 4 == 4, e;
 
-    if (ilen > avail || !ilen || ilen < 2)
+    if (ilen > avail || ilen < 2)
         return 0;
     /* ECN: IPv4's TOS bits 0-1; IPv6's traffic class straddles bytes 0-1 */
     ecn_mask = v4 ? 0x03 : 0x30;
