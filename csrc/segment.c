@@ -122,7 +122,10 @@ int gso_plan(struct gso_plan *s, uint8_t *ip, size_t len, uint16_t proto,
     s->proto = proto;
     s->mss = mss;
     if (proto == ETYPE_IPV4) {
-        if (len < 20)
+        /* A fragment is no super-packet: segments copy its header, so each
+         * would claim the fragment's offset, and only the first fragment
+         * holds an L4 header at all (GSO cuts whole datagrams). */
+        if (len < 20 || (rd16(ip + 6) & (IP_MF | IP_OFFMASK)))
             return -1;
         s->ihl = (size_t)(ip[0] & 0x0f) * 4;
         l4 = ip[9];
