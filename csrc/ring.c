@@ -50,6 +50,12 @@
  * kernel-side copy of a 64 KB frame into a big slot happens on the CPU
  * that received it, as before TPB's thread sees it. */
 #define SMALL_SLOT 2048u
+/* Where tpacket_rcv() puts a frame's Ethernet header in a slot (a vnet
+ * header in front of the frame, the frame's IP header aligned). */
+#define SLOT_MAC_OFF (TPACKET_ALIGN(TPACKET2_HDRLEN + 16) + \
+                      sizeof(struct virtio_net_hdr) - ETH_HLEN)
+_Static_assert(TPB_SMALL_MAX + SLOT_MAC_OFF == SMALL_SLOT,
+               "TPB_SMALL_MAX is what a small slot holds past its headers");
 #define SMALL_PER_BLOCK 32u                 /* 64 KB blocks */
 #define BIG_SLOT (17u * 4096u)
 #define BIG_PER_BLOCK 15u                   /* 255 pages: one page wasted per 2^8 */

@@ -25,8 +25,11 @@ struct sock_fprog;
 
 /* Frames up to this length (as the kernel hands them over, any outer VLAN
  * tag taken off) go to a source's ring of small slots, longer ones to its
- * ring of big slots: a small slot is 2 KB with 44 bytes of headers. */
-#define TPB_SMALL_MAX 1984u
+ * ring of big slots.  A small slot is 2048 bytes and the frame starts at
+ * 76 (af_packet.c tpacket_rcv: TPACKET_ALIGN(TPACKET2_HDRLEN + 16) plus
+ * the 10-byte vnet header, less the 14 of the Ethernet header); a longer
+ * frame would be cut short. */
+#define TPB_SMALL_MAX 1972u
 /* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and
  * come in bursts (a 512-slot ring overflowed at the far end of a loaded tunnel). */
 #define TPB_BIG_FRAMES 1024u

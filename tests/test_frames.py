@@ -358,8 +358,8 @@ def test_jumbo_frame_crosses_once_byte_identical(jumbo_lab, start_tpb, kind, dir
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_small_and_large_frames_interleaved_keep_their_order(jumbo_lab, start_tpb, direction):
-    """A ring slot holds 2 KB: larger frames come whole through the
-    socket's receive queue, their slot marked TP_STATUS_COPY.  Mixed with
+    """A small ring slot holds 2 KB: larger frames go to the ring of big
+    slots, and TPB merges the two rings back in arrival order.  Mixed with
     small ones, in bursts longer than a batch, every frame still arrives
     once, byte-identical, in the order sent."""
     tpb = start_tpb(jumbo_lab)
@@ -377,6 +377,35 @@ def test_small_and_large_frames_interleaved_keep_their_order(jumbo_lab, start_tp
         frames.append(frame)
         markers.append(m)
 
+    cross_in_order(jumbo_lab, src, dst, frames, markers)
+    c = tpb.stop()
+    assert_consistent(c)
+    assert c[src.tpb_port]["drop_truncated"] == 0, c
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, direction):
+    """A frame goes to the ring of small slots or of big ones by its length
+    as the kernel hands it over (csrc/tpb.h TPB_SMALL_MAX): every length
+    from well below that edge to well above it, untagged and tagged (the
+    kernel hands a tagged frame over 4 bytes shorter), crosses whole.  Each
+    slot begins with 76 bytes of headers (TPACKET2_HDRLEN and the vnet
+    header, aligned): a ring that took a frame longer than its slot holds
+    would cut it short, a drop (drop_truncated) where none may be."""
+    tpb = start_tpb(jumbo_lab)
+    e = ends(jumbo_lab)
+    src, dst = (e[n] for n in DIRECTIONS[direction])
+    frames, markers = [], []
+    for size in range(1940, 2021):
+        for tagged in (False, True):
+            m = os.urandom(16)
+            if tagged:
+                frame = sized(bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100)
+                                    / udp4(src, dst, m)[IP]), size + 4)
+            else:
+                frame = sized(bytes(udp4(src, dst, m)), size)
+            frames.append(frame)
+            markers.append(m)
     cross_in_order(jumbo_lab, src, dst, frames, markers)
     c = tpb.stop()
     assert_consistent(c)
