@@ -86,6 +86,10 @@ struct source {
     int to;                    /* the port it sends out of */
 };
 
+/* plain: --in, --out; tunnel: --in's two ways (bridge_open.c), each
+ * split by the mark, and --out */
+#define TPB_MAX_SOURCES 5
+
 struct reasm;                  /* reasm.c */
 
 /* keepalive.c: one POP of `remote`, its keepalive state and the sequence
@@ -149,7 +153,7 @@ void shed_free(struct shed *s);
 void shed_tick(struct shed *s, uint64_t now_ns, int queued);
 
 struct tpb_bridge {
-    struct source src[3];
+    struct source src[TPB_MAX_SOURCES];
     int nsrc;
     int txfd_in;               /* tunnel mode: the socket that sends out --in */
     int gsofd[TPB_NPORTS];     /* per port: super-packets go out through it */

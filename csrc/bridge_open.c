@@ -21,12 +21,29 @@
 /* ---- setting up -------------------------------------------------------- */
 
 /* cBPF for one ring of a source: accept the frame iff its length puts it
- * in that ring (TPB_SMALL_MAX) and, with a mark test, iff (mark == sel) ==
- * want.  Returns the number of instructions (at most 6). */
+ * in that ring (TPB_SMALL_MAX; big < 0: the source's only ring, any length)
+ * and, with a mark test, iff (mark == sel) == want.  Returns the number of
+ * instructions (at most 6). */
 static unsigned short ring_filter(struct sock_filter prog[6], int big,
                                   int test_mark, uint32_t sel, int want)
 {
     unsigned short n = 0;
+
+    if (big < 0) {
+        /* A frame too long for the slot is cut short and counted
+         * (drop_truncated), never refused unseen. */
+        if (!test_mark) {
+            prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
+            return n;
+        }
+        prog[n++] = (struct sock_filter)BPF_STMT(
+            BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel,
+                                                 want ? 0 : 1, want ? 1 : 0);
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0);
+        return n;
+    }
 
     if (test_mark) {
         prog[n++] = (struct sock_filter)BPF_STMT(
@@ -44,11 +61,12 @@ static unsigned short ring_filter(struct sock_filter prog[6], int big,
     return n;
 }
 
-/* A source: its two rings on ifindex, optionally only the frames whose
- * mark is (want) or is not (!want) the selection mark. */
+/* A source: its rings on ifindex for frames of proto (ETH_P_ALL or one
+ * EtherType), small slots and, if rings is 2, big ones; optionally only
+ * the frames whose mark is (want) or is not (!want) the selection mark. */
 static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
-                      int ifindex, enum src_kind kind, int port, int to,
-                      int test_mark, int want, int promisc,
+                      int ifindex, uint16_t proto, int rings, enum src_kind kind,
+                      int port, int to, int test_mark, int want, int promisc,
                       char *err, size_t errlen)
 {
     struct source *s = &br->src[br->nsrc];
@@ -59,7 +77,7 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     s->kind = kind;
     s->port = port;
     s->to = to;
-    for (big = 0; big < 2; big++) {
+    for (big = 0; big < rings; big++) {
         /* One group per ring, joined in the same order by every worker:
          * the same flow hash picks the same member index in each group. */
         int i = 2 * br->nsrc + big;
@@ -67,8 +85,9 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
                          : cfg->fanout == TPB_FANOUT_JOIN ? cfg->fanout_id[i]
                                                           : 0;
 
-        fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);
-        if (tpb_ring_open(&s->ring[big], ifindex,
+        fp.len = ring_filter(prog, rings == 1 ? -1 : big, test_mark, cfg->mark,
+                             want);
+        if (tpb_ring_open(&s->ring[big], ifindex, proto,
                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
                           promisc && !big, group, err, errlen) < 0)
             return -1;
@@ -194,12 +213,27 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
     br->txfd_in = tpb_txsock_open(cfg->ifindex[TPB_PORT_IN], 1, 1, err, errlen);
     if (br->txfd_in < 0)
         return -1;
-    if (add_source(br, cfg, cfg->sel_ifindex, SRC_BRIDGE, TPB_PORT_IN,
-                   TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->sel_ifindex, SRC_ENCAP, TPB_PORT_IN,
-                   TPB_PORT_OUT, 1, 1, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_FROM_OUT,
-                   TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
+    /* --in's frames come two ways (tpb/select.py): untagged IPv4 frames
+     * that fit a small slot straight from --in to sockets bound to
+     * ETH_P_IP, which see a frame after the ingress hook, its mark set;
+     * all others (tagged, whose tag such a socket would not see, not IPv4,
+     * super-packets, jumbo frames) forwarded by TPB's ingress chain into
+     * the veth pair, whose far end ETH_P_ALL sockets read.  Each frame
+     * takes one way, and each way is split by the mark.  The first way has
+     * one ring per source, so a frame meets two sockets on --in, as in
+     * plain mode.  Sources 0-2 are those of before (txq_init below counts
+     * on src[2]). */
+    if (add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_BRIDGE,
+                   TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
+        add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_ENCAP,
+                   TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 2,
+                   SRC_FROM_OUT, TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err,
+                   errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 1, SRC_BRIDGE,
+                   TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 1, SRC_ENCAP,
+                   TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
@@ -222,9 +256,9 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
 static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                       char *err, size_t errlen)
 {
-    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], SRC_BRIDGE, TPB_PORT_IN,
-                   TPB_PORT_OUT, 0, 0, 1, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], SRC_BRIDGE,
+    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_ALL, 2, SRC_BRIDGE,
+                   TPB_PORT_IN, TPB_PORT_OUT, 0, 0, 1, err, errlen) ||
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 2, SRC_BRIDGE,
                    TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
@@ -263,7 +297,7 @@ static struct tpb_bridge *bridge_new(const struct tpb_bridge_config *cfg)
     br = calloc(1, sizeof(*br));
     if (!br)
         return NULL;
-    for (i = 0; i < 3; i++)
+    for (i = 0; i < TPB_MAX_SOURCES; i++)
         br->src[i].ring[0].fd = br->src[i].ring[1].fd = -1;
     br->txfd_in = br->gsofd[0] = br->gsofd[1] = br->stop_fd = br->wake_fd = -1;
     br->batch = cfg->batch ? cfg->batch : 64;
@@ -338,7 +372,7 @@ void tpb_bridge_close(struct tpb_bridge *br)
         return;
     for (i = 0; i < TPB_NPORTS; i++)
         shed_free(&br->shed[i]);     /* first: frames go back to the stack */
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < TPB_MAX_SOURCES; i++) {
         tpb_ring_close(&br->src[i].ring[0]);
         tpb_ring_close(&br->src[i].ring[1]);
     }
@@ -383,8 +417,9 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
 
         if (s->kind == SRC_FROM_OUT)
             continue;
-        for (big = 0; big < 2; big++) {
-            fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
+        for (big = 0; big < 2 && s->ring[big].fd >= 0; big++) {
+            fp.len = ring_filter(prog, s->ring[1].fd < 0 ? -1 : big, 1, mark,
+                                 s->kind == SRC_ENCAP);
             setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
                        sizeof(fp));
         }

@@ -42,7 +42,7 @@
 #define PACKET_FANOUT_FLAG_IGNORE_OUTGOING 0x4000   /* Linux 6.2 */
 #endif
 
-/* Two rings per source (see ring.h): small slots of 2 KB, a 1518-byte
+/* Two rings per source (see tpb.h, TPB_SMALL_MAX): small slots of 2 KB, a 1518-byte
  * frame and its TPACKET and vnet headers (up to TPB_SMALL_MAX bytes), many
  * of them, since many slots are what rides out a stall of TPB's CPU (8192:
  * 16 MB, 27 ms of 64-byte frames at 0.3 Mpps); and big slots of 17 pages,
@@ -183,8 +183,8 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
  * one worker, so its frames stay in order; a worker's full ring drops (and
  * counts) rather than reorder.  Symmetric hash: both directions of a flow
  * go to the same worker index on either port. */
-static int fanout_join(struct tpb_ring *r, int ifindex, uint32_t id,
-                       const struct sock_fprog *filter, char *err,
+static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
+                       uint32_t id, const struct sock_fprog *filter, char *err,
                        size_t errlen)
 {
     struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
@@ -197,7 +197,7 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint32_t id,
 
     if ((rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &nothing,
                      sizeof(nothing), err, errlen, "SO_ATTACH_FILTER")) ||
-        (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
+        (rc = bind_port(r->fd, ifindex, proto, err, errlen)))
         return rc;
     /* In a group the group's hook is the one registered, and it ignores
      * outgoing frames only with this flag (Linux >= 6.2): the socket's own
@@ -223,9 +223,9 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint32_t id,
                   errlen, "SO_DETACH_FILTER");
 }
 
-int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
-                  const struct sock_fprog *filter, int promisc,
-                  uint32_t fanout, char *err, size_t errlen)
+int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
+                  uint32_t frames, int big, const struct sock_fprog *filter,
+                  int promisc, uint32_t fanout, char *err, size_t errlen)
 {
     int one = 1, ver = TPACKET_V2, rc;
     uint32_t slot = big ? BIG_SLOT : SMALL_SLOT;
@@ -236,7 +236,7 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
     r->fd = -1;
     r->ifindex = ifindex;
 
-    /* Protocol 0: receives nothing until bind() names ETH_P_ALL. */
+    /* Protocol 0: receives nothing until bind() names its protocol. */
     r->fd = socket(AF_PACKET, SOCK_RAW, 0);
     if (r->fd < 0)
         return fail(err, errlen, "socket(AF_PACKET)", errno);
@@ -261,8 +261,8 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
     r->frame_size = slot;
     r->frame_nr = (uint32_t)n;
 
-    if (fanout ? (rc = fanout_join(r, ifindex, fanout, filter, err, errlen))
-               : (rc = bind_port(r->fd, ifindex, ETH_P_ALL, err, errlen)))
+    if (fanout ? (rc = fanout_join(r, ifindex, proto, fanout, filter, err, errlen))
+               : (rc = bind_port(r->fd, ifindex, proto, err, errlen)))
         goto out;
     if (promisc && (rc = promisc_on(r->fd, ifindex, err, errlen)))
         goto out;

@@ -23,25 +23,21 @@ struct sock_fprog;
  * group whose id the kernel picks (PACKET_FANOUT_FLAG_UNIQUEID). */
 #define TPB_RING_FANOUT_NEW 0x10000u
 
-/* Frames up to this length (as the kernel hands them over, any outer VLAN
- * tag taken off) go to a source's ring of small slots, longer ones to its
- * ring of big slots.  A small slot is 2048 bytes and the frame starts at
- * 76 (af_packet.c tpacket_rcv: TPACKET_ALIGN(TPACKET2_HDRLEN + 16) plus
- * the 10-byte vnet header, less the 14 of the Ethernet header); a longer
- * frame would be cut short. */
-#define TPB_SMALL_MAX 1972u
+/* TPB_SMALL_MAX (tpb.h): the longest frame a ring of small slots takes. */
 /* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and
  * come in bursts (a 512-slot ring overflowed at the far end of a loaded tunnel). */
 #define TPB_BIG_FRAMES 1024u
 
-/* An RX ring on ifindex (ETH_P_ALL), of small slots or big ones, with an
- * optional cBPF filter and promiscuous membership; the same socket sends
- * out of that port.  fanout: 0, a PACKET_FANOUT_HASH group id (1..65535)
+/* An RX ring on ifindex, of small slots or big ones, with an optional
+ * cBPF filter and promiscuous membership; the same socket sends out of
+ * that port.  proto: ETH_P_ALL (every frame, before the netdev ingress
+ * hook) or one EtherType (only its frames, after the hook: their mark is
+ * set, their VLAN tag gone).  fanout: 0, a PACKET_FANOUT_HASH group id (1..65535)
  * to join, or TPB_RING_FANOUT_NEW; a member shares the port's frames by
  * flow with the others (r->fanout_id: the group's id). */
-int tpb_ring_open(struct tpb_ring *r, int ifindex, uint32_t frames, int big,
-                  const struct sock_fprog *filter, int promisc,
-                  uint32_t fanout, char *err, size_t errlen);
+int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
+                  uint32_t frames, int big, const struct sock_fprog *filter,
+                  int promisc, uint32_t fanout, char *err, size_t errlen);
 /* A socket that only sends out of ifindex (protocol 0: it receives
  * nothing), with or without qdisc bypass and promiscuous membership.
  * Returns fd or -errno. */

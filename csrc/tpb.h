@@ -187,7 +187,16 @@ struct tpb_remote_state {
 #define TPB_FANOUT_NONE 0
 #define TPB_FANOUT_NEW 1
 #define TPB_FANOUT_JOIN 2
-#define TPB_FANOUT_RINGS 6      /* rings of one loop: 3 sources x 2 at most */
+#define TPB_FANOUT_RINGS 10     /* rings of one loop: 5 sources x 2 at most */
+/* Frames up to this length (as the kernel hands them over, any outer VLAN
+ * tag taken off) go to a source's ring of small slots, longer ones to its
+ * ring of big slots.  A small slot is 2048 bytes and the frame starts at
+ * 76 (af_packet.c tpacket_rcv: TPACKET_ALIGN(TPACKET2_HDRLEN + 16) plus
+ * the 10-byte vnet header, less the 14 of the Ethernet header); a longer
+ * frame would be cut short.  In tunnel mode tpb/select.py sends only
+ * untagged IPv4 frames that fit one to TPB's sockets on --in itself
+ * (csrc/bridge_open.c). */
+#define TPB_SMALL_MAX 1972
 
 struct tpb_bridge_config {
     int ifindex[2];          /* TPB_PORT_IN, TPB_PORT_OUT */

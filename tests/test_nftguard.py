@@ -17,7 +17,8 @@ def sel(match: list[str]) -> Selector:
     return Selector("eth2", 3, 47, match)
 
 
-def listed(rules: int = 1, fwd: str = "tpbsel3a", prio: int = 500) -> dict[str, Any]:
+def listed(rules: int = 1, fwd: str = "tpbsel3a", prio: int = 500,
+           ipv4: str = "ip") -> dict[str, Any]:
     items: list[dict[str, Any]] = [
         {"metainfo": {"version": "1.0.6"}},
         {"table": {"family": "netdev", "name": "tpb_eth2", "handle": 1}},
@@ -29,6 +30,11 @@ def listed(rules: int = 1, fwd: str = "tpbsel3a", prio: int = 500) -> dict[str, 
             {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                        "right": {"prefix": {"addr": "203.0.113.0", "len": 24}}}},
             {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 47}}]}})
+    items.append({"rule": {"chain": "select", "handle": 8, "expr": [
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "type"}},
+                   "right": ipv4}},
+        {"match": {"op": "<=", "left": {"meta": {"key": "length"}}, "right": 1970}},
+        {"accept": None}]}})
     items.append({"rule": {"chain": "select", "handle": 9, "expr": [{"fwd": {"dev": fwd}}]}})
     return {"nftables": items}
 
@@ -48,6 +54,7 @@ def test_each_change_is_named():
     del one_gone["nftables"][3]
     assert nftguard.problem(one_gone, s) == "was flushed or changed"
     assert nftguard.problem(listed(fwd="eth9"), s) == "was changed"
+    assert nftguard.problem(listed(ipv4="ip6"), s) == "was changed"
     assert nftguard.problem(listed(prio=0), s) == "had its chain changed"
     no_chain = copy.deepcopy(listed())
     no_chain["nftables"] = [i for i in no_chain["nftables"] if "chain" not in i]

@@ -15,6 +15,7 @@ from tpb._tpb_c import ffi, lib
 from tpb.config import Tunnel
 from tpb.errors import RuntimeFailure, TpbError
 
+SMALL_MAX = lib.TPB_SMALL_MAX  # the longest frame a small ring slot takes
 PORT_IN = lib.TPB_PORT_IN
 PORT_OUT = lib.TPB_PORT_OUT
 PORT_NAMES = {PORT_IN: "in", PORT_OUT: "out"}

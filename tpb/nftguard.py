@@ -113,7 +113,8 @@ def list_table(table: str) -> dict[str, Any] | None:
 def problem(doc: dict[str, Any] | None, sel: Selector) -> str | None:
     """What is wrong with the table as listed (None: it is as TPB loaded
     it): the chain on --in's ingress hook at PRIORITY, one rule per match
-    expression setting the mark, and the last one forwarding into the veth.
+    expression setting the mark, one accepting short untagged IPv4 frames
+    (for TPB's sockets on --in) and the last one forwarding into the veth.
     Only the shape is compared (nft prints expressions its own way): a table
     gone, flushed, a rule or the chain deleted or added all show here."""
     if doc is None:
@@ -130,12 +131,16 @@ def problem(doc: dict[str, Any] | None, sel: Selector) -> str | None:
     if (c.get("hook") != "ingress" or c.get("prio") != PRIORITY
             or (dev is not None and sel.in_if not in devs)):
         return "had its chain changed"
-    if len(chains) != 1 or len(rules) != len(sel.match) + 1:
+    if len(chains) != 1 or len(rules) != len(sel.match) + 2:
         return "was flushed or changed" if rules else "was flushed"
     last = json.dumps(rules[-1].get("expr", []))
     if '"fwd"' not in last or f'"{sel.veth_tx}"' not in last:
         return "was changed"
-    for r in rules[:-1]:
+    ipv4 = json.dumps(rules[-2].get("expr", []))
+    if ('"accept"' not in ipv4 or '"ether"' not in ipv4 or '"type"' not in ipv4
+            or '"ip"' not in ipv4 or '"length"' not in ipv4):
+        return "was changed"
+    for r in rules[:-2]:
         text = json.dumps(r.get("expr", []))
         if '"mangle"' not in text or '"mark"' not in text:
             return "was changed"
