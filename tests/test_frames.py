@@ -233,6 +233,32 @@ def test_burst_arrives_complete_in_order_once(lab, tpb, direction):
     assert c[src.tpb_port]["rx_frames"] >= len(frames) + 1
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system time of a process and all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_loop_sleeps_once_a_burst_is_over(lab, tpb):
+    """After a burst the loop spins a few microseconds for the next frame
+    (csrc/bridge.c spin()), then sleeps: two seconds of quiet after 600
+    frames cost TPB next to no CPU time."""
+    e = ends(lab)
+    src, dst = e["gw1"], e["gw2"]
+    frames, markers = [], []
+    for _ in range(600):
+        m = os.urandom(16)
+        frames.append(FRAMES["ipv4-udp-unicast"](src, dst, m))
+        markers.append(m)
+    cross_in_order(lab, src, dst, frames, markers)
+    time.sleep(0.5)
+    before = _cpu_seconds(tpb.pid)
+    time.sleep(2.0)
+    used = _cpu_seconds(tpb.pid) - before
+    assert used < 0.1, f"TPB used {used:.2f} s of CPU in 2 s without traffic"
+
+
 # -- tshark: the crossed frames are well-formed --------------------------------
 
 
