@@ -87,8 +87,9 @@ tpb-encap: every frame leaves TPB as GRE toward 198.18.0.20 (nobody's) behind
   the sink's MAC; the sink counts it and its IP stack drops it (not its
   address), where for the plain DUTs it takes the UDP to the discard port.
   The sink's receive runs on the CPU that sent to it (TPB's, CPU 1).  And
-  every frame takes TPB's selection path (nft ingress chain, fwd into TPB's
-  veth pair) on the CPU that receives it at eth2: the gen's, CPU 0 here.
+  every frame takes TPB's selection path (nft ingress chain, then TPB's
+  ETH_P_IP sockets on eth2) on the CPU that receives it at eth2: the gen's,
+  CPU 0, in the default placement.
 chain lab: TPB's A and B are both pinned to CPU 1; the sink's TCP and the
   ACKs back run there too.  The A—B link is a model of two NICs: each eth3
   receives through NAPI in a thread on CPU 0 (a NIC's interrupt), with GRO,

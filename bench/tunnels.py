@@ -236,6 +236,14 @@ def duts(workdir: Path) -> list[Dut]:
 
     return [
         TpbTunnel(
+            "tpb-sel",
+            f"tpb run --cpu 1 --local {ENCAP_LOCAL} --remote {ENCAP_REMOTE} (tunnel mode, "
+            "nothing selected: what a tunnelling TPB costs the traffic it bridges)",
+            baselines={"tpb": {}},
+            args=[*cpu, "--local", ENCAP_LOCAL, "--remote", ENCAP_REMOTE],
+            workdir=workdir,
+        ),
+        TpbTunnel(
             "tpb-encap",
             f'tpb run --cpu 1 --local {ENCAP_LOCAL} --remote {ENCAP_REMOTE} --match "{ALL_IPV4}"',
             baselines={"tpb": {"udp64_mpps": Target(">=", 0.8)}, "bridge": {}},

@@ -392,18 +392,21 @@ def test_small_and_large_frames_interleaved_keep_their_order(jumbo_lab, start_tp
     e = ends(jumbo_lab)
     src, dst = (e[n] for n in DIRECTIONS[direction])
     sizes = [128, 9014, 1514, 2100, 200, 4000, 9018, 1600, 2048, 160]
-    frames, markers = [], []
+    builds = []
     for i in range(200):
-        m = os.urandom(16)
         size = sizes[i % len(sizes)]
         if size == 9018:
-            frame = JUMBO["jumbo-dot1q-9018"](src, dst, m)
+            builds.append(lambda m: JUMBO["jumbo-dot1q-9018"](src, dst, m))
         else:
-            frame = sized(bytes(udp4(src, dst, m)), size)
-        frames.append(frame)
-        markers.append(m)
+            builds.append(lambda m, size=size: sized(bytes(udp4(src, dst, m)), size))
+    _cross_whole(jumbo_lab, tpb, src, dst, builds)
 
-    cross_in_order(jumbo_lab, src, dst, frames, markers)
+
+def _cross_whole(lb, tpb, src, dst, builds: list[Callable[[bytes], bytes]]) -> None:
+    """One frame per build(marker), sent in turn: each arrives once,
+    byte-identical, in order, and TPB cut none short."""
+    markers = [os.urandom(16) for _ in builds]
+    cross_in_order(lb, src, dst, [b(m) for b, m in zip(builds, markers, strict=True)], markers)
     c = tpb.stop()
     assert_consistent(c)
     assert c[src.tpb_port]["drop_truncated"] == 0, c
@@ -421,21 +424,13 @@ def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, d
     tpb = start_tpb(jumbo_lab)
     e = ends(jumbo_lab)
     src, dst = (e[n] for n in DIRECTIONS[direction])
-    frames, markers = [], []
+    builds = []
     for size in range(1940, 2021):
-        for tagged in (False, True):
-            m = os.urandom(16)
-            if tagged:
-                frame = sized(bytes(Ether(src=src.mac, dst=dst.mac) / Dot1Q(vlan=100)
-                                    / udp4(src, dst, m)[IP]), size + 4)
-            else:
-                frame = sized(bytes(udp4(src, dst, m)), size)
-            frames.append(frame)
-            markers.append(m)
-    cross_in_order(jumbo_lab, src, dst, frames, markers)
-    c = tpb.stop()
-    assert_consistent(c)
-    assert c[src.tpb_port]["drop_truncated"] == 0, c
+        builds.append(lambda m, size=size: sized(bytes(udp4(src, dst, m)), size))
+        builds.append(lambda m, size=size: sized(bytes(Ether(src=src.mac, dst=dst.mac)
+                                                       / Dot1Q(vlan=100)
+                                                       / udp4(src, dst, m)[IP]), size + 4))
+    _cross_whole(jumbo_lab, tpb, src, dst, builds)
 
 
 # -- frames the wire allows at full size, with a tag of either kind --------------
