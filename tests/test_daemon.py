@@ -32,7 +32,20 @@ import pytest
 from helpers import TpbDaemon, read_counters, received, wait_for
 from pop_util import Capture
 from rawsock import netns
-from tunnel_util import exclusive_lab, lab_unavailable, remove_tpb_leftovers, tpb_leftovers
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.packet import Raw
+from tunnel_util import (
+    GW1_MAC,
+    GW2_MAC,
+    Wire,
+    exclusive_lab,
+    lab_unavailable,
+    marker,
+    parse_gre,
+    remove_tpb_leftovers,
+    tpb_leftovers,
+)
 
 from tpb import lab as labmod
 from tpb.lab import T_PC, T_POP, T_SERVER, T_TPB, T_TPB2
@@ -288,6 +301,69 @@ def test_tunnel_settings_reloaded_ten_times_under_ping_lose_nothing(tlab, daemon
     answered = finish_ping(ping)
     c = d.stop()
     assert c["tunnel"]["encap_packets"] >= answered and c["tunnel"]["drop"] == {}
+
+
+MARK_TABLE = """table netdev op {
+  chain c {
+    type filter hook ingress device "eth2" priority 0;
+    udp dport 5000 meta mark set 47
+    udp dport 6000 meta mark set 0x99
+  }
+}
+"""
+
+
+def test_a_new_mark_reaches_both_ways_into_tpb(tlab, daemons):
+    """select.mark reloaded live: every socket that splits --in's frames by
+    the mark gets the new one — those on --in itself (untagged IPv4) and
+    those on the veth pair (tagged) — so what was selected is bridged and
+    the other way round, with no frame seen twice."""
+    res = subprocess.run(tlab.cmd("tpb", ["nft", "-f", "-"]), input=MARK_TABLE,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    conf = (f'[ports]\nin = "eth2"\nout = "eth3"\n\n[tunnel]\nlocal = "{T_TPB}"\n'
+            f'remote = "{T_POP}"\n\n[select]\nmark = {{mark}}\n')
+    try:
+        d = daemons.start("tpb", "run", config=conf.format(mark=47))
+        path = daemons.tmp / "tpb-0.toml"
+        with Wire(tlab, "gw1", "eth1", outgoing=False) as w_in, \
+                Wire(tlab, "gw2", "eth0", outgoing=False) as w_out:
+            first = _tunneled_by_port(w_in, w_out)
+            line = hup(d, path, conf.format(mark=0x99), "reload")[0]
+            assert "configuration reloaded: " in line and "select.mark" in line, line
+            second = _tunneled_by_port(w_in, w_out)
+        d.stop()
+    finally:
+        tlab.run("tpb", ["nft", "delete", "table", "netdev", "op"], check=False)
+    assert first == {(5000, None), (5000, 100)}, first
+    assert second == {(6000, None), (6000, 100)}, second
+
+
+def _tunneled_by_port(w_in, w_out) -> set[tuple[int, int | None]]:
+    """A frame to UDP port 5000 and one to 6000, untagged and tagged (VLAN
+    100), from gw1: each arrives once at gw2; (port, vlan) of those that
+    came as GRE."""
+    sent = {}
+    w_out.drain()
+    for dport in (5000, 6000):
+        for vlan in (None, 100):
+            m = marker("mk")
+            ip = IP(src=T_PC, dst=T_SERVER, ttl=63) / UDP(sport=4000, dport=dport) / Raw(m * 3)
+            l2 = Ether(src=GW1_MAC, dst=GW2_MAC)
+            w_in.send(bytes(l2 / ip if vlan is None else l2 / Dot1Q(vlan=vlan) / ip))
+            sent[(dport, vlan)] = m
+    fence = marker("fence")
+    w_in.send(bytes(Ether(src=GW1_MAC, dst=GW2_MAC) / IP(src=T_PC, dst=T_SERVER, ttl=63)
+                    / UDP(sport=4000, dport=9) / Raw(fence)))
+    w_out.until(lambda f: fence in f.data, 5.0, "the fence")
+    w_out.settle(0.2)
+    tunneled = set()
+    for key, m in sent.items():
+        got = w_out.with_marker(m)
+        assert len(got) == 1, f"{key}: arrived {len(got)} times"
+        if parse_gre(got[0].data) is not None:
+            tunneled.add(key)
+    return tunneled
 
 
 def test_pop_reload_adds_a_peer_and_its_prefix(tlab, daemons):
