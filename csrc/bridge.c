@@ -16,7 +16,7 @@
  *                  (txq_check_mtu) and the tunnel follows --out's
  *                  (encap_mtu), reassembly and keepalives get their clock.
  *
- * Sources.  Each is two rings, split by frame length (ring.h) and merged
+ * Sources.  Each is two rings, split by frame length (tpb.h) and merged
  * back in arrival order, or one of small slots.  Plain mode: one ETH_P_ALL
  * source per port.  Tunnel mode: --in's frames are taken after nftables
  * has seen them (an ETH_P_ALL socket on --in would see them before the
