@@ -17,13 +17,13 @@
  *                  (encap_mtu), reassembly and keepalives get their clock.
  *
  * Sources.  Each is two rings, split by frame length (tpb.h) and merged
- * back in arrival order, or one of small slots.  Plain mode: one ETH_P_ALL
- * source per port.  Tunnel mode: --in's frames are taken after nftables
- * has seen them (an ETH_P_ALL socket on --in would see them before the
- * ingress hook, without the mark), two ways (tpb/select.py): untagged IPv4
- * frames that fit a small slot by sockets on --in bound to ETH_P_IP (one
- * ring each), all others from a veth pair that TPB's nftables table
- * forwards them to (an ETH_P_IP socket would not see their VLAN tag).
+ * back in arrival order (a source may have the first only).  Plain mode:
+ * one ETH_P_ALL source per port.  Tunnel mode: --in's frames are taken
+ * after nftables has seen them (an ETH_P_ALL socket on --in would see them
+ * before the ingress hook, without the mark), two ways (tpb/select.py):
+ * untagged IPv4 frames by sockets on --in bound to ETH_P_IP, all others
+ * from a veth pair that TPB's nftables table forwards them to (an ETH_P_IP
+ * socket would not see their VLAN tag).
  * Each way is two sources split by a cBPF filter on the mark
  * (SKF_AD_MARK): selected -> encapsulate, others -> bridge.  A fifth
  * source takes --out.  Every frame is seen exactly once, VLAN tag

@@ -214,15 +214,14 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
     if (br->txfd_in < 0)
         return -1;
     /* --in's frames come two ways (tpb/select.py): untagged IPv4 frames
-     * that fit a small slot straight from --in to sockets bound to
-     * ETH_P_IP, which see a frame after the ingress hook, its mark set;
-     * all others (tagged, whose tag such a socket would not see, not IPv4,
-     * super-packets, jumbo frames) forwarded by TPB's ingress chain into
-     * the veth pair, whose far end ETH_P_ALL sockets read.  Each frame
-     * takes one way, and each way is split by the mark.  The first way has
-     * one ring per source, so a frame meets two sockets on --in, as in
-     * plain mode.  Sources 0-2 are those of before (txq_init below counts
-     * on src[2]). */
+     * straight from --in to sockets bound to ETH_P_IP, which see a frame
+     * after the ingress hook, its mark set; all others (tagged, whose tag
+     * such a socket would not see, or not IPv4) forwarded by TPB's ingress
+     * chain into the veth pair, whose far end ETH_P_ALL sockets read.  Each
+     * frame takes one way, each way is split by the mark, and a flow never
+     * changes ways (a way by frame length would let a short frame overtake
+     * a super-packet of its flow still crossing the veth).  Sources 0-2
+     * are those of before (txq_init below counts on src[2]). */
     if (add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_BRIDGE,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
         add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_ENCAP,
@@ -230,9 +229,9 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 2,
                    SRC_FROM_OUT, TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err,
                    errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 1, SRC_BRIDGE,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 2, SRC_BRIDGE,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 1, SRC_ENCAP,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 2, SRC_ENCAP,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))

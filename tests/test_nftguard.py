@@ -33,7 +33,6 @@ def listed(rules: int = 1, fwd: str = "tpbsel3a", prio: int = 500,
     items.append({"rule": {"chain": "select", "handle": 8, "expr": [
         {"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "type"}},
                    "right": ipv4}},
-        {"match": {"op": "<=", "left": {"meta": {"key": "length"}}, "right": 1970}},
         {"accept": None}]}})
     items.append({"rule": {"chain": "select", "handle": 9, "expr": [{"fwd": {"dev": fwd}}]}})
     return {"nftables": items}

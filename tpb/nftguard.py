@@ -113,8 +113,8 @@ def list_table(table: str) -> dict[str, Any] | None:
 def problem(doc: dict[str, Any] | None, sel: Selector) -> str | None:
     """What is wrong with the table as listed (None: it is as TPB loaded
     it): the chain on --in's ingress hook at PRIORITY, one rule per match
-    expression setting the mark, one accepting short untagged IPv4 frames
-    (for TPB's sockets on --in) and the last one forwarding into the veth.
+    expression setting the mark, one accepting untagged IPv4 (for TPB's
+    sockets on --in) and the last one forwarding into the veth.
     Only the shape is compared (nft prints expressions its own way): a table
     gone, flushed, a rule or the chain deleted or added all show here."""
     if doc is None:
@@ -138,7 +138,7 @@ def problem(doc: dict[str, Any] | None, sel: Selector) -> str | None:
         return "was changed"
     ipv4 = json.dumps(rules[-2].get("expr", []))
     if ('"accept"' not in ipv4 or '"ether"' not in ipv4 or '"type"' not in ipv4
-            or '"ip"' not in ipv4 or '"length"' not in ipv4):
+            or '"ip"' not in ipv4):
         return "was changed"
     for r in rules[:-2]:
         text = json.dumps(r.get("expr", []))

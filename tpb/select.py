@@ -6,15 +6,16 @@ VLAN tag.  So in tunnel mode TPB installs one netdev table of its own whose
 ingress chain on --in runs last (priority 500) and sets the selection mark
 where `match` rules are given.  Then:
 
-1. an untagged IPv4 frame that fits a small ring slot (`ether type ip`:
-   nftables puts a tag the kernel took out of the frame back in front of
-   the EtherType it reads; `meta length`: the frame past its Ethernet
-   header) is accepted, and the C helper's sockets on --in bound to
-   ETH_P_IP take it, its mark set;
+1. an untagged IPv4 frame (`ether type ip`: nftables puts a tag the
+   kernel took out of the frame back in front of the EtherType it reads)
+   is accepted, and the C helper's sockets on --in bound to ETH_P_IP take
+   it, its mark set;
 2. every other frame — tagged, whose tag an ETH_P_IP socket would not
-   see, not IPv4, or longer (super-packets, jumbo frames) — is forwarded
-   (`fwd`) into a veth pair, whose far end the C helper reads with sockets
-   bound to ETH_P_ALL, each with a ring of small slots and one of big.
+   see, or not IPv4 — is forwarded (`fwd`) into a veth pair, whose far end
+   the C helper reads with sockets bound to ETH_P_ALL.
+
+A flow never changes ways: a way chosen by frame length would let a short
+frame overtake a super-packet of its flow still crossing the veth.
 
 Every frame is seen once, after the operator's own chains, with its mark
 and its VLAN tag; each way is split by a cBPF filter on the mark.  The
@@ -34,13 +35,9 @@ from dataclasses import dataclass
 
 from tpb.errors import TpbError
 from tpb.log import log
-from tpb.native import SMALL_MAX
 from tpb.ports import IFF_UP
 
 PRIORITY = 500  # after the operator's chains (use priority < 500)
-# `meta length` at the ingress hook counts from the IP header; the C
-# helper's small slots take SMALL_MAX bytes from the Ethernet header on.
-DIRECT_MAX = SMALL_MAX - 14
 VETH_MTU = 65535  # never the narrow point: jumbo frames and GSO pass
 
 
@@ -59,8 +56,7 @@ def ruleset(table: str, in_if: str, veth: str, mark: int, match: list[str]) -> s
         f'    type filter hook ingress device "{in_if}" priority {PRIORITY}; policy accept;',
     ]
     lines += [f"    {expr} meta mark set {mark}" for expr in match]
-    lines += [f"    ether type ip meta length <= {DIRECT_MAX} accept",
-              f'    fwd to "{veth}"', "  }", "}"]
+    lines += ["    ether type ip accept", f'    fwd to "{veth}"', "  }", "}"]
     return "\n".join(lines) + "\n"
 
 
