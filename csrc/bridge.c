@@ -17,14 +17,13 @@
  *                  (encap_mtu), reassembly and keepalives get their clock.
  *
  * Sources.  Each is two rings, split by frame length (tpb.h) and merged
- * back in arrival order (a source may have the first only).  Plain mode:
- * one ETH_P_ALL source per port.  Tunnel mode: --in's frames are taken
- * after nftables has seen them (an ETH_P_ALL socket on --in would see them
- * before the ingress hook, without the mark), two ways (tpb/select.py):
- * untagged IPv4 frames by sockets on --in bound to ETH_P_IP, all others
- * from a veth pair that TPB's nftables table forwards them to (an ETH_P_IP
- * socket would not see their VLAN tag).
- * Each way is two sources split by a cBPF filter on the mark
+ * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
+ * Tunnel mode: --in's frames are taken after nftables has seen them (an
+ * ETH_P_ALL socket on --in would see them before the ingress hook, without
+ * the mark), two ways (tpb/select.py): untagged IPv4 frames by sockets on
+ * --in bound to ETH_P_IP, all others from a veth pair that TPB's nftables
+ * table forwards them to (an ETH_P_IP socket would not see their VLAN
+ * tag).  Each way is two sources split by a cBPF filter on the mark
  * (SKF_AD_MARK): selected -> encapsulate, others -> bridge.  A fifth
  * source takes --out.  Every frame is seen exactly once, VLAN tag
  * included.
@@ -62,10 +61,9 @@ static int earlier(const struct tpacket2_hdr *a, const struct tpacket2_hdr *b)
 static struct tpacket2_hdr *next_frame(struct source *s, struct tpb_ring **from,
                                        uint32_t *st)
 {
-    uint32_t st0, st1 = 0;
+    uint32_t st0, st1;
     struct tpacket2_hdr *a = tpb_ring_peek(&s->ring[0], s->ring[0].head, &st0);
-    struct tpacket2_hdr *b = s->ring[1].map ? tpb_ring_peek(&s->ring[1], s->ring[1].head, &st1)
-                                            : NULL;
+    struct tpacket2_hdr *b = tpb_ring_peek(&s->ring[1], s->ring[1].head, &st1);
 
     if (a && (!b || earlier(a, b))) {
         *from = &s->ring[0];
@@ -147,7 +145,7 @@ static uint32_t pass(struct tpb_bridge *br, struct source *s)
     uint32_t n = 0, i, limit = br->batch;
 
     for (i = 0; i < 2; i++)
-        if (s->ring[i].map && s->ring[i].frame_nr < limit)
+        if (s->ring[i].frame_nr < limit)
             limit = s->ring[i].frame_nr;
 
     while (n < limit && (held[n] = collect(br, s, &f)) != NULL) {
@@ -174,7 +172,7 @@ static int rings_ready(struct tpb_bridge *br)
     for (i = 0; i < 2 * br->nsrc; i++) {
         struct tpb_ring *r = &br->src[i / 2].ring[i % 2];
 
-        if (r->map && tpb_ring_peek(r, r->head, &st))
+        if (tpb_ring_peek(r, r->head, &st))
             return 1;
     }
     return 0;
@@ -227,7 +225,7 @@ static int queued(const struct tpb_bridge *br, int port)
         for (k = 0; k < 2; k++) {
             const struct tpb_ring *r = &br->src[i].ring[k];
 
-            if (r->map &&
+            if (r->frame_nr &&
                 tpb_ring_peek(r, (r->head + r->frame_nr / 16) % r->frame_nr, &st))
                 return 1;
         }

@@ -21,29 +21,12 @@
 /* ---- setting up -------------------------------------------------------- */
 
 /* cBPF for one ring of a source: accept the frame iff its length puts it
- * in that ring (TPB_SMALL_MAX; big < 0: the source's only ring, any length)
- * and, with a mark test, iff (mark == sel) == want.  Returns the number of
- * instructions (at most 6). */
+ * in that ring (TPB_SMALL_MAX) and, with a mark test, iff (mark == sel) ==
+ * want.  Returns the number of instructions (at most 6). */
 static unsigned short ring_filter(struct sock_filter prog[6], int big,
                                   int test_mark, uint32_t sel, int want)
 {
     unsigned short n = 0;
-
-    if (big < 0) {
-        /* A frame too long for the slot is cut short and counted
-         * (drop_truncated), never refused unseen. */
-        if (!test_mark) {
-            prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
-            return n;
-        }
-        prog[n++] = (struct sock_filter)BPF_STMT(
-            BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
-        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel,
-                                                 want ? 0 : 1, want ? 1 : 0);
-        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
-        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0);
-        return n;
-    }
 
     if (test_mark) {
         prog[n++] = (struct sock_filter)BPF_STMT(
@@ -61,11 +44,11 @@ static unsigned short ring_filter(struct sock_filter prog[6], int big,
     return n;
 }
 
-/* A source: its rings on ifindex for frames of proto (ETH_P_ALL or one
- * EtherType), small slots and, if rings is 2, big ones; optionally only
- * the frames whose mark is (want) or is not (!want) the selection mark. */
+/* A source: its two rings on ifindex for frames of proto (ETH_P_ALL or
+ * one EtherType), optionally only those whose mark is (want) or is not
+ * (!want) the selection mark. */
 static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
-                      int ifindex, uint16_t proto, int rings, enum src_kind kind,
+                      int ifindex, uint16_t proto, enum src_kind kind,
                       int port, int to, int test_mark, int want, int promisc,
                       char *err, size_t errlen)
 {
@@ -77,7 +60,7 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     s->kind = kind;
     s->port = port;
     s->to = to;
-    for (big = 0; big < rings; big++) {
+    for (big = 0; big < 2; big++) {
         /* One group per ring, joined in the same order by every worker:
          * the same flow hash picks the same member index in each group. */
         int i = 2 * br->nsrc + big;
@@ -85,8 +68,7 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
                          : cfg->fanout == TPB_FANOUT_JOIN ? cfg->fanout_id[i]
                                                           : 0;
 
-        fp.len = ring_filter(prog, rings == 1 ? -1 : big, test_mark, cfg->mark,
-                             want);
+        fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);
         if (tpb_ring_open(&s->ring[big], ifindex, proto,
                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
                           promisc && !big, group, err, errlen) < 0)
@@ -222,16 +204,16 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
      * changes ways (a way by frame length would let a short frame overtake
      * a super-packet of its flow still crossing the veth).  Sources 0-2
      * are those of before (txq_init below counts on src[2]). */
-    if (add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_BRIDGE,
+    if (add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, SRC_BRIDGE,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_ENCAP,
+        add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, SRC_ENCAP,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 2,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL,
                    SRC_FROM_OUT, TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err,
                    errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 2, SRC_BRIDGE,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, SRC_BRIDGE,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 2, SRC_ENCAP,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, SRC_ENCAP,
                    TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
@@ -255,9 +237,9 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
 static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                       char *err, size_t errlen)
 {
-    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_ALL, 2, SRC_BRIDGE,
+    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_ALL, SRC_BRIDGE,
                    TPB_PORT_IN, TPB_PORT_OUT, 0, 0, 1, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 2, SRC_BRIDGE,
+        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, SRC_BRIDGE,
                    TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
@@ -416,9 +398,8 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
 
         if (s->kind == SRC_FROM_OUT)
             continue;
-        for (big = 0; big < 2 && s->ring[big].fd >= 0; big++) {
-            fp.len = ring_filter(prog, s->ring[1].fd < 0 ? -1 : big, 1, mark,
-                                 s->kind == SRC_ENCAP);
+        for (big = 0; big < 2; big++) {
+            fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
             setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
                        sizeof(fp));
         }
