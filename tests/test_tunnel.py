@@ -76,6 +76,13 @@ def tlab():
     if reason:
         pytest.skip(reason)
     with exclusive_lab(labmod.tunnel, LAB_PREFIX) as lb:
+        # OTHER has a MAC on the pop node's server side, so frames bridged
+        # to it end there.  Unresolved, the pop node would answer each one 3 s
+        # later with a host unreachable to the pc, which a later test's POP
+        # sends into its tunnel before that test's bridge has learned gw1's
+        # MAC (no_router_mac).
+        lb.run("pop", ["ip", "neigh", "replace", OTHER, "lladdr", "02:00:00:00:00:99",
+                       "nud", "permanent", "dev", "eth1"])
         yield lb
 
 

@@ -287,9 +287,13 @@ def status_json(tlab, node: str) -> dict:
 def test_keepalives_over_udp_both_ways(tlab, daemons):
     """The bridge's keepalives ride GRE-in-UDP and the POP reflects them in
     UDP; the POP's own keepalives to a udp peer come back the same way."""
-    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1 + ",keepalive=0.2s,3")
+    # The bridge first: gw2 learns the bridge's address by ARP, which the
+    # bridge answers only once it runs.  A POP started first has its
+    # keepalives wait in gw2's ARP queue and answered all at once, most of
+    # them older than the 3 the POP takes answers for (keepalive_stale).
     tpb1 = daemons.run(tlab, *tunnel_args(T_TPB, "--encap", "udp", "--key", str(KEY1),
                                           "--keepalive", "0.2s,3"))
+    pop = daemons.pop(tlab, "--local", T_POP, "--peer", PEER1 + ",keepalive=0.2s,3")
     with udp_capture(tlab, "eth0") as cap:
         # an IPv4 frame from --in gives the keepalives their Ethernet header
         tlab.run("gw1", ["ping", "-c", "1", "-W", "1", labmod.T_GW2], check=False)
