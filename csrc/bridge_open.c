@@ -65,7 +65,7 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
          * the same flow hash picks the same member index in each group. */
         int i = 2 * br->nsrc + big;
         uint32_t group = cfg->fanout == TPB_FANOUT_NEW    ? TPB_RING_FANOUT_NEW
-                         : cfg->fanout == TPB_FANOUT_JOIN ? cfg->fanout_id[i]
+                         : cfg->fanout == TPB_FANOUT_JOIN ? TPB_RING_FANOUT_JOIN | cfg->fanout_id[i]
                                                           : 0;
 
         fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);

@@ -14,14 +14,17 @@ struct tpb_ring {
     uint32_t frame_size;
     uint32_t frame_nr;
     uint32_t head;          /* next slot the kernel will hand us */
-    uint16_t fanout_id;     /* its PACKET_FANOUT group; 0: none */
+    uint16_t fanout_id;     /* its PACKET_FANOUT group, if it joined one */
 };
 
 struct sock_fprog;
 
-/* fanout argument of tpb_ring_open: a group id to join, or this for a new
- * group whose id the kernel picks (PACKET_FANOUT_FLAG_UNIQUEID). */
+/* fanout argument of tpb_ring_open: 0 for none, this for a new group whose
+ * id the kernel picks (PACKET_FANOUT_FLAG_UNIQUEID), or JOIN | id.  Group 0
+ * is a real group: the kernel's first unique id after boot, and again each
+ * time its 16-bit counter wraps. */
 #define TPB_RING_FANOUT_NEW 0x10000u
+#define TPB_RING_FANOUT_JOIN 0x20000u
 
 /* TPB_SMALL_MAX (tpb.h): the longest frame a ring of small slots takes. */
 /* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and
@@ -32,8 +35,8 @@ struct sock_fprog;
  * cBPF filter and promiscuous membership; the same socket sends out of
  * that port.  proto: ETH_P_ALL (every frame, before the netdev ingress
  * hook) or one EtherType (only its frames, after the hook: their mark is
- * set, their VLAN tag gone).  fanout: 0, a PACKET_FANOUT_HASH group id (1..65535)
- * to join, or TPB_RING_FANOUT_NEW; a member shares the port's frames by
+ * set, their VLAN tag gone).  fanout: 0, TPB_RING_FANOUT_JOIN | a
+ * PACKET_FANOUT_HASH group's id, or TPB_RING_FANOUT_NEW; a member shares the port's frames by
  * flow with the others (r->fanout_id: the group's id). */
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
                   uint32_t frames, int big, const struct sock_fprog *filter,

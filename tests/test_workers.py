@@ -11,13 +11,15 @@ totals; and every frame gw1 sent is delivered to gw2 or in a drop counter.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import assert_balance, assert_consistent, port_drops
-from rawsock import Port
+from rawsock import Port, netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -188,3 +190,74 @@ def test_workers_behind_a_queuing_qdisc_never_take_back_what_tpb_sent(quiet_lab,
     finally:
         for ifname in ("eth2", "eth3"):
             quiet_lab.run("tpb", ["tc", "qdisc", "del", "dev", ifname, "root"], check=False)
+
+
+SOL_PACKET = 263
+PACKET_FANOUT = 18
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+ETH_P_IP = 0x0800
+
+
+def _new_fanout_group() -> tuple[socket.socket, int]:
+    """A socket alone in a new hash group whose id the kernel picks."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    s.bind(("lo", ETH_P_IP))
+    s.setsockopt(SOL_PACKET, PACKET_FANOUT, PACKET_FANOUT_FLAG_UNIQUEID << 16)
+    (arg,) = struct.unpack("I", s.getsockopt(SOL_PACKET, PACKET_FANOUT, 4))
+    return s, arg & 0xFFFF
+
+
+def _next_unique_fanout_id_zero(ns: str) -> None:
+    """Moves the kernel's counter of unique fanout group ids (one 16-bit
+    counter for all namespaces) on until the next group it makes is 0, as
+    it is for the first group after boot.  Groups are made in batches and
+    closed in parallel: each close waits for an RCU grace period."""
+    with netns(ns), ThreadPoolExecutor(64) as pool:
+        while True:
+            batch = []
+            try:
+                while len(batch) < 4000:
+                    batch.append(_new_fanout_group())
+                    if batch[-1][1] == 0xFFFF:
+                        return
+            finally:
+                list(pool.map(lambda g: g[0].close(), batch))
+
+
+def test_two_workers_in_fanout_group_zero_forward_each_frame_once(quiet_lab, start_tpb):
+    """The kernel numbers unique fanout groups from 0, so a TPB started
+    first after boot makes group 0, and a worker joining it must not take
+    0 for "no group": it would get every frame of the port besides its
+    share, and forward each a second time."""
+    quiet_lab.run("tpb", ["ip", "link", "set", "lo", "up"])
+    _next_unique_fanout_id_zero(quiet_lab.ns("tpb"))
+    tpb = start_tpb(quiet_lab, extra=("--workers", "2"))
+    with netns(quiet_lab.ns("tpb")):
+        probe, after = _new_fanout_group()
+        probe.close()
+    # TPB's first worker made the groups from 0 on, one per ring
+    assert 0 < after <= 2 * 5, after
+    e = ends(quiet_lab)
+    src, dst = e["gw1"], e["gw2"]
+    tag = os.urandom(8)
+    n = 320
+    with (
+        Port(quiet_lab.ns(src.node), src.ifname) as tx,
+        Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
+    ):
+        for i in range(n):
+            tx.send(bytes(Ether(src=src.mac, dst=dst.mac)
+                          / IP(src="192.0.2.1", dst="198.51.100.9")
+                          / UDP(sport=20000 + i % FLOWS, dport=9)
+                          / Raw(tag + struct.pack("!I", i))))
+        seen: list[int] = []
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            f = rx.recv(0.1)
+            # UDP only: gw2's ICMP errors quote the frames it routes on
+            if f is not None and f.data[23:24] == b"\x11" and tag in f.data:
+                at = f.data.index(tag) + len(tag)
+                seen.append(struct.unpack("!I", f.data[at : at + 4])[0])
+    c = tpb.stop()
+    assert sorted(seen) == list(range(n)), (len(seen), len(set(seen)))
+    assert all(w["in"]["rx_frames"] > 0 for w in c["workers"]), c["workers"]
