@@ -355,7 +355,10 @@ def test_gre_in_udp_with_linux_fou(lab, tmp_path, combo):
     # TCP both ways; how fast is the TCG VM's business (a busy host slows it
     # to a few hundred kbit/s)
     for res in (up, down):
-        assert res.returncode != -1, (res.stderr, c["tunnel"], c["in"], c["out"], stats, snmp)
+        if res.returncode == -1:
+            # whole: an assertion's message would be cut to a line or two
+            pytest.fail(f"{res.stderr}\ntunnel: {c['tunnel']}\nin: {c['in']}\n"
+                        f"out: {c['out']}\ngre1: {stats}\n{snmp}", pytrace=False)
         out = json.loads(res.stdout)
         assert "sum_received" in out.get("end", {}), out.get("error", res.stdout[-500:])
         assert out["end"]["sum_received"]["bytes"] > 20_000, res.stdout[-500:]
