@@ -11,6 +11,7 @@ totals; and every frame gw1 sent is delivered to gw2 or in a drop counter.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import struct
 import threading
@@ -211,12 +212,15 @@ def _next_unique_fanout_id_zero(ns: str) -> None:
     """Moves the kernel's counter of unique fanout group ids (one 16-bit
     counter for all namespaces) on until the next group it makes is 0, as
     it is for the first group after boot.  Groups are made in batches and
-    closed in parallel: each close waits for an RCU grace period."""
+    closed in parallel: each close waits for an RCU grace period.  A batch
+    stays well under the process's limit of open files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    size = max(64, min(4000, soft - 256))
     with netns(ns), ThreadPoolExecutor(64) as pool:
         while True:
             batch = []
             try:
-                while len(batch) < 4000:
+                while len(batch) < size:
                     batch.append(_new_fanout_group())
                     if batch[-1][1] == 0xFFFF:
                         return
