@@ -36,8 +36,9 @@ struct sock_fprog;
  * that port.  proto: ETH_P_ALL (every frame, before the netdev ingress
  * hook) or one EtherType (only its frames, after the hook: their mark is
  * set, their VLAN tag gone).  fanout: 0, TPB_RING_FANOUT_JOIN | a
- * PACKET_FANOUT_HASH group's id, or TPB_RING_FANOUT_NEW; a member shares the port's frames by
- * flow with the others (r->fanout_id: the group's id). */
+ * PACKET_FANOUT_HASH group's id, or TPB_RING_FANOUT_NEW; a member shares
+ * the port's frames by flow with the others (r->fanout_id: the group's
+ * id). */
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
                   uint32_t frames, int big, const struct sock_fprog *filter,
                   int promisc, uint32_t fanout, char *err, size_t errlen);

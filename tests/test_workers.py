@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import assert_balance, assert_consistent, port_drops
-from rawsock import Port, netns
+from rawsock import ETH_P_ALL, SOL_PACKET, Port, netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -145,6 +145,30 @@ def test_two_workers_keep_each_flow_in_order_and_count_every_frame(quiet_lab, st
 
 
 
+def _send_numbered(tx: Port, src, dst, tag: bytes, n: int) -> None:
+    """n UDP frames src -> dst of FLOWS flows, each carrying tag and its
+    number."""
+    for i in range(n):
+        tx.send(bytes(Ether(src=src.mac, dst=dst.mac)
+                      / IP(src="192.0.2.1", dst="198.51.100.9")
+                      / UDP(sport=20000 + i % FLOWS, dport=9)
+                      / Raw(tag + struct.pack("!I", i))))
+
+
+def _numbers_seen(port: Port, tag: bytes, seconds: float) -> list[int]:
+    """The numbers of _send_numbered's frames the port sees in `seconds`."""
+    seen, until = [], time.monotonic() + seconds
+    while time.monotonic() < until:
+        f = port.recv(0.1)
+        # UDP only: gw2 routes these frames on (to a host that never answers
+        # ARP) and its ICMP errors quote them, tag and all; those are not
+        # TPB's doing
+        if f is not None and f.data[23:24] == b"\x11" and tag in f.data:
+            at = f.data.index(tag) + len(tag)
+            seen.append(struct.unpack("!I", f.data[at : at + 4])[0])
+    return seen
+
+
 def test_workers_behind_a_queuing_qdisc_never_take_back_what_tpb_sent(quiet_lab, start_tpb):
     """Behind a qdisc that queues TPB sends through it, and the kernel shows
     every frame sent there to the port's packet taps.  A socket in a fanout
@@ -165,26 +189,9 @@ def test_workers_behind_a_queuing_qdisc_never_take_back_what_tpb_sent(quiet_lab,
             Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
         ):
             time.sleep(1.5)  # TPB's qdisc watch has seen pfifo: sends go through it
-            for i in range(n):
-                tx.send(bytes(Ether(src=src.mac, dst=dst.mac)
-                              / IP(src="192.0.2.1", dst="198.51.100.9")
-                              / UDP(sport=20000 + i % FLOWS, dport=9)
-                              / Raw(tag + struct.pack("!I", i))))
-
-            def ours(port: Port, seconds: float) -> list[int]:
-                seen, until = [], time.monotonic() + seconds
-                while time.monotonic() < until:
-                    f = port.recv(0.1)
-                    # UDP only: gw2 routes these frames on (to a host that
-                    # never answers ARP) and its ICMP errors quote them, tag
-                    # and all; those are not TPB's doing
-                    if f is not None and f.data[23:24] == b"\x11" and tag in f.data:
-                        at = f.data.index(tag) + len(tag)
-                        seen.append(struct.unpack("!I", f.data[at : at + 4])[0])
-                return seen
-
-            at_gw2 = ours(rx, 2.0)
-            back_at_gw1 = ours(tx, 0.5)
+            _send_numbered(tx, src, dst, tag, n)
+            at_gw2 = _numbers_seen(rx, tag, 2.0)
+            back_at_gw1 = _numbers_seen(tx, tag, 0.5)
         tpb.stop()
         assert sorted(at_gw2) == list(range(n)), (len(at_gw2), len(set(at_gw2)))
         assert back_at_gw1 == [], f"{len(back_at_gw1)} of gw1's frames came back"
@@ -193,16 +200,14 @@ def test_workers_behind_a_queuing_qdisc_never_take_back_what_tpb_sent(quiet_lab,
             quiet_lab.run("tpb", ["tc", "qdisc", "del", "dev", ifname, "root"], check=False)
 
 
-SOL_PACKET = 263
 PACKET_FANOUT = 18
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
-ETH_P_IP = 0x0800
 
 
 def _new_fanout_group() -> tuple[socket.socket, int]:
     """A socket alone in a new hash group whose id the kernel picks."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    s.bind(("lo", ETH_P_IP))
+    s.bind(("lo", ETH_P_ALL))
     s.setsockopt(SOL_PACKET, PACKET_FANOUT, PACKET_FANOUT_FLAG_UNIQUEID << 16)
     (arg,) = struct.unpack("I", s.getsockopt(SOL_PACKET, PACKET_FANOUT, 4))
     return s, arg & 0xFFFF
@@ -249,19 +254,8 @@ def test_two_workers_in_fanout_group_zero_forward_each_frame_once(quiet_lab, sta
         Port(quiet_lab.ns(src.node), src.ifname) as tx,
         Port(quiet_lab.ns(dst.node), dst.ifname, capture=True) as rx,
     ):
-        for i in range(n):
-            tx.send(bytes(Ether(src=src.mac, dst=dst.mac)
-                          / IP(src="192.0.2.1", dst="198.51.100.9")
-                          / UDP(sport=20000 + i % FLOWS, dport=9)
-                          / Raw(tag + struct.pack("!I", i))))
-        seen: list[int] = []
-        until = time.monotonic() + 2.0
-        while time.monotonic() < until:
-            f = rx.recv(0.1)
-            # UDP only: gw2's ICMP errors quote the frames it routes on
-            if f is not None and f.data[23:24] == b"\x11" and tag in f.data:
-                at = f.data.index(tag) + len(tag)
-                seen.append(struct.unpack("!I", f.data[at : at + 4])[0])
+        _send_numbered(tx, src, dst, tag, n)
+        seen = _numbers_seen(rx, tag, 2.0)
     c = tpb.stop()
     assert sorted(seen) == list(range(n)), (len(seen), len(set(seen)))
     assert all(w["in"]["rx_frames"] > 0 for w in c["workers"]), c["workers"]
