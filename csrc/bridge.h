@@ -81,6 +81,7 @@ enum src_kind { SRC_BRIDGE, SRC_ENCAP, SRC_FROM_OUT };
  * slots, [1] big ones, merged back in arrival order by their timestamps. */
 struct source {
     struct tpb_ring ring[2];
+    int split;                 /* in one split group (bridge_open.c) */
     enum src_kind kind;
     int port;                  /* whose rx counters */
     int to;                    /* the port it sends out of */

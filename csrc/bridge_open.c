@@ -21,32 +21,78 @@
 /* ---- setting up -------------------------------------------------------- */
 
 /* cBPF for one ring of a source: accept the frame iff its length puts it
- * in that ring (TPB_SMALL_MAX) and, with a mark test, iff (mark == sel) ==
- * want.  Returns the number of instructions (at most 6). */
-static unsigned short ring_filter(struct sock_filter prog[6], int big,
+ * in that ring (TPB_SMALL_MAX; not tested when a split group sorted it
+ * already) and, with a mark test, iff (mark == sel) == want.  Returns the
+ * number of instructions (at most 6; 0: nothing to test). */
+static unsigned short ring_filter(struct sock_filter prog[6], int big, int split,
                                   int test_mark, uint32_t sel, int want)
 {
     unsigned short n = 0;
+    uint8_t reject = split ? 1 : 3;     /* jumps from the mark test */
 
+    if (split && !test_mark)
+        return 0;
     if (test_mark) {
         prog[n++] = (struct sock_filter)BPF_STMT(
             BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
-        /* on to the length test, or to the reject at the end (3 ahead) */
+        /* on to the length test (or the accept), or to the reject at the end */
         prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel,
-                                                 want ? 0 : 3, want ? 3 : 0);
+                                                 want ? 0 : reject, want ? reject : 0);
     }
-    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
-    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
-                                             TPB_SMALL_MAX, big ? 0 : 1,
-                                             big ? 1 : 0);
+    if (!split) {
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
+                                                 TPB_SMALL_MAX, big ? 0 : 1,
+                                                 big ? 1 : 0);
+    }
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0);
     return n;
 }
 
+/* A source's two rings in one TPB_RING_FANOUT_SPLIT group (ring.c
+ * split_by_length): each frame meets one of its sockets.  Ring 0 takes
+ * nothing until ring 1 has joined, or it would be handed the long frames
+ * meanwhile.  -EOPNOTSUPP: the kernel cannot (Linux < 6.2). */
+static int open_split(struct source *s, const struct tpb_bridge_config *cfg,
+                      int ifindex, uint16_t proto, int test_mark, int want,
+                      int promisc, char *err, size_t errlen)
+{
+    struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+    struct sock_fprog nothing = {1, none};
+    struct sock_filter prog[6];
+    struct sock_fprog fp = {0, prog};
+    int rc, dummy = 0;
+
+    fp.len = ring_filter(prog, 0, 1, test_mark, cfg->mark, want);
+    rc = tpb_ring_open(&s->ring[0], ifindex, proto, cfg->ring_frames, 0, &nothing,
+                       promisc, TPB_RING_FANOUT_SPLIT | TPB_RING_FANOUT_NEW, err, errlen);
+    if (rc < 0)
+        return rc;
+    rc = tpb_ring_open(&s->ring[1], ifindex, proto, TPB_BIG_FRAMES, 1, fp.len ? &fp : NULL,
+                       0, TPB_RING_FANOUT_SPLIT | TPB_RING_FANOUT_JOIN | s->ring[0].fanout_id,
+                       err, errlen);
+    if (rc == 0 && (fp.len ? setsockopt(s->ring[0].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
+                                        sizeof(fp))
+                           : setsockopt(s->ring[0].fd, SOL_SOCKET, SO_DETACH_FILTER, &dummy,
+                                        sizeof(dummy))) < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "SO_ATTACH_FILTER: %s", strerror(errno));
+        tpb_ring_close(&s->ring[1]);
+    }
+    if (rc < 0) {
+        tpb_ring_close(&s->ring[0]);
+        return rc;
+    }
+    s->split = 1;
+    return 0;
+}
+
 /* A source: its two rings on ifindex for frames of proto (ETH_P_ALL or
  * one EtherType), optionally only those whose mark is (want) or is not
- * (!want) the selection mark. */
+ * (!want) the selection mark.  One loop: a split group if the kernel has
+ * it (TPB_FAULT_NO_SPLIT, tests only: as if it had not); workers: one
+ * hash group per ring. */
 static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                       int ifindex, uint16_t proto, enum src_kind kind,
                       int port, int to, int test_mark, int want, int promisc,
@@ -55,11 +101,21 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
     struct source *s = &br->src[br->nsrc];
     struct sock_filter prog[6];
     struct sock_fprog fp = {0, prog};
-    int big;
+    int big, rc;
 
     s->kind = kind;
     s->port = port;
     s->to = to;
+    s->split = 0;
+    if (cfg->fanout == TPB_FANOUT_NONE && !getenv("TPB_FAULT_NO_SPLIT")) {
+        rc = open_split(s, cfg, ifindex, proto, test_mark, want, promisc, err, errlen);
+        if (rc == 0) {
+            br->nsrc++;
+            return 0;
+        }
+        if (rc != -EOPNOTSUPP)
+            return -1;
+    }
     for (big = 0; big < 2; big++) {
         /* One group per ring, joined in the same order by every worker:
          * the same flow hash picks the same member index in each group. */
@@ -68,7 +124,7 @@ static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg
                          : cfg->fanout == TPB_FANOUT_JOIN ? TPB_RING_FANOUT_JOIN | cfg->fanout_id[i]
                                                           : 0;
 
-        fp.len = ring_filter(prog, big, test_mark, cfg->mark, want);
+        fp.len = ring_filter(prog, big, 0, test_mark, cfg->mark, want);
         if (tpb_ring_open(&s->ring[big], ifindex, proto,
                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
                           promisc && !big, group, err, errlen) < 0)
@@ -399,7 +455,7 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
         if (s->kind == SRC_FROM_OUT)
             continue;
         for (big = 0; big < 2; big++) {
-            fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
+            fp.len = ring_filter(prog, big, s->split, 1, mark, s->kind == SRC_ENCAP);
             setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
                        sizeof(fp));
         }

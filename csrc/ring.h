@@ -25,6 +25,13 @@ struct sock_fprog;
  * time its 16-bit counter wraps. */
 #define TPB_RING_FANOUT_NEW 0x10000u
 #define TPB_RING_FANOUT_JOIN 0x20000u
+/* ... or TPB_RING_FANOUT_SPLIT | NEW or JOIN | id: a group of two whose
+ * cBPF program hands each frame to one member by its length
+ * (PACKET_FANOUT_CBPF): the first member, a ring of small slots, takes
+ * frames up to TPB_SMALL_MAX bytes, the second the longer ones.  A kernel
+ * that cannot make a group ignore outgoing frames (Linux < 6.2) refuses
+ * it with -EOPNOTSUPP. */
+#define TPB_RING_FANOUT_SPLIT 0x40000u
 
 /* TPB_SMALL_MAX (tpb.h): the longest frame a ring of small slots takes. */
 /* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and

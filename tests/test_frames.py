@@ -32,7 +32,8 @@ from helpers import (
     tshark,
     wait_for,
 )
-from rawsock import Port
+from packet_diag import sockets
+from rawsock import ETH_P_ALL, Port
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
@@ -412,12 +413,27 @@ def _cross_whole(lb, tpb, src, dst, builds: list[Callable[[bytes], bytes]]) -> N
     assert c[src.tpb_port]["drop_truncated"] == 0, c
 
 
+# How a port's frames are sorted into its two rings: one PACKET_FANOUT_CBPF
+# group (the default), or, as on a kernel before 6.2, a length filter on each
+# of two sockets (TPB_FAULT_NO_SPLIT).
+SORTING = {"group": None, "filters": "1"}
+
+
+@pytest.fixture(params=list(SORTING))
+def sorting(request, monkeypatch) -> str:
+    if SORTING[request.param]:
+        monkeypatch.setenv("TPB_FAULT_NO_SPLIT", SORTING[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, direction):
+def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, direction,
+                                                         sorting):
     """A frame goes to the ring of small slots or of big ones by its length
     as the kernel hands it over (csrc/tpb.h TPB_SMALL_MAX): every length
     from well below that edge to well above it, untagged and tagged (the
-    kernel hands a tagged frame over 4 bytes shorter), crosses whole.  Each
+    kernel hands a tagged frame over 4 bytes shorter), crosses whole, in
+    order, sorted by the ports' fanout groups or by filters.  Each
     slot begins with 76 bytes of headers (TPACKET2_HDRLEN and the vnet
     header, aligned): a ring that took a frame longer than its slot holds
     would cut it short, a drop (drop_truncated) where none may be."""
@@ -431,6 +447,36 @@ def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, d
                                                        / Dot1Q(vlan=100)
                                                        / udp4(src, dst, m)[IP]), size + 4))
     _cross_whole(jumbo_lab, tpb, src, dst, builds)
+
+
+def test_each_frame_meets_one_socket_of_its_port(lab, start_tpb, sorting):
+    """As the kernel reports TPB's sockets (sock_diag): each port has two RX
+    rings, of small slots and of big ones.  By default they are the two
+    members of one PACKET_FANOUT_CBPF group, which hands each frame to one
+    of them, and neither has a filter to run; sorted by filters, each has
+    its own length filter and no group.  (The sockets without a ring only
+    send: bound to no protocol, they see no frame.)"""
+    tpb = start_tpb(lab)
+    socks = sockets(lab, "tpb")
+    tpb.stop()
+    rings = [s for s in socks if "rx_frames" in s]
+    assert all(s["proto"] == ETH_P_ALL for s in rings), rings
+    assert all(s["proto"] == 0 for s in socks if "rx_frames" not in s), socks
+    by_port: dict[int, list[dict]] = {}
+    for s in rings:
+        by_port.setdefault(s["ifindex"], []).append(s)
+    assert len(by_port) == 2, rings
+    for ring_pair in by_port.values():
+        assert sorted(s["rx_frame_size"] for s in ring_pair) == [2048, 69632], ring_pair
+        if sorting == "group":
+            assert [s.get("fanout_type") for s in ring_pair] == ["cbpf", "cbpf"], ring_pair
+            assert ring_pair[0]["fanout_id"] == ring_pair[1]["fanout_id"], ring_pair
+            assert not any(s["filter"] for s in ring_pair), ring_pair
+        else:
+            assert not any("fanout_id" in s for s in ring_pair), ring_pair
+            assert all(s["filter"] for s in ring_pair), ring_pair
+    ids = {p[0].get("fanout_id") for p in by_port.values()}
+    assert len(ids) == 2 or sorting == "filters", by_port
 
 
 # -- frames the wire allows at full size, with a tag of either kind --------------
