@@ -81,7 +81,8 @@ enum src_kind { SRC_BRIDGE, SRC_ENCAP, SRC_FROM_OUT };
  * slots, [1] big ones, merged back in arrival order by their timestamps. */
 struct source {
     struct tpb_ring ring[2];
-    int split;                 /* in one split group (bridge_open.c) */
+    uint8_t sorted;            /* its rings in a fanout group, no filters */
+    uint8_t group_len;         /* on a group's first source: its sources */
     enum src_kind kind;
     int port;                  /* whose rx counters */
     int to;                    /* the port it sends out of */

@@ -20,117 +20,150 @@
 
 /* ---- setting up -------------------------------------------------------- */
 
-/* cBPF for one ring of a source: accept the frame iff its length puts it
- * in that ring (TPB_SMALL_MAX; not tested when a split group sorted it
- * already) and, with a mark test, iff (mark == sel) == want.  Returns the
- * number of instructions (at most 6; 0: nothing to test). */
-static unsigned short ring_filter(struct sock_filter prog[6], int big, int split,
-                                  int test_mark, uint32_t sel, int want)
+/* cBPF for one ring of a source sorted by filters (no group, or a hash
+ * group of workers): accept the frame iff its length puts it in that ring
+ * (TPB_SMALL_MAX) and, with a mark test, iff (mark == sel) == want.
+ * Returns the number of instructions (at most 6). */
+static unsigned short ring_filter(struct sock_filter prog[6], int big, int test_mark,
+                                  uint32_t sel, int want)
 {
     unsigned short n = 0;
-    uint8_t reject = split ? 1 : 3;     /* jumps from the mark test */
 
-    if (split && !test_mark)
-        return 0;
     if (test_mark) {
         prog[n++] = (struct sock_filter)BPF_STMT(
             BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
-        /* on to the length test (or the accept), or to the reject at the end */
+        /* on to the length test, or to the reject at the end (3 ahead) */
         prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel,
-                                                 want ? 0 : reject, want ? reject : 0);
+                                                 want ? 0 : 3, want ? 3 : 0);
     }
-    if (!split) {
-        prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
-        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
-                                                 TPB_SMALL_MAX, big ? 0 : 1,
-                                                 big ? 1 : 0);
-    }
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
+    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
+                                             TPB_SMALL_MAX, big ? 0 : 1,
+                                             big ? 1 : 0);
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0xffffffffu);
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, 0);
     return n;
 }
 
-/* A source's two rings in one TPB_RING_FANOUT_SPLIT group (ring.c
- * split_by_length): each frame meets one of its sockets.  Ring 0 takes
- * nothing until ring 1 has joined, or it would be handed the long frames
- * meanwhile.  -EOPNOTSUPP: the kernel cannot (Linux < 6.2). */
-static int open_split(struct source *s, const struct tpb_bridge_config *cfg,
-                      int ifindex, uint16_t proto, int test_mark, int want,
-                      int promisc, char *err, size_t errlen)
+/* The program of a source group (TPB_RING_FANOUT_CBPF, open_group): the
+ * member that takes a frame, 2 * source + ring.  Ring 1, of big slots,
+ * for a frame longer than TPB_SMALL_MAX.  The group's hook runs it on the
+ * skb as delivered, its data at the network header: the 14 bytes of
+ * Ethernet header (an outer VLAN tag already moved into the skb's
+ * metadata) are not in its length, where tpacket_rcv() copies from the
+ * Ethernet header.  A way (two sources): source 1, encapsulated, for a
+ * frame with the selection mark sel.  Returns the number of instructions. */
+static unsigned short sort_prog(struct sock_filter prog[10], int by_mark, uint32_t sel)
+{
+    unsigned short n = 0;
+    int k;
+
+    if (by_mark) {
+        prog[n++] = (struct sock_filter)BPF_STMT(
+            BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK));
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, sel, 0, 4);
+    }
+    for (k = by_mark; k >= 0; k--) {
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0);
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K,
+                                                 TPB_SMALL_MAX - ETH_HLEN, 0, 1);
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, (uint32_t)(2 * k + 1));
+        prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, (uint32_t)(2 * k));
+    }
+    return n;
+}
+
+/* The rings of n sources (1; or 2, a way split by the mark, the bridged
+ * source first) as the members of one TPB_RING_FANOUT_CBPF group, in the
+ * order sort_prog numbers them: each frame meets one of their sockets,
+ * and none runs a filter.  Why: every socket bound to a port costs every
+ * frame a delivery, a filter run and a free, where the group's hook costs
+ * one program run (measured, README "Design choices").  Every member takes
+ * nothing until all have joined and the program is in place: meanwhile an
+ * index past the members would wrap round to the wrong one.  -EOPNOTSUPP:
+ * the kernel cannot (Linux < 6.2). */
+static int open_group(struct source *s, int n, const struct tpb_bridge_config *cfg,
+                      int ifindex, uint16_t proto, int promisc, char *err, size_t errlen)
 {
     struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
     struct sock_fprog nothing = {1, none};
-    struct sock_filter prog[6];
-    struct sock_fprog fp = {0, prog};
-    int rc, dummy = 0;
+    struct sock_filter prog[10];
+    struct sock_fprog fp = {sort_prog(prog, n == 2, cfg->mark), prog};
+    int i, rc = 0, dummy = 0;
 
-    fp.len = ring_filter(prog, 0, 1, test_mark, cfg->mark, want);
-    rc = tpb_ring_open(&s->ring[0], ifindex, proto, cfg->ring_frames, 0, &nothing,
-                       promisc, TPB_RING_FANOUT_SPLIT | TPB_RING_FANOUT_NEW, err, errlen);
-    if (rc < 0)
-        return rc;
-    rc = tpb_ring_open(&s->ring[1], ifindex, proto, TPB_BIG_FRAMES, 1, fp.len ? &fp : NULL,
-                       0, TPB_RING_FANOUT_SPLIT | TPB_RING_FANOUT_JOIN | s->ring[0].fanout_id,
-                       err, errlen);
-    if (rc == 0 && (fp.len ? setsockopt(s->ring[0].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
-                                        sizeof(fp))
-                           : setsockopt(s->ring[0].fd, SOL_SOCKET, SO_DETACH_FILTER, &dummy,
-                                        sizeof(dummy))) < 0) {
-        rc = -errno;
-        snprintf(err, errlen, "SO_ATTACH_FILTER: %s", strerror(errno));
-        tpb_ring_close(&s->ring[1]);
+    for (i = 0; i < 2 * n && rc == 0; i++) {
+        int big = i % 2;
+        uint32_t group = TPB_RING_FANOUT_CBPF |
+                         (i ? TPB_RING_FANOUT_JOIN | s[0].ring[0].fanout_id : TPB_RING_FANOUT_NEW);
+
+        rc = tpb_ring_open(&s[i / 2].ring[big], ifindex, proto,
+                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &nothing,
+                           promisc && i == 0, group, err, errlen);
     }
-    if (rc < 0) {
-        tpb_ring_close(&s->ring[0]);
-        return rc;
+    if (rc == 0)
+        rc = tpb_ring_fanout_prog(&s[0].ring[0], &fp, err, errlen);
+    for (i = 0; i < 2 * n && rc == 0; i++)
+        if (setsockopt(s[i / 2].ring[i % 2].fd, SOL_SOCKET, SO_DETACH_FILTER, &dummy,
+                       sizeof(dummy)) < 0) {
+            rc = -errno;
+            snprintf(err, errlen, "SO_DETACH_FILTER: %s", strerror(errno));
+        }
+    for (i = 0; i < 2 * n; i++) {
+        if (rc < 0)
+            tpb_ring_close(&s[i / 2].ring[i % 2]);
+        else
+            s[i / 2].sorted = 1;
     }
-    s->split = 1;
-    return 0;
+    if (rc == 0)
+        s[0].group_len = (uint8_t)n;
+    return rc;
 }
 
-/* A source: its two rings on ifindex for frames of proto (ETH_P_ALL or
- * one EtherType), optionally only those whose mark is (want) or is not
- * (!want) the selection mark.  One loop: a split group if the kernel has
- * it (TPB_FAULT_NO_SPLIT, tests only: as if it had not); workers: one
- * hash group per ring. */
-static int add_source(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
-                      int ifindex, uint16_t proto, enum src_kind kind,
-                      int port, int to, int test_mark, int want, int promisc,
-                      char *err, size_t errlen)
+/* n sources on ifindex for frames of proto (ETH_P_ALL or one EtherType):
+ * n = 1, all of them, to `kind`; n = 2, a way split by the selection
+ * mark, unselected frames bridged, selected ones encapsulated.  One loop:
+ * a group if the kernel has it (TPB_FAULT_NO_SPLIT, tests only: as if it
+ * had not); else, and for workers (one hash group per ring, joined in the
+ * same order by every worker, so that the same flow hash picks the same
+ * member index in each), a filter on each ring's socket. */
+static int add_sources(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
+                       int ifindex, uint16_t proto, int n, enum src_kind kind, int port,
+                       int to, int promisc, char *err, size_t errlen)
 {
     struct source *s = &br->src[br->nsrc];
     struct sock_filter prog[6];
     struct sock_fprog fp = {0, prog};
-    int big, rc;
+    int k, big, rc;
 
-    s->kind = kind;
-    s->port = port;
-    s->to = to;
-    s->split = 0;
+    for (k = 0; k < n; k++) {
+        s[k].kind = n == 2 ? (k ? SRC_ENCAP : SRC_BRIDGE) : kind;
+        s[k].port = port;
+        s[k].to = to;
+        s[k].sorted = s[k].group_len = 0;
+    }
     if (cfg->fanout == TPB_FANOUT_NONE && !getenv("TPB_FAULT_NO_SPLIT")) {
-        rc = open_split(s, cfg, ifindex, proto, test_mark, want, promisc, err, errlen);
+        rc = open_group(s, n, cfg, ifindex, proto, promisc, err, errlen);
         if (rc == 0) {
-            br->nsrc++;
+            br->nsrc += n;
             return 0;
         }
         if (rc != -EOPNOTSUPP)
             return -1;
     }
-    for (big = 0; big < 2; big++) {
-        /* One group per ring, joined in the same order by every worker:
-         * the same flow hash picks the same member index in each group. */
-        int i = 2 * br->nsrc + big;
-        uint32_t group = cfg->fanout == TPB_FANOUT_NEW    ? TPB_RING_FANOUT_NEW
-                         : cfg->fanout == TPB_FANOUT_JOIN ? TPB_RING_FANOUT_JOIN | cfg->fanout_id[i]
-                                                          : 0;
+    for (k = 0; k < n; k++, br->nsrc++)
+        for (big = 0; big < 2; big++) {
+            int i = 2 * br->nsrc + big;
+            uint32_t group = cfg->fanout == TPB_FANOUT_NEW ? TPB_RING_FANOUT_NEW
+                             : cfg->fanout == TPB_FANOUT_JOIN
+                                 ? TPB_RING_FANOUT_JOIN | cfg->fanout_id[i]
+                                 : 0;
 
-        fp.len = ring_filter(prog, big, 0, test_mark, cfg->mark, want);
-        if (tpb_ring_open(&s->ring[big], ifindex, proto,
-                          big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
-                          promisc && !big, group, err, errlen) < 0)
-            return -1;
-    }
-    br->nsrc++;
+            fp.len = ring_filter(prog, big, n == 2, cfg->mark, k);
+            if (tpb_ring_open(&s[k].ring[big], ifindex, proto,
+                              big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &fp,
+                              promisc && !big, group, err, errlen) < 0)
+                return -1;
+        }
     return 0;
 }
 
@@ -260,17 +293,12 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
      * changes ways (a way by frame length would let a short frame overtake
      * a super-packet of its flow still crossing the veth).  Sources 0-2
      * are those of before (txq_init below counts on src[2]). */
-    if (add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, SRC_BRIDGE,
-                   TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->sel_ifindex, ETH_P_ALL, SRC_ENCAP,
-                   TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL,
-                   SRC_FROM_OUT, TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err,
-                   errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, SRC_BRIDGE,
-                   TPB_PORT_IN, TPB_PORT_OUT, 1, 0, 0, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, SRC_ENCAP,
-                   TPB_PORT_IN, TPB_PORT_OUT, 1, 1, 0, err, errlen))
+    if (add_sources(br, cfg, cfg->sel_ifindex, ETH_P_ALL, 2, SRC_BRIDGE, TPB_PORT_IN,
+                    TPB_PORT_OUT, 0, err, errlen) ||
+        add_sources(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 1, SRC_FROM_OUT,
+                    TPB_PORT_OUT, TPB_PORT_IN, 1, err, errlen) ||
+        add_sources(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_IP, 2, SRC_BRIDGE, TPB_PORT_IN,
+                    TPB_PORT_OUT, 0, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
@@ -293,10 +321,10 @@ static int open_tunnel(struct tpb_bridge *br, const struct tpb_bridge_config *cf
 static int open_plain(struct tpb_bridge *br, const struct tpb_bridge_config *cfg,
                       char *err, size_t errlen)
 {
-    if (add_source(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_ALL, SRC_BRIDGE,
-                   TPB_PORT_IN, TPB_PORT_OUT, 0, 0, 1, err, errlen) ||
-        add_source(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, SRC_BRIDGE,
-                   TPB_PORT_OUT, TPB_PORT_IN, 0, 0, 1, err, errlen))
+    if (add_sources(br, cfg, cfg->ifindex[TPB_PORT_IN], ETH_P_ALL, 1, SRC_BRIDGE,
+                    TPB_PORT_IN, TPB_PORT_OUT, 1, err, errlen) ||
+        add_sources(br, cfg, cfg->ifindex[TPB_PORT_OUT], ETH_P_ALL, 1, SRC_BRIDGE,
+                    TPB_PORT_OUT, TPB_PORT_IN, 1, err, errlen))
         return -1;
     if (open_gso(br, cfg, err, errlen))
         return -1;
@@ -441,12 +469,15 @@ void tpb_bridge_close(struct tpb_bridge *br)
 
 /* ---- live reload -------------------------------------------------------- */
 
-/* A new selection mark: each ring of the two selecting sources gets its
- * filter again (SO_ATTACH_FILTER swaps it atomically, per socket). */
+/* A new selection mark: each way's group gets its program again, which
+ * the kernel swaps for the whole group at once; sorted by filters, each
+ * ring of the two selecting sources gets its filter again (SO_ATTACH_FILTER
+ * swaps it atomically, per socket). */
 static void set_mark(struct tpb_bridge *br, uint32_t mark)
 {
-    struct sock_filter prog[6];
+    struct sock_filter prog[10];
     struct sock_fprog fp = {0, prog};
+    char err[128];
     int i, big;
 
     for (i = 0; i < br->nsrc; i++) {
@@ -454,8 +485,15 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
 
         if (s->kind == SRC_FROM_OUT)
             continue;
+        if (s->sorted) {
+            if (s->group_len == 2) {
+                fp.len = sort_prog(prog, 1, mark);
+                tpb_ring_fanout_prog(&s->ring[0], &fp, err, sizeof(err));
+            }
+            continue;
+        }
         for (big = 0; big < 2; big++) {
-            fp.len = ring_filter(prog, big, s->split, 1, mark, s->kind == SRC_ENCAP);
+            fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
             setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
                        sizeof(fp));
         }

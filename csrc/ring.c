@@ -12,8 +12,8 @@
  *  - Two rings per source, split by frame length: many small slots for
  *    ordinary frames, a few 68 KB ones for super-packets and jumbo frames
  *    (SMALL_SLOT).  One loop: both in a fanout group whose cBPF program
- *    picks the ring (split_by_length), so that a frame meets one socket;
- *    workers, or a kernel before 6.2: a length filter on each socket.
+ *    picks the ring (bridge_open.c, sort_prog), so that a frame meets one
+ *    socket; workers, or a kernel before 6.2: a filter on each socket.
  *  - PACKET_IGNORE_OUTGOING: the socket must not see what it sent itself
  *    (in a fanout group, the group's flag of the same name: fanout_join).
  *  - PACKET_QDISC_BYPASS: a bridge port needs no qdisc of its own; on
@@ -177,30 +177,14 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
     return fd;
 }
 
-/* The program of a TPB_RING_FANOUT_SPLIT group: member 1 (big slots) for a
- * frame longer than TPB_SMALL_MAX, else member 0.  The group's hook runs it
- * on the skb as delivered, its data at the network header, the 14 bytes of
- * Ethernet header (the outer VLAN tag already moved into the skb's
- * metadata) not counted; tpacket_rcv() copies from the Ethernet header.
- * Why a group rather than a length filter on each socket: every socket
- * bound to the port costs every frame a delivery, a filter run and a free,
- * where the group's hook costs one program run (measured: 64-byte frames
- * +4 % in the bench's default placement, README "Benchmarks"). */
-static int split_by_length(int fd, char *err, size_t errlen)
+int tpb_ring_fanout_prog(const struct tpb_ring *r, const struct sock_fprog *prog,
+                         char *err, size_t errlen)
 {
-    struct sock_filter prog[4] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_LEN, 0),
-        BPF_JUMP(BPF_JMP | BPF_JGT | BPF_K, TPB_SMALL_MAX - ETH_HLEN, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, 1),
-        BPF_STMT(BPF_RET | BPF_K, 0),
-    };
-    struct sock_fprog fp = {4, prog};
-
-    return setopt(fd, SOL_PACKET, PACKET_FANOUT_DATA, &fp, sizeof(fp), err,
+    return setopt(r->fd, SOL_PACKET, PACKET_FANOUT_DATA, prog, sizeof(*prog), err,
                   errlen, "PACKET_FANOUT_DATA");
 }
 
-/* Joins fanout group `id` (hash by flow, or split by length) without a moment in which the
+/* Joins fanout group `id` (hash by flow, or by a program) without a moment in which the
  * socket takes frames on its own: a member outside the group would get a
  * copy of every frame the group also hands out.  So the socket is bound
  * with a filter that takes nothing, joins (which needs it bound), and only
@@ -214,7 +198,7 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
 {
     struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
     struct sock_fprog nothing = {1, none};
-    int split = (id & TPB_RING_FANOUT_SPLIT) != 0;
+    int split = (id & TPB_RING_FANOUT_CBPF) != 0;
     int flags = (id & TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0) |
                 PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
     int type = split ? PACKET_FANOUT_CBPF : PACKET_FANOUT_HASH;
@@ -245,9 +229,6 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
     if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, &len) < 0)
         return fail(err, errlen, "PACKET_FANOUT", errno);
     r->fanout_id = (uint16_t)(arg & 0xffff);
-    if (split && (id & TPB_RING_FANOUT_NEW) &&
-        (rc = split_by_length(r->fd, err, errlen)))
-        return rc;
     if (filter)
         return setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
                       sizeof(*filter), err, errlen, "SO_ATTACH_FILTER");

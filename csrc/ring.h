@@ -25,13 +25,12 @@ struct sock_fprog;
  * time its 16-bit counter wraps. */
 #define TPB_RING_FANOUT_NEW 0x10000u
 #define TPB_RING_FANOUT_JOIN 0x20000u
-/* ... or TPB_RING_FANOUT_SPLIT | NEW or JOIN | id: a group of two whose
- * cBPF program hands each frame to one member by its length
- * (PACKET_FANOUT_CBPF): the first member, a ring of small slots, takes
- * frames up to TPB_SMALL_MAX bytes, the second the longer ones.  A kernel
- * that cannot make a group ignore outgoing frames (Linux < 6.2) refuses
- * it with -EOPNOTSUPP. */
-#define TPB_RING_FANOUT_SPLIT 0x40000u
+/* ... or TPB_RING_FANOUT_CBPF | NEW or JOIN | id: a group whose cBPF
+ * program (tpb_ring_fanout_prog) hands each frame to one member
+ * (PACKET_FANOUT_CBPF; the member index is what it returns, modulo the
+ * number of members).  A kernel that cannot make a group ignore outgoing
+ * frames (Linux < 6.2) refuses it with -EOPNOTSUPP. */
+#define TPB_RING_FANOUT_CBPF 0x40000u
 
 /* TPB_SMALL_MAX (tpb.h): the longest frame a ring of small slots takes. */
 /* Slots of the big ring (70 MB): super-packets are fewer, each up to 64 KB, and
@@ -55,6 +54,10 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
 int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
+/* The program of r's TPB_RING_FANOUT_CBPF group, set or swapped (the
+ * kernel swaps it atomically for the whole group). */
+int tpb_ring_fanout_prog(const struct tpb_ring *r, const struct sock_fprog *prog,
+                         char *err, size_t errlen);
 /* txq.c: ifindex's MTU now (SIOCGIFMTU through any socket fd); 0 if it
  * cannot be read (the device gone). */
 uint32_t port_mtu(int fd, int ifindex);

@@ -87,3 +87,16 @@ def daemons(tmp_path: Path):
     d = Daemons(tmp_path)
     yield d
     d.close()
+
+
+# How a port's frames are sorted into TPB's rings: one PACKET_FANOUT_CBPF
+# group per port or way (the default), or, as on a kernel before 6.2, a
+# filter on each ring's socket (TPB_FAULT_NO_SPLIT; csrc/bridge_open.c).
+SORTING = {"group": None, "filters": "1"}
+
+
+@pytest.fixture(params=list(SORTING))
+def sorting(request, monkeypatch) -> str:
+    if SORTING[request.param]:
+        monkeypatch.setenv("TPB_FAULT_NO_SPLIT", SORTING[request.param])
+    return request.param

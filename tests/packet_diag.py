@@ -77,6 +77,34 @@ def dump() -> list[dict[str, Any]]:
                 off += (length + 3) & ~3
 
 
+def rings_by_port(socks: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """The sockets with an RX ring, by (ifindex, protocol)."""
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for s in socks:
+        if "rx_frames" in s:
+            out.setdefault((s["ifindex"], s["proto"]), []).append(s)
+    return out
+
+
+def assert_sorted_by(sorting: str, rings: list[dict[str, Any]], sources: int) -> None:
+    """The rings TPB opened on one port for one protocol, `sources` sources
+    of a small-slot and a big-slot ring each: sorting "group", all of them
+    in one PACKET_FANOUT_CBPF group and no filter on any; "filters", no
+    group and a filter on each."""
+    assert sorted(s["rx_frame_size"] for s in rings) == sorted([2048, 69632] * sources), rings
+    if sorting == "group":
+        assert {s.get("fanout_type") for s in rings} == {"cbpf"}, rings
+        assert len({s["fanout_id"] for s in rings}) == 1, rings
+        assert not any(s["filter"] for s in rings), rings
+    else:
+        assert not any("fanout_id" in s for s in rings), rings
+        assert all(s["filter"] for s in rings), rings
+
+
+def ifindex(lab: Any, node: str, dev: str) -> int:
+    return int(json.loads(lab.run(node, ["ip", "-j", "link", "show", dev]).stdout)[0]["ifindex"])
+
+
 def sockets(lab: Any, node: str) -> list[dict[str, Any]]:
     """dump() in a lab node's namespace."""
     return json.loads(lab.run(node, [sys.executable, str(Path(__file__).resolve())]).stdout)

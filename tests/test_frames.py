@@ -32,7 +32,7 @@ from helpers import (
     tshark,
     wait_for,
 )
-from packet_diag import sockets
+from packet_diag import assert_sorted_by, ifindex, rings_by_port, sockets
 from rawsock import ETH_P_ALL, Port
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -413,19 +413,6 @@ def _cross_whole(lb, tpb, src, dst, builds: list[Callable[[bytes], bytes]]) -> N
     assert c[src.tpb_port]["drop_truncated"] == 0, c
 
 
-# How a port's frames are sorted into its two rings: one PACKET_FANOUT_CBPF
-# group (the default), or, as on a kernel before 6.2, a length filter on each
-# of two sockets (TPB_FAULT_NO_SPLIT).
-SORTING = {"group": None, "filters": "1"}
-
-
-@pytest.fixture(params=list(SORTING))
-def sorting(request, monkeypatch) -> str:
-    if SORTING[request.param]:
-        monkeypatch.setenv("TPB_FAULT_NO_SPLIT", SORTING[request.param])
-    return request.param
-
-
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_every_length_across_the_small_slot_edge_crosses(jumbo_lab, start_tpb, direction,
                                                          sorting):
@@ -459,24 +446,12 @@ def test_each_frame_meets_one_socket_of_its_port(lab, start_tpb, sorting):
     tpb = start_tpb(lab)
     socks = sockets(lab, "tpb")
     tpb.stop()
-    rings = [s for s in socks if "rx_frames" in s]
-    assert all(s["proto"] == ETH_P_ALL for s in rings), rings
     assert all(s["proto"] == 0 for s in socks if "rx_frames" not in s), socks
-    by_port: dict[int, list[dict]] = {}
-    for s in rings:
-        by_port.setdefault(s["ifindex"], []).append(s)
-    assert len(by_port) == 2, rings
-    for ring_pair in by_port.values():
-        assert sorted(s["rx_frame_size"] for s in ring_pair) == [2048, 69632], ring_pair
-        if sorting == "group":
-            assert [s.get("fanout_type") for s in ring_pair] == ["cbpf", "cbpf"], ring_pair
-            assert ring_pair[0]["fanout_id"] == ring_pair[1]["fanout_id"], ring_pair
-            assert not any(s["filter"] for s in ring_pair), ring_pair
-        else:
-            assert not any("fanout_id" in s for s in ring_pair), ring_pair
-            assert all(s["filter"] for s in ring_pair), ring_pair
-    ids = {p[0].get("fanout_id") for p in by_port.values()}
-    assert len(ids) == 2 or sorting == "filters", by_port
+    by_port = rings_by_port(socks)
+    assert sorted(by_port) == sorted((ifindex(lab, "tpb", p), ETH_P_ALL)
+                                     for p in ("eth2", "eth3")), by_port
+    for rings in by_port.values():
+        assert_sorted_by(sorting, rings, sources=1)
 
 
 # -- frames the wire allows at full size, with a tag of either kind --------------

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_balance, port_drops, tshark, tshark_expert
+from packet_diag import assert_sorted_by, ifindex, rings_by_port, sockets
+from rawsock import ETH_P_ALL
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -61,6 +63,8 @@ from tunnel_util import (
 from tpb import lab as labmod
 from tpb.lab import T_GW1, T_GW2, T_PC, T_POP, T_SERVER, T_TPB
 from tpb.native import SMALL_MAX  # the longest frame a small ring slot takes
+
+ETH_P_IP = 0x0800
 
 pytestmark = pytest.mark.netns
 
@@ -926,13 +930,15 @@ def _tagged(ip: bytes, m: bytes) -> tuple[bytes, bytes]:
     return m, eth(ip, vlan=100)
 
 
-def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2):
+def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2, sorting):
     """In tunnel mode an untagged IPv4 frame, whatever its length, goes
     straight to TPB's sockets on --in, after the operator's ingress chains,
     mark set; every other frame (tagged, not IPv4) through the veth pair
     TPB's chain forwards to.  Each frame is seen once either way: selected
     ones tunneled, the rest bridged byte for byte, an operator's drop
-    honoured on both ways, and only the second kind crossed the veth."""
+    honoured on both ways, and only the second kind crossed the veth.
+    Each way's four rings (selected or not, small slots or big) are sorted
+    by one fanout group, or by a filter each (as sock_diag shows)."""
     links = [("gw1", "eth1"), ("tpb", "eth2"), ("tpb", "eth3"), ("gw2", "eth0")]
     before = {n: json.loads(tlab.run(n[0], ["ip", "-j", "link", "show", n[1]]).stdout)[0]["mtu"]
               for n in links}
@@ -944,6 +950,9 @@ def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2):
         for node, name in links:
             tlab.run(node, ["ip", "link", "set", name, "mtu", WAYS_MTU])
         tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000")
+        by_port = rings_by_port(sockets(tlab, "tpb"))
+        sel_veth = [n["ifindex"] for n in json.loads(tlab.run("tpb", ["ip", "-j", "link"]).stdout)
+                    if n["ifname"].startswith("tpbsel") and n["ifname"].endswith("b")]
 
         def sel(m: bytes, size: int) -> bytes:
             return udp4(m, size=size)
@@ -1001,6 +1010,11 @@ def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2):
     # The veth took what only it can carry, plus at most a little of gw1's
     # own chatter, and none of the untagged IPv4 frames.
     assert len(veth) <= crossed < len(veth) + 5, (crossed, len(veth), len(direct))
+    ways = {(ifindex(tlab, "tpb", "eth2"), ETH_P_IP): 2, (sel_veth[0], ETH_P_ALL): 2,
+            (ifindex(tlab, "tpb", "eth3"), ETH_P_ALL): 1}
+    assert sorted(by_port) == sorted(ways), by_port
+    for key, sources in ways.items():
+        assert_sorted_by(sorting, by_port[key], sources)
 
 
 # -- 5. match and mark select exactly the intended flows ---------------------
