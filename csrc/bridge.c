@@ -16,15 +16,16 @@
  *                  (txq_check_mtu) and the tunnel follows --out's
  *                  (encap_mtu), reassembly and keepalives get their clock.
  *
- * Sources.  Each is two rings, split by frame length (tpb.h) and merged
- * back in arrival order.  Plain mode: one ETH_P_ALL source per port.
+ * Sources.  Each is two rings, split by frame length (tpb.h; by a fanout
+ * group's program or by filters, bridge_open.c) and merged back in
+ * arrival order.  Plain mode: one ETH_P_ALL source per port.
  * Tunnel mode: --in's frames are taken after nftables has seen them (an
  * ETH_P_ALL socket on --in would see them before the ingress hook, without
  * the mark), two ways (tpb/select.py): untagged IPv4 frames by sockets on
  * --in bound to ETH_P_IP, all others from a veth pair that TPB's nftables
  * table forwards them to (an ETH_P_IP socket would not see their VLAN
- * tag).  Each way is two sources split by a cBPF filter on the mark
- * (SKF_AD_MARK): selected -> encapsulate, others -> bridge.  A fifth
+ * tag).  Each way is two sources split by the mark (SKF_AD_MARK):
+ * selected -> encapsulate, others -> bridge.  A fifth
  * source takes --out.  Every frame is seen exactly once, VLAN tag
  * included.
  *

@@ -313,11 +313,12 @@ MARK_TABLE = """table netdev op {
 """
 
 
-def test_a_new_mark_reaches_both_ways_into_tpb(tlab, daemons):
-    """select.mark reloaded live: every socket that splits --in's frames by
-    the mark gets the new one — those on --in itself (untagged IPv4) and
-    those on the veth pair (tagged) — so what was selected is bridged and
-    the other way round, with no frame seen twice."""
+def test_a_new_mark_reaches_both_ways_into_tpb(tlab, daemons, sorting):
+    """select.mark reloaded live: both ways into TPB split --in's frames by
+    the new one — on --in itself (untagged IPv4) and on the veth pair
+    (tagged), by each way's fanout group or by each socket's filter — so
+    what was selected is bridged and the other way round, with no frame
+    seen twice."""
     res = subprocess.run(tlab.cmd("tpb", ["nft", "-f", "-"]), input=MARK_TABLE,
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
