@@ -198,10 +198,10 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
 {
     struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
     struct sock_fprog nothing = {1, none};
-    int split = (id & TPB_RING_FANOUT_CBPF) != 0;
+    int by_prog = (id & TPB_RING_FANOUT_CBPF) != 0;
     int flags = (id & TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0) |
                 PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
-    int type = split ? PACKET_FANOUT_CBPF : PACKET_FANOUT_HASH;
+    int type = by_prog ? PACKET_FANOUT_CBPF : PACKET_FANOUT_HASH;
     int arg = (int)((id & 0xffffu) | ((type | flags) << 16));
     socklen_t len = sizeof(arg);
     int rc;
@@ -219,7 +219,7 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
     if (setsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg)) < 0) {
         if (errno != EINVAL)
             return fail(err, errlen, "PACKET_FANOUT", errno);
-        if (split)              /* the caller opens two sockets instead */
+        if (by_prog)            /* the caller filters each socket instead */
             return fail(err, errlen, "PACKET_FANOUT_FLAG_IGNORE_OUTGOING", EOPNOTSUPP);
         arg &= ~(PACKET_FANOUT_FLAG_IGNORE_OUTGOING << 16);
         if ((rc = setopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg),
