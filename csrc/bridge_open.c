@@ -89,7 +89,7 @@ static int open_group(struct source *s, int n, const struct tpb_bridge_config *c
     struct sock_fprog nothing = {1, none};
     struct sock_filter prog[10];
     struct sock_fprog fp = {sort_prog(prog, n == 2, cfg->mark), prog};
-    int i, rc = 0, dummy = 0;
+    int i, rc = 0;
 
     for (i = 0; i < 2 * n && rc == 0; i++) {
         int big = i % 2;
@@ -103,11 +103,7 @@ static int open_group(struct source *s, int n, const struct tpb_bridge_config *c
     if (rc == 0)
         rc = tpb_ring_fanout_prog(&s[0].ring[0], &fp, err, errlen);
     for (i = 0; i < 2 * n && rc == 0; i++)
-        if (setsockopt(s[i / 2].ring[i % 2].fd, SOL_SOCKET, SO_DETACH_FILTER, &dummy,
-                       sizeof(dummy)) < 0) {
-            rc = -errno;
-            snprintf(err, errlen, "SO_DETACH_FILTER: %s", strerror(errno));
-        }
+        rc = tpb_ring_filter(&s[i / 2].ring[i % 2], NULL, err, errlen);
     for (i = 0; i < 2 * n; i++) {
         if (rc < 0)
             tpb_ring_close(&s[i / 2].ring[i % 2]);
@@ -494,8 +490,7 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
         }
         for (big = 0; big < 2; big++) {
             fp.len = ring_filter(prog, big, 1, mark, s->kind == SRC_ENCAP);
-            setsockopt(s->ring[big].fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp,
-                       sizeof(fp));
+            tpb_ring_filter(&s->ring[big], &fp, err, sizeof(err));
         }
     }
     br->mark = mark;

@@ -177,6 +177,18 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
     return fd;
 }
 
+int tpb_ring_filter(const struct tpb_ring *r, const struct sock_fprog *filter,
+                    char *err, size_t errlen)
+{
+    int none = 0;
+
+    if (filter)
+        return setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter, sizeof(*filter), err,
+                      errlen, "SO_ATTACH_FILTER");
+    return setopt(r->fd, SOL_SOCKET, SO_DETACH_FILTER, &none, sizeof(none), err, errlen,
+                  "SO_DETACH_FILTER");
+}
+
 int tpb_ring_fanout_prog(const struct tpb_ring *r, const struct sock_fprog *prog,
                          char *err, size_t errlen)
 {
@@ -229,11 +241,7 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
     if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, &len) < 0)
         return fail(err, errlen, "PACKET_FANOUT", errno);
     r->fanout_id = (uint16_t)(arg & 0xffff);
-    if (filter)
-        return setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, filter,
-                      sizeof(*filter), err, errlen, "SO_ATTACH_FILTER");
-    return setopt(r->fd, SOL_SOCKET, SO_DETACH_FILTER, &arg, sizeof(arg), err,
-                  errlen, "SO_DETACH_FILTER");
+    return tpb_ring_filter(r, filter, err, errlen);
 }
 
 int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,

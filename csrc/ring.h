@@ -54,6 +54,9 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
 int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
+/* r's socket filter swapped for `filter` (atomically), or removed (NULL). */
+int tpb_ring_filter(const struct tpb_ring *r, const struct sock_fprog *filter,
+                    char *err, size_t errlen);
 /* The program of r's TPB_RING_FANOUT_CBPF group, set or swapped (the
  * kernel swaps it atomically for the whole group). */
 int tpb_ring_fanout_prog(const struct tpb_ring *r, const struct sock_fprog *prog,

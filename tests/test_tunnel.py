@@ -911,14 +911,19 @@ def test_vlan_tag_kept_on_the_outer_frame(tlab, procs, gw1, gw2):
 WAYS_MTU = "2000"  # room for a frame one byte past SMALL_MAX, tunneled
 
 
+def _sel_veth(tlab) -> dict:
+    """The veth pair's far end (tpbsel<N>b, where TPB reads), as `ip -j -s
+    link` shows it."""
+    links = json.loads(tlab.run("tpb", ["ip", "-j", "-s", "link", "show"]).stdout)
+    far = [ln for ln in links if ln["ifname"].startswith("tpbsel") and ln["ifname"].endswith("b")]
+    assert len(far) == 1, links
+    return far[0]
+
+
 def _sel_veth_rx(tlab) -> int:
     """Frames TPB's ingress chain has forwarded into the veth pair: what the
-    pair's far end (tpbsel<N>b, where TPB reads) has received."""
-    links = json.loads(tlab.run("tpb", ["ip", "-j", "-s", "link", "show"]).stdout)
-    rx = [ln["stats64"]["rx"]["packets"] for ln in links
-          if ln["ifname"].startswith("tpbsel") and ln["ifname"].endswith("b")]
-    assert len(rx) == 1, links
-    return int(rx[0])
+    pair's far end has received."""
+    return int(_sel_veth(tlab)["stats64"]["rx"]["packets"])
 
 
 def _sized(ip_of, m: bytes, l2_len: int) -> tuple[bytes, bytes]:
@@ -951,8 +956,7 @@ def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2, sorting)
             tlab.run(node, ["ip", "link", "set", name, "mtu", WAYS_MTU])
         tpb = procs.tpb("--match", f"ip daddr {T_SERVER} udp dport 5000")
         by_port = rings_by_port(sockets(tlab, "tpb"))
-        sel_veth = [n["ifindex"] for n in json.loads(tlab.run("tpb", ["ip", "-j", "link"]).stdout)
-                    if n["ifname"].startswith("tpbsel") and n["ifname"].endswith("b")]
+        sel_veth = _sel_veth(tlab)["ifindex"]
 
         def sel(m: bytes, size: int) -> bytes:
             return udp4(m, size=size)
@@ -1010,7 +1014,7 @@ def test_each_frame_of_in_takes_one_way_into_tpb(tlab, procs, gw1, gw2, sorting)
     # The veth took what only it can carry, plus at most a little of gw1's
     # own chatter, and none of the untagged IPv4 frames.
     assert len(veth) <= crossed < len(veth) + 5, (crossed, len(veth), len(direct))
-    ways = {(ifindex(tlab, "tpb", "eth2"), ETH_P_IP): 2, (sel_veth[0], ETH_P_ALL): 2,
+    ways = {(ifindex(tlab, "tpb", "eth2"), ETH_P_IP): 2, (sel_veth, ETH_P_ALL): 2,
             (ifindex(tlab, "tpb", "eth3"), ETH_P_ALL): 1}
     assert sorted(by_port) == sorted(ways), by_port
     for key, sources in ways.items():
