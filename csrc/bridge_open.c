@@ -85,8 +85,6 @@ static unsigned short sort_prog(struct sock_filter prog[10], int by_mark, uint32
 static int open_group(struct source *s, int n, const struct tpb_bridge_config *cfg,
                       int ifindex, uint16_t proto, int promisc, char *err, size_t errlen)
 {
-    struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
-    struct sock_fprog nothing = {1, none};
     struct sock_filter prog[10];
     struct sock_fprog fp = {sort_prog(prog, n == 2, cfg->mark), prog};
     int i, rc = 0;
@@ -97,8 +95,8 @@ static int open_group(struct source *s, int n, const struct tpb_bridge_config *c
                          (i ? TPB_RING_FANOUT_JOIN | s[0].ring[0].fanout_id : TPB_RING_FANOUT_NEW);
 
         rc = tpb_ring_open(&s[i / 2].ring[big], ifindex, proto,
-                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big, &nothing,
-                           promisc && i == 0, group, err, errlen);
+                           big ? TPB_BIG_FRAMES : cfg->ring_frames, big,
+                           &tpb_ring_nothing, promisc && i == 0, group, err, errlen);
     }
     if (rc == 0)
         rc = tpb_ring_fanout_prog(&s[0].ring[0], &fp, err, errlen);

@@ -177,6 +177,11 @@ int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
     return fd;
 }
 
+/* A socket's filter from its bind until it has its place in a group: until
+ * then it would take every frame for itself. */
+static struct sock_filter take_none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+const struct sock_fprog tpb_ring_nothing = {1, take_none};
+
 int tpb_ring_filter(const struct tpb_ring *r, const struct sock_fprog *filter,
                     char *err, size_t errlen)
 {
@@ -208,8 +213,6 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
                        uint32_t id, const struct sock_fprog *filter, char *err,
                        size_t errlen)
 {
-    struct sock_filter none[1] = {BPF_STMT(BPF_RET | BPF_K, 0)};
-    struct sock_fprog nothing = {1, none};
     int by_prog = (id & TPB_RING_FANOUT_CBPF) != 0;
     int flags = (id & TPB_RING_FANOUT_NEW ? PACKET_FANOUT_FLAG_UNIQUEID : 0) |
                 PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
@@ -218,8 +221,7 @@ static int fanout_join(struct tpb_ring *r, int ifindex, uint16_t proto,
     socklen_t len = sizeof(arg);
     int rc;
 
-    if ((rc = setopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &nothing,
-                     sizeof(nothing), err, errlen, "SO_ATTACH_FILTER")) ||
+    if ((rc = tpb_ring_filter(r, &tpb_ring_nothing, err, errlen)) ||
         (rc = bind_port(r->fd, ifindex, proto, err, errlen)))
         return rc;
     /* In a group the group's hook is the one registered, and it ignores

@@ -54,6 +54,8 @@ int tpb_ring_open(struct tpb_ring *r, int ifindex, uint16_t proto,
 int tpb_txsock_open(int ifindex, int bypass, int promisc, char *err,
                     size_t errlen);
 void tpb_ring_close(struct tpb_ring *r);
+/* A filter that takes no frame (BPF_RET 0). */
+extern const struct sock_fprog tpb_ring_nothing;
 /* r's socket filter swapped for `filter` (atomically), or removed (NULL). */
 int tpb_ring_filter(const struct tpb_ring *r, const struct sock_fprog *filter,
                     char *err, size_t errlen);
