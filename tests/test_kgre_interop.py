@@ -198,7 +198,9 @@ def hung_sockets(lab: labmod.Lab, peer: kgre.KernelGrePeer) -> str:
                 " ip -s -d link show gre1; ip -s link show eth0; tc -s qdisc;"
                 " grep -E '^(Tcp|TcpExt):' /proc/net/snmp /proc/net/netstat;"
                 " dmesg | tail -20; tail -5 /var/log/iperf3.log", check=False)
-            + "\nqemu's NIC:\n" + peer.nic_state() + f"\nstalls healed: {peer.nic_stalls}")
+            + "\nqemu's NIC:\n" + peer.nic_state() + f"\nstalls healed: {peer.nic_stalls}"
+            + "\nthe watch's last samples (guest avail, qemu's last_avail, size):\n"
+            + "\n".join(peer.nic_samples))
 
 
 def iperf3(lab: labmod.Lab, peer: kgre.KernelGrePeer) -> subprocess.CompletedProcess[str]:

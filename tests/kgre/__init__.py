@@ -435,6 +435,7 @@ class KernelGrePeer:
         self._mon_lock = threading.Lock()
         self._nic_watch: tuple[threading.Thread, threading.Event] | None = None
         self.nic_stalls: list[str] = []  # what _watch_nic() found and healed
+        self.nic_samples: list[str] = []  # its last samples of the TX queue
         self._ctl_seq = 0
 
     # -- configuration ------------------------------------------------------------------
@@ -780,28 +781,47 @@ class KernelGrePeer:
         queue is not full, so its watchdog never fires.  Every frame the VM
         sends waits there and its TCP retransmits nothing (the segments are
         still in the host queue): a transfer through TPB hangs for a fault
-        of the peer.  A TX queue with frames qemu has not taken, and the same
-        indexes one period later, is such a stall, healed as a NIC's driver
-        would be by a reset of the queue: a link flap (qemu's set_link drops
-        what waits and takes notifications again, if it thought a flush was
-        still to come), then a resize of the guest's TX ring (ethtool -G:
-        a queue reset, after which the guest's next frame kicks); TCP
-        retransmits.  Each one is noted in nic_stalls."""
+        of the peer.  A TX queue whose qemu index stood still for a whole
+        period with frames waiting at both ends of it is such a stall --
+        whether or not the guest queued more meanwhile (TPB's keepalives,
+        reflected by the VM, may go on adding frames behind the stuck ones;
+        a stall went unhealed for 40 s under a rule that also wanted the
+        guest's index unchanged, or after a timeout had ended the watch).
+        It is healed as a NIC's driver would be, by a reset of
+        the queue: a link flap (qemu's set_link drops what waits and takes
+        notifications again, if it thought a flush was still to come), then
+        a resize of the guest's TX ring (ethtool -G: a queue reset, after
+        which the guest's next frame kicks); TCP retransmits.  Each one is
+        noted in nic_stalls; the last samples are kept in nic_samples for a
+        hang report.  A monitor or agent that answers late (a busy host)
+        costs one sample, not the watch: it ends only with qemu."""
         last = None
         while not stop.wait(period):
+            if self.proc is None or self.proc.poll() is not None:
+                return
             try:
                 idx = self._tx_indexes()
-                if idx is not None and idx[0] != idx[1] and idx == last:
-                    self.nic_stalls.append(f"{time.strftime('%T')}: TX queue stalled, "
-                                           f"guest avail {idx[0]}, qemu's last_avail {idx[1]}")
+            except (OSError, KgreError) as e:
+                idx = None
+                self.nic_samples.append(f"{time.strftime('%T')}: {str(e).splitlines()[0]}")
+            else:
+                self.nic_samples.append(f"{time.strftime('%T')}: {idx}")
+            del self.nic_samples[:-20]
+            if idx is not None and last is not None and idx[0] != idx[1] and \
+                    last[0] != last[1] and idx[1] == last[1]:
+                self.nic_stalls.append(f"{time.strftime('%T')}: TX queue stalled, "
+                                       f"guest avail {last[0]} then {idx[0]}, "
+                                       f"qemu's last_avail {idx[1]}")
+                try:
                     self.monitor("set_link n0 off")
                     time.sleep(0.2)
                     self.monitor("set_link n0 on")
                     self.run(f"ethtool -G eth0 tx {idx[2] // 2} && ethtool -G eth0 tx {idx[2]}")
-                    idx = None
-                last = idx
-            except (OSError, KgreError):
-                return  # qemu has gone
+                except (OSError, KgreError) as e:
+                    self.nic_stalls.append(f"{time.strftime('%T')}: healing failed: "
+                                           f"{str(e).splitlines()[0]}")
+                idx = None
+            last = idx
 
     def read_file(self, path: str) -> str:
         return self.sh(f"cat {shlex.quote(path)}")
