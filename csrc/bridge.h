@@ -81,8 +81,8 @@ enum src_kind { SRC_BRIDGE, SRC_ENCAP, SRC_FROM_OUT };
  * slots, [1] big ones, merged back in arrival order by their timestamps. */
 struct source {
     struct tpb_ring ring[2];
-    uint8_t sorted;            /* its rings in a fanout group, no filters */
-    uint8_t group_len;         /* on a group's first source: its sources */
+    uint8_t group_len;         /* its rings in a fanout group of this many
+                                  sources, no filters (0: filters) */
     enum src_kind kind;
     int port;                  /* whose rx counters */
     int to;                    /* the port it sends out of */

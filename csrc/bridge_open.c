@@ -106,10 +106,8 @@ static int open_group(struct source *s, int n, const struct tpb_bridge_config *c
         if (rc < 0)
             tpb_ring_close(&s[i / 2].ring[i % 2]);
         else
-            s[i / 2].sorted = 1;
+            s[i / 2].group_len = (uint8_t)n;
     }
-    if (rc == 0)
-        s[0].group_len = (uint8_t)n;
     return rc;
 }
 
@@ -133,7 +131,7 @@ static int add_sources(struct tpb_bridge *br, const struct tpb_bridge_config *cf
         s[k].kind = n == 2 ? (k ? SRC_ENCAP : SRC_BRIDGE) : kind;
         s[k].port = port;
         s[k].to = to;
-        s[k].sorted = s[k].group_len = 0;
+        s[k].group_len = 0;
     }
     if (cfg->fanout == TPB_FANOUT_NONE && !getenv("TPB_FAULT_NO_SPLIT")) {
         rc = open_group(s, n, cfg, ifindex, proto, promisc, err, errlen);
@@ -479,8 +477,9 @@ static void set_mark(struct tpb_bridge *br, uint32_t mark)
 
         if (s->kind == SRC_FROM_OUT)
             continue;
-        if (s->sorted) {
-            if (s->group_len == 2) {
+        if (s->group_len) {
+            /* a way's group: its program set once, through its first source */
+            if (s->group_len == 2 && s->kind == SRC_BRIDGE) {
                 fp.len = sort_prog(prog, 1, mark);
                 tpb_ring_fanout_prog(&s->ring[0], &fp, err, sizeof(err));
             }
