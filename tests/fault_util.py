@@ -23,14 +23,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rawsock import netns
+from rawsock import ETH_P_ALL, PACKET_IGNORE_OUTGOING, SO_RCVBUFFORCE, SOL_PACKET, netns
 
 from tpb.lab import Lab
-
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_IGNORE_OUTGOING = 23
-SO_RCVBUFFORCE = 33
 
 
 def mac_bytes(mac: str) -> bytes:

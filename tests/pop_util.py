@@ -25,18 +25,14 @@ from pathlib import Path
 
 import pytest
 from helpers import START_TIMEOUT, STOP_TIMEOUT, TpbDaemon, received, wait_for
-from rawsock import netns
+from rawsock import ETH_P_ALL, SO_RCVBUFFORCE, netns
 
 from tpb import lab as labmod
 from tpb.lab import Lab
 
 TUNNEL_MATCH = "ip daddr 203.0.113.0/24"
 
-ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-SOL_PACKET = 263
 PACKET_OUTGOING = 4
-SO_RCVBUFFORCE = 33
 
 
 # ---- tools ------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_balance, port_drops, tshark, tshark_expert
 from packet_diag import assert_sorted_by, ifindex, rings_by_port, sockets
-from rawsock import ETH_P_ALL
+from rawsock import ETH_P_ALL, ETH_P_IP
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
@@ -63,8 +63,6 @@ from tunnel_util import (
 from tpb import lab as labmod
 from tpb.lab import T_GW1, T_GW2, T_PC, T_POP, T_SERVER, T_TPB
 from tpb.native import SMALL_MAX  # the longest frame a small ring slot takes
-
-ETH_P_IP = 0x0800
 
 pytestmark = pytest.mark.netns
 

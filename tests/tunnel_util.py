@@ -28,7 +28,17 @@ from pathlib import Path
 
 import pytest
 from helpers import TpbDaemon
-from rawsock import netns
+from rawsock import (
+    AUXDATA,
+    ETH_P_ALL,
+    PACKET_AUXDATA,
+    PACKET_IGNORE_OUTGOING,
+    SO_RCVBUFFORCE,
+    SOL_PACKET,
+    TP_STATUS_VLAN_TPID_VALID,
+    TP_STATUS_VLAN_VALID,
+    netns,
+)
 
 from tpb import lab as labmod
 
@@ -214,17 +224,6 @@ def gre_flags_args(key: int | None, csum: bool, seq: bool) -> list[str]:
 
 
 # -- raw frames --------------------------------------------------------------
-
-SOL_PACKET = 263
-PACKET_AUXDATA = 8
-PACKET_IGNORE_OUTGOING = 23
-ETH_P_ALL = 0x0003
-SO_RCVBUFFORCE = 33
-TP_STATUS_VLAN_VALID = 0x10
-TP_STATUS_VLAN_TPID_VALID = 0x40
-AUXDATA = struct.Struct("=IIIHHHH")
-
-
 
 
 @dataclass(frozen=True)
